@@ -1,0 +1,120 @@
+"""Make megatron-core's model code run on a machine without CUDA.
+
+megatron-core 0.16 assumes a GPU in a few places that the model's forward and backward pass
+through even on the local (non-TransformerEngine) layer spec. This module patches exactly those
+places, and only when CUDA is unavailable: on a GPU machine :func:`apply_cpu_compat` does nothing.
+Each patch is small, named, and tested in ``tests/test_cpu_compat.py``.
+
+Patches (see ``../shared/notes/megatron-core-on-cpu.md`` for how they were found):
+
+1. ``torch.cuda.current_device`` returns the CPU device. megatron-core allocates buffers with
+   ``device=torch.cuda.current_device()`` (global memory buffer, attention masks, TP layers).
+2. The tensor-parallel RNG tracker (``CudaRNGStatesTracker``) keeps CPU generator states instead
+   of CUDA generator states, so ``model_parallel_cuda_manual_seed`` and dropout inside
+   ``tracker.fork()`` work and stay reproducible.
+3. ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied output weight of the last
+   pipeline stage with ``.cuda()``; on CPU that move is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+_APPLIED = False
+
+
+def cuda_is_usable() -> bool:
+    """True when CUDA is present; then nothing in this module patches anything."""
+    return torch.cuda.is_available()
+
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+class CpuRNGStatesTracker:
+    """Drop-in replacement for megatron-core's ``CudaRNGStatesTracker`` on CPU.
+
+    Named states are CPU generator states (``torch.get_rng_state``); ``fork(name)`` swaps the
+    named state into the CPU generator for the duration of the block and stores its advance.
+    """
+
+    def __init__(self, *args, **kwargs):  # accepts the CUDA tracker's keyword arguments
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = {name: state.clone() for name, state in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"RNG tracker seed {seed} is already used")
+        if name in self.states_:
+            raise ValueError(f"RNG tracker state {name!r} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"RNG tracker state {name!r} was never added")
+        original = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+
+def _skip_cuda_move(method):
+    """Run ``method`` with ``Tensor.cuda`` returning the tensor itself (CPU only)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    wrapper.__cpu_compat__ = True
+    return wrapper
+
+
+def apply_cpu_compat() -> bool:
+    """Apply the patches when CUDA is unavailable. Idempotent. Returns True if patched."""
+    global _APPLIED
+    if cuda_is_usable():
+        return False
+    if _APPLIED:
+        return True
+    from megatron.core.models.common.language_module import language_module
+    from megatron.core.tensor_parallel import random as tp_random
+
+    torch.cuda.current_device = _cpu_current_device
+    tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    tp_random.initialize_rng_tracker(force_reset=True)
+    cls = language_module.LanguageModule
+    cls.setup_embeddings_and_output_layer = _skip_cuda_move(cls.setup_embeddings_and_output_layer)
+    _APPLIED = True
+    return True

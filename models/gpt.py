@@ -1,0 +1,146 @@
+"""Build megatron-core's ``GPTModel`` for one pipeline stage and initialise it deterministically."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from models.config import GPTModelConfig
+from models.cpu_compat import apply_cpu_compat, cuda_is_usable
+from models.param_layout import GlobalParamSpec, global_param_specs
+
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+class TransformerEngineUnavailable(RuntimeError):
+    """``--transformer-impl transformer_engine`` was asked for where TE cannot run."""
+
+
+def transformer_engine_status() -> str | None:
+    """None when the TE layer spec can be used here, else the reason it cannot."""
+    if not cuda_is_usable():
+        return "CUDA is not available (TransformerEngine runs only on NVIDIA GPUs)"
+    try:
+        import transformer_engine  # noqa: F401  (only probed on a CUDA machine)
+    except ImportError as error:
+        return f"transformer_engine does not import ({error}); install the extra: pip install .[gpu]"
+    return None
+
+
+def layer_spec(transformer_impl: str):
+    """megatron-core's layer spec: local (plain torch) or TransformerEngine."""
+    if transformer_impl == "local":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        return get_gpt_layer_local_spec()
+    if transformer_impl == "transformer_engine":
+        reason = transformer_engine_status()
+        if reason is not None:
+            raise TransformerEngineUnavailable(
+                f"--transformer-impl transformer_engine: {reason}. Use --transformer-impl local."
+            )
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    raise ValueError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}")
+
+
+def build_gpt_model(
+    cfg: GPTModelConfig,
+    *,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    pre_process: bool,
+    post_process: bool,
+    device: torch.device,
+    params_dtype: torch.dtype = torch.float32,
+    transformer_impl: str = "local",
+    seed: int = 1234,
+):
+    """This rank's stage of the GPT, with weights that do not depend on the parallel layout.
+
+    megatron-core's own initialisation draws from the RNG in construction order, so a pipeline
+    stage or a TP rank would get different weights than the single-process model. We skip it
+    (``perform_initialization=False``) and fill every parameter from a generator seeded by its
+    global name (see :func:`initialize_deterministically`).
+    """
+    apply_cpu_compat()
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    spec = layer_spec(transformer_impl)
+    on_gpu = device.type == "cuda"
+    config = TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=False,
+        sequence_parallel=False,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=cfg.padded_vocab_size(tensor_parallel),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
+        position_embedding_type="learned_absolute",
+    )
+    model.to(device)
+    initialize_deterministically(model, cfg, seed)
+    return model
+
+
+def _generator_for(name: str, seed: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def initial_value(spec: GlobalParamSpec, cfg: GPTModelConfig, seed: int) -> torch.Tensor:
+    """The global tensor's initial value (fp32, CPU), as Megatron-LM initialises its kind.
+
+    Biases 0, norm weights 1, output projections of attention and MLP normal with
+    std / sqrt(2 x layers) (Megatron's scaled init), every other weight normal with std.
+    """
+    leaf = spec.global_name.rsplit(".", 2)
+    module, kind = leaf[-2], leaf[-1]
+    if kind == "bias":
+        return torch.zeros(spec.global_shape)
+    if "norm" in module:
+        return torch.ones(spec.global_shape)
+    std = cfg.init_method_std
+    if module in ("linear_proj", "linear_fc2"):
+        std = std / math.sqrt(2.0 * cfg.num_layers)
+    values = torch.empty(spec.global_shape)
+    values.normal_(0.0, std, generator=_generator_for(spec.global_name, seed))
+    return values
+
+
+@torch.no_grad()
+def initialize_deterministically(model: torch.nn.Module, cfg: GPTModelConfig, seed: int) -> None:
+    """Fill each parameter with its rectangle of :func:`initial_value` of its global tensor."""
+    specs = global_param_specs(model)
+    for name, param in model.named_parameters():
+        spec = specs[name]
+        param.copy_(initial_value(spec, cfg, seed)[spec.slices()])

@@ -1,0 +1,77 @@
+"""Where each local parameter sits in its global tensor, from megatron-core's metadata.
+
+megatron-core's ``sharded_state_dict()`` describes every local parameter as a rectangle
+(``global_offset`` + ``local_shape``) of a global tensor (``key`` + ``global_shape``); the layers
+of a transformer block are stacked along extra leading axes (``prepend_axis_num``). This module
+turns that into one :class:`GlobalParamSpec` per local parameter, with the stacked axes folded
+into the name (``decoder.layers.3.mlp.linear_fc1.weight``), so that a parameter's identity and
+values do not depend on the TP/PP layout. Deterministic initialisation and checkpoint
+resharding both stand on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GlobalParamSpec:
+    """One local parameter as a rectangle of a global tensor."""
+
+    global_name: str
+    """Layout-independent name, e.g. ``decoder.layers.3.self_attention.linear_qkv.weight``."""
+    global_shape: tuple[int, ...]
+    """Shape of the whole tensor across all TP ranks."""
+    global_offset: tuple[int, ...]
+    """Offset of the local rectangle in the global tensor, per dimension, in elements."""
+    local_shape: tuple[int, ...]
+    """Shape of the local parameter."""
+    is_main_replica: bool
+    """False for a copy that another rank (or the first pipeline stage) also holds."""
+
+    def slices(self) -> tuple[slice, ...]:
+        """Index of the local rectangle in the global tensor."""
+        return tuple(slice(o, o + s) for o, s in zip(self.global_offset, self.local_shape))
+
+
+def _global_name(key: str, layer_offsets: tuple[int, ...]) -> str:
+    """Fold stacked-layer offsets back into the key: ``decoder.layers.X`` -> ``decoder.layers.3.X``."""
+    if not layer_offsets:
+        return key
+    marker = "layers."
+    at = key.find(marker)
+    if at < 0:
+        raise ValueError(f"sharded key {key!r} has stacked axes but no 'layers.' segment")
+    head, tail = key[: at + len(marker)], key[at + len(marker) :]
+    return head + ".".join(str(o) for o in layer_offsets) + "." + tail
+
+
+def global_param_specs(model: torch.nn.Module) -> dict[str, GlobalParamSpec]:
+    """Map each local parameter name of ``model`` (a megatron-core module) to its global spec."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    by_pointer = {p.data_ptr(): name for name, p in model.named_parameters()}
+    specs: dict[str, GlobalParamSpec] = {}
+    for entry in model.sharded_state_dict().values():
+        if not isinstance(entry, ShardedTensor) or entry.data is None:
+            continue
+        local_name = by_pointer.get(entry.data.data_ptr())
+        if local_name is None:
+            continue  # a buffer, not a parameter
+        if entry.flattened_range is not None:
+            raise ValueError(f"{entry.key}: flattened shards are not expected from the model")
+        n = entry.prepend_axis_num
+        replica = entry.replica_id if isinstance(entry.replica_id, tuple) else (entry.replica_id,)
+        specs[local_name] = GlobalParamSpec(
+            global_name=_global_name(entry.key, tuple(entry.global_offset[:n])),
+            global_shape=tuple(entry.global_shape[n:]),
+            global_offset=tuple(entry.global_offset[n:]),
+            local_shape=tuple(entry.local_shape),
+            is_main_replica=all(r == 0 for r in replica),
+        )
+    missing = [name for name, _ in model.named_parameters() if name not in specs]
+    if missing:
+        raise ValueError(f"parameters without sharded metadata: {missing}")
+    return specs

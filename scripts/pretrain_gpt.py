@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Train a GPT with 3D parallelism. Launch with torchrun, e.g.
+
+    torchrun --nproc-per-node 8 scripts/pretrain_gpt.py --tensor-model-parallel-size 2 \
+        --pipeline-model-parallel-size 2 --use-distributed-optimizer --mock-data ...
+
+Arguments keep Megatron-LM's names; ``--help`` lists them.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trainer.arguments import ArgumentError, parse_job_config  # noqa: E402
+
+
+def main() -> int:
+    try:
+        job = parse_job_config()
+    except ArgumentError as error:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"pretrain_gpt.py: error: {error}", file=sys.stderr)
+        return 2
+    from trainer.training import pretrain, shutdown
+
+    try:
+        pretrain(job)
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

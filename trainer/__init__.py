@@ -1,0 +1,1 @@
+"""Arguments, process groups, data, pipeline schedule, optimizer and the training loop."""

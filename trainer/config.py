@@ -1,0 +1,60 @@
+"""The whole job's configuration: one typed config per component."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.config import GPTModelConfig
+from trainer.data import DataConfig
+from trainer.lr_schedule import LRScheduleConfig
+from trainer.optimizer import OptimizerConfig
+from trainer.parallel_dims import ParallelDims
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How long to train, and what to report."""
+
+    train_iters: int
+    """Iterations to train (``--train-iters``)."""
+    exit_interval: int | None = None
+    """Stop after an iteration that is a multiple of this (``--exit-interval``)."""
+    log_interval: int = 100
+    """Console line and TensorBoard scalars every this many iterations (``--log-interval``)."""
+    eval_interval: int | None = None
+    """Evaluate on the validation split every this many iterations (``--eval-interval``)."""
+    eval_iters: int = 10
+    """Global batches per evaluation (``--eval-iters``)."""
+    tensorboard_dir: str | None = None
+    """Where TensorBoard event files go (``--tensorboard-dir``)."""
+    seed: int = 1234
+    """Seeds weights, dropout and the data order (``--seed``)."""
+    bf16: bool = False
+    """Model parameters and activations in bfloat16, fp32 main weights (``--bf16``)."""
+    transformer_impl: str = "local"
+    """Layer spec: ``local`` (plain torch) or ``transformer_engine`` (``--transformer-impl``)."""
+
+    def __post_init__(self) -> None:
+        if self.train_iters < 1:
+            raise ValueError(f"--train-iters must be >= 1, got {self.train_iters}")
+        for name in ("exit_interval", "eval_interval"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.log_interval < 1:
+            raise ValueError(f"--log-interval must be >= 1, got {self.log_interval}")
+        if self.eval_iters < 0:
+            raise ValueError(f"--eval-iters must be >= 0, got {self.eval_iters}")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything :func:`trainer.training.pretrain` needs."""
+
+    model: GPTModelConfig
+    parallel: ParallelDims
+    data: DataConfig
+    optimizer: OptimizerConfig
+    lr: LRScheduleConfig
+    training: TrainingConfig
+    tokenizer_type: str = "NullTokenizer"

@@ -1,0 +1,156 @@
+"""Model parameters and their gradients in two flat buffers.
+
+Every parameter of this rank's model stage becomes a view into one contiguous parameter buffer
+(model dtype) and accumulates its gradient into one contiguous fp32 gradient buffer. One buffer
+makes data-parallel reduction one collective, lets the distributed optimizer own a contiguous
+range of it, and lets the checkpoint engine copy state in a few large pieces.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where one parameter lives in the flat buffers."""
+
+    name: str
+    """Local parameter name (``module.named_parameters()``)."""
+    start: int
+    """First element in the flat buffers."""
+    numel: int
+    """Number of elements."""
+    shape: tuple[int, ...]
+    """Local shape."""
+    row_numel: int
+    """Elements per row (dim 0); a shard boundary inside this parameter is a multiple of it."""
+    weight_decay: bool
+    """Decoupled weight decay applies (matrices and embeddings; not biases or norms)."""
+    counts_in_grad_norm: bool
+    """Its gradient enters the global norm once over all ranks (not a TP or tied duplicate)."""
+    shared_embedding: bool
+    """The word embedding / output weight tied across the first and last pipeline stage."""
+
+    @property
+    def end(self) -> int:
+        return self.start + self.numel
+
+
+class FlatParamsAndGrads:
+    """Owns the flat parameter and gradient buffers of one model stage."""
+
+    def __init__(self, model: torch.nn.Module, tp_rank: int):
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model stage has no trainable parameters")
+        device = params[0][1].device
+        dtype = params[0][1].dtype
+        self.slots: list[ParamSlot] = []
+        offset = 0
+        for name, p in params:
+            shape = tuple(p.shape)
+            row = p.numel() // shape[0] if p.dim() >= 1 and shape[0] > 0 else p.numel()
+            tp_duplicate = not getattr(p, "tensor_model_parallel", False) and tp_rank != 0
+            tied_copy = getattr(p, "shared", False)  # megatron: last stage's copy of embeddings
+            self.slots.append(
+                ParamSlot(
+                    name=name,
+                    start=offset,
+                    numel=p.numel(),
+                    shape=shape,
+                    row_numel=max(row, 1),
+                    weight_decay=p.dim() >= 2,
+                    counts_in_grad_norm=not tp_duplicate and not tied_copy,
+                    shared_embedding=bool(getattr(p, "shared_embedding", False)),
+                )
+            )
+            offset += p.numel()
+        self.numel = offset
+        self.params = torch.empty(offset, dtype=dtype, device=device)
+        self.grads = torch.zeros(offset, dtype=torch.float32, device=device)
+        self._starts = [s.start for s in self.slots]
+        self._hooks = []
+        for slot, (_, p) in zip(self.slots, params):
+            view = self.params[slot.start : slot.end].view(slot.shape)
+            view.copy_(p.data)
+            p.data = view
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(slot)))
+
+    def _make_hook(self, slot: ParamSlot):
+        grad_view = self.grads[slot.start : slot.end].view(slot.shape)
+
+        def accumulate(param: torch.Tensor) -> None:
+            grad_view.add_(param.grad)
+            param.grad = None
+
+        return accumulate
+
+    # -- row geometry (shard and DP-range boundaries fall on rows) ------------------------------
+    def slot_at(self, element: int) -> ParamSlot:
+        return self.slots[bisect.bisect_right(self._starts, element) - 1]
+
+    def row_boundary(self, element: int, round_up: bool = False) -> int:
+        """The nearest row boundary at or below ``element`` (or at or above with round_up)."""
+        if element <= 0:
+            return 0
+        if element >= self.numel:
+            return self.numel
+        slot = self.slot_at(element)
+        rows, rest = divmod(element - slot.start, slot.row_numel)
+        if rest and round_up:
+            rows += 1
+        return min(slot.start + rows * slot.row_numel, slot.end)
+
+    def segments(self, start: int, end: int, predicate) -> list[tuple[int, int]]:
+        """Merged ``[a, b)`` ranges within ``[start, end)`` covered by slots matching predicate."""
+        result: list[tuple[int, int]] = []
+        if start >= end:
+            return result
+        i = bisect.bisect_right(self._starts, start) - 1
+        while i < len(self.slots) and self.slots[i].start < end:
+            slot = self.slots[i]
+            if predicate(slot):
+                a, b = max(slot.start, start), min(slot.end, end)
+                if result and result[-1][1] == a:
+                    result[-1] = (result[-1][0], b)
+                else:
+                    result.append((a, b))
+            i += 1
+        return result
+
+    # -- gradient reduction -------------------------------------------------------------------
+    def zero_grads(self) -> None:
+        self.grads.zero_()
+
+    def allreduce_tied_embedding_grads(self, embedding_group) -> None:
+        """Sum the tied word-embedding gradient of the first and last pipeline stage."""
+        if embedding_group is None:
+            return
+        for slot in self.slots:
+            if slot.shared_embedding:
+                dist.all_reduce(self.grads[slot.start : slot.end], group=embedding_group)
+
+    def reduce_grads(self, dp_group, dp_size: int, owned: list[tuple[int, int]] | None) -> None:
+        """Average gradients over data-parallel ranks.
+
+        ``owned`` lists each DP rank's range when the optimizer is distributed: then only the
+        own range must be reduced (reduce-scatter where the backend has it; gloo has not, so
+        there it is an all-reduce of the whole buffer).
+        """
+        if dp_size == 1:
+            return
+        self.grads.div_(dp_size)
+        if owned is not None and dist.get_backend(dp_group) == "nccl":
+            rank = dist.get_rank(dp_group)
+            a, b = owned[rank]
+            # The output may not alias an input: reduce our own range from a copy.
+            inputs = [self.grads[lo:hi] for lo, hi in owned]
+            inputs[rank] = inputs[rank].clone()
+            dist.reduce_scatter(self.grads[a:b], inputs, group=dp_group)
+        else:
+            dist.all_reduce(self.grads, group=dp_group)

@@ -1,0 +1,56 @@
+"""Learning-rate schedule: linear warmup, then constant, linear or cosine decay to ``min_lr``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class LRScheduleConfig:
+    """Megatron-LM's LR schedule, in iterations."""
+
+    lr: float
+    """Peak learning rate (``--lr``)."""
+    min_lr: float = 0.0
+    """Floor after decay (``--min-lr``)."""
+    warmup_iters: int = 0
+    """Iterations of linear warmup from 0 to ``lr`` (``--lr-warmup-iters``)."""
+    decay_iters: int = 1
+    """Iteration at which decay reaches ``min_lr`` (``--lr-decay-iters``, default train iters)."""
+    decay_style: str = "cosine"
+    """``constant``, ``linear`` or ``cosine`` (``--lr-decay-style``)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"--min-lr must be in [0, --lr={self.lr}], got {self.min_lr}")
+        if self.decay_style not in DECAY_STYLES:
+            raise ValueError(f"--lr-decay-style must be one of {DECAY_STYLES}, got {self.decay_style!r}")
+        if self.warmup_iters < 0:
+            raise ValueError(f"--lr-warmup-iters must be >= 0, got {self.warmup_iters}")
+        if self.decay_iters < 1:
+            raise ValueError(f"--lr-decay-iters must be >= 1, got {self.decay_iters}")
+        if self.warmup_iters > self.decay_iters:
+            raise ValueError(
+                f"--lr-warmup-iters {self.warmup_iters} exceeds --lr-decay-iters {self.decay_iters}"
+            )
+
+
+def learning_rate(cfg: LRScheduleConfig, iteration: int) -> float:
+    """LR used by the optimizer step of ``iteration`` (1-based). A pure function: resumable."""
+    if cfg.warmup_iters > 0 and iteration <= cfg.warmup_iters:
+        return cfg.lr * iteration / cfg.warmup_iters
+    if cfg.decay_style == "constant":
+        return cfg.lr
+    if iteration >= cfg.decay_iters:
+        return cfg.min_lr
+    ratio = (iteration - cfg.warmup_iters) / (cfg.decay_iters - cfg.warmup_iters)
+    if cfg.decay_style == "linear":
+        coeff = 1.0 - ratio
+    else:
+        coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)

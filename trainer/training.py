@@ -1,0 +1,201 @@
+"""The training loop: build the stage, run 1F1B, reduce gradients, step, log."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from models.cpu_compat import apply_cpu_compat
+from models.gpt import build_gpt_model
+from trainer.config import JobConfig
+from trainer.data import BatchSource, build_dataset
+from trainer.device import DeviceContext, select_device
+from trainer.flat_buffers import FlatParamsAndGrads
+from trainer.lr_schedule import learning_rate
+from trainer.metrics_log import MetricsLogger
+from trainer.optimizer import DistributedAdam
+from trainer.parallel_dims import ParallelGroups
+from trainer.pipeline_schedule import PipelineShape, forward_backward_1f1b, forward_only
+
+
+@dataclass
+class TrainResult:
+    """What a run did; losses are known on the last pipeline stage (empty elsewhere)."""
+
+    iterations: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    iteration_times: list[float] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_ctx: DeviceContext) -> None:
+    """Join the job started by torchrun; a plain ``python`` launch becomes a 1-process job."""
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group(backend=device_ctx.backend)
+
+
+def set_seeds(seed: int, pp_rank: int) -> None:
+    """Megatron-LM's seeding: one seed per pipeline stage, the TP RNG tracker on top."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    seed = seed + 100 * pp_rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def _no_phase(_name: str):
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """One rank's share of a job: model stage, flat buffers, optimizer, data."""
+
+    def __init__(self, job: JobConfig, device_ctx: DeviceContext, groups: ParallelGroups):
+        self.job = job
+        self.device_ctx = device_ctx
+        self.groups = groups
+        dims, tcfg = job.parallel, job.training
+        set_seeds(tcfg.seed, groups.pp_rank)
+        dtype = torch.bfloat16 if tcfg.bf16 else torch.float32
+        self.model = build_gpt_model(
+            job.model,
+            tensor_parallel=dims.tensor_parallel,
+            pipeline_parallel=dims.pipeline_parallel,
+            pre_process=groups.is_first_stage,
+            post_process=groups.is_last_stage,
+            device=device_ctx.device,
+            params_dtype=dtype,
+            transformer_impl=tcfg.transformer_impl,
+            seed=tcfg.seed,
+        )
+        self.buffers = FlatParamsAndGrads(self.model, groups.tp_rank)
+        self.optimizer = DistributedAdam(
+            self.buffers, job.optimizer, groups.dp_group, dims.data_parallel, groups.model_parallel_group
+        )
+        vocab = job.model.padded_vocab_size(dims.tensor_parallel)
+        self.train_data = BatchSource(
+            build_dataset(job.data, "train", job.model.vocab_size), job.data, groups.dp_rank, dims.data_parallel, device_ctx.device
+        )
+        self.valid_data = None
+        if tcfg.eval_interval and tcfg.eval_iters > 0:
+            self.valid_data = BatchSource(
+                build_dataset(job.data, "valid", job.model.vocab_size), job.data, groups.dp_rank, dims.data_parallel, device_ctx.device
+            )
+        del vocab
+        self.shape = PipelineShape(
+            activation_shape=(job.model.seq_length, job.data.micro_batch_size, job.model.hidden_size),
+            dtype=dtype,
+            device=device_ctx.device,
+        )
+        self.iteration = 0
+        self.phase = _no_phase
+
+    def _mean_loss(self, losses: list[torch.Tensor], num_microbatches: int) -> float:
+        """Mean over micro-batches and data-parallel ranks; meaningful on the last stage."""
+        if not self.groups.is_last_stage:
+            return float("nan")
+        total = torch.stack(losses).sum() / num_microbatches
+        dist.all_reduce(total, group=self.groups.dp_group)
+        return (total / self.job.parallel.data_parallel).item()
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One iteration; returns (loss, lr, grad norm)."""
+        self.iteration += 1
+        self.model.train()
+        self.buffers.zero_grads()
+        m = self.train_data.num_microbatches
+        losses = forward_backward_1f1b(
+            self.model, self.train_data.microbatches(self.iteration - 1), m, self.groups, self.shape, self.phase
+        )
+        with self.phase("grad-reduce"):
+            self.buffers.allreduce_tied_embedding_grads(self.groups.embedding_group)
+            self.buffers.reduce_grads(self.groups.dp_group, self.job.parallel.data_parallel, self.optimizer.owned_ranges)
+        lr = learning_rate(self.job.lr, self.iteration)
+        with self.phase("optimizer"):
+            grad_norm = self.optimizer.step(lr)
+        return self._mean_loss(losses, m), lr, grad_norm
+
+    def evaluate(self) -> float:
+        self.model.eval()
+        m = self.valid_data.num_microbatches
+        losses = []
+        for it in range(self.job.training.eval_iters):
+            losses += forward_only(self.model, self.valid_data.microbatches(it), m, self.groups, self.shape)
+        return self._mean_loss(losses, m * self.job.training.eval_iters) if self.groups.is_last_stage else float("nan")
+
+
+def describe_job(job: JobConfig, trainer: Trainer) -> str:
+    dims = job.parallel
+    params = job.model.num_parameters(dims.tensor_parallel)
+    return (
+        f"> training GPT: {params / 1e6:.2f}M parameters, {dims.describe()}, "
+        f"{trainer.train_data.num_microbatches} micro-batches of {job.data.micro_batch_size} per rank, "
+        f"global batch {job.data.global_batch_size}, {'bf16' if job.training.bf16 else 'fp32'}, "
+        f"{'distributed' if trainer.optimizer.distributed else 'replicated'} optimizer "
+        f"({len(trainer.optimizer.shards)} shards on this rank), device {trainer.device_ctx.device}"
+    )
+
+
+def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainResult:
+    """Train as configured; every rank of the job calls it."""
+    device_ctx = device_ctx or select_device()
+    apply_cpu_compat()  # before any megatron-core call; does nothing where CUDA is present
+    init_distributed(device_ctx)
+    groups = job.parallel.initialize()
+    tcfg = job.training
+    logger = MetricsLogger(groups.is_logging_rank, tcfg.train_iters, tcfg.tensorboard_dir)
+    result = TrainResult()
+    try:
+        trainer = Trainer(job, device_ctx, groups)
+        logger.info(describe_job(job, trainer))
+        tokens = job.data.global_batch_size * job.model.seq_length
+        logger.start(trainer.iteration)
+        while trainer.iteration < tcfg.train_iters:
+            device_ctx.synchronize()
+            started = time.perf_counter()
+            loss, lr, grad_norm = trainer.train_step()
+            device_ctx.synchronize()
+            elapsed = time.perf_counter() - started
+            it = trainer.iteration
+            result.iterations.append(it)
+            result.losses.append(loss)
+            result.iteration_times.append(elapsed)
+            consumed = it * job.data.global_batch_size
+            logger.training_step(it, loss, lr, grad_norm, elapsed, tokens, consumed)
+            if it % tcfg.log_interval == 0 or it == tcfg.train_iters:
+                logger.console_line(it, loss, lr, grad_norm, elapsed, tokens, consumed)
+            if trainer.valid_data is not None and it % tcfg.eval_interval == 0:
+                logger.validation(it, trainer.evaluate())
+            if tcfg.exit_interval and it % tcfg.exit_interval == 0:
+                logger.info(f"> exiting at iteration {it} (--exit-interval {tcfg.exit_interval})")
+                break
+        logger.info(f"> training done: {trainer.iteration} iterations")
+    finally:
+        logger.close()
+    return result
+
+
+def shutdown() -> None:
+    """Tear down process groups (end of a run, or of a test)."""
+    if dist.is_initialized():
+        ParallelGroups.destroy()
+        dist.destroy_process_group()
