@@ -9,7 +9,10 @@ Arguments keep Megatron-LM's names; ``--help`` lists them.
 
 import os
 import sys
+import warnings
 
+# megatron-core warns at import about fused kernels (Apex, TE) that a CPU machine never has.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer.arguments import ArgumentError, parse_job_config  # noqa: E402

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# README command 2: set up .venv and run the test suite (unit, multi-process gloo, end-to-end).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+scripts/setup_env.sh
+export OMP_NUM_THREADS=1
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,44 @@
+"""Helpers for end-to-end tests: launch pretrain_gpt.py under torchrun, read its TensorBoard."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PRETRAIN = ROOT / "scripts" / "pretrain_gpt.py"
+
+# A tiny model that 8 gloo processes train in seconds on 2 cores (dropout off: the parallel
+# runs must see the same function as the single-process one).
+TINY = [
+    "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--ffn-hidden-size", "256", "--seq-length", "32", "--max-position-embeddings", "32",
+    "--hidden-dropout", "0", "--attention-dropout", "0",
+]
+
+
+def run_pretrain(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``torchrun --standalone --nproc-per-node nproc pretrain_gpt.py args``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GPT_FORCE_CPU="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(PRETRAIN), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"pretrain_gpt.py failed ({proc.returncode}) with {nproc} processes: {' '.join(args)}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def read_scalars(logdir: str | Path, tag: str) -> dict[int, float]:
+    """``{step: value}`` of one scalar tag, read with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        raise AssertionError(f"no scalar {tag!r} in {logdir}; tags: {acc.Tags()['scalars']}")
+    return {event.step: event.value for event in acc.Scalars(tag)}
