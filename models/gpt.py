@@ -107,7 +107,9 @@ def build_gpt_model(
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         position_embedding_type="learned_absolute",
     )
-    model.to(device)
+    # Like Megatron-LM's Float16Module: every parameter in the training dtype, norms included
+    # (torch's LayerNorm, used without Apex, is created in fp32 whatever params_dtype says).
+    model.to(device=device, dtype=params_dtype)
     initialize_deterministically(model, cfg, seed)
     return model
 

@@ -152,6 +152,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             reason = transformer_engine_status()
             if reason is not None:
                 raise ArgumentError(f"--transformer-impl transformer_engine: {reason}. Use --transformer-impl local.")
+        if args.mock_data == (args.data_path is not None):
+            raise ArgumentError("pass exactly one of --mock-data and --data-path PREFIX")
         tokenizer_type = args.tokenizer_type or ("ByteTokenizer" if args.data_path else "NullTokenizer")
         if args.mock_data and args.vocab_size is None:
             raise ArgumentError("--mock-data needs --vocab-size")
@@ -163,6 +165,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             )
         model = _model_config(args, tokenizer.vocab_size)
         _check_layout(model, dims)
+        if args.micro_batch_size <= 0:
+            raise ArgumentError(f"--micro-batch-size must be positive, got {args.micro_batch_size}")
         global_batch = args.global_batch_size or args.micro_batch_size * dims.data_parallel
         if global_batch % (args.micro_batch_size * dims.data_parallel):
             raise ArgumentError(
@@ -188,13 +192,6 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             use_distributed_optimizer=args.use_distributed_optimizer,
             shard_size_mb=args.optimizer_shard_size_mb,
         )
-        lr = LRScheduleConfig(
-            lr=args.lr,
-            min_lr=args.min_lr,
-            warmup_iters=args.lr_warmup_iters,
-            decay_iters=args.lr_decay_iters or args.train_iters,
-            decay_style=args.lr_decay_style,
-        )
         training = TrainingConfig(
             train_iters=args.train_iters,
             exit_interval=args.exit_interval,
@@ -205,6 +202,13 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             seed=args.seed,
             bf16=args.bf16,
             transformer_impl=args.transformer_impl,
+        )
+        lr = LRScheduleConfig(
+            lr=args.lr,
+            min_lr=args.min_lr,
+            warmup_iters=args.lr_warmup_iters,
+            decay_iters=args.lr_decay_iters or args.train_iters,
+            decay_style=args.lr_decay_style,
         )
     except ArgumentError:
         raise

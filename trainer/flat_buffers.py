@@ -44,12 +44,9 @@ class ParamSlot:
 class FlatParamsAndGrads:
     """Owns the flat parameter and gradient buffers of one model stage."""
 
-    def __init__(self, model: torch.nn.Module, tp_rank: int):
-        from models.param_layout import global_param_specs
-
-        # Which parameters are split over TP comes from megatron-core's sharded metadata: its
-        # ``tensor_model_parallel`` attribute is not set when its own initialisation is skipped.
-        specs = global_param_specs(model)
+    def __init__(self, model: torch.nn.Module, tp_rank: int = 0, tp_split: frozenset[str] = frozenset()):
+        """``tp_split`` names the parameters split over tensor-parallel ranks; the others are
+        replicated on every TP rank, so only TP rank 0 counts them in the gradient norm."""
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model stage has no trainable parameters")
@@ -60,8 +57,7 @@ class FlatParamsAndGrads:
         for name, p in params:
             shape = tuple(p.shape)
             row = p.numel() // shape[0] if p.dim() >= 1 and shape[0] > 0 else p.numel()
-            tp_split = specs[name].local_shape != specs[name].global_shape
-            tp_duplicate = not tp_split and tp_rank != 0
+            tp_duplicate = name not in tp_split and tp_rank != 0
             tied_copy = getattr(p, "shared", False)  # megatron: last stage's copy of embeddings
             self.slots.append(
                 ParamSlot(

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from models.cpu_compat import apply_cpu_compat
 from models.gpt import build_gpt_model
+from models.param_layout import global_param_specs
 from trainer.config import JobConfig
 from trainer.data import BatchSource, build_dataset
 from trainer.device import DeviceContext, select_device
@@ -87,11 +88,14 @@ class Trainer:
             transformer_impl=tcfg.transformer_impl,
             seed=tcfg.seed,
         )
-        self.buffers = FlatParamsAndGrads(self.model, groups.tp_rank)
+        # Which parameters are split over TP comes from megatron-core's sharded metadata: its
+        # ``tensor_model_parallel`` attribute is not set when its own initialisation is skipped.
+        self.param_specs = global_param_specs(self.model)
+        tp_split = frozenset(n for n, s in self.param_specs.items() if s.local_shape != s.global_shape)
+        self.buffers = FlatParamsAndGrads(self.model, groups.tp_rank, tp_split)
         self.optimizer = DistributedAdam(
             self.buffers, job.optimizer, groups.dp_group, dims.data_parallel, groups.model_parallel_group
         )
-        vocab = job.model.padded_vocab_size(dims.tensor_parallel)
         self.train_data = BatchSource(
             build_dataset(job.data, "train", job.model.vocab_size), job.data, groups.dp_rank, dims.data_parallel, device_ctx.device
         )
@@ -100,7 +104,6 @@ class Trainer:
             self.valid_data = BatchSource(
                 build_dataset(job.data, "valid", job.model.vocab_size), job.data, groups.dp_rank, dims.data_parallel, device_ctx.device
             )
-        del vocab
         self.shape = PipelineShape(
             activation_shape=(job.model.seq_length, job.data.micro_batch_size, job.model.hidden_size),
             dtype=dtype,
