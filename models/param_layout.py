@@ -28,8 +28,20 @@ class GlobalParamSpec:
     """Offset of the local rectangle in the global tensor, per dimension, in elements."""
     local_shape: tuple[int, ...]
     """Shape of the local parameter."""
-    is_main_replica: bool
-    """False for a copy that another rank (or the first pipeline stage) also holds."""
+    replica_id: tuple[int, ...]
+    """megatron-core's replica id: (tied copy, TP replica, DP replica); all zero on the one
+    rank that is the main holder of this rectangle."""
+
+    @property
+    def is_main_replica(self) -> bool:
+        """True on exactly one rank per rectangle of the model's parameters."""
+        return all(r == 0 for r in self.replica_id)
+
+    @property
+    def is_main_model_parallel_replica(self) -> bool:
+        """True on one rank per rectangle within each data-parallel replica: not the last
+        stage's tied copy of the embeddings, not a TP rank's copy of a replicated tensor."""
+        return all(r == 0 for r in self.replica_id[:2])
 
     def slices(self) -> tuple[slice, ...]:
         """Index of the local rectangle in the global tensor."""
@@ -69,7 +81,7 @@ def global_param_specs(model: torch.nn.Module) -> dict[str, GlobalParamSpec]:
             global_shape=tuple(entry.global_shape[n:]),
             global_offset=tuple(entry.global_offset[n:]),
             local_shape=tuple(entry.local_shape),
-            is_main_replica=all(r == 0 for r in replica),
+            replica_id=tuple(int(r) for r in replica),
         )
     missing = [name for name, _ in model.named_parameters() if name not in specs]
     if missing:

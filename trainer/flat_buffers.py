@@ -108,8 +108,9 @@ class FlatParamsAndGrads:
             rows += 1
         return min(slot.start + rows * slot.row_numel, slot.end)
 
-    def segments(self, start: int, end: int, predicate) -> list[tuple[int, int]]:
-        """Merged ``[a, b)`` ranges within ``[start, end)`` covered by slots matching predicate."""
+    def segments(self, start: int, end: int, predicate, merge: bool = True) -> list[tuple[int, int]]:
+        """``[a, b)`` ranges within ``[start, end)`` covered by slots matching ``predicate``;
+        adjacent ranges are merged unless ``merge`` is False (then one range per slot)."""
         result: list[tuple[int, int]] = []
         if start >= end:
             return result
@@ -118,7 +119,7 @@ class FlatParamsAndGrads:
             slot = self.slots[i]
             if predicate(slot):
                 a, b = max(slot.start, start), min(slot.end, end)
-                if result and result[-1][1] == a:
+                if merge and result and result[-1][1] == a:
                     result[-1] = (result[-1][0], b)
                 else:
                     result.append((a, b))
