@@ -124,12 +124,14 @@ def initial_value(spec: GlobalParamSpec, cfg: GPTModelConfig, seed: int) -> torc
 
     Biases 0, norm weights 1, output projections of attention and MLP normal with
     std / sqrt(2 x layers) (Megatron's scaled init), every other weight normal with std.
+    Names cover both layer specs: local (``input_layernorm.weight``) and TransformerEngine's
+    fused norms (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_bias``).
     """
     leaf = spec.global_name.rsplit(".", 2)
     module, kind = leaf[-2], leaf[-1]
-    if kind == "bias":
+    if kind.endswith("bias"):
         return torch.zeros(spec.global_shape)
-    if "norm" in module:
+    if "norm" in module or "norm" in kind:
         return torch.ones(spec.global_shape)
     std = cfg.init_method_std
     if module in ("linear_proj", "linear_fc2"):

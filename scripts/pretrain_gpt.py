@@ -9,6 +9,7 @@ Arguments keep Megatron-LM's names; ``--help`` lists them.
 
 import os
 import sys
+import traceback
 import warnings
 
 # megatron-core warns at import about fused kernels (Apex, TE) that a CPU machine never has.
@@ -30,8 +31,15 @@ def main() -> int:
 
     try:
         pretrain(job)
-    finally:
-        shutdown()
+    except BaseException:
+        # Do not tear the process groups down cleanly: peers may be blocked in a collective with
+        # this rank, and a clean destroy would wait for them. Exiting closes our connections, so
+        # their collectives fail (or time out after --distributed-timeout-minutes) and torchrun
+        # stops the job.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    shutdown()
     return 0
 
 

@@ -34,7 +34,7 @@ def test_valid_3d_layout_is_accepted():
         (["--hidden-size", "66"], 1, "--hidden-size 66 is not divisible by --num-attention-heads 4"),
         (["--global-batch-size", "6", "--micro-batch-size", "2"], 2, "--global-batch-size 6 is not divisible"),
         (["--micro-batch-size", "0"], 1, "--micro-batch-size must be positive"),
-        (["--seq-length", "128"], 1, "--seq-length 128 exceeds --max-position-embeddings 64"),
+        (["--seq-length", "128", "--max-position-embeddings", "64"], 1, "--seq-length 128 exceeds --max-position-embeddings 64"),
         (["--train-iters", "0"], 1, "--train-iters must be >= 1"),
         (["--lr", "-1"], 1, "--lr must be > 0"),
         (["--min-lr", "1"], 1, "--min-lr must be in"),
@@ -96,3 +96,9 @@ def test_cli_refuses_before_any_heavy_work():
     assert proc.returncode == 2
     assert "error: world size 8 is not divisible by tensor x pipeline parallel size 3 x 1" in proc.stderr
     assert "training GPT" not in proc.stdout
+
+
+def test_preset_position_table_grows_with_a_longer_seq_length():
+    job = parse_job_config(["--model-size", "tiny", "--seq-length", "128", "--vocab-size", "1024", "--mock-data",
+                            "--train-iters", "1", "--lr", "1e-3"], world_size=1)
+    assert job.model.max_position_embeddings == 128

@@ -99,3 +99,15 @@ def test_tp_replicated_parameters_count_once_in_the_norm(single_process_group):
     opt = DistributedAdam(buffers, OptimizerConfig(), single_process_group, 1, single_process_group)
     buffers.grads.fill_(1.0)  # weight (4 elements) counts on TP rank 1; the replicated bias does not
     assert opt.grad_norm() == pytest.approx(math.sqrt(4))
+
+
+def test_non_finite_gradient_norm_skips_the_update(single_process_group):
+    model = torch.nn.Linear(3, 3)
+    buffers = FlatParamsAndGrads(model)
+    opt = DistributedAdam(buffers, OptimizerConfig(), single_process_group, 1, single_process_group)
+    before = buffers.params.clone()
+    buffers.grads.fill_(1.0)
+    buffers.grads[2] = float("nan")
+    assert math.isnan(opt.step(lr=0.1))
+    assert torch.equal(buffers.params, before) and torch.equal(opt.main_params, before)
+    assert opt.exp_avg.abs().sum() == 0 and opt.step_count == 0 and opt.skipped_steps == 1

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-iters", type=int, required=True)
     t.add_argument("--exit-interval", type=int)
     t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="a collective that waits longer than this fails instead of hanging")
     t.add_argument("--lr", type=float, required=True)
     t.add_argument("--min-lr", type=float, default=0.0)
     t.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -110,8 +112,9 @@ def _model_config(args, vocab_size: int) -> GPTModelConfig:
         if name not in values:
             raise ArgumentError(f"--{name.replace('_', '-')} is required (or pass --model-size)")
     values.setdefault("ffn_hidden_size", 4 * values["hidden_size"])
-    if args.max_position_embeddings is None and "max_position_embeddings" not in values:
-        values["max_position_embeddings"] = values["seq_length"]
+    if args.max_position_embeddings is None:
+        # Default: --seq-length, or the preset's table if that is longer.
+        values["max_position_embeddings"] = max(values.get("max_position_embeddings", 0), values["seq_length"])
     values.update(
         vocab_size=vocab_size,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
@@ -202,6 +205,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             seed=args.seed,
             bf16=args.bf16,
             transformer_impl=args.transformer_impl,
+            distributed_timeout_minutes=args.distributed_timeout_minutes,
         )
         lr = LRScheduleConfig(
             lr=args.lr,

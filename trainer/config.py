@@ -33,6 +33,8 @@ class TrainingConfig:
     """Model parameters and activations in bfloat16, fp32 main weights (``--bf16``)."""
     transformer_impl: str = "local"
     """Layer spec: ``local`` (plain torch) or ``transformer_engine`` (``--transformer-impl``)."""
+    distributed_timeout_minutes: float = 10.0
+    """A collective that waits longer fails, so a dead rank ends the job instead of hanging it."""
 
     def __post_init__(self) -> None:
         if self.train_iters < 1:
@@ -43,6 +45,8 @@ class TrainingConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.log_interval < 1:
             raise ValueError(f"--log-interval must be >= 1, got {self.log_interval}")
+        if self.distributed_timeout_minutes <= 0:
+            raise ValueError(f"--distributed-timeout-minutes must be > 0, got {self.distributed_timeout_minutes}")
         if self.eval_iters < 0:
             raise ValueError(f"--eval-iters must be >= 0, got {self.eval_iters}")
 

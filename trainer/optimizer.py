@@ -137,6 +137,7 @@ class DistributedAdam:
         self.exp_avg = torch.zeros_like(self.main_params)
         self.exp_avg_sq = torch.zeros_like(self.main_params)
         self.step_count = 0
+        self.skipped_steps = 0
         shard_numel = max(1, int(config.shard_size_mb * 2**20) // 4)
         self.shards = [self._make_shard(i, lo, hi) for i, (lo, hi) in enumerate(cut_shards(buffers, self.start, self.end, shard_numel))]
         self.before_shard_update: list[ShardHook] = []
@@ -176,9 +177,16 @@ class DistributedAdam:
 
     @torch.no_grad()
     def step(self, lr: float) -> float:
-        """One Adam step at learning rate ``lr``; returns the gradient norm before clipping."""
+        """One Adam step at learning rate ``lr``; returns the gradient norm before clipping.
+
+        A non-finite norm (overflow, bad data) skips the update on every rank alike (the norm is
+        global) and counts it in ``skipped_steps``: NaN never reaches the weights or moments.
+        """
         cfg = self.config
         norm = self.grad_norm()
+        if not math.isfinite(norm):
+            self.skipped_steps += 1
+            return norm
         scale = 1.0
         if cfg.clip_grad > 0 and norm > cfg.clip_grad:
             scale = cfg.clip_grad / (norm + 1e-6)

@@ -46,20 +46,26 @@ class _P2P:
         return torch.empty(self.shape.activation_shape, dtype=self.shape.dtype, device=self.shape.device)
 
     def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
-        """Post all sends and receives at once, then wait: no ordering deadlock between stages."""
+        """Post all sends and receives as one batch, then wait.
+
+        Batched (``batch_isend_irecv``) so that two neighbours that both send before they
+        receive cannot deadlock on NCCL, where a send can block until its receive is posted.
+        """
         ops, received = [], {}
+        group = self.g.pp_group
         if send_next is not None:
-            ops.append(dist.isend(send_next.contiguous(), self.g.next_stage_rank, group=self.g.pp_group))
+            ops.append(dist.P2POp(dist.isend, send_next.contiguous(), self.g.next_stage_rank, group))
         if send_prev is not None:
-            ops.append(dist.isend(send_prev.contiguous(), self.g.prev_stage_rank, group=self.g.pp_group))
+            ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), self.g.prev_stage_rank, group))
         if recv_prev:
             received["prev"] = self._empty()
-            ops.append(dist.irecv(received["prev"], self.g.prev_stage_rank, group=self.g.pp_group))
+            ops.append(dist.P2POp(dist.irecv, received["prev"], self.g.prev_stage_rank, group))
         if recv_next:
             received["next"] = self._empty()
-            ops.append(dist.irecv(received["next"], self.g.next_stage_rank, group=self.g.pp_group))
-        for op in ops:
-            op.wait()
+            ops.append(dist.P2POp(dist.irecv, received["next"], self.g.next_stage_rank, group))
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
         return received.get("prev"), received.get("next")
 
 

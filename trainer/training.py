@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import math
 import os
 import random
 import socket
@@ -42,14 +44,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device_ctx: DeviceContext) -> None:
+def init_distributed(device_ctx: DeviceContext, timeout_minutes: float = 10.0) -> None:
     """Join the job started by torchrun; a plain ``python`` launch becomes a 1-process job."""
     if dist.is_initialized():
         return
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dist.init_process_group(backend=device_ctx.backend)
+    dist.init_process_group(backend=device_ctx.backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
 def set_seeds(seed: int, pp_rank: int) -> None:
@@ -162,9 +164,9 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
     """Train as configured; every rank of the job calls it."""
     device_ctx = device_ctx or select_device()
     apply_cpu_compat()  # before any megatron-core call; does nothing where CUDA is present
-    init_distributed(device_ctx)
-    groups = job.parallel.initialize()
     tcfg = job.training
+    init_distributed(device_ctx, tcfg.distributed_timeout_minutes)
+    groups = job.parallel.initialize()
     logger = MetricsLogger(groups.is_logging_rank, tcfg.train_iters, tcfg.tensorboard_dir)
     result = TrainResult()
     try:
@@ -183,6 +185,9 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
             result.losses.append(loss)
             result.iteration_times.append(elapsed)
             consumed = it * job.data.global_batch_size
+            if not math.isfinite(grad_norm):
+                logger.info(f"> iteration {it}: gradient norm is {grad_norm}; the update was skipped "
+                            f"({trainer.optimizer.skipped_steps} skipped so far)")
             logger.training_step(it, loss, lr, grad_norm, elapsed, tokens, consumed)
             if it % tcfg.log_interval == 0 or it == tcfg.train_iters:
                 logger.console_line(it, loss, lr, grad_norm, elapsed, tokens, consumed)
