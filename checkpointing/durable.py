@@ -1,0 +1,70 @@
+"""Durable, atomic file operations for the commit protocol (DESIGN.md, "Format and commit").
+
+A reader sees either the old content of a path or the complete new one, never a prefix:
+content goes to a temporary name in the same directory, is fsynced, renamed over the final
+name, and the directory is fsynced so the rename itself survives a power loss.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint file failed; the message names the file and the cause."""
+
+
+def fsync_directory(path: str) -> None:
+    """Make the directory entries (creations, renames) in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably and atomically.
+
+    On any error the temporary file is removed and ``path`` is left as it was.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_directory(directory)
+    except OSError as error:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise CheckpointWriteError(error.errno, f"could not write {path}: {error.strerror or error}") from error
+
+
+def write_tracker(save_dir: str, iteration: int) -> None:
+    """Move ``save_dir``'s ``latest_checkpointed_iteration.txt`` to ``iteration`` (atomically)."""
+    atomic_write_bytes(os.path.join(save_dir, TRACKER_NAME), f"{iteration}\n".encode())
+
+
+def read_tracker(save_dir: str) -> int | None:
+    """The iteration the tracker names, or None if there is no tracker.
+
+    A tracker that does not hold one integer is reported (it is never half-written by
+    :func:`write_tracker`, so it was edited or damaged by something else).
+    """
+    path = os.path.join(save_dir, TRACKER_NAME)
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    if not re.fullmatch(r"\d+", text):
+        raise ValueError(f"{path} should hold an iteration number, found {text[:40]!r}")
+    return int(text)
