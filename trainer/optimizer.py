@@ -169,7 +169,7 @@ class DistributedAdam:
         for shard in self.shards:
             g = grads[shard.start - self.start : shard.end - self.start]
             for a, b in shard.norm_segments:
-                total += torch.sum(g[a:b] * g[a:b])
+                total += torch.dot(g[a:b], g[a:b])  # no temporary the size of the segment
         if self.distributed:
             dist.all_reduce(total, group=self.dp_group)
         dist.all_reduce(total, group=self.model_parallel_group)
@@ -216,5 +216,5 @@ class DistributedAdam:
         if cfg.weight_decay > 0:
             for a, b in shard.decay_segments:
                 param[a:b].mul_(1.0 - lr * cfg.weight_decay)
-        denom = (v.sqrt() / bias2_sqrt).add_(cfg.adam_eps)
+        denom = v.sqrt().div_(bias2_sqrt).add_(cfg.adam_eps)  # one temporary, not two
         param.addcdiv_(m, denom, value=-lr / bias1)
