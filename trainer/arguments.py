@@ -12,6 +12,7 @@ import os
 
 from models.config import PRESETS, GPTModelConfig
 from models.gpt import TRANSFORMER_IMPLS, transformer_engine_status
+from checkpointing.config import CheckpointConfig
 from trainer.config import JobConfig, TrainingConfig
 from trainer.data import DataConfig
 from trainer.lr_schedule import DECAY_STYLES, LRScheduleConfig
@@ -84,6 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--tensorboard-dir")
     lg.add_argument("--eval-interval", type=int)
     lg.add_argument("--eval-iters", type=int, default=10)
+
+    c = p.add_argument_group("checkpointing")
+    c.add_argument("--save", help="persistent checkpoint directory (L2)")
+    c.add_argument("--save-interval", type=int, help="checkpoint every N iterations (L0 with --async-save)")
+    c.add_argument("--load", help="resume from the newest committed checkpoint here")
+    c.add_argument("--ckpt-step", type=int, help="load exactly this iteration")
+    c.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+    c.add_argument("--save-retain-last", type=int, help="keep the newest N committed checkpoints in --save")
+    c.add_argument("--no-verify-checkpoint-checksums", dest="verify_checksums", action="store_false")
+    c.add_argument("--no-load-optim", dest="load_optim", action="store_false")
+    c.add_argument("--no-load-rng", dest="load_rng", action="store_false")
+    c.add_argument("--async-save", action="store_true", help="asynchronous multi-level checkpointing")
+    c.add_argument("--ckpt-host-versions", type=int, default=2, help="L0: versions in the host pool")
+    c.add_argument("--ckpt-host-budget-gb", type=float, help="L0: byte budget of the host pool")
+    c.add_argument("--ckpt-local-dir", help="L1: node-local checkpoint directory")
+    c.add_argument("--ckpt-local-interval", type=int, help="L1: flush every N iterations")
+    c.add_argument("--ckpt-local-retain-last", type=int, default=2, help="L1: committed checkpoints kept")
+    c.add_argument("--ckpt-persistent-interval", type=int, help="L2: flush every N iterations (default --save-interval)")
     return p
 
 
@@ -214,11 +233,29 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             decay_iters=args.lr_decay_iters or args.train_iters,
             decay_style=args.lr_decay_style,
         )
+        checkpoint = CheckpointConfig(
+            save=args.save,
+            save_interval=args.save_interval,
+            load=args.load,
+            ckpt_step=args.ckpt_step,
+            ckpt_format=args.ckpt_format,
+            save_retain_last=args.save_retain_last,
+            verify_checksums=args.verify_checksums,
+            load_optim=args.load_optim,
+            load_rng=args.load_rng,
+            async_save=args.async_save,
+            host_versions=args.ckpt_host_versions,
+            host_budget_gb=args.ckpt_host_budget_gb,
+            local_dir=args.ckpt_local_dir,
+            local_interval=args.ckpt_local_interval,
+            local_retain_last=args.ckpt_local_retain_last,
+            persistent_interval=args.ckpt_persistent_interval,
+        )
     except ArgumentError:
         raise
     except ValueError as error:  # a component config refused a value
         raise ArgumentError(str(error)) from None
-    return JobConfig(model, dims, data, optimizer, lr, training, tokenizer_type)
+    return JobConfig(model, dims, data, optimizer, lr, training, tokenizer_type, checkpoint)
 
 
 def parse_job_config(argv: list[str] | None = None, world_size: int | None = None) -> JobConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from checkpointing.config import CheckpointConfig
 from models.config import GPTModelConfig
 from trainer.data import DataConfig
 from trainer.lr_schedule import LRScheduleConfig
@@ -62,3 +63,4 @@ class JobConfig:
     lr: LRScheduleConfig
     training: TrainingConfig
     tokenizer_type: str = "NullTokenizer"
+    checkpoint: CheckpointConfig = CheckpointConfig()

@@ -29,6 +29,14 @@ class DeviceContext:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
+    def get_rng_state(self) -> torch.Tensor | None:
+        """The device generator's state (None on CPU, whose generator is torch's default)."""
+        return torch.cuda.get_rng_state(self.device) if self.is_cuda else None
+
+    def set_rng_state(self, state: torch.Tensor | None) -> None:
+        if self.is_cuda and state is not None:
+            torch.cuda.set_rng_state(state, self.device)
+
 
 def select_device(local_rank: int | None = None, force_cpu: bool = False) -> DeviceContext:
     """CUDA with NCCL when a GPU is present (one per local rank), else CPU with gloo.

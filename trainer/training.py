@@ -18,6 +18,7 @@ import torch.distributed as dist
 from models.cpu_compat import apply_cpu_compat
 from models.gpt import build_gpt_model
 from models.param_layout import global_param_specs
+from trainer.checkpointer import Checkpointer, check_checkpoint_dirs
 from trainer.config import JobConfig
 from trainer.data import BatchSource, build_dataset
 from trainer.device import DeviceContext, select_device
@@ -167,11 +168,16 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
     tcfg = job.training
     init_distributed(device_ctx, tcfg.distributed_timeout_minutes)
     groups = job.parallel.initialize()
+    check_checkpoint_dirs(job.checkpoint, groups.rank)  # before the model: fail in seconds
     logger = MetricsLogger(groups.is_logging_rank, tcfg.train_iters, tcfg.tensorboard_dir)
     result = TrainResult()
+    checkpointer = None
     try:
         trainer = Trainer(job, device_ctx, groups)
         logger.info(describe_job(job, trainer))
+        if job.checkpoint.save or job.checkpoint.load:
+            checkpointer = Checkpointer(job.checkpoint, trainer, logger)
+            trainer.iteration = checkpointer.load()
         tokens = job.data.global_batch_size * job.model.seq_length
         logger.start(trainer.iteration)
         while trainer.iteration < tcfg.train_iters:
@@ -191,13 +197,20 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
             logger.training_step(it, loss, lr, grad_norm, elapsed, tokens, consumed)
             if it % tcfg.log_interval == 0 or it == tcfg.train_iters:
                 logger.console_line(it, loss, lr, grad_norm, elapsed, tokens, consumed)
+            if checkpointer is not None:
+                checkpointer.after_step(it)
             if trainer.valid_data is not None and it % tcfg.eval_interval == 0:
                 logger.validation(it, trainer.evaluate())
             if tcfg.exit_interval and it % tcfg.exit_interval == 0:
                 logger.info(f"> exiting at iteration {it} (--exit-interval {tcfg.exit_interval})")
                 break
+        if checkpointer is not None:
+            checkpointer.finish(trainer.iteration)
+            checkpointer = None
         logger.info(f"> training done: {trainer.iteration} iterations")
     finally:
+        if checkpointer is not None:  # an error: stop the engine's workers, keep what is in L0
+            checkpointer.abort()
         logger.close()
     return result
 

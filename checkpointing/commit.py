@@ -1,0 +1,118 @@
+"""The save protocol of one level: data files, then metadata (the commit), then the tracker.
+
+1. The coordinator moves an existing ``iter_N`` aside (nothing is written over or deleted).
+2. Every rank writes and fsyncs its file and the directory.
+3. The chunk records are gathered; the coordinator checks they tile every tensor, writes the
+   metadata to a temporary name, fsyncs and renames it: the checkpoint is committed.
+4. Only then does the tracker move; then retention removes old committed checkpoints.
+
+Every rank learns every outcome, so a failure on one rank raises the same error on all of them
+and never leaves a partial checkpoint looking committed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from checkpointing import faults
+from checkpointing.discovery import iteration_dir, list_checkpoints
+from checkpointing.durable import CheckpointWriteError, write_tracker
+from checkpointing.items import TensorPiece
+from checkpointing.metadata import METADATA_NAME, build_metadata, write_metadata
+from checkpointing.writer import write_rank_file
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    iteration: int
+    path: str
+    bytes_written: int
+    """This rank's bytes."""
+    seconds: float
+
+
+def _agree(group, value):
+    """Every rank's ``value``, on every rank (gloo: CPU objects)."""
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def _raise_if_failed(outcomes: list, what: str) -> None:
+    errors = [f"rank {r}: {e}" for r, e in enumerate(outcomes) if isinstance(e, str)]
+    if errors:
+        raise CheckpointWriteError(None, f"{what} failed, nothing was committed: " + "; ".join(errors))
+
+
+def save_and_commit(
+    root: str,
+    iteration: int,
+    arrays: dict[str, torch.Tensor],
+    pieces: list[TensorPiece],
+    objects: dict[str, Any],
+    layout: dict[str, Any],
+    group,
+    retain_last: int | None = None,
+) -> SaveResult:
+    """Collectively save one version to ``root`` (every rank of ``group`` calls it)."""
+    started = time.perf_counter()
+    rank = dist.get_rank(group)
+    directory = iteration_dir(root, iteration)
+    error = None
+    if rank == 0:
+        try:
+            os.makedirs(root, exist_ok=True)
+            if os.path.exists(directory):
+                os.rename(directory, f"{directory}.superseded-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            os.makedirs(directory)
+        except OSError as e:
+            error = f"cannot create {directory}: {e.strerror or e}"
+    _raise_if_failed(_agree(group, error), f"saving iteration {iteration} to {root}")
+
+    records: Any
+    try:
+        faults.reach("write")
+        records = write_rank_file(directory, dist.get_rank(), arrays, pieces, objects)
+    except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
+        records = str(e)
+    gathered = _agree(group, records)
+    _raise_if_failed(gathered, f"saving iteration {iteration} to {directory}")
+
+    error = None
+    if rank == 0:
+        try:
+            metadata = build_metadata([r for rs in gathered for r in rs], iteration, layout)
+            faults.reach("metadata")
+            write_metadata(directory, metadata)
+            faults.reach("tracker")
+            write_tracker(root, iteration)
+            if retain_last:
+                apply_retention(root, retain_last)
+        except (OSError, ValueError) as e:
+            error = f"committing {directory}: {e}"
+    _raise_if_failed(_agree(group, error), f"saving iteration {iteration}")
+    mine = sum(r.length for r in records)
+    return SaveResult(iteration, directory, mine, time.perf_counter() - started)
+
+
+def apply_retention(root: str, keep: int) -> list[str]:
+    """Remove committed checkpoints older than the newest ``keep`` committed ones.
+
+    A checkpoint is un-committed first (its metadata removed), then its files deleted, so a
+    crash in between leaves an uncommitted directory, never a committed partial one.
+    Uncommitted directories are left alone for the user to inspect.
+    """
+    committed = [c for c in list_checkpoints(root) if c.committed]
+    removed = []
+    for c in committed[:-keep] if keep > 0 else []:
+        os.unlink(os.path.join(c.path, METADATA_NAME))
+        shutil.rmtree(c.path)
+        removed.append(c.path)
+    return removed

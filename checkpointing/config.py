@@ -1,0 +1,79 @@
+"""Checkpointing options (Megatron-LM's flag names where it has them) as one validated config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where, when and how checkpoints are saved and loaded."""
+
+    save: str | None = None
+    """L2, the persistent directory (``--save``); also where a synchronous save goes."""
+    save_interval: int | None = None
+    """Checkpoint every this many iterations (``--save-interval``); with ``--async-save`` this
+    is the L0 (host memory) interval."""
+    load: str | None = None
+    """Directory to resume from (``--load``); missing or empty starts from scratch."""
+    ckpt_step: int | None = None
+    """Load exactly this iteration (``--ckpt-step``); an error if it is damaged or absent."""
+    ckpt_format: str = "torch_dist"
+    """``torch_dist``: a DCP checkpoint stock ``torch.distributed.checkpoint`` reads."""
+    save_retain_last: int | None = None
+    """Keep only the newest N committed checkpoints in ``--save`` (``--save-retain-last``)."""
+    verify_checksums: bool = True
+    """Verify every chunk's checksum when loading (``--no-verify-checkpoint-checksums``)."""
+    load_optim: bool = True
+    """Load optimizer state (``--no-load-optim`` turns it off)."""
+    load_rng: bool = True
+    """Load RNG states (``--no-load-rng`` turns it off)."""
+    async_save: bool = False
+    """The asynchronous multi-level engine (``--async-save``)."""
+    host_versions: int = 2
+    """L0: versions held in the host (shared-memory) pool (``--ckpt-host-versions``)."""
+    host_budget_gb: float | None = None
+    """L0: byte budget of the pool; fewer versions are held if they do not fit
+    (``--ckpt-host-budget-gb``)."""
+    local_dir: str | None = None
+    """L1: node-local directory (``--ckpt-local-dir``)."""
+    local_interval: int | None = None
+    """L1: flush every this many iterations (``--ckpt-local-interval``)."""
+    local_retain_last: int = 2
+    """L1: committed checkpoints kept (``--ckpt-local-retain-last``)."""
+    persistent_interval: int | None = None
+    """L2: flush to ``--save`` every this many iterations (``--ckpt-persistent-interval``;
+    default ``--save-interval``)."""
+
+    def __post_init__(self) -> None:
+        if self.ckpt_format != "torch_dist":
+            raise ValueError(f"--ckpt-format {self.ckpt_format!r} is not supported; use torch_dist")
+        for name in ("save_interval", "save_retain_last", "local_interval", "persistent_interval", "host_versions"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {value}")
+        if self.ckpt_step is not None and self.ckpt_step < 0:
+            raise ValueError(f"--ckpt-step must be >= 0, got {self.ckpt_step}")
+        if self.local_retain_last < 1:
+            raise ValueError(f"--ckpt-local-retain-last must be >= 1, got {self.local_retain_last}")
+        if self.host_budget_gb is not None and self.host_budget_gb <= 0:
+            raise ValueError(f"--ckpt-host-budget-gb must be > 0, got {self.host_budget_gb}")
+        if self.save_interval is not None and self.save is None:
+            raise ValueError("--save-interval needs --save DIR")
+        if self.async_save and self.save is None:
+            raise ValueError("--async-save needs --save DIR (the persistent level, L2)")
+        if self.ckpt_step is not None and self.load is None:
+            raise ValueError("--ckpt-step needs --load DIR")
+        if (self.local_interval is None) != (self.local_dir is None):
+            raise ValueError("--ckpt-local-dir and --ckpt-local-interval go together (L1 where and how often)")
+        if self.local_dir is not None and not self.async_save:
+            raise ValueError("--ckpt-local-dir needs --async-save (L1 is a level of the async engine)")
+
+    @property
+    def l2_interval(self) -> int | None:
+        return self.persistent_interval or self.save_interval
+
+
+def _flag(name: str) -> str:
+    return {"host_versions": "ckpt-host-versions", "local_interval": "ckpt-local-interval",
+            "persistent_interval": "ckpt-persistent-interval"}.get(name, name.replace("_", "-"))

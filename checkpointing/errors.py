@@ -1,0 +1,29 @@
+"""Typed checkpoint errors; each message names the file, tensor or rank and what to do."""
+
+from __future__ import annotations
+
+from checkpointing.durable import CheckpointWriteError
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointCorruptError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+]
+
+
+class CheckpointError(RuntimeError):
+    """Base class of the errors a checkpoint load raises."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A committed checkpoint's bytes differ from what was written (flipped, truncated, missing)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint holds another model (shapes or tensors differ); never fallen back from."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """The asked-for step has no committed checkpoint."""

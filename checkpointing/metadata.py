@@ -1,0 +1,116 @@
+"""The global metadata: a stock DCP ``Metadata`` plus this project's facts in one attribute.
+
+``state_dict_metadata``, ``storage_data`` and ``planner_data`` are what DCP's own writer
+produces, so ``FileSystemReader`` and ``dcp_to_torch_save`` read a checkpoint without this
+project. Our facts (format version, iteration, saving layout, one checksum per chunk) ride along
+as ``Metadata.gpt_ckpt``, a dict of builtins: pickle restores it, stock readers ignore it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from checkpointing.durable import atomic_write_bytes
+from checkpointing.errors import CheckpointCorruptError
+from checkpointing.writer import ChunkRecord
+
+METADATA_NAME = ".metadata"
+FORMAT_VERSION = 1
+
+
+class TilingError(ValueError):
+    """The gathered chunks do not cover a global tensor exactly once (a bug, never committed)."""
+
+
+def _check_tiling(key: str, global_shape: tuple[int, ...], chunks: list[ChunkRecord]) -> None:
+    total = 0
+    for c in chunks:
+        if any(o < 0 or o + s > g for o, s, g in zip(c.offsets, c.sizes, global_shape)):
+            raise TilingError(f"{key}: chunk at {c.offsets} of {c.sizes} from rank {c.rank} exceeds {global_shape}")
+        total += math.prod(c.sizes)
+    for i, a in enumerate(chunks):
+        for b in chunks[i + 1 :]:
+            if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
+                raise TilingError(f"{key}: chunks of rank {a.rank} and rank {b.rank} overlap at {a.offsets} / {b.offsets}")
+    if total != math.prod(global_shape):
+        raise TilingError(f"{key}: chunks cover {total} of {math.prod(global_shape)} elements")
+
+
+def build_metadata(records: list[ChunkRecord], iteration: int, layout: dict[str, Any]) -> Metadata:
+    """DCP metadata of every chunk of every rank; checks that chunks tile each tensor once."""
+    by_key: dict[str, list[ChunkRecord]] = defaultdict(list)
+    for r in records:
+        by_key[r.key].append(r)
+    state_dict_metadata: dict[str, Any] = {}
+    storage_data: dict[MetadataIndex, _StorageInfo] = {}
+    checksums: dict[tuple[str, int], int] = {}
+    for key, chunks in sorted(by_key.items()):
+        first = chunks[0]
+        if first.offsets is None:
+            if len(chunks) != 1:
+                raise TilingError(f"byte item {key} written by ranks {[c.rank for c in chunks]}")
+            state_dict_metadata[key] = BytesStorageMetadata()
+            storage_data[MetadataIndex(key)] = _StorageInfo(first.relative_path, first.offset, first.length)
+        else:
+            _check_tiling(key, first.global_shape, chunks)
+            state_dict_metadata[key] = TensorStorageMetadata(
+                properties=TensorProperties(dtype=first.dtype),
+                size=torch.Size(first.global_shape),
+                chunks=[ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in chunks],
+            )
+            for c in chunks:
+                storage_data[MetadataIndex(key, c.offsets)] = _StorageInfo(c.relative_path, c.offset, c.length)
+        for c in chunks:
+            checksums[(c.relative_path, c.offset)] = c.checksum
+    metadata = Metadata(
+        state_dict_metadata=state_dict_metadata,
+        planner_data={key: (key,) for key in state_dict_metadata},
+        storage_data=storage_data,
+    )
+    metadata.gpt_ckpt = {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "layout": dict(layout),
+        "checksums": checksums,
+        "total_bytes": sum(r.length for r in records),
+    }
+    return metadata
+
+
+def write_metadata(directory: str, metadata: Metadata) -> None:
+    """The commit point: temporary name, fsync, rename, fsync of the directory."""
+    atomic_write_bytes(os.path.join(directory, METADATA_NAME), pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def read_metadata(directory: str) -> Metadata:
+    """The committed metadata of ``directory``, with our facts checked to be present."""
+    path = os.path.join(directory, METADATA_NAME)
+    try:
+        with open(path, "rb") as f:
+            metadata = pickle.load(f)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
+        raise CheckpointCorruptError(f"{path} cannot be read ({error}); the checkpoint is damaged") from error
+    facts = getattr(metadata, "gpt_ckpt", None)
+    if not isinstance(facts, dict) or facts.get("format_version") != FORMAT_VERSION:
+        raise CheckpointCorruptError(
+            f"{path} is not a gpt-ckpt checkpoint of format {FORMAT_VERSION} (no checksums); "
+            "convert it or load it with torch.distributed.checkpoint directly"
+        )
+    return metadata

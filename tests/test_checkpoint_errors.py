@@ -1,0 +1,112 @@
+"""Every error case of a checkpoint load or save: the message names what to fix, nothing is lost."""
+
+import os
+import shutil
+
+import pytest
+
+from checkpointing.discovery import list_checkpoints
+from tests.launch import TINY, run_pretrain
+
+ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
+               "--lr", "1e-3", "--log-interval", "5"]
+DATA = "__0_0.distcp"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """15 iterations, a save every 5, the newest 2 kept: iterations 10 and 15 remain."""
+    root = tmp_path_factory.mktemp("saved") / "ckpt"
+    run_pretrain(ARGS + ["--train-iters", "15", "--save", str(root), "--save-interval", "5", "--save-retain-last", "2"])
+    return root
+
+
+@pytest.fixture
+def ckpt(saved, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(saved, copy)
+    return copy
+
+
+def resume(ckpt, *extra, check=True, env=None):
+    return run_pretrain(ARGS + ["--train-iters", "16", "--load", str(ckpt), *extra], check=check, env=env)
+
+
+def test_retention_keeps_the_newest_committed(saved):
+    assert [(c.iteration, c.committed) for c in list_checkpoints(str(saved))] == [(10, True), (15, True)]
+    assert (saved / "latest_checkpointed_iteration.txt").read_text().strip() == "15"
+
+
+def test_flipped_byte_falls_back_to_previous_with_a_warning(ckpt):
+    path = ckpt / "iter_0000015" / DATA
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    proc = resume(ckpt)
+    assert "WARNING: checkpoint" in proc.stdout and "checksum mismatch" in proc.stdout
+    assert str(path) in proc.stdout and "written by rank 0" in proc.stdout and "tensor " in proc.stdout
+    assert "loaded iteration 10" in proc.stdout
+    assert path.exists(), "a damaged checkpoint is reported, never deleted"
+
+
+def test_truncated_file_with_ckpt_step_is_an_error_naming_the_file(ckpt):
+    path = ckpt / "iter_0000015" / DATA
+    os.truncate(path, path.stat().st_size // 3)
+    proc = resume(ckpt, "--ckpt-step", "15", check=False)
+    assert proc.returncode != 0
+    assert "--ckpt-step 15 cannot be loaded" in proc.stderr and f"truncated data file {path}" in proc.stderr
+
+
+def test_missing_rank_file_falls_back(ckpt):
+    (ckpt / "iter_0000015" / DATA).unlink()
+    proc = resume(ckpt)
+    assert "missing data file" in proc.stdout and "loaded iteration 10" in proc.stdout
+
+
+def test_every_checkpoint_damaged_is_an_error_and_nothing_is_deleted(ckpt):
+    for it in (10, 15):
+        (ckpt / f"iter_{it:07d}" / DATA).write_bytes(b"garbage")
+    proc = resume(ckpt, check=False)
+    assert proc.returncode != 0 and "nothing was deleted" in proc.stderr
+    assert len(list_checkpoints(str(ckpt))) == 2
+
+
+def test_uncommitted_directory_is_never_loaded(ckpt):
+    os.unlink(ckpt / "iter_0000015" / ".metadata")
+    proc = resume(ckpt)
+    assert "no committed metadata" in proc.stdout and "loaded iteration 10" in proc.stdout
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--hidden-size", "32", "--ffn-hidden-size", "128"], "has shape (1024, 64), this model (1024, 32)"),
+    (["--num-layers", "2"], "no place for"),
+])
+def test_another_model_is_refused_with_tensor_and_shapes(saved, flags, expected):
+    proc = run_pretrain(ARGS + flags + ["--train-iters", "16", "--load", str(saved)], check=False)
+    assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
+    assert "WARNING" not in proc.stdout, "a model mismatch never falls back"
+
+
+def test_empty_or_missing_load_dir_starts_from_scratch(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for directory in ("empty", "missing"):
+        proc = run_pretrain(ARGS + ["--train-iters", "1", "--load", str(tmp_path / directory)])
+        assert "training starts from scratch" in proc.stdout
+
+
+def test_unwritable_save_dir_fails_at_startup(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    proc = run_pretrain(ARGS + ["--train-iters", "1000", "--save", str(tmp_path / "file" / "ckpt")], check=False)
+    assert proc.returncode != 0
+    assert f"checkpoint directory {tmp_path / 'file' / 'ckpt'} is not writable" in proc.stderr
+    assert "iteration " not in proc.stdout, "no training before the error"
+
+
+@pytest.mark.parametrize("point", ["write", "metadata"])
+def test_failed_save_commits_nothing_and_keeps_the_previous(ckpt, point):
+    proc = run_pretrain(ARGS + ["--train-iters", "20", "--load", str(ckpt), "--save", str(ckpt), "--save-interval", "20"],
+                        check=False, env={"GPT_CKPT_FAULT": f"{point}:fail"})
+    assert proc.returncode != 0 and "nothing was committed" in proc.stderr and "No space left" in proc.stderr
+    state = {c.iteration: c.committed for c in list_checkpoints(str(ckpt))}
+    assert state == {10: True, 15: True, 20: False}
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "15"

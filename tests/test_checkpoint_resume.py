@@ -1,0 +1,79 @@
+"""The checkpoint format end to end: exact resume, resharding, and the stock-PyTorch read.
+
+One TP2xPP2xDP2 run (8 processes, distributed optimizer) trains 20 iterations and saves at 10
+and 20; everything else loads its iteration-10 checkpoint.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from tests.launch import ROOT, TINY, read_scalars, run_pretrain
+
+COMMON = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "16",
+                 "--lr", "3e-3", "--lr-warmup-iters", "3", "--log-interval", "5", "--seed", "7",
+                 "--optimizer-shard-size-mb", "0.05"]
+TP2PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """20 iterations straight, checkpoints at 10 and 20; its losses are the reference."""
+    base = tmp_path_factory.mktemp("tp2pp2dp2")
+    run_pretrain(COMMON + TP2PP2 + ["--train-iters", "20", "--save", str(base / "ckpt"), "--save-interval", "10",
+                                    "--tensorboard-dir", str(base / "tb")], nproc=8, timeout=600)
+    return base
+
+
+def test_resume_in_new_processes_replays_losses_bit_for_bit(saved_run, tmp_path):
+    proc = run_pretrain(COMMON + TP2PP2 + ["--train-iters", "20", "--load", str(saved_run / "ckpt"), "--ckpt-step", "10",
+                                           "--tensorboard-dir", str(tmp_path / "tb")], nproc=8, timeout=600)
+    assert "loaded iteration 10" in proc.stdout
+    straight = read_scalars(saved_run / "tb", "lm loss")
+    resumed = read_scalars(tmp_path / "tb", "lm loss")
+    assert sorted(resumed) == list(range(11, 21))
+    for it in range(11, 21):
+        assert resumed[it] == straight[it], f"iteration {it}: {resumed[it]!r} != {straight[it]!r}"
+
+
+def test_stock_pytorch_reads_every_parameter_as_a_global_tensor(saved_run, tmp_path):
+    out = tmp_path / "full.pt"
+    dcp_to_torch_save(saved_run / "ckpt" / "iter_0000010", out)
+    full = torch.load(out, weights_only=False)
+    hidden, ffn, vocab = 64, 256, 1024
+    assert full["embedding.word_embeddings.weight"].shape == (vocab, hidden)
+    for layer in range(4):
+        prefix = f"decoder.layers.{layer}."
+        assert full[prefix + "self_attention.linear_qkv.weight"].shape == (3 * hidden, hidden)
+        assert full[prefix + "mlp.linear_fc1.weight"].shape == (ffn, hidden)
+        assert full[prefix + "mlp.linear_fc2.weight"].shape == (hidden, ffn)
+        for kind in ("fp32_param", "exp_avg", "exp_avg_sq"):
+            moment = full[f"optimizer.state.{kind}.{prefix}mlp.linear_fc2.weight"]
+            assert moment.shape == (hidden, ffn) and moment.abs().sum() > 0
+    # fp32 weights: the model weight is the main weight
+    assert torch.equal(full["decoder.layers.2.mlp.linear_fc1.weight"],
+                       full["optimizer.state.fp32_param.decoder.layers.2.mlp.linear_fc1.weight"])
+    assert full["common"]["iteration"] == 10 and full["common"]["optimizer_step"] == 10
+    assert set(full) >= {f"rng_state.rank_{r}" for r in range(8)}
+
+
+@pytest.mark.parametrize("nproc, layout", [
+    (1, []),
+    (4, ["--pipeline-model-parallel-size", "2"]),
+    (4, ["--tensor-model-parallel-size", "2"]),
+    (4, []),
+], ids=["TP1xPP1xDP1", "TP1xPP2xDP2", "TP2xPP1xDP2", "TP1xPP1xDP4"])
+def test_reshard_matrix(saved_run, tmp_path, nproc, layout):
+    full_pt = saved_run / "full.pt"
+    if not full_pt.exists():
+        dcp_to_torch_save(saved_run / "ckpt" / "iter_0000010", full_pt)
+    run_pretrain([str(full_pt), str(tmp_path), *COMMON, *layout, "--train-iters", "20",
+                  "--load", str(saved_run / "ckpt"), "--ckpt-step", "10"],
+                 nproc=nproc, timeout=600, script=ROOT / "tests" / "workers" / "reshard_worker.py")
+    reference = read_scalars(saved_run / "tb", "lm loss")[11]
+    for distributed in (0, 1):
+        iteration, loss = (tmp_path / f"loss-{distributed}.txt").read_text().split()
+        assert int(iteration) == 11
+        assert math.isclose(float(loss), reference, rel_tol=1e-4), (distributed, float(loss), reference)

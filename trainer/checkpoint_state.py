@@ -1,0 +1,114 @@
+"""The trainer's state as the checkpoint layer sees it (``checkpointing.items``).
+
+Saved, per optimizer piece (a row-rectangle of one parameter in one optimizer shard):
+``optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.<param>`` and the model weight ``<param>``.
+With fp32 weights the model weight record points at the main weights' bytes (the same values:
+the step copies them over), so it costs no extra bytes; with bf16 the cast weights are saved.
+
+Loaded: every local parameter (all replicas, the tied copy included) as a rectangle of its
+global tensor, and this rank's optimizer pieces; any layout that saved them will do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from checkpointing.items import TensorPiece
+from trainer.state_layout import optimizer_state_pieces
+
+OPTIMIZER_ARRAYS = ("fp32_param", "exp_avg", "exp_avg_sq")
+
+
+def _rng_key(rank: int) -> str:
+    return f"rng_state.rank_{rank}"
+
+
+class TrainerCheckpointState:
+    """Implements :class:`checkpointing.items.CheckpointableState` for a :class:`Trainer`."""
+
+    def __init__(self, trainer, load_optimizer: bool = True, load_rng: bool = True):
+        self.trainer = trainer
+        opt, buffers = trainer.optimizer, trainer.buffers
+        self.rank = trainer.groups.rank
+        self.load_rng = load_rng
+        self.bf16 = buffers.params.dtype != torch.float32
+        self.arrays: dict[str, torch.Tensor] = {
+            "fp32_param": opt.main_params, "exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq}
+        if self.bf16:
+            self.arrays["param"] = buffers.params[opt.start : opt.end]
+        self.shards = [(s.start - opt.start, s.end - opt.start) for s in opt.shards]
+        pieces = optimizer_state_pieces(opt, trainer.param_specs, trainer.groups.dp_rank)
+        self.save_pieces: list[TensorPiece] = []
+        self.load_pieces: list[TensorPiece] = []
+        for p in pieces:
+            common = dict(start=p.start - opt.start, shape=p.shape, global_shape=p.global_shape,
+                          global_offset=p.global_offset, is_writer=p.is_writer)
+            for array in OPTIMIZER_ARRAYS:
+                piece = TensorPiece(key=f"optimizer.state.{array}.{p.global_name}", array=array, **common)
+                self.save_pieces.append(piece)
+                if load_optimizer:
+                    self.load_pieces.append(piece)
+            self.save_pieces.append(TensorPiece(key=p.global_name, array="param" if self.bf16 else "fp32_param", **common))
+        self.load_arrays: dict[str, torch.Tensor] = dict(self.arrays, param=buffers.params)
+        for slot in buffers.slots:
+            spec = trainer.param_specs[slot.name]
+            self.load_pieces.append(TensorPiece(key=spec.global_name, array="param", start=slot.start, shape=slot.shape,
+                                                global_shape=spec.global_shape, global_offset=spec.global_offset))
+        self.load_optimizer = load_optimizer
+        self.layout = {
+            "tensor_parallel": trainer.job.parallel.tensor_parallel,
+            "pipeline_parallel": trainer.job.parallel.pipeline_parallel,
+            "data_parallel": trainer.job.parallel.data_parallel,
+            "distributed_optimizer": opt.distributed,
+            "num_layers": trainer.job.model.num_layers,
+            "bf16": self.bf16,
+        }
+
+    # -- small objects ---------------------------------------------------------------------------
+    def capture_objects(self, iteration: int) -> dict[str, Any]:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        t = self.trainer
+        objects: dict[str, Any] = {
+            _rng_key(self.rank): {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "device": t.device_ctx.get_rng_state(),
+                "tracker": get_cuda_rng_tracker().get_states(),
+            }
+        }
+        if self.rank == 0:
+            objects["common"] = {
+                "iteration": iteration,
+                "consumed_samples": iteration * t.job.data.global_batch_size,
+                "optimizer_step": t.optimizer.step_count,
+                "skipped_steps": t.optimizer.skipped_steps,
+                "layout": self.layout,
+                "args": dataclasses.asdict(t.job),
+            }
+        return objects
+
+    def objects_to_load(self) -> list[str]:
+        return ["common"] + ([_rng_key(self.rank)] if self.load_rng else [])
+
+    def restore_objects(self, objects: dict[str, Any]) -> None:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        t, common = self.trainer, objects["common"]
+        t.iteration = common["iteration"]
+        if self.load_optimizer:
+            t.optimizer.step_count = common["optimizer_step"]
+            t.optimizer.skipped_steps = common["skipped_steps"]
+        rng = objects.get(_rng_key(self.rank))
+        if rng is not None:
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            t.device_ctx.set_rng_state(rng["device"])
+            get_cuda_rng_tracker().set_states(rng["tracker"])

@@ -1,0 +1,178 @@
+"""Checkpointing in the training loop: probe at start-up, load, save at intervals, finish.
+
+The synchronous path snapshots the state and writes it to ``--save`` right away; with
+``--async-save`` the engine (``checkpointing.engine``) does the same work beside training. Both
+write the same bytes through ``checkpointing.commit``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import torch.distributed as dist
+
+from checkpointing.commit import save_and_commit
+from checkpointing.config import CheckpointConfig
+from checkpointing.discovery import StoredCheckpoint, load_candidates
+from checkpointing.errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError
+from checkpointing.reader import CheckpointReader
+from trainer.checkpoint_state import TrainerCheckpointState
+
+
+class SaveDirError(OSError):
+    """A checkpoint directory cannot be written; raised at start-up, before the model is built."""
+
+
+def probe_writable(directory: str, rank: int) -> None:
+    """Create ``directory`` and a file in it, or raise naming the directory and the rank."""
+    probe = os.path.join(directory, f".write-probe-{rank}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as error:
+        raise SaveDirError(error.errno, f"rank {rank}: checkpoint directory {directory} is not writable "
+                                        f"({error.strerror or error}); fix its permissions or pass another --save") from None
+
+
+def check_checkpoint_dirs(cfg: CheckpointConfig, rank: int) -> None:
+    """Every rank checks the directories it will write, before any heavy work."""
+    for directory in (cfg.save, cfg.local_dir):
+        if directory:
+            probe_writable(directory, rank)
+
+
+def _agree(group, value):
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+class Checkpointer:
+    """Owns this rank's checkpointing for one run."""
+
+    def __init__(self, cfg: CheckpointConfig, trainer, logger):
+        self.cfg = cfg
+        self.trainer = trainer
+        self.logger = logger
+        self.state = TrainerCheckpointState(trainer, load_optimizer=cfg.load_optim, load_rng=cfg.load_rng)
+        # A gloo group of its own: checkpoint metadata are CPU objects, and the async engine's
+        # background thread must not share a communicator with training.
+        self.group = dist.new_group(backend="gloo")
+        self.last_saved: int | None = None
+        self.engine = None
+        if cfg.async_save:
+            from checkpointing.engine import CheckpointEngine
+
+            self.engine = CheckpointEngine.for_config(cfg, self.state, self.group, logger.info)
+            trainer.optimizer.before_shard_update.append(self.engine.fence)
+
+    # -- load ---------------------------------------------------------------------------------------
+    def candidates(self) -> list[tuple[str, StoredCheckpoint]]:
+        """(level, checkpoint) to try, newest first; at equal step the faster level first."""
+        found: list[tuple[int, int, str, StoredCheckpoint]] = []
+        levels = [("L1", self.cfg.local_dir), ("L2", self.cfg.load)]
+        for speed, (level, root) in enumerate(levels):
+            if not root:
+                continue
+            stored, notes = load_candidates(root, self.cfg.ckpt_step)
+            for note in notes:
+                self.logger.info(f"> checkpoint: {note}")
+            found += [(-c.iteration, speed, level, c) for c in stored]
+        return [(level, c) for _, _, level, c in sorted(found, key=lambda t: t[:2])]
+
+    def load(self) -> int:
+        """Load the newest valid committed checkpoint; returns its iteration (0: from scratch)."""
+        cfg = self.cfg
+        if not cfg.load:
+            return 0
+        candidates = self.candidates()
+        if not candidates:
+            if cfg.ckpt_step is not None:
+                raise CheckpointNotFoundError(
+                    f"--ckpt-step {cfg.ckpt_step}: no committed checkpoint of that iteration in {cfg.load}")
+            self.logger.info(f"> no committed checkpoint in {cfg.load}: training starts from scratch")
+            return 0
+        wanted_model_keys = set().union(*_agree(self.group, sorted({p.key for p in self.state.load_pieces
+                                                                    if not p.key.startswith("optimizer.")})))
+        for level, candidate in candidates:
+            started = time.perf_counter()
+            self.logger.info(f"> loading checkpoint from {candidate.path} ({level}) ...")
+            outcome, read_bytes, objects = None, 0, {}
+            try:
+                reader = CheckpointReader(candidate.path, verify=cfg.verify_checksums)
+                extra = sorted(k for k in reader.tensor_keys() - wanted_model_keys if not k.startswith("optimizer."))
+                if extra:
+                    raise CheckpointMismatchError(
+                        f"{candidate.path} holds tensors this model has no place for: {extra[:4]}"
+                        f"{' ...' if len(extra) > 4 else ''} ({len(extra)} in all); the saved model was larger "
+                        f"(layers {reader.facts['layout'].get('num_layers')}, this model "
+                        f"{self.state.layout['num_layers']})")
+                read_bytes = reader.read_pieces(self.state.load_pieces, self.state.load_arrays)
+                objects["common"] = reader.read_object("common")
+                same_layout = reader.facts["layout"] == self.state.layout
+                for key in self.state.objects_to_load()[1:]:
+                    if same_layout and reader.has(key):
+                        objects[key] = reader.read_object(key)
+            except CheckpointMismatchError as error:
+                outcome = ("mismatch", str(error))
+            except (CheckpointCorruptError, OSError) as error:
+                outcome = ("corrupt", str(error))
+            outcomes = _agree(self.group, outcome)
+            failures = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+            if not failures:
+                self.state.restore_objects(objects)
+                if len(objects) == 1 and cfg.load_rng:
+                    self.logger.info("> checkpoint: saved with another layout; RNG states not loaded")
+                self.logger.info(f"> loaded iteration {candidate.iteration} from {candidate.path} "
+                                 f"({read_bytes / 1e6:.1f} MB on the logging rank, {time.perf_counter() - started:.2f} s)")
+                return candidate.iteration
+            message = "; ".join(f"rank {r}: {text}" for r, (_, text) in failures)
+            if any(kind == "mismatch" for _, (kind, _) in failures):
+                raise CheckpointMismatchError(message)
+            if cfg.ckpt_step is not None:
+                raise CheckpointCorruptError(f"--ckpt-step {cfg.ckpt_step} cannot be loaded: {message}")
+            self.logger.info(f"WARNING: checkpoint {candidate.path} is damaged, trying the previous committed one: {message}")
+        raise CheckpointCorruptError(
+            f"every committed checkpoint in {cfg.load} is damaged (see the warnings above); nothing was deleted. "
+            f"Start from scratch with another --load, or repair the files")
+
+    # -- save ---------------------------------------------------------------------------------------
+    def after_step(self, iteration: int) -> None:
+        """Called after the optimizer step of ``iteration``."""
+        cfg = self.cfg
+        if not cfg.save or not cfg.save_interval or iteration % cfg.save_interval:
+            return
+        self.save(iteration)
+
+    def save(self, iteration: int) -> None:
+        if self.engine is not None:
+            self.engine.request(iteration)
+        else:
+            self.save_sync(iteration)
+        self.last_saved = iteration
+
+    def save_sync(self, iteration: int) -> None:
+        self.logger.info(f"> saving checkpoint at iteration {iteration:7d} to {self.cfg.save}")
+        self.trainer.device_ctx.synchronize()
+        arrays = {name: a.detach().cpu() for name, a in self.state.arrays.items()}
+        result = save_and_commit(self.cfg.save, iteration, arrays, self.state.save_pieces,
+                                 self.state.capture_objects(iteration), self.state.layout, self.group,
+                                 self.cfg.save_retain_last)
+        self.logger.info(f"  successfully saved checkpoint at iteration {iteration:7d} to {self.cfg.save} "
+                         f"[ {result.seconds * 1000:.0f} ms, {result.bytes_written / 1e6:.1f} MB on the logging rank ]")
+
+    def finish(self, iteration: int) -> None:
+        """Save the final state (unless just saved) and, with the engine, drain every level."""
+        if self.cfg.save and self.last_saved != iteration:
+            self.save(iteration)
+        if self.engine is not None:
+            self.engine.close(drain=True)
+
+    def abort(self) -> None:
+        """After an error in training: stop background work without draining (L0 keeps its data)."""
+        if self.engine is not None:
+            self.engine.close(drain=False)
