@@ -24,3 +24,15 @@ def reach(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "fail":
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {point})")
+
+
+def delay(point: str) -> float:
+    """Seconds to sleep at ``point`` (``GPT_CKPT_DELAY=<point>:<milliseconds>``): a slow copy or disk."""
+    spec = os.environ.get(DELAY_ENV)
+    if not spec:
+        return 0.0
+    name, _, ms = spec.partition(":")
+    return float(ms) / 1000.0 if name == point else 0.0
+
+
+DELAY_ENV = "GPT_CKPT_DELAY"

@@ -67,8 +67,9 @@ class Checkpointer:
         if cfg.async_save:
             from checkpointing.engine import CheckpointEngine
 
-            self.engine = CheckpointEngine.for_config(cfg, self.state, self.group, logger.info)
-            trainer.optimizer.before_shard_update.append(self.engine.fence)
+            self.engine = CheckpointEngine.for_config(cfg, self.state, self.group, logger.info,
+                                                      trainer.groups.rank, self.state.layout)
+            trainer.optimizer.before_shard_update.append(lambda shard: self.engine.fence(shard.index))
 
     # -- load ---------------------------------------------------------------------------------------
     def candidates(self) -> list[tuple[str, StoredCheckpoint]]:
@@ -166,11 +167,16 @@ class Checkpointer:
                          f"[ {result.seconds * 1000:.0f} ms, {result.bytes_written / 1e6:.1f} MB on the logging rank ]")
 
     def finish(self, iteration: int) -> None:
-        """Save the final state (unless just saved) and, with the engine, drain every level."""
-        if self.cfg.save and self.last_saved != iteration:
-            self.save(iteration)
+        """Save the final state to ``--save`` (unless just saved there); drain the engine's levels."""
         if self.engine is not None:
+            if self.last_saved == iteration:
+                self.engine.flush_everywhere(iteration)
+            else:
+                self.engine.request(iteration, force_flush=True)
             self.engine.close(drain=True)
+            self.logger.info(f"> {self.engine.summary()}")
+        elif self.cfg.save and self.last_saved != iteration:
+            self.save(iteration)
 
     def abort(self) -> None:
         """After an error in training: stop background work without draining (L0 keeps its data)."""

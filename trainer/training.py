@@ -7,7 +7,9 @@ import datetime
 import math
 import os
 import random
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -64,6 +66,21 @@ def set_seeds(seed: int, pp_rank: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's preemption, torchrun stopping the job) ends training after the
+    current iteration, so the final checkpoint is saved and every level drained."""
+
+    def __init__(self):
+        self.requested: str | None = None
+
+    @classmethod
+    def install(cls) -> "StopSignal":
+        stop = cls()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, _frame: setattr(stop, "requested", signal.Signals(signum).name))
+        return stop
 
 
 def _no_phase(_name: str):
@@ -179,6 +196,7 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
             checkpointer = Checkpointer(job.checkpoint, trainer, logger)
             trainer.iteration = checkpointer.load()
         tokens = job.data.global_batch_size * job.model.seq_length
+        stop = StopSignal.install()
         logger.start(trainer.iteration)
         while trainer.iteration < tcfg.train_iters:
             device_ctx.synchronize()
@@ -201,6 +219,9 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
                 checkpointer.after_step(it)
             if trainer.valid_data is not None and it % tcfg.eval_interval == 0:
                 logger.validation(it, trainer.evaluate())
+            if stop.requested:
+                logger.info(f"> {stop.requested} received: stopping after iteration {it}")
+                break
             if tcfg.exit_interval and it % tcfg.exit_interval == 0:
                 logger.info(f"> exiting at iteration {it} (--exit-interval {tcfg.exit_interval})")
                 break

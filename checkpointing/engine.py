@@ -1,0 +1,305 @@
+"""The asynchronous multi-level checkpoint engine (DESIGN.md, "The checkpoint engine").
+
+``request(N)``, called after optimizer step N, returns at once: a copy thread copies every
+shard of the state's flat arrays into a free slot of the host pool (L0) while forward and
+backward of N+1 run (they only read those arrays). The optimizer step of N+1 calls
+``fence(shard)`` before it updates a shard, and waits only if that shard's copy is not done.
+A flush thread then writes selected versions to L1 (node-local) and L2 (``--save``) with the
+format's commit protocol; a version that a newer one supersedes before its flush starts is
+skipped. Time waited in fences and for a free slot is the **stall**.
+
+The flush thread runs collectives on a group of its own. Its job list is decided on the main
+thread, identically on every rank; whether to skip a superseded job is agreed by one small
+all-reduce, so every rank flushes the same versions.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from checkpointing import faults
+from checkpointing.commit import save_and_commit
+from checkpointing.durable import CheckpointWriteError
+from checkpointing.host_pool import ArraySpec, HostPool, HostSlot, job_tag
+from checkpointing.items import CheckpointableState
+
+
+@dataclass(frozen=True)
+class Level:
+    """A storage level written by the flush thread."""
+
+    name: str
+    """``L1`` or ``L2``."""
+    root: str
+    interval: int | None
+    """Flush every this many iterations; None: only forced flushes (end of training)."""
+    retain_last: int | None
+
+
+@dataclass
+class FlushRecord:
+    level: str
+    version: int
+    bytes: int
+    seconds: float
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """What the engine did; the trainer reports it (TensorBoard, end-of-run summary)."""
+
+    stall_seconds: float = 0.0
+    stall_by_iteration: dict[int, float] = field(default_factory=dict)
+    stall_by_shard: list[float] = field(default_factory=list)
+    fence_waits: int = 0
+    backpressure_waits: int = 0
+    copies: int = 0
+    copy_seconds: float = 0.0
+    flushes: list[FlushRecord] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+
+
+@dataclass
+class _Job:
+    level: Level
+    version: int
+    slot: HostSlot
+
+
+class CheckpointEngine:
+    """One rank's engine; every rank of the job creates one with the same configuration."""
+
+    def __init__(self, state: CheckpointableState, pool: HostPool, levels: list[Level], group,
+                 log: Callable[[str], None] = print, layout: dict | None = None):
+        self.state = state
+        self.pool = pool
+        self.levels = levels
+        self.group = group
+        self.log = log
+        self.layout = layout or {}
+        self.stats = EngineStats(stall_by_shard=[0.0] * len(state.shards))
+        self.copy_hook: Callable[[int], None] | None = None
+        """Test hook: called by the copy thread before it copies shard ``i``."""
+        self.flush_hook: Callable[[Level, int], None] | None = None
+        """Test hook: called by the flush thread before it writes a version."""
+        self._lock = threading.Condition()
+        self._copy_queue: collections.deque = collections.deque()
+        self._flush_queue: collections.deque[_Job] = collections.deque()
+        self._copying: HostSlot | None = None
+        self._shard_done = [threading.Event() for _ in state.shards]
+        for event in self._shard_done:
+            event.set()
+        self._copy_idle = True
+        self._flushing = False
+        self._closed = False
+        self._iteration = 0
+        self._threads = [threading.Thread(target=self._copy_loop, name="ckpt-copy", daemon=True),
+                         threading.Thread(target=self._flush_loop, name="ckpt-flush", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    @classmethod
+    def for_config(cls, cfg, state: CheckpointableState, group, log, rank: int, layout: dict) -> "CheckpointEngine":
+        specs = {name: ArraySpec(a.numel(), a.dtype) for name, a in state.arrays.items()}
+        budget = int(cfg.host_budget_gb * 2**30) if cfg.host_budget_gb else None
+        pool = HostPool(job_tag(cfg.save), rank, specs, cfg.host_versions, budget)
+        levels = []
+        if cfg.local_dir:
+            levels.append(Level("L1", cfg.local_dir, cfg.local_interval, cfg.local_retain_last))
+        levels.append(Level("L2", cfg.save, cfg.l2_interval, cfg.save_retain_last))
+        log(f"> async checkpointing: L0 {len(pool.slots)} versions in shared memory ({pool.bytes / 2**30:.2f} GiB "
+            f"per rank); " + "; ".join(f"{lv.name} {lv.root} every {lv.interval}" for lv in levels))
+        return cls(state, pool, levels, group, log, layout)
+
+    # -- the training thread -----------------------------------------------------------------------
+    def request(self, version: int, force_flush: bool = False) -> None:
+        """Snapshot the state after step ``version``; returns once a slot is claimed.
+
+        ``force_flush`` flushes this version to every level whatever the intervals (the end
+        of training).
+        """
+        started = time.perf_counter()
+        self._iteration = version
+        objects = self.state.capture_objects(version)  # small: copied now, on this thread
+        with self._lock:
+            self._wait_copy_done_locked()  # the previous copy finished (its fences passed already)
+            slot = self._free_slot_locked()
+            if slot is None:
+                self.stats.backpressure_waits += 1
+                while slot is None:
+                    self._lock.wait()
+                    slot = self._free_slot_locked()
+            slot.version = version  # what it will hold; described on disk only once copied
+            for event in self._shard_done:
+                event.clear()
+            self._copying = slot
+            self._copy_idle = False
+            self._copy_queue.append((slot, version, objects))
+            for level in self.levels:
+                if force_flush or (level.interval and version % level.interval == 0):
+                    slot.pins += 1
+                    self._flush_queue.append(_Job(level, version, slot))
+            self._lock.notify_all()
+        self._add_stall(time.perf_counter() - started)
+
+    def flush_everywhere(self, version: int) -> None:
+        """Queue flushes of the already requested ``version`` to the levels its interval skipped
+        (the end of training: the final state reaches every level)."""
+        with self._lock:
+            slot = next((s for s in self.pool.slots if s.version == version), None)
+            if slot is None:
+                raise ValueError(f"iteration {version} is not in the host pool; request it first")
+            for level in self.levels:
+                if not (level.interval and version % level.interval == 0):
+                    slot.pins += 1
+                    self._flush_queue.append(_Job(level, version, slot))
+            self._lock.notify_all()
+
+    def fence(self, shard_index: int) -> None:
+        """Before the optimizer writes shard ``shard_index``: wait for its copy if not done."""
+        event = self._shard_done[shard_index]
+        if event.is_set():
+            return
+        started = time.perf_counter()
+        event.wait()
+        waited = time.perf_counter() - started
+        self.stats.fence_waits += 1
+        self.stats.stall_by_shard[shard_index] += waited
+        self._add_stall(waited)
+
+    def _add_stall(self, seconds: float) -> None:
+        self.stats.stall_seconds += seconds
+        self.stats.stall_by_iteration[self._iteration] = self.stats.stall_by_iteration.get(self._iteration, 0.0) + seconds
+
+    def _free_slot_locked(self) -> HostSlot | None:
+        """An unpinned slot that is not being copied: never held, else the oldest version."""
+        free = [s for s in self.pool.slots if s.pins == 0 and s is not self._copying]
+        if not free:
+            return None
+        return min(free, key=lambda s: -1 if s.version is None else s.version)
+
+    def _wait_copy_done_locked(self) -> None:
+        while not self._copy_idle:
+            self._lock.wait()
+
+    # -- copy thread -------------------------------------------------------------------------------
+    def _copy_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._copy_queue and not self._closed:
+                    self._lock.wait()
+                if not self._copy_queue:
+                    return
+                slot, version, objects = self._copy_queue.popleft()
+            started = time.perf_counter()
+            slot.invalidate()
+            faults.reach("copy")
+            delay = faults.delay("copy")
+            for index, (lo, hi) in enumerate(self.state.shards):
+                if self.copy_hook is not None:
+                    self.copy_hook(index)
+                if delay:
+                    time.sleep(delay)
+                for name, live in self.state.arrays.items():
+                    slot.arrays[name][lo:hi].copy_(live[lo:hi])
+                self._shard_done[index].set()
+            slot.describe(version, objects, self.layout)
+            with self._lock:
+                self.stats.copies += 1
+                self.stats.copy_seconds += time.perf_counter() - started
+                self._copying = None
+                self._copy_idle = True
+                self._lock.notify_all()
+
+    # -- flush thread ------------------------------------------------------------------------------
+    def _flush_loop(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # training first
+        except OSError:
+            pass  # not permitted here: run at normal priority
+        while True:
+            with self._lock:
+                while not self._flush_queue and not self._closed:
+                    self._lock.wait()
+                if not self._flush_queue:
+                    return
+                job = self._flush_queue[0]
+                self._flushing = True
+                while self._copying is job.slot:  # its copy is still running
+                    self._lock.wait()
+                superseded = any(j.level is job.level and j.version > job.version for j in list(self._flush_queue)[1:])
+            # Every rank must agree: skip if any rank already sees a newer version for this level.
+            flag = torch.tensor([1 if superseded else 0], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            if flag.item():
+                self.stats.skipped[job.level.name] += 1
+            else:
+                self._flush(job)
+            with self._lock:
+                self._flush_queue.popleft()
+                job.slot.pins -= 1
+                self._flushing = False
+                self._lock.notify_all()
+
+    def _flush(self, job: _Job) -> None:
+        level, slot = job.level, job.slot
+        if self.flush_hook is not None:
+            self.flush_hook(level, job.version)
+        delay = faults.delay("flush")
+        if delay:
+            time.sleep(delay)
+        try:
+            result = save_and_commit(level.root, job.version, slot.arrays, self.state.save_pieces, slot.objects,
+                                     self.layout, self.group, level.retain_last)
+            self.stats.flushes.append(FlushRecord(level.name, job.version, result.bytes_written, result.seconds))
+        except CheckpointWriteError as error:
+            self.stats.flushes.append(FlushRecord(level.name, job.version, 0, 0.0, str(error)))
+            self.log(f"WARNING: {level.name} flush of iteration {job.version} to {level.root} failed: {error}; "
+                     f"the version stays in L0 (host memory), training goes on, the next version will be tried")
+
+    # -- shutdown ------------------------------------------------------------------------------------
+    def _pending_locked(self) -> list[str]:
+        return [f"{j.level.name} iteration {j.version}" for j in self._flush_queue]
+
+    def close(self, drain: bool = True) -> None:
+        """Stop the threads. With ``drain``, finish every queued copy and flush first (normal exit,
+        SIGTERM); without, finish only the copy in progress, so L0 holds a whole version (after an
+        error, when peers may be gone and a flush could block in a collective)."""
+        started = time.perf_counter()
+        with self._lock:
+            if not drain:
+                self._flush_queue.clear()
+            waiting = self._pending_locked()
+            if waiting:
+                self.log(f"> waiting for {len(waiting)} checkpoint flush(es): {', '.join(waiting)} ...")
+            last_line = started
+            while not self._copy_idle or (drain and (self._flush_queue or self._flushing)):
+                self._lock.wait(timeout=10)
+                if self._flush_queue and time.perf_counter() - last_line >= 10:
+                    last_line = time.perf_counter()
+                    self.log(f"  still flushing ({', '.join(self._pending_locked())}), {last_line - started:.0f} s")
+            self._closed = True
+            self._lock.notify_all()
+        if drain:
+            for t in self._threads:
+                t.join()
+        if waiting:
+            self.log(f"> checkpoint flushes done in {time.perf_counter() - started:.1f} s")
+
+    def summary(self) -> str:
+        s = self.stats
+        by_level = collections.Counter(f.level for f in s.flushes if f.error is None)
+        failed = sum(f.error is not None for f in s.flushes)
+        return (f"checkpoint stall {s.stall_seconds * 1000:.1f} ms in all ({s.fence_waits} fence waits, "
+                f"{s.backpressure_waits} waits for a free slot); {s.copies} snapshots; flushed "
+                + ", ".join(f"{k} {v}" for k, v in sorted(by_level.items()))
+                + f"; skipped (superseded) {dict(s.skipped)}; failed {failed}")

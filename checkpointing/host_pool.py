@@ -1,0 +1,120 @@
+"""L0: a pool of host-memory slots backed by shared memory, each holding one version.
+
+Every slot holds one copy of each flat array, laid out back to back in one file under
+``/dev/shm`` (named after the job and rank), mapped shared so that a flusher could read it and
+the last snapshot outlives a killed trainer. Slots are allocated and touched once at start:
+first touch of fresh pages is several times slower than a copy into touched ones. The next run
+of the same job reuses the same names; ``python -m checkpointing.host_pool --list/--remove``
+shows and removes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+
+from checkpointing.durable import atomic_write_bytes
+
+SHM_DIR = "/dev/shm"
+PREFIX = "gptckpt-"
+ALIGN = 4096
+
+
+def job_tag(save_dir: str) -> str:
+    """A short, stable name for a job: its ``--save`` directory."""
+    return hashlib.sha1(os.path.abspath(save_dir).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    numel: int
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def slot_bytes(specs: dict[str, ArraySpec]) -> int:
+    return sum(-(-s.nbytes // ALIGN) * ALIGN for s in specs.values())
+
+
+class HostSlot:
+    """One version's worth of host memory."""
+
+    def __init__(self, path: str, specs: dict[str, ArraySpec]):
+        self.path = path
+        self.meta_path = path + ".meta"
+        size = slot_bytes(specs)
+        self.memory = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        self.memory.fill_(0)  # touch every page once, now, not during the first copy
+        self.arrays: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, spec in specs.items():
+            self.arrays[name] = self.memory[offset : offset + spec.nbytes].view(spec.dtype)
+            offset += -(-spec.nbytes // ALIGN) * ALIGN
+        self.version: int | None = None
+        self.objects: dict | None = None
+        self.pins = 0
+        """Flush jobs not finished that read this slot; a pinned slot is never reused."""
+
+    def invalidate(self) -> None:
+        """Before overwriting: a crash mid-copy must not leave the old description pointing here."""
+        try:
+            os.unlink(self.meta_path)
+        except FileNotFoundError:
+            pass
+
+    def describe(self, version: int, objects: dict, layout: dict) -> None:
+        """After the copy: record what the slot holds (the L0 commit)."""
+        self.version, self.objects = version, objects
+        atomic_write_bytes(self.meta_path, pickle.dumps({"version": version, "objects": objects, "layout": layout}))
+
+
+class HostPool:
+    """``num_slots`` slots within ``budget_bytes`` (None: no budget)."""
+
+    def __init__(self, tag: str, rank: int, specs: dict[str, ArraySpec], num_slots: int, budget_bytes: int | None):
+        per_slot = slot_bytes(specs)
+        if budget_bytes is not None:
+            fit = budget_bytes // per_slot
+            if fit < 1:
+                raise ValueError(
+                    f"--ckpt-host-budget-gb {budget_bytes / 2**30:.3f} is less than one version of this "
+                    f"rank's state ({per_slot / 2**30:.3f} GiB); raise it")
+            num_slots = min(num_slots, fit)
+        self.tag = tag
+        self.bytes = per_slot * num_slots
+        self.slots = [HostSlot(os.path.join(SHM_DIR, f"{PREFIX}{tag}-r{rank}-s{i}"), specs) for i in range(num_slots)]
+
+
+def list_segments(tag: str | None = None) -> list[str]:
+    pattern = f"{PREFIX}{tag or ''}*"
+    return sorted(glob.glob(os.path.join(SHM_DIR, pattern)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="List or remove the shared-memory checkpoint pools of jobs.")
+    parser.add_argument("--save", help="only the pool of the job with this --save directory")
+    parser.add_argument("--remove", action="store_true", help="remove them (a running job's pool too: stop it first)")
+    args = parser.parse_args(argv)
+    tag = job_tag(args.save) if args.save else None
+    total = 0
+    for path in list_segments(tag):
+        size = os.path.getsize(path)
+        total += size
+        print(f"{path}\t{size / 2**20:.1f} MiB")
+        if args.remove:
+            os.unlink(path)
+    print(f"{'removed' if args.remove else 'total'}: {total / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

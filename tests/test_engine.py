@@ -1,0 +1,165 @@
+"""The async engine on a synthetic state, in one process: consistency, per-shard fences, pool
+budget and memory, backpressure under a slow disk, failed flushes."""
+
+import os
+import time
+
+import psutil
+import pytest
+import torch
+
+from checkpointing import host_pool
+from checkpointing.engine import CheckpointEngine, Level
+from checkpointing.host_pool import ArraySpec, HostPool
+from checkpointing.items import TensorPiece
+from checkpointing.reader import CheckpointReader
+
+SHARDS = 4
+
+
+class SyntheticState:
+    """Two flat arrays in ``SHARDS`` shards; one piece per array and shard."""
+
+    def __init__(self, shard_numel: int = 1 << 14):
+        n = SHARDS * shard_numel
+        g = torch.Generator().manual_seed(0)
+        self.arrays = {"a": torch.randn(n, generator=g), "b": torch.randn(n, generator=g)}
+        self.shards = [(i * shard_numel, (i + 1) * shard_numel) for i in range(SHARDS)]
+        self.save_pieces = [TensorPiece(name, name, lo, (hi - lo,), (n,), (lo,)) for name in self.arrays for lo, hi in self.shards]
+        self.load_arrays, self.load_pieces = self.arrays, self.save_pieces
+
+    def capture_objects(self, iteration):
+        return {"common": {"iteration": iteration}}
+
+    def optimizer_step(self, engine, on_shard=None):
+        """Update shard by shard behind the engine's fences, as the optimizer does."""
+        for index, (lo, hi) in enumerate(self.shards):
+            engine.fence(index)
+            if on_shard:
+                on_shard(index)
+            for array in self.arrays.values():
+                array[lo:hi].mul_(0.5).add_(1.0)
+
+
+def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=None):
+    specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}
+    pool = HostPool(tag or f"test-{os.getpid()}-{time.monotonic_ns()}", 0, specs, slots, budget)
+    logs = []
+    engine = CheckpointEngine(state, pool, [Level("L2", str(tmp_path / "l2"), interval, None)], group, logs.append)
+    return engine, logs
+
+
+@pytest.fixture(autouse=True)
+def remove_pools():
+    before = set(host_pool.list_segments())
+    yield
+    for path in set(host_pool.list_segments()) - before:
+        os.unlink(path)
+
+
+def test_every_version_is_the_state_after_its_step_despite_slow_copies(tmp_path, single_process_group):
+    state = SyntheticState()
+    engine, _ = make_engine(tmp_path, single_process_group, state)
+    engine.copy_hook = lambda index: time.sleep(0.01)  # slower than the step: fences are hit
+    expected = {}
+    for it in range(1, 7):
+        state.optimizer_step(engine)
+        expected[it] = {k: v.clone() for k, v in state.arrays.items()}
+        engine.request(it)
+    engine.close(drain=True)
+    assert engine.stats.fence_waits > 0, "the slowed copy must have held the optimizer"
+    flushed = [f.version for f in engine.stats.flushes if f.error is None]
+    assert len(flushed) + engine.stats.skipped["L2"] == 6 and 6 in flushed and len(flushed) >= 2
+    for it in flushed:
+        arrays = expected[it]
+        reader = CheckpointReader(str(tmp_path / "l2" / f"iter_{it:07d}"))
+        loaded = {k: torch.empty_like(v) for k, v in arrays.items()}
+        reader.read_pieces(state.save_pieces, loaded)
+        for k in arrays:
+            assert torch.equal(loaded[k], arrays[k]), f"version {it}, array {k}"
+        assert reader.read_object("common") == {"iteration": it}
+
+
+def test_fence_waits_only_for_the_shard_whose_copy_is_late(tmp_path, single_process_group):
+    state = SyntheticState()
+    engine, _ = make_engine(tmp_path, single_process_group, state, interval=10**6)
+    delayed = 2
+    engine.copy_hook = lambda index: time.sleep(0.5) if index == delayed else None
+    state.optimizer_step(engine)
+    before = {k: v.clone() for k, v in state.arrays.items()}
+    engine.request(1)
+    updated_at = {}
+    started = time.perf_counter()
+    state.optimizer_step(engine, on_shard=lambda i: updated_at.setdefault(i, time.perf_counter() - started))
+    stall = engine.stats.stall_by_shard
+    assert stall[0] < 0.05 and stall[1] < 0.05, stall
+    assert stall[delayed] > 0.3, stall
+    assert updated_at[0] < 0.2 and updated_at[1] < 0.2, f"shards before the late one wait for nothing: {updated_at}"
+    assert updated_at[delayed] > 0.3
+    engine.close(drain=True)
+    slot = next(s for s in engine.pool.slots if s.version == 1)
+    for k in before:
+        assert torch.equal(slot.arrays[k], before[k]), "the snapshot is the state before the next step"
+
+
+def test_pool_stays_in_budget_and_memory_does_not_grow_over_200_checkpoints(tmp_path, single_process_group):
+    state = SyntheticState(shard_numel=1 << 19)  # 2 arrays x 8 MiB
+    one_version = host_pool.slot_bytes({k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()})
+    budget = int(2.5 * one_version)
+    engine, _ = make_engine(tmp_path, single_process_group, state, slots=4, interval=50, budget=budget)
+    assert len(engine.pool.slots) == 2 and engine.pool.bytes <= budget
+    process = psutil.Process()
+    rss = {}
+    for it in range(1, 201):
+        state.optimizer_step(engine)
+        engine.request(it)
+        if it in (20, 200):
+            rss[it] = process.memory_info().rss
+    engine.close(drain=True)
+    assert engine.stats.copies == 200
+    assert len(host_pool.list_segments(engine.pool.tag)) == 4  # 2 slots and their descriptions, reused
+    assert rss[200] - rss[20] < 16 * 2**20, f"memory grew by {(rss[200] - rss[20]) / 2**20:.1f} MiB"
+
+
+def test_slow_disk_stalls_only_once_the_pool_is_full(tmp_path, single_process_group):
+    state = SyntheticState()
+    engine, _ = make_engine(tmp_path, single_process_group, state, slots=3, interval=1)
+    engine.flush_hook = lambda level, version: time.sleep(0.4)
+    for it in range(1, 7):
+        state.optimizer_step(engine)
+        engine.request(it)
+        time.sleep(0.01)
+    stall = engine.stats.stall_by_iteration
+    assert stall.get(1, 0) < 0.05 and stall.get(2, 0) < 0.05 and stall.get(3, 0) < 0.05, stall
+    assert engine.stats.backpressure_waits > 0 and sum(stall.values()) > 0.3, stall
+    engine.close(drain=True)
+
+
+def test_failed_flush_is_reported_training_goes_on_and_next_version_is_tried(tmp_path, single_process_group, monkeypatch):
+    state = SyntheticState()
+    engine, logs = make_engine(tmp_path, single_process_group, state, interval=1)
+    monkeypatch.setenv("GPT_CKPT_FAULT", "write:fail")
+    state.optimizer_step(engine)
+    engine.request(1)
+    while not engine.stats.flushes:
+        time.sleep(0.01)
+    monkeypatch.delenv("GPT_CKPT_FAULT")
+    state.optimizer_step(engine)
+    engine.request(2)
+    engine.close(drain=True)
+    first, second = engine.stats.flushes
+    assert first.error and "No space left" in first.error and second.error is None
+    warning = next(line for line in logs if line.startswith("WARNING"))
+    assert "L2 flush of iteration 1" in warning and str(tmp_path / "l2") in warning and "rank 0" in warning
+    assert not (tmp_path / "l2" / "iter_0000001" / ".metadata").exists()
+    assert (tmp_path / "l2" / "iter_0000002" / ".metadata").exists()
+    assert any(s.version == 1 for s in engine.pool.slots), "the failed version stays in L0"
+
+
+def test_host_pool_command_lists_and_removes_a_jobs_segments(tmp_path, capsys):
+    tag = host_pool.job_tag(str(tmp_path))
+    HostPool(tag, 0, {"a": ArraySpec(1000, torch.float32)}, 2, None)
+    assert host_pool.main(["--save", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count(f"gptckpt-{tag}-r0-s") == 2
+    host_pool.main(["--save", str(tmp_path), "--remove"])
+    assert host_pool.list_segments(tag) == []
