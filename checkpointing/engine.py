@@ -138,7 +138,8 @@ class CheckpointEngine:
                 while slot is None:
                     self._lock.wait()
                     slot = self._free_slot_locked()
-            slot.version = version  # what it will hold; described on disk only once copied
+            slot.invalidate()  # its old version is gone from now on, also for a restart after a crash
+            slot.version = version  # what it will hold; described (recoverable) once copied
             for event in self._shard_done:
                 event.clear()
             self._copying = slot
@@ -163,6 +164,13 @@ class CheckpointEngine:
                     slot.pins += 1
                     self._flush_queue.append(_Job(level, version, slot))
             self._lock.notify_all()
+
+    def keep_only(self, slot: HostSlot | None) -> None:
+        """Forget every L0 version but ``slot``'s (after a load: older runs' snapshots are stale)."""
+        with self._lock:
+            for s in self.pool.slots:
+                if s is not slot and s.pins == 0 and s is not self._copying:
+                    s.invalidate()
 
     def fence(self, shard_index: int) -> None:
         """Before the optimizer writes shard ``shard_index``: wait for its copy if not done."""
@@ -201,8 +209,7 @@ class CheckpointEngine:
                     return
                 slot, version, objects = self._copy_queue.popleft()
             started = time.perf_counter()
-            slot.invalidate()
-            faults.reach("copy")
+            faults.reach("copy", version)
             delay = faults.delay("copy")
             for index, (lo, hi) in enumerate(self.state.shards):
                 if self.copy_hook is not None:

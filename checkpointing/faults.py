@@ -1,7 +1,10 @@
-"""Named fault points on the checkpoint path, armed by an environment variable for tests.
+"""Named fault points on the checkpoint and training path, armed by environment variables.
 
-``GPT_CKPT_FAULT=<point>:<action>`` with action ``kill`` (SIGKILL this process)
-or ``fail`` (raise an ``OSError`` as a full disk would). Unset, a point costs a dict lookup.
+``GPT_CKPT_FAULT=<point>:<action>[:<iteration>[:<rank>]]`` with action ``kill`` (SIGKILL this
+process) or ``fail`` (raise an ``OSError`` as a full disk would); the optional iteration and
+rank narrow where it fires. With ``GPT_CKPT_FAULT_ONCE=<path>`` it fires once per job: the file
+is created first and a restarted process that finds it goes on. ``GPT_CKPT_DELAY=<point>:<ms>``
+slows a point down (a slow copy or disk). Unset, a point costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -11,28 +14,38 @@ import os
 import signal
 
 ENV = "GPT_CKPT_FAULT"
+ONCE_ENV = "GPT_CKPT_FAULT_ONCE"
+DELAY_ENV = "GPT_CKPT_DELAY"
 
 
-def reach(point: str) -> None:
+def reach(point: str, iteration: int | None = None) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    name, _, action = spec.partition(":")
+    name, action, *where = spec.split(":")
     if name != point:
         return
+    if where and where[0] and iteration != int(where[0]):
+        return
+    if len(where) > 1 and os.environ.get("RANK", "0") != where[1]:
+        return
+    once = os.environ.get(ONCE_ENV)
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "fail":
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {point})")
+    raise ValueError(f"{ENV}={spec}: action must be kill or fail")
 
 
 def delay(point: str) -> float:
-    """Seconds to sleep at ``point`` (``GPT_CKPT_DELAY=<point>:<milliseconds>``): a slow copy or disk."""
+    """Seconds to sleep at ``point``."""
     spec = os.environ.get(DELAY_ENV)
     if not spec:
         return 0.0
     name, _, ms = spec.partition(":")
     return float(ms) / 1000.0 if name == point else 0.0
-
-
-DELAY_ENV = "GPT_CKPT_DELAY"

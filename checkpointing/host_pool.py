@@ -52,20 +52,36 @@ class HostSlot:
         self.path = path
         self.meta_path = path + ".meta"
         size = slot_bytes(specs)
+        self.version: int | None = None
+        self.objects: dict | None = None
+        self.layout: dict | None = None
+        survived = self._read_description() if os.path.exists(path) and os.path.getsize(path) == size else None
         self.memory = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-        self.memory.fill_(0)  # touch every page once, now, not during the first copy
+        if survived is None:
+            self.invalidate()
+            self.memory.fill_(0)  # touch every page once, now, not during the first copy
+        else:  # a previous run's snapshot (e.g. the trainer was killed): keep it for recovery
+            self.version, self.objects, self.layout = survived["version"], survived["objects"], survived["layout"]
         self.arrays: dict[str, torch.Tensor] = {}
         offset = 0
         for name, spec in specs.items():
             self.arrays[name] = self.memory[offset : offset + spec.nbytes].view(spec.dtype)
             offset += -(-spec.nbytes // ALIGN) * ALIGN
-        self.version: int | None = None
-        self.objects: dict | None = None
         self.pins = 0
         """Flush jobs not finished that read this slot; a pinned slot is never reused."""
 
+    def _read_description(self) -> dict | None:
+        try:
+            with open(self.meta_path, "rb") as f:
+                return pickle.load(f)
+        except FileNotFoundError:
+            return None
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError):
+            return None  # never half-written (atomic rename), so damaged by something else: ignore
+
     def invalidate(self) -> None:
         """Before overwriting: a crash mid-copy must not leave the old description pointing here."""
+        self.version = self.objects = self.layout = None
         try:
             os.unlink(self.meta_path)
         except FileNotFoundError:
@@ -73,7 +89,7 @@ class HostSlot:
 
     def describe(self, version: int, objects: dict, layout: dict) -> None:
         """After the copy: record what the slot holds (the L0 commit)."""
-        self.version, self.objects = version, objects
+        self.version, self.objects, self.layout = version, objects, layout
         atomic_write_bytes(self.meta_path, pickle.dumps({"version": version, "objects": objects, "layout": layout}))
 
 

@@ -20,11 +20,12 @@ TINY = [
 
 
 def run_pretrain(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True,
-                 env: dict[str, str] | None = None, script: Path = PRETRAIN) -> subprocess.CompletedProcess:
+                 env: dict[str, str] | None = None, script: Path = PRETRAIN,
+                 torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run ``torchrun --standalone --nproc-per-node nproc <script> args`` (pretrain_gpt.py by default)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GPT_FORCE_CPU="1", **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(script), *args]
+           *torchrun_args, str(script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -69,6 +69,12 @@ class TrainerCheckpointState:
             "bf16": self.bf16,
         }
 
+    def restore_arrays(self, arrays: dict[str, torch.Tensor]) -> None:
+        """Restore from a same-layout snapshot of ``arrays`` (the host pool, L0); collective over DP."""
+        for name, live in self.arrays.items():
+            live.copy_(arrays[name])
+        self.trainer.optimizer.publish_main_params()
+
     # -- small objects ---------------------------------------------------------------------------
     def capture_objects(self, iteration: int) -> dict[str, Any]:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker

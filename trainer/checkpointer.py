@@ -86,17 +86,57 @@ class Checkpointer:
         return [(level, c) for _, _, level, c in sorted(found, key=lambda t: t[:2])]
 
     def load(self) -> int:
-        """Load the newest valid committed checkpoint; returns its iteration (0: from scratch)."""
+        """Load the newest valid committed checkpoint; returns its iteration (0: from scratch).
+
+        With the engine, a version in host memory (L0) that survived the previous run is taken
+        when it is at least as new as anything on disk; every other L0 version is dropped then.
+        """
+        kept = None
+        try:
+            iteration, kept = self._load()
+        finally:
+            if self.engine is not None:
+                self.engine.keep_only(kept)
+        return iteration
+
+    def _l0_candidate(self):
+        """(version, slot) of the newest snapshot every rank holds in shared memory, or None."""
+        mine = {slot.version: slot for slot in self.engine.pool.slots
+                if slot.version is not None and slot.layout == self.state.layout}
+        shared = set.intersection(*[set(v) for v in _agree(self.group, sorted(mine))])
+        if self.cfg.ckpt_step is not None:
+            shared &= {self.cfg.ckpt_step}
+        if not shared:
+            return None
+        version = max(shared)
+        return version, mine[version]
+
+    def _load_from_l0(self, version: int, slot) -> None:
+        started = time.perf_counter()
+        self.state.restore_arrays(slot.arrays)
+        common = _agree(self.group, slot.objects.get("common"))[0]  # rank 0 captured it
+        objects = {"common": common}
+        if self.cfg.load_rng:
+            objects.update({k: v for k, v in slot.objects.items() if k.startswith("rng_state.")})
+        self.state.restore_objects(objects)
+        self.logger.info(f"> loaded iteration {version} from L0 (shared memory {slot.path}, survived the previous run; "
+                         f"{time.perf_counter() - started:.2f} s)")
+
+    def _load(self):
         cfg = self.cfg
         if not cfg.load:
-            return 0
+            return 0, None
         candidates = self.candidates()
+        l0 = self._l0_candidate() if self.engine is not None else None
+        if l0 is not None and (not candidates or l0[0] >= candidates[0][1].iteration):
+            self._load_from_l0(*l0)
+            return l0[0], l0[1]
         if not candidates:
             if cfg.ckpt_step is not None:
                 raise CheckpointNotFoundError(
                     f"--ckpt-step {cfg.ckpt_step}: no committed checkpoint of that iteration in {cfg.load}")
             self.logger.info(f"> no committed checkpoint in {cfg.load}: training starts from scratch")
-            return 0
+            return 0, None
         wanted_model_keys = set().union(*_agree(self.group, sorted({p.key for p in self.state.load_pieces
                                                                     if not p.key.startswith("optimizer.")})))
         for level, candidate in candidates:
@@ -130,7 +170,7 @@ class Checkpointer:
                     self.logger.info("> checkpoint: saved with another layout; RNG states not loaded")
                 self.logger.info(f"> loaded iteration {candidate.iteration} from {candidate.path} "
                                  f"({read_bytes / 1e6:.1f} MB on the logging rank, {time.perf_counter() - started:.2f} s)")
-                return candidate.iteration
+                return candidate.iteration, None
             message = "; ".join(f"rank {r}: {text}" for r, (_, text) in failures)
             if any(kind == "mismatch" for _, (kind, _) in failures):
                 raise CheckpointMismatchError(message)

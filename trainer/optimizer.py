@@ -200,11 +200,21 @@ class DistributedAdam:
             local = slice(shard.start - self.start, shard.end - self.start)
             self._update(shard, local, grads[local], scale, lr, bias1, bias2_sqrt)
             self.buffers.params[shard.start : shard.end].copy_(self.main_params[local])
+        self._gather_params()
+        return norm
+
+    def _gather_params(self) -> None:
+        """Every DP rank's updated range of the model parameters, to every DP rank."""
         if self.distributed:
             for owner, (a, b) in enumerate(self.ranges):
                 if b > a:
                     dist.broadcast(self.buffers.params[a:b], src=self.dp_global_ranks[owner], group=self.dp_group)
-        return norm
+
+    @torch.no_grad()
+    def publish_main_params(self) -> None:
+        """Model parameters from the main parameters (after they were restored from a snapshot)."""
+        self.buffers.params[self.start : self.end].copy_(self.main_params)
+        self._gather_params()
 
     def _update(self, shard: Shard, local: slice, grad, scale, lr, bias1, bias2_sqrt) -> None:
         cfg = self.config

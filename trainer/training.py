@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from checkpointing import faults
 from models.cpu_compat import apply_cpu_compat
 from models.gpt import build_gpt_model
 from models.param_layout import global_param_specs
@@ -217,6 +218,7 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
                 logger.console_line(it, loss, lr, grad_norm, elapsed, tokens, consumed)
             if checkpointer is not None:
                 checkpointer.after_step(it)
+            faults.reach("iteration", it)  # fault-injection tests kill ranks here
             if trainer.valid_data is not None and it % tcfg.eval_interval == 0:
                 logger.validation(it, trainer.evaluate())
             if stop.requested:

@@ -1,0 +1,53 @@
+"""A snapshot outlives the trainer: after SIGKILL, training resumes from shared memory (L0) when it
+is newer than anything on disk, and replays the uninterrupted run's losses bit for bit."""
+
+import pytest
+
+from checkpointing import host_pool
+from tests.launch import TINY, read_scalars, run_pretrain
+
+ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
+               "--lr", "3e-3", "--log-interval", "5", "--train-iters", "20", "--use-distributed-optimizer",
+               "--async-save", "--save-interval", "1", "--ckpt-persistent-interval", "10"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    base = tmp_path_factory.mktemp("reference")
+    run_pretrain(ARGS[: ARGS.index("--async-save")] + ["--tensorboard-dir", str(base / "tb")], nproc=2)
+    return read_scalars(base / "tb", "lm loss")
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    directory = tmp_path / "ckpt"
+    yield directory
+    host_pool.main(["--save", str(directory), "--remove"])
+
+
+def test_sigkill_of_every_rank_resumes_from_shared_memory(reference, ckpt, tmp_path):
+    common = ARGS + ["--save", str(ckpt), "--load", str(ckpt)]
+    killed = run_pretrain(common, nproc=2, check=False, env={"GPT_CKPT_FAULT": "iteration:kill:14"})
+    assert killed.returncode != 0
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == ["iter_0000010"]
+    proc = run_pretrain(common + ["--tensorboard-dir", str(tmp_path / "tb")], nproc=2)
+    assert "from L0 (shared memory" in proc.stdout, proc.stdout[-2000:]
+    resumed = read_scalars(tmp_path / "tb", "lm loss")
+    first = min(resumed)
+    assert first in (14, 15), f"resumed at {first}: the newest whole snapshot is 13 or 14"
+    for it in resumed:
+        assert resumed[it] == reference[it], it
+
+
+def test_torchrun_restarts_after_one_rank_is_killed(reference, ckpt, tmp_path):
+    proc = run_pretrain(ARGS + ["--save", str(ckpt), "--load", str(ckpt), "--tensorboard-dir", str(tmp_path / "tb")],
+                        nproc=2, torchrun_args=("--max-restarts", "1"),
+                        env={"GPT_CKPT_FAULT": "iteration:kill:12:1", "GPT_CKPT_FAULT_ONCE": str(tmp_path / "fired"),
+                             # torch 2.13 shares the rendezvous store with the workers; a restarted
+                             # attempt then reads stale gloo addresses (pytorch/pytorch#135712)
+                             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert "from L0 (shared memory" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = read_scalars(tmp_path / "tb", "lm loss")
+    for it in resumed:
+        assert resumed[it] == reference[it], it
+    assert max(resumed) == 20
