@@ -26,6 +26,7 @@ from checkpointing.discovery import iteration_dir, list_checkpoints
 from checkpointing.durable import CheckpointWriteError, write_tracker
 from checkpointing.items import TensorPiece
 from checkpointing.metadata import METADATA_NAME, build_metadata, write_metadata
+from checkpointing.trace import NullTracer
 from checkpointing.writer import write_rank_file
 
 
@@ -60,8 +61,12 @@ def save_and_commit(
     layout: dict[str, Any],
     group,
     retain_last: int | None = None,
+    level: str = "sync",
+    tracer=None,
 ) -> SaveResult:
-    """Collectively save one version to ``root`` (every rank of ``group`` calls it)."""
+    """Collectively save one version to ``root`` (every rank of ``group`` calls it).
+
+    ``level`` names the fault points on the way (``L2.write``, ``sync.metadata``, ...)."""
     started = time.perf_counter()
     rank = dist.get_rank(group)
     directory = iteration_dir(root, iteration)
@@ -76,10 +81,12 @@ def save_and_commit(
             error = f"cannot create {directory}: {e.strerror or e}"
     _raise_if_failed(_agree(group, error), f"saving iteration {iteration} to {root}")
 
+    tracer = tracer or NullTracer()
     records: Any
     try:
-        faults.reach("write")
-        records = write_rank_file(directory, dist.get_rank(), arrays, pieces, objects)
+        faults.reach(f"{level}.write", iteration)
+        with tracer.span(f"write {level}", "ckpt", iteration=iteration):
+            records = write_rank_file(directory, dist.get_rank(), arrays, pieces, objects)
     except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
         records = str(e)
     gathered = _agree(group, records)
@@ -88,11 +95,13 @@ def save_and_commit(
     error = None
     if rank == 0:
         try:
+            commit_started = time.perf_counter_ns()
             metadata = build_metadata([r for rs in gathered for r in rs], iteration, layout)
-            faults.reach("metadata")
+            faults.reach(f"{level}.metadata", iteration)
             write_metadata(directory, metadata)
-            faults.reach("tracker")
+            faults.reach(f"{level}.tracker", iteration)
             write_tracker(root, iteration)
+            tracer.complete(f"commit {level}", "ckpt", commit_started, time.perf_counter_ns(), iteration=iteration)
             if retain_last:
                 apply_retention(root, retain_last)
         except (OSError, ValueError) as e:

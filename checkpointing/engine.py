@@ -30,6 +30,7 @@ from checkpointing.commit import save_and_commit
 from checkpointing.durable import CheckpointWriteError
 from checkpointing.host_pool import ArraySpec, HostPool, HostSlot, job_tag
 from checkpointing.items import CheckpointableState
+from checkpointing.trace import NullTracer
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class EngineStats:
     backpressure_waits: int = 0
     copies: int = 0
     copy_seconds: float = 0.0
+    last_copy_seconds: float = 0.0
     flushes: list[FlushRecord] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
 
@@ -79,8 +81,9 @@ class CheckpointEngine:
     """One rank's engine; every rank of the job creates one with the same configuration."""
 
     def __init__(self, state: CheckpointableState, pool: HostPool, levels: list[Level], group,
-                 log: Callable[[str], None] = print, layout: dict | None = None):
+                 log: Callable[[str], None] = print, layout: dict | None = None, tracer=None):
         self.state = state
+        self.tracer = tracer or NullTracer()
         self.pool = pool
         self.levels = levels
         self.group = group
@@ -108,7 +111,8 @@ class CheckpointEngine:
             t.start()
 
     @classmethod
-    def for_config(cls, cfg, state: CheckpointableState, group, log, rank: int, layout: dict) -> "CheckpointEngine":
+    def for_config(cls, cfg, state: CheckpointableState, group, log, rank: int, layout: dict,
+                   tracer=None) -> "CheckpointEngine":
         specs = {name: ArraySpec(a.numel(), a.dtype) for name, a in state.arrays.items()}
         budget = int(cfg.host_budget_gb * 2**30) if cfg.host_budget_gb else None
         pool = HostPool(job_tag(cfg.save), rank, specs, cfg.host_versions, budget)
@@ -118,7 +122,7 @@ class CheckpointEngine:
         levels.append(Level("L2", cfg.save, cfg.l2_interval, cfg.save_retain_last))
         log(f"> async checkpointing: L0 {len(pool.slots)} versions in shared memory ({pool.bytes / 2**30:.2f} GiB "
             f"per rank); " + "; ".join(f"{lv.name} {lv.root} every {lv.interval}" for lv in levels))
-        return cls(state, pool, levels, group, log, layout)
+        return cls(state, pool, levels, group, log, layout, tracer)
 
     # -- the training thread -----------------------------------------------------------------------
     def request(self, version: int, force_flush: bool = False) -> None:
@@ -127,8 +131,8 @@ class CheckpointEngine:
         ``force_flush`` flushes this version to every level whatever the intervals (the end
         of training).
         """
+        started_ns = time.perf_counter_ns()
         started = time.perf_counter()
-        self._iteration = version
         objects = self.state.capture_objects(version)  # small: copied now, on this thread
         with self._lock:
             self._wait_copy_done_locked()  # the previous copy finished (its fences passed already)
@@ -150,7 +154,9 @@ class CheckpointEngine:
                     slot.pins += 1
                     self._flush_queue.append(_Job(level, version, slot))
             self._lock.notify_all()
-        self._add_stall(time.perf_counter() - started)
+        self._add_stall(time.perf_counter() - started, version)
+        self._iteration = version + 1  # fences from now on hold the step of the next iteration
+        self.tracer.complete("checkpoint request", "ckpt", started_ns, time.perf_counter_ns(), iteration=version)
 
     def flush_everywhere(self, version: int) -> None:
         """Queue flushes of the already requested ``version`` to the levels its interval skipped
@@ -177,16 +183,29 @@ class CheckpointEngine:
         event = self._shard_done[shard_index]
         if event.is_set():
             return
+        started_ns = time.perf_counter_ns()
         started = time.perf_counter()
         event.wait()
         waited = time.perf_counter() - started
+        self.tracer.complete(f"fence wait shard {shard_index}", "ckpt", started_ns, time.perf_counter_ns())
         self.stats.fence_waits += 1
         self.stats.stall_by_shard[shard_index] += waited
-        self._add_stall(waited)
+        self._add_stall(waited, self._iteration)
 
-    def _add_stall(self, seconds: float) -> None:
+    def pool_busy(self) -> int:
+        """Slots that cannot take a new version now (being copied or awaiting a flush)."""
+        with self._lock:
+            return sum(1 for s in self.pool.slots if s.pins or s is self._copying)
+
+    def set_iteration(self, iteration: int) -> None:
+        """The training iteration now running: its fence waits are counted as its stall."""
+        self._iteration = iteration
+
+    def _add_stall(self, seconds: float, iteration: int) -> None:
+        """Stall of training iteration ``iteration``: its fence waits, and the wait of the request
+        made after its step."""
         self.stats.stall_seconds += seconds
-        self.stats.stall_by_iteration[self._iteration] = self.stats.stall_by_iteration.get(self._iteration, 0.0) + seconds
+        self.stats.stall_by_iteration[iteration] = self.stats.stall_by_iteration.get(iteration, 0.0) + seconds
 
     def _free_slot_locked(self) -> HostSlot | None:
         """An unpinned slot that is not being copied: never held, else the oldest version."""
@@ -216,13 +235,16 @@ class CheckpointEngine:
                     self.copy_hook(index)
                 if delay:
                     time.sleep(delay)
+                shard_started = time.perf_counter_ns()
                 for name, live in self.state.arrays.items():
                     slot.arrays[name][lo:hi].copy_(live[lo:hi])
                 self._shard_done[index].set()
+                self.tracer.complete(f"copy shard {index}", "ckpt", shard_started, time.perf_counter_ns(), iteration=version)
             slot.describe(version, objects, self.layout)
             with self._lock:
                 self.stats.copies += 1
-                self.stats.copy_seconds += time.perf_counter() - started
+                self.stats.last_copy_seconds = time.perf_counter() - started
+                self.stats.copy_seconds += self.stats.last_copy_seconds
                 self._copying = None
                 self._copy_idle = True
                 self._lock.notify_all()
@@ -265,8 +287,9 @@ class CheckpointEngine:
         if delay:
             time.sleep(delay)
         try:
-            result = save_and_commit(level.root, job.version, slot.arrays, self.state.save_pieces, slot.objects,
-                                     self.layout, self.group, level.retain_last)
+            with self.tracer.span(f"flush {level.name}", "ckpt", iteration=job.version):
+                result = save_and_commit(level.root, job.version, slot.arrays, self.state.save_pieces, slot.objects,
+                                         self.layout, self.group, level.retain_last, level.name, self.tracer)
             self.stats.flushes.append(FlushRecord(level.name, job.version, result.bytes_written, result.seconds))
         except CheckpointWriteError as error:
             self.stats.flushes.append(FlushRecord(level.name, job.version, 0, 0.0, str(error)))
@@ -277,14 +300,16 @@ class CheckpointEngine:
     def _pending_locked(self) -> list[str]:
         return [f"{j.level.name} iteration {j.version}" for j in self._flush_queue]
 
-    def close(self, drain: bool = True) -> None:
-        """Stop the threads. With ``drain``, finish every queued copy and flush first (normal exit,
-        SIGTERM); without, finish only the copy in progress, so L0 holds a whole version (after an
-        error, when peers may be gone and a flush could block in a collective)."""
+    def wait_idle(self, drain: bool = True) -> float:
+        """Wait until the copy (and, with ``drain``, every queued flush) is done, with a progress
+        line every 10 s; returns the seconds waited."""
         started = time.perf_counter()
         with self._lock:
-            if not drain:
-                self._flush_queue.clear()
+            if not drain:  # drop queued flushes; one already running finishes on its own
+                keep = 1 if self._flushing and self._flush_queue else 0
+                for job in list(self._flush_queue)[keep:]:
+                    job.slot.pins -= 1
+                self._flush_queue = collections.deque(list(self._flush_queue)[:keep])
             waiting = self._pending_locked()
             if waiting:
                 self.log(f"> waiting for {len(waiting)} checkpoint flush(es): {', '.join(waiting)} ...")
@@ -294,19 +319,18 @@ class CheckpointEngine:
                 if self._flush_queue and time.perf_counter() - last_line >= 10:
                     last_line = time.perf_counter()
                     self.log(f"  still flushing ({', '.join(self._pending_locked())}), {last_line - started:.0f} s")
+        if waiting and drain:
+            self.log(f"> checkpoint flushes done in {time.perf_counter() - started:.1f} s")
+        return time.perf_counter() - started
+
+    def close(self, drain: bool = True) -> None:
+        """Stop the threads. With ``drain``, finish every queued copy and flush first (normal exit,
+        SIGTERM); without, finish only the copy in progress, so L0 holds a whole version (after an
+        error, when peers may be gone and a flush could block in a collective)."""
+        self.wait_idle(drain)
+        with self._lock:
             self._closed = True
             self._lock.notify_all()
         if drain:
             for t in self._threads:
                 t.join()
-        if waiting:
-            self.log(f"> checkpoint flushes done in {time.perf_counter() - started:.1f} s")
-
-    def summary(self) -> str:
-        s = self.stats
-        by_level = collections.Counter(f.level for f in s.flushes if f.error is None)
-        failed = sum(f.error is not None for f in s.flushes)
-        return (f"checkpoint stall {s.stall_seconds * 1000:.1f} ms in all ({s.fence_waits} fence waits, "
-                f"{s.backpressure_waits} waits for a free slot); {s.copies} snapshots; flushed "
-                + ", ".join(f"{k} {v}" for k, v in sorted(by_level.items()))
-                + f"; skipped (superseded) {dict(s.skipped)}; failed {failed}")

@@ -1,7 +1,8 @@
 """Named fault points on the checkpoint and training path, armed by environment variables.
 
 ``GPT_CKPT_FAULT=<point>:<action>[:<iteration>[:<rank>]]`` with action ``kill`` (SIGKILL this
-process) or ``fail`` (raise an ``OSError`` as a full disk would); the optional iteration and
+process), ``fail`` (an ``OSError`` as a full disk raises) or ``readonly`` (as a read-only
+directory does, which root cannot otherwise be shown); the optional iteration and
 rank narrow where it fires. With ``GPT_CKPT_FAULT_ONCE=<path>`` it fires once per job: the file
 is created first and a restarted process that finds it goes on. ``GPT_CKPT_DELAY=<point>:<ms>``
 slows a point down (a slow copy or disk). Unset, a point costs one environment lookup.
@@ -39,7 +40,9 @@ def reach(point: str, iteration: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "fail":
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {point})")
-    raise ValueError(f"{ENV}={spec}: action must be kill or fail")
+    if action == "readonly":
+        raise OSError(errno.EROFS, f"Read-only file system (injected at {point})")
+    raise ValueError(f"{ENV}={spec}: action must be kill, fail or readonly")
 
 
 def delay(point: str) -> float:

@@ -115,6 +115,15 @@ def list_segments(tag: str | None = None) -> list[str]:
     return sorted(glob.glob(os.path.join(SHM_DIR, pattern)))
 
 
+def remove_segments(save_dir: str) -> int:
+    """Remove the pool of the job whose ``--save`` is ``save_dir``; returns the bytes freed."""
+    freed = 0
+    for path in list_segments(job_tag(save_dir)):
+        freed += os.path.getsize(path)
+        os.unlink(path)
+    return freed
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="List or remove the shared-memory checkpoint pools of jobs.")
     parser.add_argument("--save", help="only the pool of the job with this --save directory")

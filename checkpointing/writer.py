@@ -7,7 +7,6 @@ serialised on its own; its xxh3-64 checksum is taken over exactly those bytes.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -52,10 +51,29 @@ def standalone(view: torch.Tensor) -> torch.Tensor:
     return raw.view(view.dtype).view(view.shape)
 
 
-def _serialise(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getbuffer()
+class _ChunkSink:
+    """A file-like ``torch.save`` streams one chunk into: bytes go straight to the file and into
+    the checksum, with no in-memory copy of the blob."""
+
+    def __init__(self, file):
+        self.file = file
+        self.hash = xxhash.xxh3_64()
+        self.length = 0
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.length += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _write_chunk(file, value: Any) -> tuple[int, int]:
+    """Serialise ``value`` into ``file``; returns (length, xxh3-64 of exactly those bytes)."""
+    sink = _ChunkSink(file)
+    torch.save(value, sink)
+    return sink.length, sink.hash.intdigest()
 
 
 def write_rank_file(
@@ -64,12 +82,10 @@ def write_rank_file(
     arrays: dict[str, torch.Tensor],
     pieces: list[TensorPiece],
     objects: dict[str, Any],
-    fault=None,
 ) -> list[ChunkRecord]:
     """Write this rank's writer pieces and objects to ``directory`` and fsync file and directory.
 
     ``arrays`` are host (CPU) arrays. Raises :class:`CheckpointWriteError` naming the file.
-    ``fault``, a test hook, is called with the open file object after each chunk.
     """
     name = data_file_name(rank)
     path = os.path.join(directory, name)
@@ -80,22 +96,19 @@ def write_rank_file(
             for piece in pieces:
                 if not piece.is_writer:
                     continue
-                blob = _serialise(standalone(piece.view(arrays)))
-                f.write(blob)
+                length, checksum = _write_chunk(f, standalone(piece.view(arrays)))
                 records.append(ChunkRecord(piece.key, piece.global_offset, piece.shape, piece.global_shape,
-                                           arrays[piece.array].dtype, name, offset, len(blob),
-                                           xxhash.xxh3_64_intdigest(blob), rank))
-                offset += len(blob)
-                if fault is not None:
-                    fault(f)
+                                           arrays[piece.array].dtype, name, offset, length, checksum, rank))
+                offset += length
             for key, value in objects.items():
-                blob = _serialise(value)
-                f.write(blob)
-                records.append(ChunkRecord(key, None, None, None, None, name, offset, len(blob),
-                                           xxhash.xxh3_64_intdigest(blob), rank))
-                offset += len(blob)
+                length, checksum = _write_chunk(f, value)
+                records.append(ChunkRecord(key, None, None, None, None, name, offset, length, checksum, rank))
+                offset += length
             f.flush()
             os.fsync(f.fileno())
+            # The bytes are durable: drop them from the page cache, so checkpointing does not
+            # fill memory (and make the kernel reclaim it beside training) with data not read.
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         fsync_directory(directory)
     except OSError as error:
         raise CheckpointWriteError(error.errno, f"rank {rank} could not write {path}: {error.strerror or error}") from error

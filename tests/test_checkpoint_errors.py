@@ -105,7 +105,7 @@ def test_unwritable_save_dir_fails_at_startup(tmp_path):
 @pytest.mark.parametrize("point", ["write", "metadata"])
 def test_failed_save_commits_nothing_and_keeps_the_previous(ckpt, point):
     proc = run_pretrain(ARGS + ["--train-iters", "20", "--load", str(ckpt), "--save", str(ckpt), "--save-interval", "20"],
-                        check=False, env={"GPT_CKPT_FAULT": f"{point}:fail"})
+                        check=False, env={"GPT_CKPT_FAULT": f"sync.{point}:fail"})
     assert proc.returncode != 0 and "nothing was committed" in proc.stderr and "No space left" in proc.stderr
     state = {c.iteration: c.committed for c in list_checkpoints(str(ckpt))}
     assert state == {10: True, 15: True, 20: False}

@@ -138,7 +138,7 @@ def test_slow_disk_stalls_only_once_the_pool_is_full(tmp_path, single_process_gr
 def test_failed_flush_is_reported_training_goes_on_and_next_version_is_tried(tmp_path, single_process_group, monkeypatch):
     state = SyntheticState()
     engine, logs = make_engine(tmp_path, single_process_group, state, interval=1)
-    monkeypatch.setenv("GPT_CKPT_FAULT", "write:fail")
+    monkeypatch.setenv("GPT_CKPT_FAULT", "L2.write:fail")
     state.optimizer_step(engine)
     engine.request(1)
     while not engine.stats.flushes:

@@ -22,7 +22,7 @@ def reference(tmp_path_factory):
 def ckpt(tmp_path):
     directory = tmp_path / "ckpt"
     yield directory
-    host_pool.main(["--save", str(directory), "--remove"])
+    host_pool.remove_segments(str(directory))
 
 
 def test_sigkill_of_every_rank_resumes_from_shared_memory(reference, ckpt, tmp_path):

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg = p.add_argument_group("logging and evaluation")
     lg.add_argument("--log-interval", type=int, default=100)
     lg.add_argument("--tensorboard-dir")
+    lg.add_argument("--trace-dir", help="write a Chrome trace (Perfetto) per rank of training and checkpoint phases")
     lg.add_argument("--eval-interval", type=int)
     lg.add_argument("--eval-iters", type=int, default=10)
 
@@ -221,6 +222,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             eval_interval=args.eval_interval,
             eval_iters=args.eval_iters,
             tensorboard_dir=args.tensorboard_dir,
+            trace_dir=args.trace_dir,
             seed=args.seed,
             bf16=args.bf16,
             transformer_impl=args.transformer_impl,

@@ -54,8 +54,11 @@ def _agree(group, value):
 class Checkpointer:
     """Owns this rank's checkpointing for one run."""
 
-    def __init__(self, cfg: CheckpointConfig, trainer, logger):
+    def __init__(self, cfg: CheckpointConfig, trainer, logger, tracer=None, telemetry: bool = False):
+        """``telemetry``: report the engine's counters to TensorBoard each iteration (every rank
+        must pass the same value: it is a collective)."""
         self.cfg = cfg
+        self.tracer = tracer
         self.trainer = trainer
         self.logger = logger
         self.state = TrainerCheckpointState(trainer, load_optimizer=cfg.load_optim, load_rng=cfg.load_rng)
@@ -68,8 +71,13 @@ class Checkpointer:
             from checkpointing.engine import CheckpointEngine
 
             self.engine = CheckpointEngine.for_config(cfg, self.state, self.group, logger.info,
-                                                      trainer.groups.rank, self.state.layout)
+                                                      trainer.groups.rank, self.state.layout, tracer)
             trainer.optimizer.before_shard_update.append(lambda shard: self.engine.fence(shard.index))
+        self.telemetry = None
+        if self.engine is not None and telemetry:
+            from trainer.checkpoint_telemetry import CheckpointTelemetry
+
+            self.telemetry = CheckpointTelemetry(self.engine, logger.writer)
 
     # -- load ---------------------------------------------------------------------------------------
     def candidates(self) -> list[tuple[str, StoredCheckpoint]]:
@@ -185,9 +193,12 @@ class Checkpointer:
     def after_step(self, iteration: int) -> None:
         """Called after the optimizer step of ``iteration``."""
         cfg = self.cfg
-        if not cfg.save or not cfg.save_interval or iteration % cfg.save_interval:
-            return
-        self.save(iteration)
+        if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
+            self.save(iteration)
+        if self.engine is not None:
+            self.engine.set_iteration(iteration + 1)
+        if self.telemetry is not None:
+            self.telemetry.after_step(iteration)
 
     def save(self, iteration: int) -> None:
         if self.engine is not None:
@@ -206,15 +217,16 @@ class Checkpointer:
         self.logger.info(f"  successfully saved checkpoint at iteration {iteration:7d} to {self.cfg.save} "
                          f"[ {result.seconds * 1000:.0f} ms, {result.bytes_written / 1e6:.1f} MB on the logging rank ]")
 
-    def finish(self, iteration: int) -> None:
-        """Save the final state to ``--save`` (unless just saved there); drain the engine's levels."""
+    def finish(self, iteration: int, train_seconds: float = 0.0) -> None:
+        """Save the final state to ``--save`` (unless just saved there); drain the engine's levels;
+        print the end-of-run summary."""
         if self.engine is not None:
             if self.last_saved == iteration:
                 self.engine.flush_everywhere(iteration)
             else:
                 self.engine.request(iteration, force_flush=True)
             self.engine.close(drain=True)
-            self.logger.info(f"> {self.engine.summary()}")
+            self._summary(train_seconds)
         elif self.cfg.save and self.last_saved != iteration:
             self.save(iteration)
 
@@ -222,3 +234,38 @@ class Checkpointer:
         """After an error in training: stop background work without draining (L0 keeps its data)."""
         if self.engine is not None:
             self.engine.close(drain=False)
+
+    def _summary(self, train_seconds: float) -> None:
+        """Total stall (worst rank) and its share of training, flushes per level, bytes, slowest level."""
+        import json
+
+        stats = self.engine.stats
+        mine = {"rank": self.trainer.groups.rank, "stall_seconds": stats.stall_seconds,
+                "stall_by_iteration": {str(k): v for k, v in sorted(stats.stall_by_iteration.items())},
+                "fence_waits": stats.fence_waits, "snapshots": stats.copies,
+                "flushes": [vars(f) for f in stats.flushes], "skipped": dict(stats.skipped)}
+        if self.tracer is not None and self.trainer.job.training.trace_dir:
+            with open(os.path.join(self.trainer.job.training.trace_dir, f"checkpoint-stats-rank{mine['rank']}.json"), "w") as f:
+                json.dump(mine, f)
+        everyone = _agree(self.group, mine)
+        worst = max(everyone, key=lambda m: m["stall_seconds"])
+        share = 100 * worst["stall_seconds"] / train_seconds if train_seconds else 0.0
+        lines = [f"> checkpointing summary: stall {worst['stall_seconds'] * 1000:.1f} ms in all on the worst rank "
+                 f"({worst['rank']}), {share:.2f}% of {train_seconds:.1f} s of training; "
+                 f"{sum(m['fence_waits'] for m in everyone)} fence waits; {stats.copies} snapshots (L0)"]
+        slowest = None
+        for level in [lv.name for lv in self.engine.levels]:
+            done = [f for m in everyone for f in m["flushes"] if f["level"] == level and f["error"] is None]
+            failed = sum(1 for m in everyone for f in m["flushes"] if f["level"] == level and f["error"])
+            versions = len({f["version"] for f in done})
+            nbytes = sum(f["bytes"] for f in done)
+            seconds = max((f["seconds"] for f in done), default=0.0)
+            rate = nbytes / max(sum(f["seconds"] for f in done), 1e-9) / 1e9 * len(everyone) if done else 0.0
+            lines.append(f"  {level}: {versions} checkpoints, {nbytes / 1e9:.3f} GB written, slowest flush {seconds:.2f} s, "
+                         f"~{rate:.2f} GB/s, {stats.skipped.get(level, 0)} superseded, {failed} failed (rank-flushes)")
+            if done and (slowest is None or rate < slowest[1]):
+                slowest = (level, rate)
+        if slowest:
+            lines.append(f"  slowest level: {slowest[0]} (~{slowest[1]:.2f} GB/s)")
+        for line in lines:
+            self.logger.info(line)

@@ -28,6 +28,8 @@ class TrainingConfig:
     """Global batches per evaluation (``--eval-iters``)."""
     tensorboard_dir: str | None = None
     """Where TensorBoard event files go (``--tensorboard-dir``)."""
+    trace_dir: str | None = None
+    """A Chrome trace (Perfetto) per rank of training and checkpoint phases goes here (``--trace-dir``)."""
     seed: int = 1234
     """Seeds weights, dropout and the data order (``--seed``)."""
     bf16: bool = False

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from checkpointing import faults
+from checkpointing.trace import Tracer
 from models.cpu_compat import apply_cpu_compat
 from models.gpt import build_gpt_model
 from models.param_layout import global_param_specs
@@ -193,8 +194,12 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
     try:
         trainer = Trainer(job, device_ctx, groups)
         logger.info(describe_job(job, trainer))
+        tracer = Tracer(groups.rank) if tcfg.trace_dir else None
+        if tracer is not None:
+            os.makedirs(tcfg.trace_dir, exist_ok=True)
+            trainer.phase = tracer.phase_hook()
         if job.checkpoint.save or job.checkpoint.load:
-            checkpointer = Checkpointer(job.checkpoint, trainer, logger)
+            checkpointer = Checkpointer(job.checkpoint, trainer, logger, tracer, telemetry=bool(tcfg.tensorboard_dir))
             trainer.iteration = checkpointer.load()
         tokens = job.data.global_batch_size * job.model.seq_length
         stop = StopSignal.install()
@@ -202,7 +207,8 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
         while trainer.iteration < tcfg.train_iters:
             device_ctx.synchronize()
             started = time.perf_counter()
-            loss, lr, grad_norm = trainer.train_step()
+            with trainer.phase("iteration"):
+                loss, lr, grad_norm = trainer.train_step()
             device_ctx.synchronize()
             elapsed = time.perf_counter() - started
             it = trainer.iteration
@@ -217,7 +223,8 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
             if it % tcfg.log_interval == 0 or it == tcfg.train_iters:
                 logger.console_line(it, loss, lr, grad_norm, elapsed, tokens, consumed)
             if checkpointer is not None:
-                checkpointer.after_step(it)
+                with trainer.phase("checkpoint"):
+                    checkpointer.after_step(it)
             faults.reach("iteration", it)  # fault-injection tests kill ranks here
             if trainer.valid_data is not None and it % tcfg.eval_interval == 0:
                 logger.validation(it, trainer.evaluate())
@@ -228,8 +235,11 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
                 logger.info(f"> exiting at iteration {it} (--exit-interval {tcfg.exit_interval})")
                 break
         if checkpointer is not None:
-            checkpointer.finish(trainer.iteration)
+            checkpointer.finish(trainer.iteration, sum(result.iteration_times))
             checkpointer = None
+        if tracer is not None:
+            tracer.write(os.path.join(tcfg.trace_dir, f"rank{groups.rank}.json"))
+            logger.info(f"> trace of every rank in {tcfg.trace_dir}/rank*.json (open in https://ui.perfetto.dev)")
         logger.info(f"> training done: {trainer.iteration} iterations")
     finally:
         if checkpointer is not None:  # an error: stop the engine's workers, keep what is in L0

@@ -1,0 +1,101 @@
+"""Every checkpoint of a job on every level, with its state: what ``rollback.sh --list`` shows.
+
+States: ``committed`` (metadata present, every data file whole; with ``verify`` every checksum
+matches too), ``partial`` (no committed metadata: an interrupted save), ``corrupt`` (committed
+but a file is missing, short, or a checksum differs). L0 versions are ``in memory``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+
+import xxhash
+
+from checkpointing import host_pool
+from checkpointing.discovery import list_checkpoints
+from checkpointing.durable import read_tracker
+from checkpointing.errors import CheckpointCorruptError
+from checkpointing.metadata import read_metadata
+
+
+@dataclass(frozen=True)
+class Entry:
+    level: str
+    iteration: int
+    state: str
+    size_bytes: int
+    path: str
+    detail: str = ""
+
+
+def check_directory(path: str, verify: bool) -> tuple[str, str]:
+    """(state, detail) of one ``iter_N`` directory."""
+    try:
+        metadata = read_metadata(path)
+    except FileNotFoundError:
+        return "partial", "no committed metadata (interrupted save)"
+    except CheckpointCorruptError as error:
+        return "corrupt", str(error)
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            return "corrupt", f"missing {name}"
+        if os.path.getsize(file) < end:
+            return "corrupt", f"{name} truncated ({os.path.getsize(file)} of {end} bytes)"
+    if verify:
+        checksums = metadata.gpt_ckpt["checksums"]
+        for info in sorted(metadata.storage_data.values(), key=lambda i: (i.relative_path, i.offset)):
+            with open(os.path.join(path, info.relative_path), "rb") as f:
+                f.seek(info.offset)
+                if xxhash.xxh3_64_intdigest(f.read(info.length)) != checksums.get((info.relative_path, info.offset)):
+                    return "corrupt", f"checksum mismatch in {info.relative_path} at offset {info.offset}"
+    return "committed", ""
+
+
+def level_entries(level: str, root: str | None, verify: bool = False) -> list[Entry]:
+    if not root:
+        return []
+    entries = []
+    for c in list_checkpoints(root):
+        state, detail = check_directory(c.path, verify)
+        entries.append(Entry(level, c.iteration, state, c.size_bytes(), c.path, detail))
+    return entries
+
+
+def l0_entries(save_dir: str) -> list[Entry]:
+    """Versions held in the job's shared-memory pool (all ranks' slots, by version)."""
+    by_version: dict[int, list[str]] = {}
+    sizes: dict[int, int] = {}
+    for path in host_pool.list_segments(host_pool.job_tag(save_dir)):
+        if not path.endswith(".meta"):
+            continue
+        try:
+            with open(path, "rb") as f:
+                version = pickle.load(f)["version"]
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError):
+            continue
+        data = path[: -len(".meta")]
+        by_version.setdefault(version, []).append(data)
+        sizes[version] = sizes.get(version, 0) + (os.path.getsize(data) if os.path.exists(data) else 0)
+    return [Entry("L0", v, "in memory", sizes[v], ", ".join(sorted(paths)), f"{len(paths)} rank slot(s)")
+            for v, paths in sorted(by_version.items())]
+
+
+def all_entries(save_dir: str, local_dir: str | None, verify: bool = False) -> list[Entry]:
+    return l0_entries(save_dir) + level_entries("L1", local_dir, verify) + level_entries("L2", save_dir, verify)
+
+
+def format_table(entries: list[Entry], save_dir: str, local_dir: str | None) -> str:
+    lines = [f"{'level':<6}{'iteration':>10}  {'state':<10}{'size':>12}  path / detail"]
+    for e in sorted(entries, key=lambda e: (e.level, e.iteration)):
+        detail = f"  ({e.detail})" if e.detail else ""
+        lines.append(f"{e.level:<6}{e.iteration:>10}  {e.state:<10}{e.size_bytes / 2**20:>9.1f} MiB  {e.path}{detail}")
+    for level, root in (("L1", local_dir), ("L2", save_dir)):
+        if root:
+            lines.append(f"{level} tracker ({root}): {read_tracker(root) if os.path.isdir(root) else None}")
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Roll a job back to a past step on every level, keeping everything later aside.
+
+``python -m checkpointing.rollback STEP --save DIR [--local-dir DIR] [--dry-run] [--branch NAME]``
+(``scripts/rollback.sh`` wraps it):
+
+- every checkpoint directory after STEP, committed or not, is moved into
+  ``<level>/branches/<NAME>/`` (NAME defaults to ``rollback-<time>-from-<old latest>``): nothing is
+  deleted, and the abandoned branch can be moved back by hand;
+- each level's tracker names STEP if the level holds a committed STEP, else its newest committed
+  checkpoint before STEP (or is removed when there is none);
+- L0 versions after STEP (shared memory) have their description set aside, so a restart does not
+  resume from them;
+- a STEP with no committed checkpoint on any level is refused, naming the nearest ones.
+
+``--list`` prints every checkpoint on every level with its state and size instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from checkpointing.discovery import list_checkpoints
+from checkpointing.durable import TRACKER_NAME, fsync_directory, read_tracker, write_tracker
+from checkpointing.inventory import all_entries, check_directory, format_table, l0_entries
+
+
+class RollbackRefused(ValueError):
+    """STEP cannot be rolled back to; the message lists what exists."""
+
+
+def plan(step: int, save_dir: str, local_dir: str | None, branch: str) -> list[tuple[str, str]]:
+    """(description, action) pairs; nothing is changed here."""
+    levels = [("L1", local_dir), ("L2", save_dir)] if local_dir else [("L2", save_dir)]
+    held = {}
+    for level, root in levels:
+        committed = [c for c in list_checkpoints(root) if c.committed and check_directory(c.path, False)[0] == "committed"]
+        held[level] = committed
+    l0_versions = [e.iteration for e in l0_entries(save_dir)]
+    everywhere = sorted({c.iteration for cs in held.values() for c in cs} | set(l0_versions))
+    if not any(c.iteration == step for cs in held.values() for c in cs) and step not in l0_versions:
+        below = [i for i in everywhere if i < step][-2:]
+        above = [i for i in everywhere if i > step][:2]
+        raise RollbackRefused(
+            f"no committed checkpoint of iteration {step} on any level ({', '.join(r for _, r in levels if r)}); "
+            f"nearest: {below + above if below + above else 'none at all'}")
+    if step not in [c.iteration for cs in held.values() for c in cs]:
+        raise RollbackRefused(f"iteration {step} is only in host memory (L0), which a rollback cannot keep as "
+                              f"the latest across restarts; roll back to one on disk: {[i for i in everywhere if i != step][-4:]}")
+    actions = []
+    for level, root in levels:
+        later = [c for c in list_checkpoints(root) if c.iteration > step]
+        target = os.path.join(root, "branches", branch)
+        for c in later:
+            actions.append((f"{level}: move {c.path} -> {os.path.join(target, os.path.basename(c.path))}",
+                            ("move", c.path, target)))
+        kept = [c.iteration for c in held[level] if c.iteration <= step]
+        if kept:
+            actions.append((f"{level}: tracker {read_tracker(root)} -> {kept[-1]}", ("tracker", root, kept[-1])))
+        elif os.path.exists(os.path.join(root, TRACKER_NAME)):
+            actions.append((f"{level}: no committed checkpoint at or before {step}: tracker removed "
+                            f"(moved to {target})", ("tracker-aside", root, target)))
+    for entry in l0_entries(save_dir):
+        if entry.iteration > step:
+            for data in entry.path.split(", "):
+                actions.append((f"L0: version {entry.iteration} set aside ({data}.meta -> .meta.{branch})",
+                                ("l0", data + ".meta", f"{data}.meta.{branch}")))
+    return actions
+
+
+def apply(actions: list[tuple[str, tuple]]) -> None:
+    for _, action in actions:
+        kind = action[0]
+        if kind == "move":
+            _, path, target = action
+            os.makedirs(target, exist_ok=True)
+            os.rename(path, os.path.join(target, os.path.basename(path)))
+            fsync_directory(os.path.dirname(path))
+        elif kind == "tracker":
+            write_tracker(action[1], action[2])
+        elif kind == "tracker-aside":
+            os.makedirs(action[2], exist_ok=True)
+            os.rename(os.path.join(action[1], TRACKER_NAME), os.path.join(action[2], TRACKER_NAME))
+        elif kind == "l0":
+            os.rename(action[1], action[2])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="rollback.sh", description="Roll a training job back to a past step.")
+    parser.add_argument("step", nargs="?", type=int, help="the iteration to make the latest")
+    parser.add_argument("--save", default="ckpts", help="the job's --save directory (L2; default: ckpts)")
+    parser.add_argument("--local-dir", help="the job's --ckpt-local-dir (L1), if it had one")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
+    parser.add_argument("--branch", help="name of the folder later checkpoints are moved into")
+    parser.add_argument("--list", action="store_true", help="list every checkpoint on every level instead")
+    parser.add_argument("--verify", action="store_true", help="with --list: also verify every checksum (reads all data)")
+    args = parser.parse_args(argv)
+    if args.list:
+        print(format_table(all_entries(args.save, args.local_dir, args.verify), args.save, args.local_dir))
+        return 0
+    if args.step is None:
+        parser.error("give STEP, or --list")
+    latest = read_tracker(args.save) if os.path.isdir(args.save) else None
+    branch = args.branch or f"rollback-{time.strftime('%Y%m%d-%H%M%S')}-from-{latest}"
+    try:
+        actions = plan(args.step, args.save, args.local_dir, branch)
+    except RollbackRefused as error:
+        print(f"rollback.sh: refused: {error}", file=sys.stderr)
+        return 2
+    prefix = "would " if args.dry_run else ""
+    for description, _ in actions:
+        print(f"{prefix}{description}")
+    if not args.dry_run:
+        apply(actions)
+        print(f"rolled back to iteration {args.step}; later checkpoints are in branches/{branch}/. "
+              f"Resume with --load {args.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""A per-rank timeline of training and checkpoint phases in Chrome trace format (Perfetto).
+
+Spans are complete events (``"ph": "X"``) on one clock (``time.perf_counter_ns``), tagged with
+the thread that ran them, so the copy and flush threads show as their own tracks beside the
+training thread. Memory is bounded: the newest ``max_events`` spans are kept.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import threading
+import time
+
+
+class Tracer:
+    """Records spans; ``write(path)`` saves them as Chrome trace JSON."""
+
+    def __init__(self, rank: int, max_events: int = 200_000):
+        self.rank = rank
+        self.events: collections.deque = collections.deque(maxlen=max_events)
+        self._thread_names: dict[int, str] = {}
+
+    @contextlib.contextmanager
+    def span(self, name: str, category: str, **args):
+        start = time.perf_counter_ns()
+        try:
+            yield
+        finally:
+            self.complete(name, category, start, time.perf_counter_ns(), **args)
+
+    def complete(self, name: str, category: str, start_ns: int, end_ns: int, **args) -> None:
+        tid = threading.get_native_id()
+        if tid not in self._thread_names:
+            self._thread_names[tid] = threading.current_thread().name
+        event = {"name": name, "cat": category, "ph": "X", "ts": start_ns / 1000, "dur": (end_ns - start_ns) / 1000,
+                 "pid": self.rank, "tid": tid}
+        if args:
+            event["args"] = args
+        self.events.append(event)
+
+    def phase_hook(self, category: str = "train"):
+        """A ``phase(name)`` context-manager factory for the training loop and pipeline schedule."""
+        return lambda name: self.span(name, category)
+
+    def write(self, path: str) -> None:
+        meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "args": {"name": f"rank {self.rank}"}}]
+        meta += [{"name": "thread_name", "ph": "M", "pid": self.rank, "tid": tid, "args": {"name": name}}
+                 for tid, name in self._thread_names.items()]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"traceEvents": meta + list(self.events), "displayTimeUnit": "ms"}, f)
+
+
+class NullTracer:
+    """Records nothing (no ``--trace-dir``): spans cost one call."""
+
+    @contextlib.contextmanager
+    def span(self, name: str, category: str, **args):
+        yield
+
+    def complete(self, *args, **kwargs) -> None:
+        pass

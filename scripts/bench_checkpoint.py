@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""What checkpointing costs training on this machine, measured as ratios within one run.
+
+1 process, a GPT whose checkpointed training state (fp32 main weights and both Adam moments) is
+about 1 GB. Two parts:
+
+- ``format``: one synchronous save (``checkpointing.commit``) and one load (resharding reader,
+  checksums verified) next to the machine's raw write+fsync and cold read of the same bytes.
+- ``overhead``: interleaved rounds of K iterations per method, checkpointing every iteration:
+  none; this engine with L0 every iteration + L1 every 10th; this engine every iteration to
+  disk (L2); torch.save + fsync; DCP save; DCP async_save with a thread and with a process.
+  Overhead = median iteration time / median without checkpointing - 1; blocked = time the
+  training thread spent in checkpoint calls and fences, per checkpoint.
+
+    python scripts/bench_checkpoint.py [--part format|overhead|all] [--rounds 2] [--iters 6] [--methods ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODEL = ("--num-layers 6 --hidden-size 1024 --num-attention-heads 16 --seq-length 128 --max-position-embeddings 128 "
+         "--vocab-size 8192 --mock-data --micro-batch-size 1 --global-batch-size 2 --train-iters 100000 --lr 1e-4 "
+         "--hidden-dropout 0 --attention-dropout 0 --optimizer-shard-size-mb 64").split()
+
+
+def build_trainer():
+    import torch
+
+    from models.cpu_compat import apply_cpu_compat
+    from trainer.arguments import parse_job_config
+    from trainer.device import select_device
+    from trainer.training import Trainer, init_distributed
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    job = parse_job_config(MODEL, world_size=1)
+    device = select_device()
+    apply_cpu_compat()
+    init_distributed(device)
+    groups = job.parallel.initialize()
+    return Trainer(job, device, groups)
+
+
+def state_bytes(trainer) -> int:
+    opt = trainer.optimizer
+    return sum(t.numel() * 4 for t in (opt.main_params, opt.exp_avg, opt.exp_avg_sq))
+
+
+def raw_bandwidth(directory: str, nbytes: int) -> tuple[float, float]:
+    """(write+fsync GB/s, cold read GB/s) of one file of ``nbytes``, 64 MiB writes."""
+    import numpy as np
+
+    block = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
+    path = os.path.join(directory, "raw.bin")
+    started = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(nbytes // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    write = nbytes / (time.perf_counter() - started) / 1e9
+    started = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(64 << 20):
+            pass
+    read = nbytes / (time.perf_counter() - started) / 1e9
+    os.unlink(path)
+    return write, read
+
+
+def drop_cache(directory: str) -> None:
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def part_format(trainer, workdir: str) -> None:
+    import torch.distributed as dist
+
+    from checkpointing.commit import save_and_commit
+    from checkpointing.discovery import iteration_dir
+    from checkpointing.reader import CheckpointReader
+    from trainer.checkpoint_state import TrainerCheckpointState
+
+    state = TrainerCheckpointState(trainer)
+    group = dist.new_group(backend="gloo")
+    nbytes = state_bytes(trainer)
+    write_bw, read_bw = raw_bandwidth(workdir, nbytes)
+    root = os.path.join(workdir, "format")
+    result = save_and_commit(root, 1, state.arrays, state.save_pieces, state.capture_objects(1), state.layout, group)
+    directory = iteration_dir(root, 1)
+    drop_cache(directory)
+    started = time.perf_counter()
+    CheckpointReader(directory).read_pieces(state.load_pieces, state.load_arrays)
+    load_s = time.perf_counter() - started
+    print(f"\n## Format: {nbytes / 1e9:.2f} GB of training state, 1 process\n")
+    print("| what | seconds | GB/s | ratio to raw |\n|---|---|---|---|")
+    print(f"| raw write + fsync of {nbytes / 1e9:.2f} GB | {nbytes / 1e9 / write_bw:.2f} | {write_bw:.2f} | 1.00 |")
+    print(f"| our save (serialise, checksum, write, fsync, commit) | {result.seconds:.2f} | {nbytes / 1e9 / result.seconds:.2f} | "
+          f"{(nbytes / 1e9 / result.seconds) / write_bw:.2f} |")
+    print(f"| raw cold read | {nbytes / 1e9 / read_bw:.2f} | {read_bw:.2f} | 1.00 |")
+    print(f"| our load (cold, checksums verified, resharding reader) | {load_s:.2f} | {nbytes / 1e9 / load_s:.2f} | "
+          f"{(nbytes / 1e9 / load_s) / read_bw:.2f} |")
+    shutil.rmtree(root)
+
+
+class Method:
+    """One way of checkpointing every iteration; ``checkpoint(it)`` runs after the step."""
+
+    name = "none"
+
+    def __init__(self, trainer, workdir):
+        self.trainer, self.workdir = trainer, workdir
+        self.blocked: list[float] = []
+
+    def start(self):
+        pass
+
+    def checkpoint(self, iteration: int) -> None:
+        pass
+
+    def stop(self):
+        pass
+
+
+class EngineMethod(Method):
+    def __init__(self, trainer, workdir, name, l1_interval, l2_interval, slots):
+        super().__init__(trainer, workdir)
+        import torch.distributed as dist
+
+        from checkpointing.engine import CheckpointEngine, Level
+        from checkpointing.host_pool import ArraySpec, HostPool
+        from trainer.checkpoint_state import TrainerCheckpointState
+
+        self.name = name
+        state = TrainerCheckpointState(trainer)
+        specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}
+        pool = HostPool(f"bench-{name.replace(' ', '_')}-{os.getpid()}", 0, specs, slots, None)
+        levels = []
+        if l1_interval:
+            levels.append(Level("L1", os.path.join(workdir, name.replace(" ", "_"), "l1"), l1_interval, 1))
+        levels.append(Level("L2", os.path.join(workdir, name.replace(" ", "_"), "l2"), l2_interval, 1))
+        self.engine = CheckpointEngine(state, pool, levels, dist.new_group(backend="gloo"), lambda m: None, state.layout)
+
+    def start(self):
+        self.trainer.optimizer.before_shard_update[:] = [lambda shard: self.engine.fence(shard.index)]
+        self._stall0 = self.engine.stats.stall_seconds
+
+    def checkpoint(self, iteration):
+        self.engine.request(iteration)
+
+    def stop(self):
+        self.engine.wait_idle(drain=True)
+        self.trainer.optimizer.before_shard_update[:] = []
+        self.blocked_total = self.engine.stats.stall_seconds - self._stall0
+        self.persisted = sum(f.error is None for f in self.engine.stats.flushes)
+
+    def close(self):
+        self.engine.close(drain=True)
+        for slot in self.engine.pool.slots:
+            for path in (slot.path, slot.meta_path):
+                if os.path.exists(path):
+                    os.unlink(path)
+
+
+def flat_state(trainer):
+    opt = trainer.optimizer
+    return {"fp32_param": opt.main_params, "exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq}
+
+
+class TorchSave(Method):
+    name = "torch.save + fsync"
+
+    def checkpoint(self, iteration):
+        import torch
+
+        started = time.perf_counter()
+        path = os.path.join(self.workdir, "torch_save.pt")
+        with open(path, "wb") as f:
+            torch.save(flat_state(self.trainer), f)
+            f.flush()
+            os.fsync(f.fileno())
+        self.blocked.append(time.perf_counter() - started)
+
+
+class DcpSave(Method):
+    name = "DCP save"
+
+    def checkpoint(self, iteration):
+        import torch.distributed.checkpoint as dcp
+
+        started = time.perf_counter()
+        dcp.save(flat_state(self.trainer), checkpoint_id=os.path.join(self.workdir, "dcp_sync"))
+        self.blocked.append(time.perf_counter() - started)
+
+
+class DcpAsync(Method):
+    def __init__(self, trainer, workdir, kind):
+        super().__init__(trainer, workdir)
+        self.kind = kind
+        self.name = f"DCP async_save ({kind})"
+        self.future = None
+
+    def checkpoint(self, iteration):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        started = time.perf_counter()
+        if self.future is not None:
+            self.future.result()  # DCP allows one async save in flight
+        kind = AsyncCheckpointerType.PROCESS if self.kind == "process" else AsyncCheckpointerType.THREAD
+        self.future = dcp.async_save(flat_state(self.trainer), checkpoint_id=os.path.join(self.workdir, f"dcp_{self.kind}"),
+                                     async_checkpointer_type=kind)
+        self.blocked.append(time.perf_counter() - started)
+
+    def stop(self):
+        if self.future is not None:
+            self.future.result()
+            self.future = None
+
+
+METHODS = {
+    "none": lambda t, w: Method(t, w),
+    "engine-l0": lambda t, w: EngineMethod(t, w, "engine L0 every it + L1 every 10th", 10, 10**9, 2),
+    "engine-disk": lambda t, w: EngineMethod(t, w, "engine every it to disk (L2, 3 slots)", None, 1, 3),
+    "torch-save": lambda t, w: TorchSave(t, w),
+    "dcp": lambda t, w: DcpSave(t, w),
+    "dcp-async-thread": lambda t, w: DcpAsync(t, w, "thread"),
+    "dcp-async-process": lambda t, w: DcpAsync(t, w, "process"),
+}
+
+
+def part_overhead(trainer, workdir, rounds, iters, names, warmup=2) -> None:
+    methods = [METHODS[n](trainer, workdir) for n in names]
+    times = {m.name: [] for m in methods}
+    blocked = {m.name: [0.0, 0] for m in methods}
+    for r in range(rounds):
+        order = methods if r % 2 == 0 else methods[::-1]
+        for m in order:
+            m.start()
+            for i in range(warmup + iters):
+                started = time.perf_counter()
+                trainer.train_step()
+                m.checkpoint(trainer.iteration)
+                elapsed = time.perf_counter() - started
+                if i >= warmup:
+                    times[m.name].append(elapsed)
+            m.stop()
+            if isinstance(m, EngineMethod):
+                blocked[m.name][0] += m.blocked_total * iters / (warmup + iters)
+            else:
+                blocked[m.name][0] += sum(m.blocked[-iters:])
+                m.blocked.clear()
+            blocked[m.name][1] += iters
+            print(f"  round {r + 1}: {m.name}: median {statistics.median(times[m.name][-iters:]):.3f} s/it "
+                  f"({' '.join(f'{t:.2f}' for t in times[m.name][-iters:])})", flush=True)
+    for m in methods:
+        if isinstance(m, EngineMethod):
+            print(f"  {m.name}: {m.persisted} versions written to disk, "
+                  f"{sum(m.engine.stats.skipped.values())} superseded before their flush started")
+            m.close()
+    base = statistics.median(times["none"])
+    nbytes = state_bytes(trainer)
+    print(f"\n## Overhead: checkpoint every iteration, {nbytes / 1e9:.2f} GB of state, {rounds} interleaved rounds of "
+          f"{iters} iterations\n")
+    print("| method | median s/iteration | overhead | blocked ms per checkpoint | blocked ms per GB |\n|---|---|---|---|---|")
+    for name, values in times.items():
+        med = statistics.median(values)
+        ms = 1000 * blocked[name][0] / max(blocked[name][1], 1)
+        print(f"| {name} | {med:.3f} | {100 * (med / base - 1):+.1f}% | {ms:.1f} | {ms / (nbytes / 1e9):.1f} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("format", "overhead", "all"), default="all")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--workdir", help="where checkpoints go (default: a temporary directory)")
+    args = parser.parse_args()
+    trainer = build_trainer()
+    print(f"> model: {trainer.job.model.num_parameters(1) / 1e6:.1f}M parameters, "
+          f"{state_bytes(trainer) / 1e9:.2f} GB checkpointed state", flush=True)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-ckpt-", dir="/tmp")
+    try:
+        for _ in range(2):
+            trainer.train_step()
+        if args.part in ("format", "all"):
+            part_format(trainer, workdir)
+        if args.part in ("overhead", "all"):
+            part_overhead(trainer, workdir, args.rounds, args.iters, ["none", *(n for n in args.methods.split(",") if n != "none")])
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Fault-injection trials of the checkpoint engine: kill or damage, resume, check.
+
+Each trial trains a tiny GPT (1 process, async engine: L0 every iteration, L1 every 2nd, L2
+every 4th) and either kills it at a point on the checkpoint path (the snapshot copy, each level's
+data write, metadata write and tracker update, or between iterations) or lets it finish and then
+damages its checkpoints (flipped bits, truncation, a deleted rank file, a full disk or a
+read-only directory while saving, lost node-local data). It then resumes and checks that
+
+- the resume loads the newest checkpoint that is committed and valid on any level (L0 shared
+  memory included), never a damaged one;
+- every loss after it equals, bit for bit, the uninterrupted run's.
+
+    python scripts/fault_trials.py --trials 100 [--seed 0] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from checkpointing import host_pool  # noqa: E402
+from checkpointing.durable import read_tracker  # noqa: E402
+from checkpointing.inventory import l0_entries, level_entries  # noqa: E402
+from tests.launch import TINY, read_scalars, run_pretrain  # noqa: E402
+
+TRAIN, RESUME_TO = 12, 14
+ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
+               "--lr", "3e-3", "--log-interval", "100", "--async-save", "--save-interval", "1",
+               "--ckpt-local-interval", "2", "--ckpt-local-retain-last", "3", "--ckpt-persistent-interval", "4",
+               "--save-retain-last", "3"]
+KILL_POINTS = ["copy", "L1.write", "L1.metadata", "L1.tracker", "L2.write", "L2.metadata", "L2.tracker", "iteration"]
+DAMAGES = ["flip", "truncate", "delete-rank-file", "delete-metadata", "full-disk", "read-only", "lose-node-local"]
+
+
+@dataclass
+class TrialResult:
+    kind: str
+    detail: str
+    expected: int
+    loaded: int | None
+    ok: bool
+    message: str = ""
+
+
+def _dirs(base: str) -> tuple[str, str]:
+    return os.path.join(base, "l2"), os.path.join(base, "l1")
+
+
+def _args(base: str, iters: int, tb: str | None = None) -> list[str]:
+    save, local = _dirs(base)
+    extra = ["--tensorboard-dir", tb] if tb else []
+    return ARGS + ["--train-iters", str(iters), "--save", save, "--load", save, "--ckpt-local-dir", local] + extra
+
+
+def expected_resume(base: str) -> int:
+    """Newest version committed and valid on any level: what a correct resume must load."""
+    save, local = _dirs(base)
+    best = max((e.iteration for e in l0_entries(save)), default=0)
+    for level, root in (("L1", local), ("L2", save)):
+        tracker = read_tracker(root) if os.path.isdir(root) else None
+        for e in level_entries(level, root, verify=True):
+            if e.state == "committed" and (tracker is None or e.iteration <= tracker):
+                best = max(best, e.iteration)
+    return best
+
+
+def _damage(base: str, kind: str, rng: random.Random) -> str:
+    save, local = _dirs(base)
+    committed = [e for root, lv in ((local, "L1"), (save, "L2")) for e in level_entries(lv, root) if e.state == "committed"]
+    target = max(committed, key=lambda e: (e.iteration, e.level)) if committed else None
+    if rng.random() < 0.7:  # most trials lose L0 too, so that the disk levels are what is tested
+        host_pool.remove_segments(save)
+    if target is None:
+        return "nothing committed to damage"
+    data = sorted(glob.glob(os.path.join(target.path, "__*.distcp")))[0]
+    if kind == "flip":
+        with open(data, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            at = rng.randrange(size)
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ (1 << rng.randrange(8))]))
+        return f"bit flipped at byte {at} of {target.level} iteration {target.iteration}"
+    if kind == "truncate":
+        os.truncate(data, rng.randrange(os.path.getsize(data)))
+        return f"{target.level} iteration {target.iteration} truncated"
+    if kind == "delete-rank-file":
+        os.unlink(data)
+        return f"{target.level} iteration {target.iteration} lost its rank file"
+    if kind == "delete-metadata":
+        os.unlink(os.path.join(target.path, ".metadata"))
+        return f"{target.level} iteration {target.iteration} un-committed"
+    if kind == "lose-node-local":
+        shutil.rmtree(local, ignore_errors=True)
+        host_pool.remove_segments(save)
+        return "node replaced: L0 and L1 gone"
+    raise ValueError(kind)
+
+
+def _loaded(stdout: str) -> int | None:
+    match = re.search(r"loaded iteration (\d+)", stdout)
+    if match:
+        return int(match.group(1))
+    return 0 if "starts from scratch" in stdout else None
+
+
+def run_trial(index: int, rng: random.Random, workdir: str, reference: dict[int, float]) -> TrialResult:
+    base = os.path.join(workdir, f"trial-{index:03d}")
+    save, _ = _dirs(base)
+    try:
+        if rng.random() < 0.5:
+            kind = "kill"
+            point = rng.choice(KILL_POINTS)
+            flush_iters = {"L1": [2, 4, 6, 8, 10], "L2": [4, 8]}
+            iteration = rng.choice(flush_iters.get(point.split(".")[0], list(range(2, TRAIN))))
+            detail = f"SIGKILL at {point}, iteration {iteration}"
+            proc = run_pretrain(_args(base, TRAIN), check=False, env={"GPT_CKPT_FAULT": f"{point}:kill:{iteration}"})
+            if proc.returncode == 0:
+                return TrialResult(kind, detail, -1, None, False, "the fault point was never reached")
+        else:
+            kind = rng.choice(DAMAGES)
+            env = {}
+            if kind in ("full-disk", "read-only"):
+                level = rng.choice(["L1", "L2"])
+                env = {"GPT_CKPT_FAULT": f"{level}.write:{'fail' if kind == 'full-disk' else 'readonly'}:{rng.choice([4, 8])}"}
+            run_pretrain(_args(base, TRAIN), env=env)
+            detail = f"{env['GPT_CKPT_FAULT']} during training" if env else _damage(base, kind, rng)
+            if env and rng.random() < 0.7:
+                host_pool.remove_segments(save)
+        expected = expected_resume(base)
+        tb = os.path.join(base, "tb")
+        proc = run_pretrain(_args(base, RESUME_TO, tb), check=False)
+        loaded = _loaded(proc.stdout)
+        if proc.returncode != 0:
+            return TrialResult(kind, detail, expected, loaded, False, f"resume failed: {proc.stderr[-800:]}")
+        if loaded != expected:
+            return TrialResult(kind, detail, expected, loaded, False, f"loaded {loaded}, newest valid is {expected}")
+        losses = read_scalars(tb, "lm loss")
+        wrong = [it for it, v in losses.items() if v != reference[it]]
+        if wrong or sorted(losses) != list(range(expected + 1, RESUME_TO + 1)):
+            return TrialResult(kind, detail, expected, loaded, False, f"losses differ at {wrong or sorted(losses)}")
+        return TrialResult(kind, detail, expected, loaded, True)
+    finally:
+        host_pool.remove_segments(save)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def reference_losses(workdir: str) -> dict[int, float]:
+    base = os.path.join(workdir, "reference")
+    tb = os.path.join(base, "tb")
+    run_pretrain(ARGS[: ARGS.index("--async-save")] + ["--train-iters", str(RESUME_TO), "--tensorboard-dir", tb])
+    return read_scalars(tb, "lm loss")
+
+
+def run_trials(trials: int, seed: int, workdir: str, progress=print) -> list[TrialResult]:
+    reference = reference_losses(workdir)
+    rng = random.Random(seed)
+    results = []
+    for i in range(trials):
+        started = time.perf_counter()
+        result = run_trial(i, rng, workdir, reference)
+        results.append(result)
+        progress(f"  trial {i + 1:3d}/{trials}: {'ok  ' if result.ok else 'FAIL'} {result.kind:<17} {result.detail}; "
+                 f"resumed at {result.loaded} (newest valid {result.expected}) [{time.perf_counter() - started:.1f} s]"
+                 + (f"\n      {result.message}" if result.message else ""))
+    return results
+
+
+def summary(results: list[TrialResult]) -> str:
+    by_kind = Counter(r.kind for r in results)
+    ok = Counter(r.kind for r in results if r.ok)
+    lines = ["| fault | trials | passed |", "|---|---|---|"]
+    lines += [f"| {kind} | {n} | {ok[kind]} |" for kind, n in sorted(by_kind.items())]
+    lines.append(f"| **all** | {len(results)} | {sum(ok.values())} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir")
+    args = parser.parse_args()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="fault-trials-")
+    results = run_trials(args.trials, args.seed, workdir)
+    print(summary(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

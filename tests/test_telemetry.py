@@ -1,0 +1,122 @@
+"""Stall timelines: TensorBoard scalars checked against the engine's own counters, the per-rank
+Chrome trace, the end-of-run summary, and the charts rendered by TensorBoard in headless Chromium."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from checkpointing import host_pool
+from tests.launch import ROOT, TINY, run_pretrain
+
+ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
+               "--lr", "3e-3", "--log-interval", "5", "--train-iters", "12", "--use-distributed-optimizer",
+               "--optimizer-shard-size-mb", "0.1", "--async-save", "--save-interval", "1",
+               "--ckpt-persistent-interval", "4"]
+SCREENSHOT = ROOT / "docs" / "tensorboard-checkpoint-stall.png"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("telemetry")
+    proc = run_pretrain(ARGS + ["--save", str(base / "ckpt"), "--tensorboard-dir", str(base / "tb"),
+                                "--ckpt-local-dir", str(base / "local"), "--ckpt-local-interval", "2",
+                                "--trace-dir", str(base / "trace")], nproc=2, env={"GPT_CKPT_DELAY": "copy:15"})
+    yield base, proc.stdout
+    host_pool.remove_segments(str(base / "ckpt"))
+
+
+def test_tensorboard_stall_equals_the_engines_counters(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base, _ = run
+    acc = EventAccumulator(str(base / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    for tag in ("checkpoint/stall-ms", "checkpoint/stall-rank", "checkpoint/fence-waits", "checkpoint/snapshot-copy-ms",
+                "checkpoint/pool-occupancy", "checkpoint/flush-GBps-L1", "checkpoint/flush-GBps-L2",
+                "checkpoint/bytes-L2", "iteration-time"):
+        assert tag in scalars, tag
+    assert "checkpoint/stall-per-shard-ms" in acc.Tags()["histograms"]
+    stats = [json.loads((base / "trace" / f"checkpoint-stats-rank{r}.json").read_text()) for r in range(2)]
+    stall = {e.step: e.value for e in acc.Scalars("checkpoint/stall-ms")}
+    rank = {e.step: e.value for e in acc.Scalars("checkpoint/stall-rank")}
+    assert sorted(stall) == list(range(1, 13))
+    for it in range(1, 13):
+        per_rank = [1000 * s["stall_by_iteration"].get(str(it), 0.0) for s in stats]
+        assert stall[it] == pytest.approx(max(per_rank), rel=1e-5, abs=1e-4), it
+        if max(per_rank) > 0:
+            assert per_rank[int(rank[it])] == max(per_rank)
+    assert sum(stall.values()) > 0, "the slowed copy makes the optimizer wait"
+    total_bytes = {e.step: e.value for e in acc.Scalars("checkpoint/bytes-L2")}
+    flushed = sum(f["bytes"] for s in stats for f in s["flushes"] if f["level"] == "L2" and f["version"] != 12)
+    assert sum(v for k, v in total_bytes.items()) == pytest.approx(flushed, rel=1e-6)
+
+
+def test_trace_has_training_and_checkpoint_phases_on_one_clock(run):
+    base, _ = run
+    for r in range(2):
+        trace = json.loads((base / "trace" / f"rank{r}.json").read_text())
+        events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+        names = {e["name"] for e in events}
+        assert {"forward", "backward", "optimizer", "checkpoint request", "copy shard 0", "flush L1", "flush L2",
+                "write L2"} <= names, names
+        assert any(n.startswith("fence wait shard") for n in names)
+        copies = [e for e in events if e["name"].startswith("copy shard")]
+        threads = {e["tid"] for e in copies}
+        assert len(threads) == 1 and threads != {e["tid"] for e in events if e["name"] == "forward"}
+        forwards = [e for e in events if e["name"] == "forward"]
+        assert min(e["ts"] for e in copies) < max(e["ts"] for e in forwards), "one time axis"
+    assert {"commit L2"} <= {e["name"] for e in json.loads((base / "trace" / "rank0.json").read_text())["traceEvents"]}
+
+
+def test_end_of_run_summary(run):
+    _, stdout = run
+    assert "checkpointing summary: stall" in stdout and "% of" in stdout
+    assert "  L1: " in stdout and "  L2: " in stdout and "slowest level:" in stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_page_shows_the_stall_chart_in_chromium(run, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium is not installed: `apt-get install -y chromium` (.ci/run does it) to run the browser test")
+    base, _ = run
+    port = _free_port()
+    board = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(base / "tb"), "--host", "127.0.0.1",
+                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000",
+                 "--virtual-time-budget=20000", "--run-all-compositor-stages-before-draw"]
+        page = url + "?pinnedCards=&smoothing=0#timeseries"
+        dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
+        assert "checkpoint/stall-ms" in dom, "the time-series page lists the stall chart"
+        shot = tmp_path / "shot.png"
+        subprocess.run([chromium, *flags, f"--screenshot={shot}", page], capture_output=True, timeout=180)
+        assert shot.exists() and shot.stat().st_size > 10_000
+        if os.environ.get("UPDATE_SCREENSHOT") == "1":  # refresh the README's picture
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            shutil.copy(shot, SCREENSHOT)
+    finally:
+        board.terminate()
+        board.wait(timeout=30)
