@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ from tests.launch import TINY, read_scalars, run_pretrain  # noqa: E402
 
 TRAIN, RESUME_TO = 12, 14
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
-               "--lr", "3e-3", "--log-interval", "100", "--async-save", "--save-interval", "1",
+               "--lr", "3e-3", "--lr-decay-iters", "20", "--log-interval", "100", "--async-save", "--save-interval", "1",
                "--ckpt-local-interval", "2", "--ckpt-local-retain-last", "3", "--ckpt-persistent-interval", "4",
                "--save-retain-last", "3"]
 KILL_POINTS = ["copy", "L1.write", "L1.metadata", "L1.tracker", "L2.write", "L2.metadata", "L2.tracker", "iteration"]
@@ -118,7 +119,17 @@ def _loaded(stdout: str) -> int | None:
     return 0 if "starts from scratch" in stdout else None
 
 
-def run_trial(index: int, rng: random.Random, workdir: str, reference: dict[int, float]) -> TrialResult:
+def _copy_run(src: str, dst: str) -> None:
+    """A copy of a finished run's levels, its L0 shared-memory pool included (under the new
+    job's name), as if that run had happened in ``dst``."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tb"))
+    old, new = host_pool.job_tag(_dirs(src)[0]), host_pool.job_tag(_dirs(dst)[0])
+    for path in host_pool.list_segments(old):
+        shutil.copy(path, path.replace(old, new))
+
+
+def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], finished_run: str) -> TrialResult:
+    rng = random.Random(seed * 100_003 + index)
     base = os.path.join(workdir, f"trial-{index:03d}")
     save, _ = _dirs(base)
     try:
@@ -133,14 +144,16 @@ def run_trial(index: int, rng: random.Random, workdir: str, reference: dict[int,
                 return TrialResult(kind, detail, -1, None, False, "the fault point was never reached")
         else:
             kind = rng.choice(DAMAGES)
-            env = {}
             if kind in ("full-disk", "read-only"):
                 level = rng.choice(["L1", "L2"])
-                env = {"GPT_CKPT_FAULT": f"{level}.write:{'fail' if kind == 'full-disk' else 'readonly'}:{rng.choice([4, 8])}"}
-            run_pretrain(_args(base, TRAIN), env=env)
-            detail = f"{env['GPT_CKPT_FAULT']} during training" if env else _damage(base, kind, rng)
-            if env and rng.random() < 0.7:
-                host_pool.remove_segments(save)
+                fault = f"{level}.write:{'fail' if kind == 'full-disk' else 'readonly'}:{rng.choice([4, 8])}"
+                run_pretrain(_args(base, TRAIN), env={"GPT_CKPT_FAULT": fault})
+                detail = f"{fault} during training"
+                if rng.random() < 0.7:
+                    host_pool.remove_segments(save)
+            else:
+                _copy_run(finished_run, base)
+                detail = _damage(base, kind, rng)
         expected = expected_resume(base)
         tb = os.path.join(base, "tb")
         proc = run_pretrain(_args(base, RESUME_TO, tb), check=False)
@@ -162,21 +175,29 @@ def run_trial(index: int, rng: random.Random, workdir: str, reference: dict[int,
 def reference_losses(workdir: str) -> dict[int, float]:
     base = os.path.join(workdir, "reference")
     tb = os.path.join(base, "tb")
-    run_pretrain(ARGS[: ARGS.index("--async-save")] + ["--train-iters", str(RESUME_TO), "--tensorboard-dir", tb])
+    run_pretrain(ARGS[: ARGS.index("--async-save")] + ["--train-iters", str(RESUME_TO),
+                                                      "--tensorboard-dir", tb])
     return read_scalars(tb, "lm loss")
 
 
-def run_trials(trials: int, seed: int, workdir: str, progress=print) -> list[TrialResult]:
+def run_trials(trials: int, seed: int, workdir: str, progress=print, parallel: int = 2) -> list[TrialResult]:
+    """``parallel`` trials at a time: each launch is mostly single-threaded start-up."""
     reference = reference_losses(workdir)
-    rng = random.Random(seed)
-    results = []
-    for i in range(trials):
-        started = time.perf_counter()
-        result = run_trial(i, rng, workdir, reference)
-        results.append(result)
-        progress(f"  trial {i + 1:3d}/{trials}: {'ok  ' if result.ok else 'FAIL'} {result.kind:<17} {result.detail}; "
-                 f"resumed at {result.loaded} (newest valid {result.expected}) [{time.perf_counter() - started:.1f} s]"
-                 + (f"\n      {result.message}" if result.message else ""))
+    finished = os.path.join(workdir, "finished")
+    run_pretrain(_args(finished, TRAIN))
+    started = time.perf_counter()
+    results: list[TrialResult] = [None] * trials  # type: ignore[list-item]
+    try:
+        with ThreadPoolExecutor(parallel) as pool:
+            futures = {pool.submit(run_trial, i, seed, workdir, reference, finished): i for i in range(trials)}
+            for done, future in enumerate(as_completed(futures), 1):
+                i, result = futures[future], future.result()
+                results[i] = result
+                progress(f"  trial {i + 1:3d} ({done}/{trials}, {time.perf_counter() - started:.0f} s): "
+                         f"{'ok  ' if result.ok else 'FAIL'} {result.kind:<17} {result.detail}; resumed at "
+                         f"{result.loaded} (newest valid {result.expected})" + (f"\n      {result.message}" if result.message else ""))
+    finally:
+        host_pool.remove_segments(_dirs(finished)[0])
     return results
 
 
@@ -194,9 +215,10 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir")
+    parser.add_argument("--parallel", type=int, default=2, help="trials at a time")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="fault-trials-")
-    results = run_trials(args.trials, args.seed, workdir)
+    results = run_trials(args.trials, args.seed, workdir, parallel=args.parallel)
     print(summary(results))
     return 0 if all(r.ok for r in results) else 1
 

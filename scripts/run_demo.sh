@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # README command 1: set up .venv and train a tiny GPT with TP2 x PP2 x DP2 on 8 processes
-# (gloo on CPU, NCCL on GPUs), logging to TensorBoard under runs/demo/tensorboard.
-# Extra arguments go to pretrain_gpt.py (e.g. --train-iters 500).
+# (gloo on CPU, NCCL on GPUs), checkpointing asynchronously every iteration to host memory (L0),
+# every 20th to runs/demo/local (L1) and every 50th to runs/demo/ckpt (L2), logging to TensorBoard
+# under runs/demo/tensorboard and a Perfetto trace per rank under runs/demo/trace.
+# A second run resumes where the first stopped. Extra arguments go to pretrain_gpt.py
+# (e.g. --train-iters 500 to train on).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -22,4 +25,7 @@ exec .venv/bin/torchrun --standalone --nproc-per-node "$nproc" scripts/pretrain_
   --train-iters 200 --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --lr-decay-style cosine \
   --weight-decay 0.01 --clip-grad 1.0 --hidden-dropout 0 --attention-dropout 0 \
   --eval-interval 100 --eval-iters 2 --log-interval 10 \
-  --tensorboard-dir runs/demo/tensorboard "$@"
+  --save runs/demo/ckpt --load runs/demo/ckpt --async-save --save-interval 1 \
+  --ckpt-local-dir runs/demo/local --ckpt-local-interval 20 --ckpt-persistent-interval 50 \
+  --save-retain-last 2 --ckpt-local-retain-last 2 \
+  --tensorboard-dir runs/demo/tensorboard --trace-dir runs/demo/trace "$@"

@@ -22,10 +22,18 @@ TINY = [
 def run_pretrain(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True,
                  env: dict[str, str] | None = None, script: Path = PRETRAIN,
                  torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run ``torchrun --standalone --nproc-per-node nproc <script> args`` (pretrain_gpt.py by default)."""
+    """Run ``torchrun --standalone --nproc-per-node nproc <script> args`` (pretrain_gpt.py by default).
+
+    One process without torchrun options runs as plain ``python``: the trainer makes it a
+    1-process job, and the launch is seconds faster."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GPT_FORCE_CPU="1", **(env or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           *torchrun_args, str(script), *args]
+    if nproc == 1 and not torchrun_args:
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)
+        cmd = [sys.executable, str(script), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               *torchrun_args, str(script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -66,6 +66,8 @@ class Checkpointer:
         # background thread must not share a communicator with training.
         self.group = dist.new_group(backend="gloo")
         self.last_saved: int | None = None
+        self.loaded: int | None = None
+        """The iteration loaded at start (0: from scratch); nothing new to save while unchanged."""
         self.engine = None
         if cfg.async_save:
             from checkpointing.engine import CheckpointEngine
@@ -105,6 +107,7 @@ class Checkpointer:
         finally:
             if self.engine is not None:
                 self.engine.keep_only(kept)
+        self.loaded = iteration
         return iteration
 
     def _l0_candidate(self):
@@ -220,6 +223,11 @@ class Checkpointer:
     def finish(self, iteration: int, train_seconds: float = 0.0) -> None:
         """Save the final state to ``--save`` (unless just saved there); drain the engine's levels;
         print the end-of-run summary."""
+        if iteration == self.loaded and self.last_saved is None:
+            self.logger.info(f"> nothing trained since iteration {iteration} was loaded: no new checkpoint")
+            if self.engine is not None:
+                self.engine.close(drain=True)
+            return
         if self.engine is not None:
             if self.last_saved == iteration:
                 self.engine.flush_everywhere(iteration)
