@@ -4,7 +4,6 @@ Chrome trace, the end-of-run summary, and the charts rendered by TensorBoard in 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import urllib.request
 import pytest
 
 from checkpointing import host_pool
+from tests.browser import Chromium, find_chromium, free_port
 from tests.launch import ROOT, TINY, run_pretrain
 
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -82,20 +82,15 @@ def test_end_of_run_summary(run):
     assert "  L1: " in stdout and "  L2: " in stdout and "slowest level:" in stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tensorboard_page_shows_the_stall_chart_in_chromium(run, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = find_chromium()
     if chromium is None:
         pytest.skip("Chromium is not installed: `apt-get install -y chromium` (.ci/run does it) to run the browser test")
     base, _ = run
-    port = _free_port()
+    port = free_port()
     board = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(base / "tb"), "--host", "127.0.0.1",
                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    browser = None
     try:
         url = f"http://127.0.0.1:{port}/"
         for _ in range(240):  # until the server is up and has read the event files
@@ -105,19 +100,19 @@ def test_tensorboard_page_shows_the_stall_chart_in_chromium(run, tmp_path):
             except OSError:
                 pass
             time.sleep(0.5)
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000",
-                 "--virtual-time-budget=30000"]
-        page = url + "?tagFilter=stall&smoothing=0#timeseries"  # the time-series tab, stall charts only
-        dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
-        assert "checkpoint/stall-ms" in dom, "the time-series page lists the stall chart"
+        browser = Chromium(chromium, str(tmp_path / "profile"))
+        browser.open(url + "?tagFilter=stall&smoothing=0#timeseries")  # the time-series tab, stall charts only
+        assert browser.wait_for_text("checkpoint/stall-ms"), "the page never showed the stall chart"
+        assert browser.wait_for_text("checkpoint/stall-per-shard-ms")
+        time.sleep(2)  # let the charts draw their lines before the picture
         shot = tmp_path / "shot.png"
-        subprocess.run([chromium, *flags, f"--screenshot={shot}", page], capture_output=True, timeout=180)
-        assert shot.exists() and shot.stat().st_size > 10_000
+        browser.screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
         if os.environ.get("UPDATE_SCREENSHOT") == "1":  # refresh the README's picture
             SCREENSHOT.parent.mkdir(exist_ok=True)
             shutil.copy(shot, SCREENSHOT)
     finally:
+        if browser is not None:
+            browser.close()
         board.terminate()
         board.wait(timeout=30)
