@@ -39,8 +39,8 @@ class SaveResult:
     seconds: float
 
 
-def _agree(group, value):
-    """Every rank's ``value``, on every rank (gloo: CPU objects)."""
+def gather_from_all(group, value):
+    """Every rank's ``value``, on every rank (gloo: CPU objects): how ranks agree on outcomes."""
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, value, group=group)
     return out
@@ -79,7 +79,7 @@ def save_and_commit(
             os.makedirs(directory)
         except OSError as e:
             error = f"cannot create {directory}: {e.strerror or e}"
-    _raise_if_failed(_agree(group, error), f"saving iteration {iteration} to {root}")
+    _raise_if_failed(gather_from_all(group, error), f"saving iteration {iteration} to {root}")
 
     tracer = tracer or NullTracer()
     records: Any
@@ -89,7 +89,7 @@ def save_and_commit(
             records = write_rank_file(directory, dist.get_rank(), arrays, pieces, objects)
     except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
         records = str(e)
-    gathered = _agree(group, records)
+    gathered = gather_from_all(group, records)
     _raise_if_failed(gathered, f"saving iteration {iteration} to {directory}")
 
     error = None
@@ -106,7 +106,7 @@ def save_and_commit(
                 apply_retention(root, retain_last)
         except (OSError, ValueError) as e:
             error = f"committing {directory}: {e}"
-    _raise_if_failed(_agree(group, error), f"saving iteration {iteration}")
+    _raise_if_failed(gather_from_all(group, error), f"saving iteration {iteration}")
     mine = sum(r.length for r in records)
     return SaveResult(iteration, directory, mine, time.perf_counter() - started)
 

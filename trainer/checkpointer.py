@@ -13,7 +13,7 @@ import uuid
 
 import torch.distributed as dist
 
-from checkpointing.commit import save_and_commit
+from checkpointing.commit import gather_from_all, save_and_commit
 from checkpointing.config import CheckpointConfig
 from checkpointing.discovery import StoredCheckpoint, load_candidates
 from checkpointing.errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError
@@ -43,12 +43,6 @@ def check_checkpoint_dirs(cfg: CheckpointConfig, rank: int) -> None:
     for directory in (cfg.save, cfg.local_dir):
         if directory:
             probe_writable(directory, rank)
-
-
-def _agree(group, value):
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, value, group=group)
-    return out
 
 
 class Checkpointer:
@@ -114,7 +108,7 @@ class Checkpointer:
         """(version, slot) of the newest snapshot every rank holds in shared memory, or None."""
         mine = {slot.version: slot for slot in self.engine.pool.slots
                 if slot.version is not None and slot.layout == self.state.layout}
-        shared = set.intersection(*[set(v) for v in _agree(self.group, sorted(mine))])
+        shared = set.intersection(*[set(v) for v in gather_from_all(self.group, sorted(mine))])
         if self.cfg.ckpt_step is not None:
             shared &= {self.cfg.ckpt_step}
         if not shared:
@@ -125,7 +119,7 @@ class Checkpointer:
     def _load_from_l0(self, version: int, slot) -> None:
         started = time.perf_counter()
         self.state.restore_arrays(slot.arrays)
-        common = _agree(self.group, slot.objects.get("common"))[0]  # rank 0 captured it
+        common = gather_from_all(self.group, slot.objects.get("common"))[0]  # rank 0 captured it
         objects = {"common": common}
         if self.cfg.load_rng:
             objects.update({k: v for k, v in slot.objects.items() if k.startswith("rng_state.")})
@@ -148,7 +142,7 @@ class Checkpointer:
                     f"--ckpt-step {cfg.ckpt_step}: no committed checkpoint of that iteration in {cfg.load}")
             self.logger.info(f"> no committed checkpoint in {cfg.load}: training starts from scratch")
             return 0, None
-        wanted_model_keys = set().union(*_agree(self.group, sorted({p.key for p in self.state.load_pieces
+        wanted_model_keys = set().union(*gather_from_all(self.group, sorted({p.key for p in self.state.load_pieces
                                                                     if not p.key.startswith("optimizer.")})))
         for level, candidate in candidates:
             started = time.perf_counter()
@@ -173,7 +167,7 @@ class Checkpointer:
                 outcome = ("mismatch", str(error))
             except (CheckpointCorruptError, OSError) as error:
                 outcome = ("corrupt", str(error))
-            outcomes = _agree(self.group, outcome)
+            outcomes = gather_from_all(self.group, outcome)
             failures = [(r, o) for r, o in enumerate(outcomes) if o is not None]
             if not failures:
                 self.state.restore_objects(objects)
@@ -255,7 +249,7 @@ class Checkpointer:
         if self.tracer is not None and self.trainer.job.training.trace_dir:
             with open(os.path.join(self.trainer.job.training.trace_dir, f"checkpoint-stats-rank{mine['rank']}.json"), "w") as f:
                 json.dump(mine, f)
-        everyone = _agree(self.group, mine)
+        everyone = gather_from_all(self.group, mine)
         worst = max(everyone, key=lambda m: m["stall_seconds"])
         share = 100 * worst["stall_seconds"] / train_seconds if train_seconds else 0.0
         lines = [f"> checkpointing summary: stall {worst['stall_seconds'] * 1000:.1f} ms in all on the worst rank "
