@@ -124,7 +124,7 @@ class Checkpointer:
         if self.cfg.load_rng:
             objects.update({k: v for k, v in slot.objects.items() if k.startswith("rng_state.")})
         self.state.restore_objects(objects)
-        self.logger.info(f"> loaded iteration {version} from L0 (shared memory {slot.path}, survived the previous run; "
+        self.logger.info(f"> loaded iteration {version} from L0 (shared memory {slot.path}, kept from the previous run; "
                          f"{time.perf_counter() - started:.2f} s)")
 
     def _load(self):
