@@ -27,7 +27,7 @@ from checkpointing.durable import CheckpointWriteError, write_tracker
 from checkpointing.items import TensorPiece
 from checkpointing.metadata import METADATA_NAME, build_metadata, write_metadata
 from checkpointing.trace import NullTracer
-from checkpointing.writer import write_rank_file
+from checkpointing.writer import data_file_name, write_rank_file
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,27 @@ def save_and_commit(
     retain_last: int | None = None,
     level: str = "sync",
     tracer=None,
+    peers: list[int] | None = None,
 ) -> SaveResult:
     """Collectively save one version to ``root`` (every rank of ``group`` calls it).
 
-    ``level`` names the fault points on the way (``L2.write``, ``sync.metadata``, ...)."""
+    ``level`` names the fault points on the way (``L2.write``, ``sync.metadata``, ...).
+
+    ``peers``: the ranks whose ``root`` is the same directory as this rank's (see
+    :func:`checkpointing.peers.directory_peers`); None: every rank's. When ``root`` is
+    node-local (peers are not everyone), each node's first rank coordinates its directory, every
+    rank also writes its replica pieces (so a node restores its ranks from its own disk), and
+    each node's metadata names the files it holds. The commit stays global: no node writes its
+    metadata before every rank of the job has its file durable."""
     started = time.perf_counter()
     rank = dist.get_rank(group)
+    world = dist.get_world_size(group)
+    peers = sorted(peers) if peers is not None else list(range(world))
+    node_local = len(peers) < world
+    coordinator = rank == peers[0]
     directory = iteration_dir(root, iteration)
     error = None
-    if rank == 0:
+    if coordinator:
         try:
             os.makedirs(root, exist_ok=True)
             if os.path.exists(directory):
@@ -86,17 +98,18 @@ def save_and_commit(
     try:
         faults.reach(f"{level}.write", iteration)
         with tracer.span(f"write {level}", "ckpt", iteration=iteration):
-            records = write_rank_file(directory, dist.get_rank(), arrays, pieces, objects)
+            records = write_rank_file(directory, dist.get_rank(), arrays, pieces, objects, replicas=node_local)
     except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
         records = str(e)
     gathered = gather_from_all(group, records)
     _raise_if_failed(gathered, f"saving iteration {iteration} to {directory}")
 
     error = None
-    if rank == 0:
+    if coordinator:
         try:
             commit_started = time.perf_counter_ns()
-            metadata = build_metadata([r for rs in gathered for r in rs], iteration, layout)
+            local_files = [data_file_name(r) for r in peers] if node_local else None
+            metadata = build_metadata([r for rs in gathered for r in rs], iteration, layout, local_files)
             faults.reach(f"{level}.metadata", iteration)
             write_metadata(directory, metadata)
             faults.reach(f"{level}.tracker", iteration)
@@ -107,7 +120,7 @@ def save_and_commit(
         except (OSError, ValueError) as e:
             error = f"committing {directory}: {e}"
     _raise_if_failed(gather_from_all(group, error), f"saving iteration {iteration}")
-    mine = sum(r.length for r in records)
+    mine = sum(r.length for r in {(r.relative_path, r.offset): r for r in records}.values())
     return SaveResult(iteration, directory, mine, time.perf_counter() - started)
 
 

@@ -35,6 +35,9 @@ class CheckpointConfig:
     host_budget_gb: float | None = None
     """L0: byte budget of the pool; fewer versions are held if they do not fit
     (``--ckpt-host-budget-gb``)."""
+    host_dir: str = "/dev/shm"
+    """L0: the tmpfs directory the pool's segments live in (``--ckpt-host-dir``); one per node.
+    Another directory stands for another node when several launchers share one machine."""
     local_dir: str | None = None
     """L1: node-local directory (``--ckpt-local-dir``)."""
     local_interval: int | None = None

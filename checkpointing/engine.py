@@ -30,6 +30,7 @@ from checkpointing.commit import save_and_commit
 from checkpointing.durable import CheckpointWriteError
 from checkpointing.host_pool import ArraySpec, HostPool, HostSlot, job_tag
 from checkpointing.items import CheckpointableState
+from checkpointing.shard_copy import copier_for
 from checkpointing.trace import NullTracer
 
 
@@ -43,6 +44,8 @@ class Level:
     interval: int | None
     """Flush every this many iterations; None: only forced flushes (end of training)."""
     retain_last: int | None
+    peers: list[int] | None = None
+    """Ranks that share this rank's ``root`` (``checkpointing.peers``); None: every rank."""
 
 
 @dataclass
@@ -98,9 +101,9 @@ class CheckpointEngine:
         self._copy_queue: collections.deque = collections.deque()
         self._flush_queue: collections.deque[_Job] = collections.deque()
         self._copying: HostSlot | None = None
-        self._shard_done = [threading.Event() for _ in state.shards]
-        for event in self._shard_done:
-            event.set()
+        self.copier = copier_for(state.arrays, len(state.shards))
+        for slot in pool.slots:
+            self.copier.register(slot.memory)
         self._copy_idle = True
         self._flushing = False
         self._closed = False
@@ -112,13 +115,14 @@ class CheckpointEngine:
 
     @classmethod
     def for_config(cls, cfg, state: CheckpointableState, group, log, rank: int, layout: dict,
-                   tracer=None) -> "CheckpointEngine":
+                   tracer=None, local_peers: list[int] | None = None) -> "CheckpointEngine":
+        """``local_peers``: the ranks sharing this rank's ``--ckpt-local-dir`` (its node)."""
         specs = {name: ArraySpec(a.numel(), a.dtype) for name, a in state.arrays.items()}
         budget = int(cfg.host_budget_gb * 2**30) if cfg.host_budget_gb else None
-        pool = HostPool(job_tag(cfg.save), rank, specs, cfg.host_versions, budget)
+        pool = HostPool(job_tag(cfg.save), rank, specs, cfg.host_versions, budget, cfg.host_dir)
         levels = []
         if cfg.local_dir:
-            levels.append(Level("L1", cfg.local_dir, cfg.local_interval, cfg.local_retain_last))
+            levels.append(Level("L1", cfg.local_dir, cfg.local_interval, cfg.local_retain_last, local_peers))
         levels.append(Level("L2", cfg.save, cfg.l2_interval, cfg.save_retain_last))
         log(f"> async checkpointing: L0 {len(pool.slots)} versions in shared memory ({pool.bytes / 2**30:.2f} GiB "
             f"per rank); " + "; ".join(f"{lv.name} {lv.root} every {lv.interval}" for lv in levels))
@@ -144,8 +148,7 @@ class CheckpointEngine:
                     slot = self._free_slot_locked()
             slot.invalidate()  # its old version is gone from now on, also for a restart after a crash
             slot.version = version  # what it will hold; described (recoverable) once copied
-            for event in self._shard_done:
-                event.clear()
+            self.copier.begin()
             self._copying = slot
             self._copy_idle = False
             self._copy_queue.append((slot, version, objects))
@@ -155,6 +158,9 @@ class CheckpointEngine:
                     self._flush_queue.append(_Job(level, version, slot))
             self._lock.notify_all()
         self._add_stall(time.perf_counter() - started, version)
+        for index, iteration, seconds in self.copier.device_waits():  # GPU-side fence waits, measured now
+            self.stats.stall_by_shard[index] += seconds
+            self._add_stall(seconds, iteration)
         self._iteration = version + 1  # fences from now on hold the step of the next iteration
         self.tracer.complete("checkpoint request", "ckpt", started_ns, time.perf_counter_ns(), iteration=version)
 
@@ -180,13 +186,10 @@ class CheckpointEngine:
 
     def fence(self, shard_index: int) -> None:
         """Before the optimizer writes shard ``shard_index``: wait for its copy if not done."""
-        event = self._shard_done[shard_index]
-        if event.is_set():
-            return
         started_ns = time.perf_counter_ns()
-        started = time.perf_counter()
-        event.wait()
-        waited = time.perf_counter() - started
+        waited = self.copier.fence(shard_index, self._iteration)
+        if waited is None:
+            return
         self.tracer.complete(f"fence wait shard {shard_index}", "ckpt", started_ns, time.perf_counter_ns())
         self.stats.fence_waits += 1
         self.stats.stall_by_shard[shard_index] += waited
@@ -236,10 +239,9 @@ class CheckpointEngine:
                 if delay:
                     time.sleep(delay)
                 shard_started = time.perf_counter_ns()
-                for name, live in self.state.arrays.items():
-                    slot.arrays[name][lo:hi].copy_(live[lo:hi])
-                self._shard_done[index].set()
+                self.copier.copy(index, [(slot.arrays[name][lo:hi], live[lo:hi]) for name, live in self.state.arrays.items()])
                 self.tracer.complete(f"copy shard {index}", "ckpt", shard_started, time.perf_counter_ns(), iteration=version)
+            self.copier.finish()
             slot.describe(version, objects, self.layout)
             with self._lock:
                 self.stats.copies += 1
@@ -289,7 +291,8 @@ class CheckpointEngine:
         try:
             with self.tracer.span(f"flush {level.name}", "ckpt", iteration=job.version):
                 result = save_and_commit(level.root, job.version, slot.arrays, self.state.save_pieces, slot.objects,
-                                         self.layout, self.group, level.retain_last, level.name, self.tracer)
+                                         self.layout, self.group, level.retain_last, level.name, self.tracer,
+                                         level.peers)
             self.stats.flushes.append(FlushRecord(level.name, job.version, result.bytes_written, result.seconds))
         except CheckpointWriteError as error:
             self.stats.flushes.append(FlushRecord(level.name, job.version, 0, 0.0, str(error)))
@@ -334,3 +337,4 @@ class CheckpointEngine:
         if drain:
             for t in self._threads:
                 t.join()
+            self.copier.unregister()

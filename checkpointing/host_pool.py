@@ -96,7 +96,10 @@ class HostSlot:
 class HostPool:
     """``num_slots`` slots within ``budget_bytes`` (None: no budget)."""
 
-    def __init__(self, tag: str, rank: int, specs: dict[str, ArraySpec], num_slots: int, budget_bytes: int | None):
+    def __init__(self, tag: str, rank: int, specs: dict[str, ArraySpec], num_slots: int, budget_bytes: int | None,
+                 directory: str = SHM_DIR):
+        """``directory``: a tmpfs (``/dev/shm``, per node); another one simulates a second node
+        on one machine."""
         per_slot = slot_bytes(specs)
         if budget_bytes is not None:
             fit = budget_bytes // per_slot
@@ -107,18 +110,19 @@ class HostPool:
             num_slots = min(num_slots, fit)
         self.tag = tag
         self.bytes = per_slot * num_slots
-        self.slots = [HostSlot(os.path.join(SHM_DIR, f"{PREFIX}{tag}-r{rank}-s{i}"), specs) for i in range(num_slots)]
+        os.makedirs(directory, exist_ok=True)
+        self.slots = [HostSlot(os.path.join(directory, f"{PREFIX}{tag}-r{rank}-s{i}"), specs) for i in range(num_slots)]
 
 
-def list_segments(tag: str | None = None) -> list[str]:
+def list_segments(tag: str | None = None, directory: str = SHM_DIR) -> list[str]:
     pattern = f"{PREFIX}{tag or ''}*"
-    return sorted(glob.glob(os.path.join(SHM_DIR, pattern)))
+    return sorted(glob.glob(os.path.join(directory, pattern)))
 
 
-def remove_segments(save_dir: str) -> int:
+def remove_segments(save_dir: str, directory: str = SHM_DIR) -> int:
     """Remove the pool of the job whose ``--save`` is ``save_dir``; returns the bytes freed."""
     freed = 0
-    for path in list_segments(job_tag(save_dir)):
+    for path in list_segments(job_tag(save_dir), directory):
         freed += os.path.getsize(path)
         os.unlink(path)
     return freed
@@ -128,10 +132,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="List or remove the shared-memory checkpoint pools of jobs.")
     parser.add_argument("--save", help="only the pool of the job with this --save directory")
     parser.add_argument("--remove", action="store_true", help="remove them (a running job's pool too: stop it first)")
+    parser.add_argument("--ckpt-host-dir", default=SHM_DIR, help=f"where the pools are (default {SHM_DIR})")
     args = parser.parse_args(argv)
     tag = job_tag(args.save) if args.save else None
     total = 0
-    for path in list_segments(tag):
+    for path in list_segments(tag, args.ckpt_host_dir):
         size = os.path.getsize(path)
         total += size
         print(f"{path}\t{size / 2**20:.1f} MiB")

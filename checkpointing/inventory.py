@@ -38,9 +38,15 @@ def check_directory(path: str, verify: bool) -> tuple[str, str]:
         return "partial", "no committed metadata (interrupted save)"
     except CheckpointCorruptError as error:
         return "corrupt", str(error)
+    # (file, offset, length) of every blob this directory should hold; a node-local level
+    # holds only its node's files (and their replica pieces).
+    local = metadata.gpt_ckpt.get("local_files")
+    blobs = {(i.relative_path, i.offset, i.length) for i in metadata.storage_data.values()}
+    blobs |= {(name, offset, length) for (name, _, _), (offset, length) in (metadata.gpt_ckpt.get("replicas") or {}).items()}
+    blobs = sorted(b for b in blobs if local is None or b[0] in local)
     ends: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, offset, length in blobs:
+        ends[name] = max(ends.get(name, 0), offset + length)
     for name, end in sorted(ends.items()):
         file = os.path.join(path, name)
         if not os.path.exists(file):
@@ -49,11 +55,13 @@ def check_directory(path: str, verify: bool) -> tuple[str, str]:
             return "corrupt", f"{name} truncated ({os.path.getsize(file)} of {end} bytes)"
     if verify:
         checksums = metadata.gpt_ckpt["checksums"]
-        for info in sorted(metadata.storage_data.values(), key=lambda i: (i.relative_path, i.offset)):
-            with open(os.path.join(path, info.relative_path), "rb") as f:
-                f.seek(info.offset)
-                if xxhash.xxh3_64_intdigest(f.read(info.length)) != checksums.get((info.relative_path, info.offset)):
-                    return "corrupt", f"checksum mismatch in {info.relative_path} at offset {info.offset}"
+        for name, offset, length in blobs:
+            with open(os.path.join(path, name), "rb") as f:
+                f.seek(offset)
+                if xxhash.xxh3_64_intdigest(f.read(length)) != checksums.get((name, offset)):
+                    return "corrupt", f"checksum mismatch in {name} at offset {offset}"
+    if local is not None:
+        return "committed", f"node-local: this node's {len(local)} of the job's data files"
     return "committed", ""
 
 
@@ -67,11 +75,11 @@ def level_entries(level: str, root: str | None, verify: bool = False) -> list[En
     return entries
 
 
-def l0_entries(save_dir: str) -> list[Entry]:
-    """Versions held in the job's shared-memory pool (all ranks' slots, by version)."""
+def l0_entries(save_dir: str, host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
+    """Versions held in the job's shared-memory pool on this node (its ranks' slots, by version)."""
     by_version: dict[int, list[str]] = {}
     sizes: dict[int, int] = {}
-    for path in host_pool.list_segments(host_pool.job_tag(save_dir)):
+    for path in host_pool.list_segments(host_pool.job_tag(save_dir), host_dir):
         if not path.endswith(".meta"):
             continue
         try:
@@ -86,8 +94,10 @@ def l0_entries(save_dir: str) -> list[Entry]:
             for v, paths in sorted(by_version.items())]
 
 
-def all_entries(save_dir: str, local_dir: str | None, verify: bool = False) -> list[Entry]:
-    return l0_entries(save_dir) + level_entries("L1", local_dir, verify) + level_entries("L2", save_dir, verify)
+def all_entries(save_dir: str, local_dir: str | None, verify: bool = False,
+                host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
+    return (l0_entries(save_dir, host_dir) + level_entries("L1", local_dir, verify)
+            + level_entries("L2", save_dir, verify))
 
 
 def format_table(entries: list[Entry], save_dir: str, local_dir: str | None) -> str:

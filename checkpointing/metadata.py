@@ -51,11 +51,22 @@ def _check_tiling(key: str, global_shape: tuple[int, ...], chunks: list[ChunkRec
         raise TilingError(f"{key}: chunks cover {total} of {math.prod(global_shape)} elements")
 
 
-def build_metadata(records: list[ChunkRecord], iteration: int, layout: dict[str, Any]) -> Metadata:
-    """DCP metadata of every chunk of every rank; checks that chunks tile each tensor once."""
+def build_metadata(records: list[ChunkRecord], iteration: int, layout: dict[str, Any],
+                   local_files: list[str] | None = None) -> Metadata:
+    """DCP metadata of every chunk of every rank; checks that chunks tile each tensor once.
+
+    Replica records (``is_writer`` False, written on node-local levels) stay out of the DCP
+    view, which must tile each tensor once; they are listed in ``gpt_ckpt["replicas"]`` by
+    (file, key, offsets). ``local_files``: on a node-local level, the data files this node holds
+    (the others are on other nodes' disks).
+    """
     by_key: dict[str, list[ChunkRecord]] = defaultdict(list)
+    replicas: dict[tuple[str, str, tuple[int, ...]], tuple[int, int]] = {}
     for r in records:
-        by_key[r.key].append(r)
+        if r.is_writer:
+            by_key[r.key].append(r)
+        else:
+            replicas[(r.relative_path, r.key, tuple(r.offsets))] = (r.offset, r.length)
     state_dict_metadata: dict[str, Any] = {}
     storage_data: dict[MetadataIndex, _StorageInfo] = {}
     checksums: dict[tuple[str, int], int] = {}
@@ -75,19 +86,22 @@ def build_metadata(records: list[ChunkRecord], iteration: int, layout: dict[str,
             )
             for c in chunks:
                 storage_data[MetadataIndex(key, c.offsets)] = _StorageInfo(c.relative_path, c.offset, c.length)
-        for c in chunks:
-            checksums[(c.relative_path, c.offset)] = c.checksum
     metadata = Metadata(
         state_dict_metadata=state_dict_metadata,
         planner_data={key: (key,) for key in state_dict_metadata},
         storage_data=storage_data,
     )
+    blobs = {(r.relative_path, r.offset): r for r in records}  # pieces over the same bytes share a blob
+    for (path, offset), r in blobs.items():
+        checksums[(path, offset)] = r.checksum
     metadata.gpt_ckpt = {
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
         "layout": dict(layout),
         "checksums": checksums,
-        "total_bytes": sum(r.length for r in records),
+        "total_bytes": sum(r.length for r in blobs.values()),
+        "replicas": replicas,
+        "local_files": sorted(local_files) if local_files is not None else None,
     }
     return metadata
 

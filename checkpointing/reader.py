@@ -39,23 +39,26 @@ class CheckpointReader:
     # -- raw chunks -----------------------------------------------------------------------------
     def _read_blob(self, key: str, index: MetadataIndex) -> bytes:
         info = self.metadata.storage_data[index]
-        path = os.path.join(self.directory, info.relative_path)
-        where = f"{path} (tensor {key}, written by rank {_rank_of(info.relative_path)})"
+        return self._read_range(key, info.relative_path, info.offset, info.length)
+
+    def _read_range(self, key: str, relative_path: str, offset: int, length: int) -> bytes:
+        path = os.path.join(self.directory, relative_path)
+        where = f"{path} (tensor {key}, written by rank {_rank_of(relative_path)})"
         try:
             with open(path, "rb") as f:
-                f.seek(info.offset)
-                blob = f.read(info.length)
+                f.seek(offset)
+                blob = f.read(length)
         except FileNotFoundError:
             raise CheckpointCorruptError(f"missing data file {where}") from None
         except OSError as error:
             raise CheckpointCorruptError(f"cannot read {where}: {error}") from error
-        if len(blob) != info.length:
+        if len(blob) != length:
             raise CheckpointCorruptError(
-                f"truncated data file {where}: {len(blob)} of {info.length} bytes at offset {info.offset}")
+                f"truncated data file {where}: {len(blob)} of {length} bytes at offset {offset}")
         if self.verify:
-            expected = self.facts["checksums"].get((info.relative_path, info.offset))
+            expected = self.facts["checksums"].get((relative_path, offset))
             if expected is None or xxhash.xxh3_64_intdigest(blob) != expected:
-                raise CheckpointCorruptError(f"checksum mismatch in {where} at offset {info.offset}")
+                raise CheckpointCorruptError(f"checksum mismatch in {where} at offset {offset}")
         return blob
 
     @staticmethod
@@ -68,6 +71,11 @@ class CheckpointReader:
     # -- small objects ----------------------------------------------------------------------------
     def has(self, key: str) -> bool:
         return key in self.metadata.state_dict_metadata
+
+    def object_file(self, key: str) -> str | None:
+        """The data file that holds byte item ``key`` (None: not in this checkpoint)."""
+        info = self.metadata.storage_data.get(MetadataIndex(key))
+        return info.relative_path if info is not None else None
 
     def read_object(self, key: str) -> Any:
         if key not in self.metadata.state_dict_metadata:
@@ -101,14 +109,20 @@ class CheckpointReader:
             for chunk in meta.chunks:
                 if _overlap(piece.global_offset, piece.shape, chunk.offsets, chunk.sizes) is not None:
                     wanted[(piece.key, tuple(chunk.offsets))].append(piece)
-        order = sorted(wanted, key=lambda k: (self.metadata.storage_data[MetadataIndex(k[0], k[1])].relative_path,
-                                              self.metadata.storage_data[MetadataIndex(k[0], k[1])].offset))
+        def where(k):
+            info = self.metadata.storage_data[MetadataIndex(*k)]
+            return info.relative_path, info.offset
+
         total = 0
-        for key, offsets in order:
-            index = MetadataIndex(key, offsets)
-            blob = self._read_blob(key, index)
-            total += len(blob)
-            chunk = self._decode(blob, f"chunk {offsets} of {key} in {self.directory}")
+        last: tuple[tuple[str, int], torch.Tensor] | None = None
+        for key, offsets in sorted(wanted, key=where):
+            if last is not None and last[0] == where((key, offsets)):
+                chunk = last[1]  # two keys over one blob (fp32 weights = main weights): read once
+            else:
+                blob = self._read_blob(key, MetadataIndex(key, offsets))
+                total += len(blob)
+                chunk = self._decode(blob, f"chunk {offsets} of {key} in {self.directory}")
+                last = (where((key, offsets)), chunk)
             for piece in wanted[(key, offsets)]:
                 region = _overlap(piece.global_offset, piece.shape, offsets, tuple(chunk.shape))
                 src = chunk[tuple(slice(a - o, b - o) for (a, b), o in zip(region, offsets))]
@@ -120,6 +134,37 @@ class CheckpointReader:
                 raise CheckpointCorruptError(
                     f"{piece.key}: the chunks in {self.directory} cover {covered[id(piece)]} of the "
                     f"{piece.numel} elements at {piece.global_offset}")
+        return total
+
+
+    @property
+    def local_files(self) -> list[str] | None:
+        """On a node-local level: the data files this node's directory holds; else None."""
+        return self.facts.get("local_files")
+
+    def read_own_pieces(self, file_name: str, pieces: list[TensorPiece], arrays: dict[str, torch.Tensor]) -> int:
+        """Fill ``pieces`` from ``file_name`` alone: the pieces that rank saved itself, replicas
+        included (a node-local level, read back in the saving layout). Returns the bytes read."""
+        replicas = self.facts.get("replicas") or {}
+        total = 0
+        for piece in pieces:
+            offsets = tuple(piece.global_offset)
+            info = self.metadata.storage_data.get(MetadataIndex(piece.key, offsets))
+            if info is not None and info.relative_path == file_name and info.length:
+                offset, length = info.offset, info.length
+            elif (file_name, piece.key, offsets) in replicas:
+                offset, length = replicas[(file_name, piece.key, offsets)]
+            else:
+                raise CheckpointCorruptError(
+                    f"{os.path.join(self.directory, file_name)} holds no copy of {piece.key} at {offsets}; "
+                    "was it saved in another layout?")
+            blob = self._read_range(piece.key, file_name, offset, length)
+            total += len(blob)
+            chunk = self._decode(blob, f"chunk {offsets} of {piece.key} in {self.directory}")
+            if tuple(chunk.shape) != tuple(piece.shape):
+                raise CheckpointCorruptError(f"{piece.key} at {offsets} in {self.directory}: stored shape "
+                                             f"{tuple(chunk.shape)}, expected {tuple(piece.shape)}")
+            piece.view(arrays).copy_(chunk)
         return total
 
 

@@ -13,6 +13,9 @@
 - a STEP with no committed checkpoint on any level is refused, naming the nearest ones.
 
 ``--list`` prints every checkpoint on every level with its state and size instead.
+
+L0 and L1 are per node: on several nodes, run it on every node (L2, shared, is rolled back by
+the first) with the same ``--branch``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import sys
 import time
 
+from checkpointing import host_pool
 from checkpointing.discovery import list_checkpoints
 from checkpointing.durable import TRACKER_NAME, fsync_directory, read_tracker, write_tracker
 from checkpointing.inventory import all_entries, check_directory, format_table, l0_entries
@@ -31,14 +35,15 @@ class RollbackRefused(ValueError):
     """STEP cannot be rolled back to; the message lists what exists."""
 
 
-def plan(step: int, save_dir: str, local_dir: str | None, branch: str) -> list[tuple[str, str]]:
+def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
+         host_dir: str = host_pool.SHM_DIR) -> list[tuple[str, str]]:
     """(description, action) pairs; nothing is changed here."""
     levels = [("L1", local_dir), ("L2", save_dir)] if local_dir else [("L2", save_dir)]
     held = {}
     for level, root in levels:
         committed = [c for c in list_checkpoints(root) if c.committed and check_directory(c.path, False)[0] == "committed"]
         held[level] = committed
-    l0_versions = [e.iteration for e in l0_entries(save_dir)]
+    l0_versions = [e.iteration for e in l0_entries(save_dir, host_dir)]
     everywhere = sorted({c.iteration for cs in held.values() for c in cs} | set(l0_versions))
     if not any(c.iteration == step for cs in held.values() for c in cs) and step not in l0_versions:
         below = [i for i in everywhere if i < step][-2:]
@@ -62,7 +67,7 @@ def plan(step: int, save_dir: str, local_dir: str | None, branch: str) -> list[t
         elif os.path.exists(os.path.join(root, TRACKER_NAME)):
             actions.append((f"{level}: no committed checkpoint at or before {step}: tracker removed "
                             f"(moved to {target})", ("tracker-aside", root, target)))
-    for entry in l0_entries(save_dir):
+    for entry in l0_entries(save_dir, host_dir):
         if entry.iteration > step:
             for data in entry.path.split(", "):
                 actions.append((f"L0: version {entry.iteration} set aside ({data}.meta -> .meta.{branch})",
@@ -92,20 +97,22 @@ def main(argv=None) -> int:
     parser.add_argument("step", nargs="?", type=int, help="the iteration to make the latest")
     parser.add_argument("--save", default="ckpts", help="the job's --save directory (L2; default: ckpts)")
     parser.add_argument("--local-dir", help="the job's --ckpt-local-dir (L1), if it had one")
+    parser.add_argument("--host-dir", default=host_pool.SHM_DIR,
+                        help=f"the job's --ckpt-host-dir (L0), if not {host_pool.SHM_DIR}")
     parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
     parser.add_argument("--branch", help="name of the folder later checkpoints are moved into")
     parser.add_argument("--list", action="store_true", help="list every checkpoint on every level instead")
     parser.add_argument("--verify", action="store_true", help="with --list: also verify every checksum (reads all data)")
     args = parser.parse_args(argv)
     if args.list:
-        print(format_table(all_entries(args.save, args.local_dir, args.verify), args.save, args.local_dir))
+        print(format_table(all_entries(args.save, args.local_dir, args.verify, args.host_dir), args.save, args.local_dir))
         return 0
     if args.step is None:
         parser.error("give STEP, or --list")
     latest = read_tracker(args.save) if os.path.isdir(args.save) else None
     branch = args.branch or f"rollback-{time.strftime('%Y%m%d-%H%M%S')}-from-{latest}"
     try:
-        actions = plan(args.step, args.save, args.local_dir, branch)
+        actions = plan(args.step, args.save, args.local_dir, branch, args.host_dir)
     except RollbackRefused as error:
         print(f"rollback.sh: refused: {error}", file=sys.stderr)
         return 2

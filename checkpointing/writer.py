@@ -38,6 +38,9 @@ class ChunkRecord:
     length: int
     checksum: int
     rank: int
+    is_writer: bool = True
+    """False for a replica: a piece another rank also holds, written only on node-local levels so
+    that each node can restore its own ranks without the others (see ``build_metadata``)."""
 
 
 def standalone(view: torch.Tensor) -> torch.Tensor:
@@ -82,10 +85,13 @@ def write_rank_file(
     arrays: dict[str, torch.Tensor],
     pieces: list[TensorPiece],
     objects: dict[str, Any],
+    replicas: bool = False,
 ) -> list[ChunkRecord]:
     """Write this rank's writer pieces and objects to ``directory`` and fsync file and directory.
 
-    ``arrays`` are host (CPU) arrays. Raises :class:`CheckpointWriteError` naming the file.
+    With ``replicas`` the rank's other pieces are written too, so that this one file restores
+    the rank (node-local levels). ``arrays`` are host (CPU) arrays. Raises
+    :class:`CheckpointWriteError` naming the file.
     """
     name = data_file_name(rank)
     path = os.path.join(directory, name)
@@ -93,13 +99,21 @@ def write_rank_file(
     try:
         with open(path, "wb") as f:
             offset = 0
+            # Two pieces over the same bytes (the fp32 weights are the main weights) share one
+            # blob: their records point at the same byte range, as DCP allows.
+            written: dict[tuple[str, int, tuple[int, ...]], tuple[int, int, int]] = {}
             for piece in pieces:
-                if not piece.is_writer:
+                if not (piece.is_writer or replicas):
                     continue
-                length, checksum = _write_chunk(f, standalone(piece.view(arrays)))
+                same = (piece.array, piece.start, piece.shape)
+                if same not in written:
+                    length, checksum = _write_chunk(f, standalone(piece.view(arrays)))
+                    written[same] = (offset, length, checksum)
+                    offset += length
+                at, length, checksum = written[same]
                 records.append(ChunkRecord(piece.key, piece.global_offset, piece.shape, piece.global_shape,
-                                           arrays[piece.array].dtype, name, offset, length, checksum, rank))
-                offset += length
+                                           arrays[piece.array].dtype, name, at, length, checksum, rank,
+                                           piece.is_writer))
             for key, value in objects.items():
                 length, checksum = _write_chunk(f, value)
                 records.append(ChunkRecord(key, None, None, None, None, name, offset, length, checksum, rank))

@@ -52,3 +52,42 @@ def read_scalars(logdir: str | Path, tag: str) -> dict[int, float]:
     if tag not in acc.Tags()["scalars"]:
         raise AssertionError(f"no scalar {tag!r} in {logdir}; tags: {acc.Tags()['scalars']}")
     return {event.step: event.value for event in acc.Scalars(tag)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_nodes(args: list[str], node_args: list[list[str]], nproc_per_node: int = 2, timeout: int = 300,
+                  env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """Launch ``pretrain_gpt.py`` as a job of two "nodes" on this machine: two ``torchrun --nnodes 2``
+    launchers meeting at a c10d rendezvous on 127.0.0.1, each with its own extra ``node_args``
+    (its node-local directories). Returns both launchers' results, node A's first.
+
+    c10d orders nodes by (host, launcher pid): node A starts first, so it is node 0 in every run
+    of a test (node-local files are named after global ranks)."""
+    import time
+    import uuid
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GPT_FORCE_CPU="1", **(env or {}))
+    rdzv = [f"--nnodes=2", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id={uuid.uuid4().hex[:8]}"]
+    procs = []
+    for extra in node_args:
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, str(PRETRAIN), *args, *extra]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+        time.sleep(0.5)
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return results

@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--async-save", action="store_true", help="asynchronous multi-level checkpointing")
     c.add_argument("--ckpt-host-versions", type=int, default=2, help="L0: versions in the host pool")
     c.add_argument("--ckpt-host-budget-gb", type=float, help="L0: byte budget of the host pool")
+    c.add_argument("--ckpt-host-dir", default="/dev/shm", help="L0: tmpfs directory of the host pool (per node)")
     c.add_argument("--ckpt-local-dir", help="L1: node-local checkpoint directory")
     c.add_argument("--ckpt-local-interval", type=int, help="L1: flush every N iterations")
     c.add_argument("--ckpt-local-retain-last", type=int, default=2, help="L1: committed checkpoints kept")
@@ -248,6 +249,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             async_save=args.async_save,
             host_versions=args.ckpt_host_versions,
             host_budget_gb=args.ckpt_host_budget_gb,
+            host_dir=args.ckpt_host_dir,
             local_dir=args.ckpt_local_dir,
             local_interval=args.ckpt_local_interval,
             local_retain_last=args.ckpt_local_retain_last,

@@ -17,8 +17,14 @@ from checkpointing.commit import gather_from_all, save_and_commit
 from checkpointing.config import CheckpointConfig
 from checkpointing.discovery import StoredCheckpoint, load_candidates
 from checkpointing.errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError
+from checkpointing.peers import directory_peers
 from checkpointing.reader import CheckpointReader
+from checkpointing.writer import data_file_name
 from trainer.checkpoint_state import TrainerCheckpointState
+
+
+class _NotHere(Exception):
+    """This candidate cannot be used in this run (not an error: the next one is tried)."""
 
 
 class SaveDirError(OSError):
@@ -62,12 +68,13 @@ class Checkpointer:
         self.last_saved: int | None = None
         self.loaded: int | None = None
         """The iteration loaded at start (0: from scratch); nothing new to save while unchanged."""
+        self.local_peers = self._find_peers()
         self.engine = None
         if cfg.async_save:
             from checkpointing.engine import CheckpointEngine
 
             self.engine = CheckpointEngine.for_config(cfg, self.state, self.group, logger.info,
-                                                      trainer.groups.rank, self.state.layout, tracer)
+                                                      trainer.groups.rank, self.state.layout, tracer, self.local_peers)
             trainer.optimizer.before_shard_update.append(lambda shard: self.engine.fence(shard.index))
         self.telemetry = None
         if self.engine is not None and telemetry:
@@ -75,9 +82,31 @@ class Checkpointer:
 
             self.telemetry = CheckpointTelemetry(self.engine, logger.writer)
 
+    def _find_peers(self) -> list[int] | None:
+        """Which ranks share this rank's L1 directory (its node); checks that L2 is shared."""
+        world = dist.get_world_size(self.group)
+        if self.cfg.save and world > 1:
+            shared = directory_peers(self.cfg.save, self.group)
+            if len(shared) < world:
+                self.logger.info(f"WARNING: --save {self.cfg.save} is not the same directory on every rank (rank "
+                                 f"{dist.get_rank(self.group)} shares it with ranks {shared} only); L2 must be a file "
+                                 "system all nodes share, or its checkpoints cannot be committed whole")
+        if not self.cfg.local_dir or world == 1:
+            return None
+        peers = directory_peers(self.cfg.local_dir, self.group)
+        nodes = len({tuple(p) for p in gather_from_all(self.group, peers)})
+        if nodes > 1:
+            self.logger.info(f"> checkpoint: L1 {self.cfg.local_dir} is node-local ({nodes} nodes); each node keeps "
+                             "its own ranks' files, and restores from it only in the same layout")
+        return peers
+
     # -- load ---------------------------------------------------------------------------------------
     def candidates(self) -> list[tuple[str, StoredCheckpoint]]:
-        """(level, checkpoint) to try, newest first; at equal step the faster level first."""
+        """(level, checkpoint) to try, newest first; at equal step the faster level first.
+
+        Only checkpoints every rank sees committed are candidates: a node-local level (L1) on
+        one node may hold versions another node lost (a replaced node), and every rank must try
+        the same list in the same order."""
         found: list[tuple[int, int, str, StoredCheckpoint]] = []
         levels = [("L1", self.cfg.local_dir), ("L2", self.cfg.load)]
         for speed, (level, root) in enumerate(levels):
@@ -86,7 +115,14 @@ class Checkpointer:
             stored, notes = load_candidates(root, self.cfg.ckpt_step)
             for note in notes:
                 self.logger.info(f"> checkpoint: {note}")
-            found += [(-c.iteration, speed, level, c) for c in stored]
+            seen = gather_from_all(self.group, [c.iteration for c in stored])
+            everywhere = set.intersection(*[set(s) for s in seen])
+            for c in stored:
+                if c.iteration not in everywhere:
+                    missing = [r for r, s in enumerate(seen) if c.iteration not in s]
+                    self.logger.info(f"> checkpoint: {level} iteration {c.iteration} is not committed on ranks "
+                                     f"{missing[:8]}{' ...' if len(missing) > 8 else ''} (their node lost it); not loaded")
+            found += [(-c.iteration, speed, level, c) for c in stored if c.iteration in everywhere]
         return [(level, c) for _, _, level, c in sorted(found, key=lambda t: t[:2])]
 
     def load(self) -> int:
@@ -148,21 +184,16 @@ class Checkpointer:
             started = time.perf_counter()
             self.logger.info(f"> loading checkpoint from {candidate.path} ({level}) ...")
             outcome, read_bytes, objects = None, 0, {}
+            node_local = False
             try:
                 reader = CheckpointReader(candidate.path, verify=cfg.verify_checksums)
-                extra = sorted(k for k in reader.tensor_keys() - wanted_model_keys if not k.startswith("optimizer."))
-                if extra:
-                    raise CheckpointMismatchError(
-                        f"{candidate.path} holds tensors this model has no place for: {extra[:4]}"
-                        f"{' ...' if len(extra) > 4 else ''} ({len(extra)} in all); the saved model was larger "
-                        f"(layers {reader.facts['layout'].get('num_layers')}, this model "
-                        f"{self.state.layout['num_layers']})")
-                read_bytes = reader.read_pieces(self.state.load_pieces, self.state.load_arrays)
-                objects["common"] = reader.read_object("common")
-                same_layout = reader.facts["layout"] == self.state.layout
-                for key in self.state.objects_to_load()[1:]:
-                    if same_layout and reader.has(key):
-                        objects[key] = reader.read_object(key)
+                node_local = reader.local_files is not None
+                if node_local:
+                    read_bytes, objects = self._read_node_local(reader)
+                else:
+                    read_bytes, objects = self._read_shared(reader, wanted_model_keys)
+            except _NotHere as why:
+                outcome = ("skip", str(why))
             except CheckpointMismatchError as error:
                 outcome = ("mismatch", str(error))
             except (CheckpointCorruptError, OSError) as error:
@@ -170,12 +201,18 @@ class Checkpointer:
             outcomes = gather_from_all(self.group, outcome)
             failures = [(r, o) for r, o in enumerate(outcomes) if o is not None]
             if not failures:
+                if node_local:
+                    self._share_common(objects)
+                    self.trainer.optimizer.publish_main_params()  # the weights, from the restored main weights
                 self.state.restore_objects(objects)
                 if len(objects) == 1 and cfg.load_rng:
                     self.logger.info("> checkpoint: saved with another layout; RNG states not loaded")
                 self.logger.info(f"> loaded iteration {candidate.iteration} from {candidate.path} "
                                  f"({read_bytes / 1e6:.1f} MB on the logging rank, {time.perf_counter() - started:.2f} s)")
                 return candidate.iteration, None
+            if all(kind == "skip" for _, (kind, _) in failures):
+                self.logger.info(f"> checkpoint: {candidate.path} ({level}) passed over: {failures[0][1][1]}")
+                continue
             message = "; ".join(f"rank {r}: {text}" for r, (_, text) in failures)
             if any(kind == "mismatch" for _, (kind, _) in failures):
                 raise CheckpointMismatchError(message)
@@ -185,6 +222,45 @@ class Checkpointer:
         raise CheckpointCorruptError(
             f"every committed checkpoint in {cfg.load} is damaged (see the warnings above); nothing was deleted. "
             f"Start from scratch with another --load, or repair the files")
+
+    def _read_shared(self, reader: CheckpointReader, wanted_model_keys: set[str]) -> tuple[int, dict]:
+        """Read this rank's pieces in the current layout from whichever chunks hold them."""
+        extra = sorted(k for k in reader.tensor_keys() - wanted_model_keys if not k.startswith("optimizer."))
+        if extra:
+            raise CheckpointMismatchError(
+                f"{reader.directory} holds tensors this model has no place for: {extra[:4]}"
+                f"{' ...' if len(extra) > 4 else ''} ({len(extra)} in all); the saved model was larger "
+                f"(layers {reader.facts['layout'].get('num_layers')}, this model "
+                f"{self.state.layout['num_layers']})")
+        read_bytes = reader.read_pieces(self.state.load_pieces, self.state.load_arrays)
+        objects = {"common": reader.read_object("common")}
+        same_layout = reader.facts["layout"] == self.state.layout
+        for key in self.state.objects_to_load()[1:]:
+            if same_layout and reader.has(key):
+                objects[key] = reader.read_object(key)
+        return read_bytes, objects
+
+    def _read_node_local(self, reader: CheckpointReader) -> tuple[int, dict]:
+        """Restore from a node-local checkpoint: each rank reads back its own file (the pieces it
+        saved, replicas included); the weights are then published from the main weights."""
+        if reader.facts["layout"] != self.state.layout:
+            raise _NotHere("it is node-local and was saved in another layout; a node holds only its own "
+                           "ranks' files, so it restores only into the same layout")
+        if not self.cfg.load_optim:
+            raise _NotHere("it is node-local, which restores the optimizer state; --no-load-optim reads "
+                           "the weights from the shared level instead")
+        pieces = [p for p in self.state.save_pieces if p.key.startswith("optimizer.")]
+        read_bytes = reader.read_own_pieces(data_file_name(self.trainer.groups.rank), pieces, self.state.arrays)
+        # ``common`` is in the file of the rank that captured it, on its node only: shared after
+        # every rank succeeded (``_share_common``).
+        keys = [k for k in self.state.objects_to_load() if reader.object_file(k) in reader.local_files]
+        return read_bytes, {key: reader.read_object(key) for key in keys}
+
+    def _share_common(self, objects: dict) -> None:
+        held = [c for c in gather_from_all(self.group, objects.get("common")) if c is not None]
+        if not held:
+            raise CheckpointCorruptError("no node holds the checkpoint's common state")
+        objects["common"] = held[0]
 
     # -- save ---------------------------------------------------------------------------------------
     def after_step(self, iteration: int) -> None:

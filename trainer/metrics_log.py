@@ -49,6 +49,8 @@ class MetricsLogger:
     def console_line(self, iteration, loss, lr, grad_norm, iteration_time, tokens_per_iteration, consumed_samples):
         if not self.enabled:
             return
+        if self.writer is not None:
+            self.writer.flush()  # a killed job loses at most one log interval of TensorBoard scalars
         done = iteration - self._start_iteration
         elapsed = time.monotonic() - self._start
         remaining = elapsed / max(done, 1) * (self.train_iters - iteration)

@@ -1,0 +1,157 @@
+"""How the engine copies one shard into the host pool, and how a fence waits for it: per device.
+
+The engine's copy thread calls :meth:`copy` shard by shard; the training thread calls
+:meth:`fence` before the optimizer overwrites a shard. The device of the live arrays picks the
+implementation (:func:`copier_for`), in this one place:
+
+- **CPU** (:class:`HostShardCopier`): the copy thread copies with ``Tensor.copy_`` and sets one
+  ``threading.Event`` per shard; a fence blocks the training thread until that event is set.
+- **CUDA** (:class:`CudaShardCopier`): the pool's shared memory is registered with CUDA
+  (page-locked, so copies are DMA, not staged); the copy thread enqueues each shard's
+  device-to-host copy on a dedicated stream, after an event recorded on the training stream at
+  ``request`` (so it copies the state after step N, not a later one), and records one CUDA event
+  per shard. A fence makes the training stream wait for that event: the host never blocks, the
+  GPU waits only if the copy is still running. The copy thread then waits for the events before
+  the slot is described (committed to L0) and flushed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+
+class HostShardCopier:
+    """CPU arrays: copies on the copy thread, fences wait on a per-shard flag."""
+
+    def __init__(self, num_shards: int):
+        self._done = [threading.Event() for _ in range(num_shards)]
+        for event in self._done:
+            event.set()
+
+    def register(self, memory: torch.Tensor) -> None:
+        """Nothing to pin on CPU."""
+
+    def unregister(self) -> None:
+        pass
+
+    def begin(self) -> None:
+        """On the training thread, at ``request``: every shard is pending from now on."""
+        for event in self._done:
+            event.clear()
+
+    def copy(self, index: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """On the copy thread: copy ``(destination, source)`` pairs of shard ``index``."""
+        for dst, src in pairs:
+            dst.copy_(src)
+        self._done[index].set()
+
+    def finish(self) -> None:
+        """On the copy thread, after the last shard: the host bytes are all there (they are)."""
+
+    def fence(self, index: int, tag: int) -> float | None:
+        """Wait until shard ``index`` may be overwritten; the seconds the host waited, or None if
+        the copy was done. ``tag`` (the iteration) labels waits measured later (:meth:`device_waits`)."""
+        event = self._done[index]
+        if event.is_set():
+            return None
+        started = time.perf_counter()
+        event.wait()
+        return time.perf_counter() - started
+
+    def device_waits(self) -> list[tuple[int, int, float]]:
+        """(shard, tag, seconds) of waits that happened on the device since the last call."""
+        return []
+
+
+class CudaShardCopier:
+    """CUDA arrays: device-to-host copies on a dedicated stream into registered (pinned) memory,
+    one CUDA event per shard as its fence."""
+
+    def __init__(self, num_shards: int, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self._copied = [torch.cuda.Event() for _ in range(num_shards)]
+        # The copy thread enqueues a shard's copy and records its event; a fence must not look at
+        # the event before that, or it would see the previous version's (completed) event.
+        self._issued = [threading.Event() for _ in range(num_shards)]
+        for event in self._issued:
+            event.set()
+        self._ready: torch.cuda.Event | None = None
+        self._registered: list[int] = []
+        self._pending: list[tuple[int, int, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def register(self, memory: torch.Tensor) -> None:
+        """Page-lock one pool slot (shared memory) so copies into it are asynchronous DMA."""
+        ptr = memory.data_ptr()
+        error = torch.cuda.cudart().cudaHostRegister(ptr, memory.numel() * memory.element_size(), 0)
+        if int(error) != 0:
+            raise RuntimeError(f"cudaHostRegister of {memory.numel() * memory.element_size()} bytes of the host pool "
+                               f"failed (error {int(error)}); lower --ckpt-host-versions or --ckpt-host-budget-gb, "
+                               "or raise the locked-memory limit (ulimit -l)")
+        self._registered.append(ptr)
+
+    def unregister(self) -> None:
+        for ptr in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self._registered = []
+
+    def begin(self) -> None:
+        """On the training thread, at ``request``: mark the point of the training stream after
+        step N; the copies start from there."""
+        for event in self._issued:
+            event.clear()
+        self._ready = torch.cuda.Event()
+        self._ready.record(torch.cuda.current_stream(self.device))
+
+    def copy(self, index: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        with torch.cuda.stream(self.stream):
+            if index == 0 and self._ready is not None:
+                self.stream.wait_event(self._ready)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            self._copied[index].record(self.stream)
+        self._issued[index].set()
+
+    def finish(self) -> None:
+        """The host bytes are complete only when the stream has run every copy."""
+        self.stream.synchronize()
+
+    def fence(self, index: int, tag: int) -> float | None:
+        started = time.perf_counter()
+        self._issued[index].wait()  # the copy thread enqueues every shard within microseconds
+        waited = time.perf_counter() - started
+        event = self._copied[index]
+        if event.query():
+            return waited if waited > 1e-4 else None
+        # The training stream waits on the GPU; the host goes on enqueuing work. How long the GPU
+        # waited is measured with timing events around the wait, read once they have run.
+        stream = torch.cuda.current_stream(self.device)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(stream)
+        stream.wait_event(event)
+        after.record(stream)
+        self._pending.append((index, tag, before, after))
+        return waited
+
+    def device_waits(self) -> list[tuple[int, int, float]]:
+        ran = [(p, p[3].query()) for p in self._pending]
+        self._pending = [p for p, finished in ran if not finished]
+        done = [p for p, finished in ran if finished]
+        return [(index, tag, before.elapsed_time(after) / 1000) for index, tag, before, after in done]
+
+
+def copier_for(arrays: dict[str, torch.Tensor], num_shards: int):
+    """The copier for where the live arrays are (the one place this is decided)."""
+    devices = {a.device for a in arrays.values()}
+    if len(devices) != 1:
+        raise ValueError(f"the checkpointed arrays are on several devices {sorted(map(str, devices))}; "
+                         "they must all be on one")
+    device = devices.pop()
+    if device.type == "cuda":
+        return CudaShardCopier(num_shards, device)
+    if device.type == "cpu":
+        return HostShardCopier(num_shards)
+    raise ValueError(f"checkpointing arrays on {device.type} is not supported (cpu and cuda are)")

@@ -1,0 +1,137 @@
+"""The engine's CUDA path on a GPU: iteration-time overhead and blocked time of checkpointing every
+iteration into the registered shared-memory pool, against no checkpointing, in one run.
+
+A synthetic iteration: "forward and backward" are bf16 matrix products on the training stream
+(``--compute-ms`` long), then an "optimizer step" updates three fp32 flat arrays (main weights
+and two moments, ``--state-gb`` in all) shard by shard behind the engine's fences. Methods are
+interleaved round by round; the table gives the median iteration time per method.
+
+    python scripts/bench_engine_gpu.py --state-gb 3 --iters 20 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from checkpointing.engine import CheckpointEngine, Level  # noqa: E402
+from checkpointing.host_pool import ArraySpec, HostPool, list_segments  # noqa: E402
+from checkpointing.items import TensorPiece  # noqa: E402
+
+
+class FlatState:
+    def __init__(self, numel: int, shards: int):
+        self.arrays = {k: torch.randn(numel, device="cuda") for k in ("fp32_param", "exp_avg", "exp_avg_sq")}
+        step = numel // shards
+        self.shards = [(i * step, numel if i == shards - 1 else (i + 1) * step) for i in range(shards)]
+        self.save_pieces = [TensorPiece(f"{k}", k, lo, (hi - lo,), (numel,), (lo,)) for k in self.arrays for lo, hi in self.shards]
+        self.load_arrays, self.load_pieces = self.arrays, self.save_pieces
+
+    def capture_objects(self, iteration):
+        return {"common": {"iteration": iteration}}
+
+    def step(self, engine):
+        p, m, v = self.arrays["fp32_param"], self.arrays["exp_avg"], self.arrays["exp_avg_sq"]
+        for index, (lo, hi) in enumerate(self.shards):
+            if engine is not None:
+                engine.fence(index)
+            m[lo:hi].mul_(0.9).add_(p[lo:hi], alpha=0.1)
+            v[lo:hi].mul_(0.999).addcmul_(m[lo:hi], m[lo:hi], value=0.001)
+            p[lo:hi].addcdiv_(m[lo:hi], v[lo:hi].sqrt().add_(1e-8), value=-1e-4)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state-gb", type=float, default=3.0)
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--compute-ms", type=float, default=150.0, help="forward+backward time to aim for")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--host-dir", default="/dev/shm")
+    parser.add_argument("--out", help="also write the table here (markdown)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_engine_gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    numel = int(args.state_gb * 1e9 / 12)
+    state = FlatState(numel, args.shards)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+
+    def compute_once():
+        torch.matmul(a, a)
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        compute_once()
+    torch.cuda.synchronize()
+    per = (time.perf_counter() - t) / 10
+    reps = max(1, round(args.compute_ms / 1000 / per))
+
+    workdir = tempfile.mkdtemp(prefix="bench-gpu-")
+    specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}
+    pool = HostPool("bench-gpu", 0, specs, 2, None, args.host_dir)
+    engine = CheckpointEngine(state, pool, [Level("L2", os.path.join(workdir, "l2"), None, None)], dist.group.WORLD,
+                              lambda m: None)
+    times: dict[str, list[float]] = {"none": [], "L0 every iteration": []}
+    blocked: list[float] = []
+    it = 0
+    for _ in range(args.rounds):
+        for method in times:
+            use = engine if method != "none" else None
+            for i in range(args.iters):
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                for _ in range(reps):
+                    compute_once()
+                state.step(use)
+                if use is not None:
+                    it += 1
+                    t = time.perf_counter()
+                    engine.request(it)
+                    blocked.append(time.perf_counter() - t)
+                torch.cuda.synchronize()
+                if i >= 2:  # the first iterations of a method warm up
+                    times[method].append(time.perf_counter() - started)
+            engine.wait_idle(drain=False)
+    engine.close(drain=False)
+    for path in list_segments("bench-gpu", args.host_dir):
+        os.unlink(path)
+    gb = numel * 12 / 1e9
+    base = statistics.median(times["none"])
+    stats = engine.stats
+    lines = [f"GPU: {torch.cuda.get_device_name()}; state {gb:.2f} GB in {args.shards} shards; "
+             f"{args.rounds} rounds x {args.iters} iterations per method, interleaved; median iteration time",
+             "", "| method | iteration | overhead | request blocked | per GB |", "|---|---|---|---|---|"]
+    for method, ts in times.items():
+        med = statistics.median(ts)
+        b = statistics.median(blocked) if method != "none" else 0.0
+        lines.append(f"| {method} | {med * 1000:.1f} ms | {100 * (med / base - 1):+.1f}% | {b * 1000:.3f} ms | "
+                     f"{b * 1000 / gb:.3f} ms/GB |")
+    lines.append("")
+    lines.append(f"copies: {stats.copies}, mean copy {stats.copy_seconds / max(stats.copies, 1) * 1000:.1f} ms "
+                 f"({gb / (stats.copy_seconds / max(stats.copies, 1)):.1f} GB/s device to registered shared memory); "
+                 f"fence waits {stats.fence_waits}, stall {stats.stall_seconds * 1000:.1f} ms in all")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
