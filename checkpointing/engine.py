@@ -100,15 +100,19 @@ class CheckpointEngine:
         self._lock = threading.Condition()
         self._copy_queue: collections.deque = collections.deque()
         self._flush_queue: collections.deque[_Job] = collections.deque()
-        self._copying: HostSlot | None = None
+        self._landing: set[HostSlot] = set()
+        """Slots whose copy is not complete in host memory yet (not reusable, not flushable)."""
+        self._land_queue: collections.deque = collections.deque()
         self.copier = copier_for(state.arrays, len(state.shards))
         for slot in pool.slots:
             self.copier.register(slot.memory)
-        self._copy_idle = True
+        self._issuing = False
+        """The copy thread has not yet started every shard's copy of the newest request."""
         self._flushing = False
         self._closed = False
         self._iteration = 0
         self._threads = [threading.Thread(target=self._copy_loop, name="ckpt-copy", daemon=True),
+                         threading.Thread(target=self._land_loop, name="ckpt-land", daemon=True),
                          threading.Thread(target=self._flush_loop, name="ckpt-flush", daemon=True)]
         for t in self._threads:
             t.start()
@@ -139,7 +143,7 @@ class CheckpointEngine:
         started = time.perf_counter()
         objects = self.state.capture_objects(version)  # small: copied now, on this thread
         with self._lock:
-            self._wait_copy_done_locked()  # the previous copy finished (its fences passed already)
+            self._wait_issued_locked()  # the previous copy started everywhere (its fences passed already)
             slot = self._free_slot_locked()
             if slot is None:
                 self.stats.backpressure_waits += 1
@@ -149,8 +153,8 @@ class CheckpointEngine:
             slot.invalidate()  # its old version is gone from now on, also for a restart after a crash
             slot.version = version  # what it will hold; described (recoverable) once copied
             self.copier.begin()
-            self._copying = slot
-            self._copy_idle = False
+            self._landing.add(slot)
+            self._issuing = True
             self._copy_queue.append((slot, version, objects))
             for level in self.levels:
                 if force_flush or (level.interval and version % level.interval == 0):
@@ -181,7 +185,7 @@ class CheckpointEngine:
         """Forget every L0 version but ``slot``'s (after a load: older runs' snapshots are stale)."""
         with self._lock:
             for s in self.pool.slots:
-                if s is not slot and s.pins == 0 and s is not self._copying:
+                if s is not slot and s.pins == 0 and s not in self._landing:
                     s.invalidate()
 
     def fence(self, shard_index: int) -> None:
@@ -198,7 +202,7 @@ class CheckpointEngine:
     def pool_busy(self) -> int:
         """Slots that cannot take a new version now (being copied or awaiting a flush)."""
         with self._lock:
-            return sum(1 for s in self.pool.slots if s.pins or s is self._copying)
+            return sum(1 for s in self.pool.slots if s.pins or s in self._landing)
 
     def set_iteration(self, iteration: int) -> None:
         """The training iteration now running: its fence waits are counted as its stall."""
@@ -212,17 +216,18 @@ class CheckpointEngine:
 
     def _free_slot_locked(self) -> HostSlot | None:
         """An unpinned slot that is not being copied: never held, else the oldest version."""
-        free = [s for s in self.pool.slots if s.pins == 0 and s is not self._copying]
+        free = [s for s in self.pool.slots if s.pins == 0 and s not in self._landing]
         if not free:
             return None
         return min(free, key=lambda s: -1 if s.version is None else s.version)
 
-    def _wait_copy_done_locked(self) -> None:
-        while not self._copy_idle:
+    def _wait_issued_locked(self) -> None:
+        while self._issuing:
             self._lock.wait()
 
     # -- copy thread -------------------------------------------------------------------------------
     def _copy_loop(self) -> None:
+        """Start every shard's copy of each requested version, in order (on CPU: copy it)."""
         while True:
             with self._lock:
                 while not self._copy_queue and not self._closed:
@@ -241,14 +246,30 @@ class CheckpointEngine:
                 shard_started = time.perf_counter_ns()
                 self.copier.copy(index, [(slot.arrays[name][lo:hi], live[lo:hi]) for name, live in self.state.arrays.items()])
                 self.tracer.complete(f"copy shard {index}", "ckpt", shard_started, time.perf_counter_ns(), iteration=version)
-            self.copier.finish()
+            landed = self.copier.all_started()
+            with self._lock:
+                self._issuing = False  # the next request may go on (on a GPU, before these bytes land)
+                self._land_queue.append((slot, version, objects, started, landed))
+                self._lock.notify_all()
+
+    def _land_loop(self) -> None:
+        """Wait until each version's bytes are in host memory, then describe its slot (the L0
+        commit) and let flushes read it. A thread of its own, so that on a GPU the next version's
+        copies are started while this one is still in flight."""
+        while True:
+            with self._lock:
+                while not self._land_queue and not self._closed:
+                    self._lock.wait()
+                if not self._land_queue:
+                    return
+                slot, version, objects, started, landed = self._land_queue.popleft()
+            self.copier.wait_landed(landed)
             slot.describe(version, objects, self.layout)
             with self._lock:
                 self.stats.copies += 1
                 self.stats.last_copy_seconds = time.perf_counter() - started
                 self.stats.copy_seconds += self.stats.last_copy_seconds
-                self._copying = None
-                self._copy_idle = True
+                self._landing.discard(slot)
                 self._lock.notify_all()
 
     # -- flush thread ------------------------------------------------------------------------------
@@ -265,7 +286,7 @@ class CheckpointEngine:
                     return
                 job = self._flush_queue[0]
                 self._flushing = True
-                while self._copying is job.slot:  # its copy is still running
+                while job.slot in self._landing:  # its copy is still running
                     self._lock.wait()
                 superseded = any(j.level is job.level and j.version > job.version for j in list(self._flush_queue)[1:])
             # Every rank must agree: skip if any rank already sees a newer version for this level.
@@ -317,7 +338,7 @@ class CheckpointEngine:
             if waiting:
                 self.log(f"> waiting for {len(waiting)} checkpoint flush(es): {', '.join(waiting)} ...")
             last_line = started
-            while not self._copy_idle or (drain and (self._flush_queue or self._flushing)):
+            while self._issuing or self._landing or (drain and (self._flush_queue or self._flushing)):
                 self._lock.wait(timeout=10)
                 if self._flush_queue and time.perf_counter() - last_line >= 10:
                     last_line = time.perf_counter()

@@ -11,8 +11,9 @@ implementation (:func:`copier_for`), in this one place:
   device-to-host copy on a dedicated stream, after an event recorded on the training stream at
   ``request`` (so it copies the state after step N, not a later one), and records one CUDA event
   per shard. A fence makes the training stream wait for that event: the host never blocks, the
-  GPU waits only if the copy is still running. The copy thread then waits for the events before
-  the slot is described (committed to L0) and flushed.
+  GPU waits only if the copy is still running. The engine's landing thread waits for the last
+  event before the slot is described (committed to L0) and flushed, so the next ``request``
+  need not wait for the bytes to land.
 """
 
 from __future__ import annotations
@@ -48,8 +49,13 @@ class HostShardCopier:
             dst.copy_(src)
         self._done[index].set()
 
-    def finish(self) -> None:
-        """On the copy thread, after the last shard: the host bytes are all there (they are)."""
+    def all_started(self):
+        """On the copy thread, after the last shard: a handle to wait for the bytes to land."""
+        return None
+
+    def wait_landed(self, handle) -> None:
+        """Block until the bytes of the version ``handle`` belongs to are in host memory (here:
+        they are, ``copy`` is synchronous)."""
 
     def fence(self, index: int, tag: int) -> float | None:
         """Wait until shard ``index`` may be overwritten; the seconds the host waited, or None if
@@ -115,9 +121,13 @@ class CudaShardCopier:
             self._copied[index].record(self.stream)
         self._issued[index].set()
 
-    def finish(self) -> None:
-        """The host bytes are complete only when the stream has run every copy."""
-        self.stream.synchronize()
+    def all_started(self) -> torch.cuda.Event:
+        landed = torch.cuda.Event()
+        landed.record(self.stream)
+        return landed
+
+    def wait_landed(self, handle: torch.cuda.Event) -> None:
+        handle.synchronize()
 
     def fence(self, index: int, tag: int) -> float | None:
         started = time.perf_counter()

@@ -72,6 +72,8 @@ def main() -> int:
     def compute_once():
         torch.matmul(a, a)
 
+    for _ in range(3):  # cuBLAS picks its kernel on the first calls
+        compute_once()
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(10):
@@ -82,48 +84,62 @@ def main() -> int:
 
     workdir = tempfile.mkdtemp(prefix="bench-gpu-")
     specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}
-    pool = HostPool("bench-gpu", 0, specs, 2, None, args.host_dir)
-    engine = CheckpointEngine(state, pool, [Level("L2", os.path.join(workdir, "l2"), None, None)], dist.group.WORLD,
-                              lambda m: None)
-    times: dict[str, list[float]] = {"none": [], "L0 every iteration": []}
-    blocked: list[float] = []
+    engines = {
+        "L0 every iteration": [Level("L2", os.path.join(workdir, "l2"), None, None)],
+        "L0 + L1 every 10th": [Level("L1", os.path.join(workdir, "l1"), 10, 1),
+                               Level("L2", os.path.join(workdir, "l2"), None, None)],
+    }
+    for i, (method, levels) in enumerate(engines.items()):
+        pool = HostPool(f"bench-gpu{i}", 0, specs, 2, None, args.host_dir)
+        engines[method] = CheckpointEngine(state, pool, levels, dist.group.WORLD, lambda m: None)
+    times: dict[str, list[float]] = {"none": [], **{m: [] for m in engines}}
+    blocked: dict[str, list[float]] = {m: [] for m in engines}
     it = 0
     for _ in range(args.rounds):
         for method in times:
-            use = engine if method != "none" else None
+            engine = engines.get(method)
+            train = torch.cuda.current_stream()
             for i in range(args.iters):
-                torch.cuda.synchronize()
+                # The training stream only: a device-wide sync would also wait for the copy stream.
+                train.synchronize()
                 started = time.perf_counter()
                 for _ in range(reps):
                     compute_once()
-                state.step(use)
-                if use is not None:
+                state.step(engine)
+                if engine is not None:
                     it += 1
                     t = time.perf_counter()
                     engine.request(it)
-                    blocked.append(time.perf_counter() - t)
-                torch.cuda.synchronize()
+                    blocked[method].append(time.perf_counter() - t)
+                train.synchronize()
                 if i >= 2:  # the first iterations of a method warm up
                     times[method].append(time.perf_counter() - started)
-            engine.wait_idle(drain=False)
-    engine.close(drain=False)
+            if engine is not None:
+                engine.wait_idle(drain=True)  # the next method starts with no flush in the background
+    for engine in engines.values():
+        engine.close(drain=True)
     for path in list_segments("bench-gpu", args.host_dir):
         os.unlink(path)
     gb = numel * 12 / 1e9
     base = statistics.median(times["none"])
-    stats = engine.stats
     lines = [f"GPU: {torch.cuda.get_device_name()}; state {gb:.2f} GB in {args.shards} shards; "
+             f"forward+backward {reps} bf16 8192^3 products ({reps * per * 1000:.0f} ms); "
              f"{args.rounds} rounds x {args.iters} iterations per method, interleaved; median iteration time",
              "", "| method | iteration | overhead | request blocked | per GB |", "|---|---|---|---|---|"]
     for method, ts in times.items():
         med = statistics.median(ts)
-        b = statistics.median(blocked) if method != "none" else 0.0
+        b = statistics.median(blocked[method]) if method in blocked else 0.0
         lines.append(f"| {method} | {med * 1000:.1f} ms | {100 * (med / base - 1):+.1f}% | {b * 1000:.3f} ms | "
                      f"{b * 1000 / gb:.3f} ms/GB |")
     lines.append("")
-    lines.append(f"copies: {stats.copies}, mean copy {stats.copy_seconds / max(stats.copies, 1) * 1000:.1f} ms "
-                 f"({gb / (stats.copy_seconds / max(stats.copies, 1)):.1f} GB/s device to registered shared memory); "
-                 f"fence waits {stats.fence_waits}, stall {stats.stall_seconds * 1000:.1f} ms in all")
+    for method, engine in engines.items():
+        st = engine.stats
+        flushed = [f for f in st.flushes if f.error is None]
+        lines.append(f"- {method}: {st.copies} snapshots, request to landed in host memory {st.copy_seconds / max(st.copies, 1) * 1000:.1f} ms "
+                     f"on average; {st.fence_waits} fences reached an unfinished copy, GPU-side stall "
+                     f"{st.stall_seconds * 1000:.1f} ms in all (request waits included), {st.backpressure_waits} requests "
+                     f"waited for a slot; {len(flushed)} flushes" + (f" of {sum(f.seconds for f in flushed) / len(flushed):.2f} s "
+                     f"each" if flushed else ""))
     text = "\n".join(lines)
     print(text)
     if args.out:
