@@ -115,8 +115,9 @@ class HostPool:
 
 
 def list_segments(tag: str | None = None, directory: str = SHM_DIR) -> list[str]:
+    """Slots, their descriptions, and temporary files a killed description write left."""
     pattern = f"{PREFIX}{tag or ''}*"
-    return sorted(glob.glob(os.path.join(directory, pattern)))
+    return sorted(glob.glob(os.path.join(directory, pattern)) + glob.glob(os.path.join(directory, f".{pattern}.tmp.*")))
 
 
 def remove_segments(save_dir: str, directory: str = SHM_DIR) -> int:

@@ -12,6 +12,10 @@ about 1 GB. Two parts:
   Overhead = median iteration time / median without checkpointing - 1; blocked = time the
   training thread spent in checkpoint calls and fences, per checkpoint.
 
+Each method of a round runs in a process of its own, so that each can have its own OpenMP wait
+policy (``method@passive``): ``pretrain_gpt.py --async-save`` makes OpenMP wait passively
+(``trainer/cpu_threads.py``), and overheads are against ``none`` with OpenMP's default.
+
     python scripts/bench_checkpoint.py [--part format|overhead|all] [--rounds 2] [--iters 6] [--methods ...]
 """
 
@@ -244,44 +248,106 @@ METHODS = {
 }
 
 
-def part_overhead(trainer, workdir, rounds, iters, names, warmup=2) -> None:
-    methods = [METHODS[n](trainer, workdir) for n in names]
-    times = {m.name: [] for m in methods}
-    blocked = {m.name: [0.0, 0] for m in methods}
+def _split(spec: str) -> tuple[str, str]:
+    """``engine-l0@passive`` -> (``engine-l0``, ``PASSIVE``); no suffix: OpenMP's default."""
+    name, _, policy = spec.partition("@")
+    return name, policy.upper()
+
+
+def label(spec: str) -> str:
+    name, policy = _split(spec)
+    return LABELS[name] + (f", OMP_WAIT_POLICY={policy}" if policy else "")
+
+
+LABELS = {
+    "none": "none",
+    "engine-l0": "engine L0 every it + L1 every 10th",
+    "engine-disk": "engine every it to disk (L2, 3 slots)",
+    "torch-save": "torch.save + fsync",
+    "dcp": "DCP save",
+    "dcp-async-thread": "DCP async_save (thread)",
+    "dcp-async-process": "DCP async_save (process)",
+}
+
+
+def run_child(spec: str, iters: int, warmup: int, workdir: str) -> dict:
+    """One method in a fresh process: OpenMP reads its wait policy once, at load."""
+    import json
+    import subprocess
+
+    name, policy = _split(spec)
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--iters", str(iters), "--warmup", str(warmup),
+           "--workdir", workdir]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench child {spec} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def child(name: str, iters: int, warmup: int, workdir: str) -> None:
+    """Train ``warmup + iters`` iterations checkpointing every one with method ``name``; print JSON."""
+    import json
+
+    trainer = build_trainer()
+    for _ in range(2):
+        trainer.train_step()
+    m = METHODS[name](trainer, workdir)
+    m.start()
+    times = []
+    for i in range(warmup + iters):
+        started = time.perf_counter()
+        trainer.train_step()
+        m.checkpoint(trainer.iteration)
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    m.stop()
+    result = {"times": times, "bytes": state_bytes(trainer)}
+    if isinstance(m, EngineMethod):
+        result.update(blocked=m.blocked_total * iters / (warmup + iters), persisted=m.persisted,
+                      superseded=sum(m.engine.stats.skipped.values()))
+        m.close()
+    else:
+        result.update(blocked=sum(m.blocked[-iters:]), persisted=len(m.blocked), superseded=0)
+    print(json.dumps(result), flush=True)
+
+
+def part_overhead(workdir, rounds, iters, specs, warmup=2) -> None:
+    """Interleaved rounds; each method runs in its own process per round (see ``run_child``)."""
+    times = {s: [] for s in specs}
+    blocked = {s: [0.0, 0] for s in specs}
+    persisted = {s: [0, 0] for s in specs}
+    nbytes = 0
     for r in range(rounds):
-        order = methods if r % 2 == 0 else methods[::-1]
-        for m in order:
-            m.start()
-            for i in range(warmup + iters):
-                started = time.perf_counter()
-                trainer.train_step()
-                m.checkpoint(trainer.iteration)
-                elapsed = time.perf_counter() - started
-                if i >= warmup:
-                    times[m.name].append(elapsed)
-            m.stop()
-            if isinstance(m, EngineMethod):
-                blocked[m.name][0] += m.blocked_total * iters / (warmup + iters)
-            else:
-                blocked[m.name][0] += sum(m.blocked[-iters:])
-                m.blocked.clear()
-            blocked[m.name][1] += iters
-            print(f"  round {r + 1}: {m.name}: median {statistics.median(times[m.name][-iters:]):.3f} s/it "
-                  f"({' '.join(f'{t:.2f}' for t in times[m.name][-iters:])})", flush=True)
-    for m in methods:
-        if isinstance(m, EngineMethod):
-            print(f"  {m.name}: {m.persisted} versions written to disk, "
-                  f"{sum(m.engine.stats.skipped.values())} superseded before their flush started")
-            m.close()
+        for spec in (specs if r % 2 == 0 else specs[::-1]):
+            out = run_child(spec, iters, warmup, workdir)
+            nbytes = out["bytes"]
+            times[spec] += out["times"]
+            blocked[spec][0] += out["blocked"]
+            blocked[spec][1] += iters
+            persisted[spec][0] += out["persisted"]
+            persisted[spec][1] += warmup + iters
+            print(f"  round {r + 1}: {label(spec)}: median {statistics.median(out['times']):.3f} s/it "
+                  f"({' '.join(f'{t:.2f}' for t in out['times'])}); {out['persisted']} versions on disk, "
+                  f"{out['superseded']} superseded", flush=True)
     base = statistics.median(times["none"])
-    nbytes = state_bytes(trainer)
     print(f"\n## Overhead: checkpoint every iteration, {nbytes / 1e9:.2f} GB of state, {rounds} interleaved rounds of "
-          f"{iters} iterations\n")
-    print("| method | median s/iteration | overhead | blocked ms per checkpoint | blocked ms per GB |\n|---|---|---|---|---|")
-    for name, values in times.items():
+          f"{iters} iterations (after {warmup} warm-up), one process per method and round\n")
+    print("| method | median s/iteration | overhead vs none | blocked ms per checkpoint | blocked ms per GB | versions on disk |\n"
+          "|---|---|---|---|---|---|")
+    for spec, values in times.items():
         med = statistics.median(values)
-        ms = 1000 * blocked[name][0] / max(blocked[name][1], 1)
-        print(f"| {name} | {med:.3f} | {100 * (med / base - 1):+.1f}% | {ms:.1f} | {ms / (nbytes / 1e9):.1f} |")
+        ms = 1000 * blocked[spec][0] / max(blocked[spec][1], 1)
+        disk = "-" if spec.startswith("none") else f"{persisted[spec][0]} of {persisted[spec][1]}"
+        print(f"| {label(spec)} | {med:.3f} | {100 * (med / base - 1):+.1f}% | {ms:.1f} | {ms / (nbytes / 1e9):.1f} | {disk} |")
+
+
+DEFAULT_METHODS = ("none,none@passive,engine-l0@passive,engine-disk@passive,torch-save,dcp,"
+                   "dcp-async-thread,dcp-async-thread@passive,dcp-async-process")
 
 
 def main() -> int:
@@ -289,20 +355,32 @@ def main() -> int:
     parser.add_argument("--part", choices=("format", "overhead", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", type=int, default=6)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated, of {', '.join(METHODS)}, each with an optional @passive or @active "
+                             "(OMP_WAIT_POLICY of its process; pretrain_gpt.py uses passive with --async-save)")
     parser.add_argument("--workdir", help="where checkpoints go (default: a temporary directory)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    trainer = build_trainer()
-    print(f"> model: {trainer.job.model.num_parameters(1) / 1e6:.1f}M parameters, "
-          f"{state_bytes(trainer) / 1e9:.2f} GB checkpointed state", flush=True)
+    if args.child:
+        child(args.child, args.iters, args.warmup, args.workdir)
+        return 0
+    specs = ["none", *(m for m in args.methods.split(",") if m and m != "none")]
+    for spec in specs:
+        if _split(spec)[0] not in METHODS:
+            parser.error(f"unknown method {spec!r}; choose from {', '.join(METHODS)}")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-ckpt-", dir="/tmp")
     try:
-        for _ in range(2):
-            trainer.train_step()
         if args.part in ("format", "all"):
+            trainer = build_trainer()
+            print(f"> model: {trainer.job.model.num_parameters(1) / 1e6:.1f}M parameters, "
+                  f"{state_bytes(trainer) / 1e9:.2f} GB checkpointed state", flush=True)
+            for _ in range(2):
+                trainer.train_step()
             part_format(trainer, workdir)
+            del trainer
         if args.part in ("overhead", "all"):
-            part_overhead(trainer, workdir, args.rounds, args.iters, ["none", *(n for n in args.methods.split(",") if n != "none")])
+            part_overhead(workdir, args.rounds, args.iters, specs, args.warmup)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
