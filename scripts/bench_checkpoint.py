@@ -277,7 +277,8 @@ def run_child(spec: str, iters: int, warmup: int, workdir: str) -> dict:
 
     name, policy = _split(spec)
     env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
+    for variable in ("OMP_WAIT_POLICY", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a job of its own
+        env.pop(variable, None)
     if policy:
         env["OMP_WAIT_POLICY"] = policy
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--iters", str(iters), "--warmup", str(warmup),
