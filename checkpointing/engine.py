@@ -4,6 +4,9 @@
 shard of the state's flat arrays into a free slot of the host pool (L0) while forward and
 backward of N+1 run (they only read those arrays). The optimizer step of N+1 calls
 ``fence(shard)`` before it updates a shard, and waits only if that shard's copy is not done.
+How a shard is copied and fenced depends on the device (``checkpointing.shard_copy``: threads
+on CPU, a CUDA stream and events on GPU); a landing thread waits for each version's bytes and
+then describes its slot, the L0 commit.
 A flush thread then writes selected versions to L1 (node-local) and L2 (``--save``) with the
 format's commit protocol; a version that a newer one supersedes before its flush starts is
 skipped. Time waited in fences and for a free slot is the **stall**.
