@@ -228,16 +228,19 @@ class CheckpointEngine:
         while self._issuing:
             self._lock.wait()
 
+    def _next(self, queue: collections.deque):
+        """The next item of a background thread's ``queue``, waiting for one; None once the
+        engine is closed and the queue is empty (the thread ends)."""
+        with self._lock:
+            while not queue and not self._closed:
+                self._lock.wait()
+            return queue.popleft() if queue else None
+
     # -- copy thread -------------------------------------------------------------------------------
     def _copy_loop(self) -> None:
         """Start every shard's copy of each requested version, in order (on CPU: copy it)."""
-        while True:
-            with self._lock:
-                while not self._copy_queue and not self._closed:
-                    self._lock.wait()
-                if not self._copy_queue:
-                    return
-                slot, version, objects = self._copy_queue.popleft()
+        while (job := self._next(self._copy_queue)) is not None:
+            slot, version, objects = job
             started = time.perf_counter()
             faults.reach("copy", version)
             delay = faults.delay("copy")
@@ -259,13 +262,8 @@ class CheckpointEngine:
         """Wait until each version's bytes are in host memory, then describe its slot (the L0
         commit) and let flushes read it. A thread of its own, so that on a GPU the next version's
         copies are started while this one is still in flight."""
-        while True:
-            with self._lock:
-                while not self._land_queue and not self._closed:
-                    self._lock.wait()
-                if not self._land_queue:
-                    return
-                slot, version, objects, started, landed = self._land_queue.popleft()
+        while (job := self._next(self._land_queue)) is not None:
+            slot, version, objects, started, landed = job
             self.copier.wait_landed(landed)
             slot.describe(version, objects, self.layout)
             with self._lock:
