@@ -1,0 +1,146 @@
+"""The data file writer: O_DIRECT from memory where the file system allows it, the same bytes
+through the page cache where it does not, and errors that name the file."""
+
+import errno
+import io
+import os
+
+import pytest
+import torch
+
+from checkpointing import direct_io
+from checkpointing.direct_io import BLOCK, DirectFile
+from checkpointing.durable import CheckpointWriteError
+from checkpointing.items import TensorPiece
+from checkpointing.writer import data_file_name, write_rank_file
+
+
+def _state():
+    torch.manual_seed(0)
+    main = torch.randn(1_500_007)
+    half = torch.randn(700_001).to(torch.bfloat16)
+    arrays = {"main": main, "half": half}
+    pieces = [
+        TensorPiece("w1", "main", 3, (600, 1000), (1200, 1000), (600, 0)),
+        TensorPiece("w2", "main", 600_003, (600, 1000), (600, 1000), (0, 0)),  # same shape as w1
+        TensorPiece("tiny", "main", 1_200_003, (17,), (17,), (0,)),
+        TensorPiece("odd", "main", 1_200_020, (299_987,), (299_987,), (0,)),
+        TensorPiece("h", "half", 1, (700_000,), (700_000,), (0,)),
+        TensorPiece("w1_again", "main", 3, (600, 1000), (1200, 1000), (600, 0)),  # shares w1's blob
+    ]
+    objects = {"iteration": 7, "rng": torch.get_rng_state(), "empty": torch.empty(0)}
+    return arrays, pieces, objects
+
+
+def _check_file(directory, arrays, pieces, objects, records):
+    raw = (directory / data_file_name(0)).read_bytes()
+    assert len(raw) == max(r.offset + r.length for r in records), "the file ends where its last blob ends"
+    by_key = {r.key: r for r in records}
+    for piece in pieces:
+        r = by_key[piece.key]
+        loaded = torch.load(io.BytesIO(raw[r.offset : r.offset + r.length]))
+        assert loaded.dtype == arrays[piece.array].dtype
+        assert torch.equal(loaded, piece.view(arrays)), piece.key
+    for key, value in objects.items():
+        r = by_key[key]
+        loaded = torch.load(io.BytesIO(raw[r.offset : r.offset + r.length]), weights_only=False)
+        assert torch.equal(loaded, value) if isinstance(value, torch.Tensor) else loaded == value
+    assert by_key["w1"].offset == by_key["w1_again"].offset
+    return raw
+
+
+def test_round_trip_and_large_chunks_written_from_memory(tmp_path, monkeypatch):
+    arrays, pieces, objects = _state()
+    if not DirectFile(str(tmp_path / "probe")).direct:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    writes = []
+    real_pwrite = os.pwrite
+
+    def spy(fd, data, offset):
+        writes.append((torch.frombuffer(data, dtype=torch.uint8).data_ptr() if len(data) else 0, len(data), offset))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", spy)
+    records = write_rank_file(str(tmp_path), 0, arrays, pieces, objects)
+    _check_file(tmp_path, arrays, pieces, objects, records)
+    main = arrays["main"]
+    lo, hi = main.data_ptr(), main.data_ptr() + main.nbytes
+    from_memory = [n for address, n, _ in writes if lo <= address < hi]
+    assert sum(from_memory) > 0.9 * 4 * 1_500_000, "the large fp32 chunks went to the file without a staging copy"
+    assert all(address % BLOCK == 0 and n % BLOCK == 0 and offset % BLOCK == 0 for address, n, offset in writes)
+
+
+def test_file_system_refusing_o_direct_gets_the_same_content(tmp_path, monkeypatch):
+    arrays, pieces, objects = _state()
+    real_open = os.open
+
+    def no_direct(path, flags, *mode):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(direct_io.os, "open", no_direct)
+    records = write_rank_file(str(tmp_path), 0, arrays, pieces, objects)
+    raw = _check_file(tmp_path, arrays, pieces, objects, records)
+    assert not DirectFile(str(tmp_path / "probe")).direct
+    blobs = sorted({(r.offset, r.length) for r in records})
+    assert all(a + n == b for (a, n), (b, _) in zip(blobs, blobs[1:])), "buffered: no padding between blobs"
+    assert len(raw) == sum(n for _, n in blobs)
+
+
+def test_o_direct_write_refused_after_open_falls_back(tmp_path, monkeypatch):
+    arrays, pieces, objects = _state()
+    real_pwrite = os.pwrite
+    refused = []
+
+    def refuse_direct(fd, data, offset):
+        import fcntl
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", refuse_direct)
+    records = write_rank_file(str(tmp_path), 0, arrays, pieces, objects)
+    _check_file(tmp_path, arrays, pieces, objects, records)
+    if DirectFile(str(tmp_path / "probe")).direct:
+        assert refused, "the first O_DIRECT write was refused and the rest went buffered"
+
+
+def test_disk_full_midway_names_file_and_rank(tmp_path, monkeypatch):
+    arrays, pieces, objects = _state()
+    real_pwrite = os.pwrite
+    calls = []
+
+    def full_after_one(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", full_after_one)
+    with pytest.raises(CheckpointWriteError) as error:
+        write_rank_file(str(tmp_path), 3, arrays, pieces, objects)
+    assert error.value.errno == errno.ENOSPC
+    assert "rank 3" in str(error.value) and str(tmp_path / data_file_name(3)) in str(error.value)
+
+
+def test_direct_file_keeps_bytes_in_order_across_the_staging_buffer(tmp_path):
+    """Small writes larger than the staging buffer, and buffers written from memory at every
+    residue, land where ``position`` said they would."""
+    path = tmp_path / "f"
+    expected = bytearray()
+    source = torch.arange(3 * 2**20, dtype=torch.uint8)
+    with DirectFile(str(path), staging_bytes=64 * 1024) as f:
+        for i, start in enumerate([0, 1, 511, 4095, 4096, 12345]):
+            small = bytes([i]) * (100 + 70_000 * (i % 2))
+            f.write(small)
+            expected += small
+            gap = f.gap_before(0, source.data_ptr() + start, 2**20)
+            f.write(bytes(gap))
+            expected += bytes(gap)
+            view = memoryview(source[start : start + 2**20].numpy())
+            assert f.position == len(expected)
+            f.write_memory(view, source.data_ptr() + start)
+            expected += view.tobytes()
+    assert path.read_bytes() == bytes(expected)
