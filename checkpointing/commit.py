@@ -64,6 +64,7 @@ def save_and_commit(
     level: str = "sync",
     tracer=None,
     peers: list[int] | None = None,
+    write_rate: float | None = None,
 ) -> SaveResult:
     """Collectively save one version to ``root`` (every rank of ``group`` calls it).
 
@@ -74,7 +75,9 @@ def save_and_commit(
     node-local (peers are not everyone), each node's first rank coordinates its directory, every
     rank also writes its replica pieces (so a node restores its ranks from its own disk), and
     each node's metadata names the files it holds. The commit stays global: no node writes its
-    metadata before every rank of the job has its file durable."""
+    metadata before every rank of the job has its file durable.
+
+    ``write_rate``: this rank writes its data file at most this many bytes per second."""
     started = time.perf_counter()
     rank = dist.get_rank(group)
     world = dist.get_world_size(group)
@@ -98,7 +101,8 @@ def save_and_commit(
     try:
         faults.reach(f"{level}.write", iteration)
         with tracer.span(f"write {level}", "ckpt", iteration=iteration):
-            records = write_rank_file(directory, dist.get_rank(), arrays, pieces, objects, replicas=node_local)
+            records = write_rank_file(directory, dist.get_rank(), arrays, pieces, objects, replicas=node_local,
+                                      write_rate=write_rate)
     except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
         records = str(e)
     gathered = gather_from_all(group, records)

@@ -47,6 +47,11 @@ class CheckpointConfig:
     persistent_interval: int | None = None
     """L2: flush to ``--save`` every this many iterations (``--ckpt-persistent-interval``;
     default ``--save-interval``)."""
+    write_rate_limit_mb: float | None = None
+    """L1 and L2: each rank writes at most this many MB (10^6 bytes) per second on average
+    (``--ckpt-write-rate-limit``); None: as fast as the disk goes. Bounds how much flushing
+    interferes with training (and shares a parallel file system); a slower flush persists fewer
+    versions, the newest first (superseded ones are skipped)."""
 
     def __post_init__(self) -> None:
         if self.ckpt_format != "torch_dist":
@@ -59,6 +64,10 @@ class CheckpointConfig:
             raise ValueError(f"--ckpt-step must be >= 0, got {self.ckpt_step}")
         if self.local_retain_last < 1:
             raise ValueError(f"--ckpt-local-retain-last must be >= 1, got {self.local_retain_last}")
+        if self.write_rate_limit_mb is not None and self.write_rate_limit_mb <= 0:
+            raise ValueError(f"--ckpt-write-rate-limit must be > 0 MB/s, got {self.write_rate_limit_mb}")
+        if self.write_rate_limit_mb is not None and not self.async_save:
+            raise ValueError("--ckpt-write-rate-limit needs --async-save (it paces the engine's flushes)")
         if self.host_budget_gb is not None and self.host_budget_gb <= 0:
             raise ValueError(f"--ckpt-host-budget-gb must be > 0, got {self.host_budget_gb}")
         if self.save_interval is not None and self.save is None:

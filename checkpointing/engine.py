@@ -12,13 +12,19 @@ format's commit protocol; a version that a newer one supersedes before its flush
 skipped. Time waited in fences and for a free slot is the **stall**.
 
 The flush thread runs collectives on a group of its own. Its job list is decided on the main
-thread, identically on every rank; whether to skip a superseded job is agreed by one small
-all-reduce, so every rank flushes the same versions.
+thread, identically on every rank; whether to skip a job is agreed by one small all-reduce, so
+every rank flushes the same versions. A slow disk therefore does not hold the pool: when no
+slot is free, ``request`` takes the slot of a queued job that the new version supersedes (same
+level, not started, not forced) and marks the job *orphaned*; the job stays in the queue, so
+every rank still sees the same sequence, and the agreement skips it everywhere. Only when no
+slot can be taken that way (every slot being flushed, copied, or held for a version a level
+needs) does ``request`` wait (backpressure).
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import threading
 import time
@@ -37,6 +43,21 @@ from checkpointing.shard_copy import copier_for
 from checkpointing.trace import NullTracer
 
 
+def _named(loop: Callable[[], None]) -> Callable[[], None]:
+    """``loop`` under its Python thread's name also in the OS (``top -H``, ``/proc/<pid>/task``),
+    so the CPU each engine thread takes can be told apart from training's."""
+
+    def run() -> None:
+        name = threading.current_thread().name.encode()[:15]
+        try:
+            ctypes.CDLL(None).pthread_setname_np(ctypes.c_void_p(threading.get_ident()), name)
+        except (AttributeError, OSError):
+            pass  # no pthread_setname_np here: the name is cosmetic
+        loop()
+
+    return run
+
+
 @dataclass(frozen=True)
 class Level:
     """A storage level written by the flush thread."""
@@ -49,6 +70,8 @@ class Level:
     retain_last: int | None
     peers: list[int] | None = None
     """Ranks that share this rank's ``root`` (``checkpointing.peers``); None: every rank."""
+    write_rate: float | None = None
+    """Bytes per second this rank writes at most (``--ckpt-write-rate-limit``); None: no limit."""
 
 
 @dataclass
@@ -81,6 +104,19 @@ class _Job:
     level: Level
     version: int
     slot: HostSlot
+    forced: bool = False
+    """A forced flush (end of training): never superseded."""
+    claimed: bool = False
+    """The flush thread has taken it (its skip decision is being agreed, or it is written)."""
+    orphaned: bool = False
+    """Superseded, and its slot taken by a newer version: every rank will skip it."""
+    released: bool = False
+    """Its pin on ``slot`` is given back."""
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.slot.pins -= 1
 
 
 class CheckpointEngine:
@@ -114,9 +150,8 @@ class CheckpointEngine:
         self._flushing = False
         self._closed = False
         self._iteration = 0
-        self._threads = [threading.Thread(target=self._copy_loop, name="ckpt-copy", daemon=True),
-                         threading.Thread(target=self._land_loop, name="ckpt-land", daemon=True),
-                         threading.Thread(target=self._flush_loop, name="ckpt-flush", daemon=True)]
+        self._threads = [threading.Thread(target=_named(loop), name=name, daemon=True) for loop, name in
+                         ((self._copy_loop, "ckpt-copy"), (self._land_loop, "ckpt-land"), (self._flush_loop, "ckpt-flush"))]
         for t in self._threads:
             t.start()
 
@@ -127,12 +162,14 @@ class CheckpointEngine:
         specs = {name: ArraySpec(a.numel(), a.dtype) for name, a in state.arrays.items()}
         budget = int(cfg.host_budget_gb * 2**30) if cfg.host_budget_gb else None
         pool = HostPool(job_tag(cfg.save), rank, specs, cfg.host_versions, budget, cfg.host_dir)
+        rate = cfg.write_rate_limit_mb * 1e6 if cfg.write_rate_limit_mb else None
         levels = []
         if cfg.local_dir:
-            levels.append(Level("L1", cfg.local_dir, cfg.local_interval, cfg.local_retain_last, local_peers))
-        levels.append(Level("L2", cfg.save, cfg.l2_interval, cfg.save_retain_last))
+            levels.append(Level("L1", cfg.local_dir, cfg.local_interval, cfg.local_retain_last, local_peers, rate))
+        levels.append(Level("L2", cfg.save, cfg.l2_interval, cfg.save_retain_last, None, rate))
         log(f"> async checkpointing: L0 {len(pool.slots)} versions in shared memory ({pool.bytes / 2**30:.2f} GiB "
-            f"per rank); " + "; ".join(f"{lv.name} {lv.root} every {lv.interval}" for lv in levels))
+            f"per rank); " + "; ".join(f"{lv.name} {lv.root} every {lv.interval}" for lv in levels)
+            + (f"; writes at most {cfg.write_rate_limit_mb:g} MB/s per rank" if rate else ""))
         return cls(state, pool, levels, group, log, layout, tracer)
 
     # -- the training thread -----------------------------------------------------------------------
@@ -147,22 +184,22 @@ class CheckpointEngine:
         objects = self.state.capture_objects(version)  # small: copied now, on this thread
         with self._lock:
             self._wait_issued_locked()  # the previous copy started everywhere (its fences passed already)
-            slot = self._free_slot_locked()
+            due = [level for level in self.levels if force_flush or (level.interval and version % level.interval == 0)]
+            slot = self._free_slot_locked() or self._reclaim_locked(due, version)
             if slot is None:
                 self.stats.backpressure_waits += 1
                 while slot is None:
                     self._lock.wait()
-                    slot = self._free_slot_locked()
+                    slot = self._free_slot_locked() or self._reclaim_locked(due, version)
             slot.invalidate()  # its old version is gone from now on, also for a restart after a crash
             slot.version = version  # what it will hold; described (recoverable) once copied
             self.copier.begin()
             self._landing.add(slot)
             self._issuing = True
             self._copy_queue.append((slot, version, objects))
-            for level in self.levels:
-                if force_flush or (level.interval and version % level.interval == 0):
-                    slot.pins += 1
-                    self._flush_queue.append(_Job(level, version, slot))
+            for level in due:
+                slot.pins += 1
+                self._flush_queue.append(_Job(level, version, slot, forced=force_flush))
             self._lock.notify_all()
         self._add_stall(time.perf_counter() - started, version)
         for index, iteration, seconds in self.copier.device_waits():  # GPU-side fence waits, measured now
@@ -181,7 +218,7 @@ class CheckpointEngine:
             for level in self.levels:
                 if not (level.interval and version % level.interval == 0):
                     slot.pins += 1
-                    self._flush_queue.append(_Job(level, version, slot))
+                    self._flush_queue.append(_Job(level, version, slot, forced=True))
             self._lock.notify_all()
 
     def keep_only(self, slot: HostSlot | None) -> None:
@@ -223,6 +260,24 @@ class CheckpointEngine:
         if not free:
             return None
         return min(free, key=lambda s: -1 if s.version is None else s.version)
+
+    def _reclaim_locked(self, due: list[Level], version: int) -> HostSlot | None:
+        """The oldest slot held only by queued flush jobs that ``version`` supersedes (a level in
+        ``due``, an older version, not started, not forced); those jobs are orphaned."""
+        jobs_of = collections.defaultdict(list)
+        for job in self._flush_queue:
+            if not job.released:
+                jobs_of[job.slot].append(job)
+        for slot in sorted(jobs_of, key=lambda s: s.version):
+            jobs = jobs_of[slot]
+            if slot in self._landing or len(jobs) != slot.pins:
+                continue
+            if all(j.level in due and j.version < version and not (j.claimed or j.forced) for j in jobs):
+                for job in jobs:
+                    job.orphaned = True
+                    job.release()
+                return slot
+        return None
 
     def _wait_issued_locked(self) -> None:
         while self._issuing:
@@ -287,10 +342,13 @@ class CheckpointEngine:
                     return
                 job = self._flush_queue[0]
                 self._flushing = True
-                while job.slot in self._landing:  # its copy is still running
+                while not job.orphaned and job.slot in self._landing:  # its copy is still running
                     self._lock.wait()
-                superseded = any(j.level is job.level and j.version > job.version for j in list(self._flush_queue)[1:])
-            # Every rank must agree: skip if any rank already sees a newer version for this level.
+                job.claimed = True  # from here on, request() cannot orphan it
+                superseded = job.orphaned or not job.forced and any(
+                    j.level is job.level and j.version > job.version for j in list(self._flush_queue)[1:])
+            # Every rank must agree: skip if any rank already sees a newer version for this level
+            # (or took this version's slot for a newer one).
             flag = torch.tensor([1 if superseded else 0], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
             if flag.item():
@@ -299,7 +357,7 @@ class CheckpointEngine:
                 self._flush(job)
             with self._lock:
                 self._flush_queue.popleft()
-                job.slot.pins -= 1
+                job.release()
                 self._flushing = False
                 self._lock.notify_all()
 
@@ -314,7 +372,7 @@ class CheckpointEngine:
             with self.tracer.span(f"flush {level.name}", "ckpt", iteration=job.version):
                 result = save_and_commit(level.root, job.version, slot.arrays, self.state.save_pieces, slot.objects,
                                          self.layout, self.group, level.retain_last, level.name, self.tracer,
-                                         level.peers)
+                                         level.peers, level.write_rate)
             self.stats.flushes.append(FlushRecord(level.name, job.version, result.bytes_written, result.seconds))
         except CheckpointWriteError as error:
             self.stats.flushes.append(FlushRecord(level.name, job.version, 0, 0.0, str(error)))
@@ -333,7 +391,7 @@ class CheckpointEngine:
             if not drain:  # drop queued flushes; one already running finishes on its own
                 keep = 1 if self._flushing and self._flush_queue else 0
                 for job in list(self._flush_queue)[keep:]:
-                    job.slot.pins -= 1
+                    job.release()
                 self._flush_queue = collections.deque(list(self._flush_queue)[:keep])
             waiting = self._pending_locked()
             if waiting:

@@ -163,18 +163,20 @@ def write_rank_file(
     pieces: list[TensorPiece],
     objects: dict[str, Any],
     replicas: bool = False,
+    write_rate: float | None = None,
 ) -> list[ChunkRecord]:
     """Write this rank's writer pieces and objects to ``directory`` and fsync file and directory.
 
     With ``replicas`` the rank's other pieces are written too, so that this one file restores
-    the rank (node-local levels). ``arrays`` are host (CPU) arrays. Raises
+    the rank (node-local levels). ``write_rate`` (bytes/s) paces the writes. ``arrays`` are host
+    (CPU) arrays. Raises
     :class:`CheckpointWriteError` naming the file.
     """
     name = data_file_name(rank)
     path = os.path.join(directory, name)
     records: list[ChunkRecord] = []
     try:
-        with DirectFile(path) as f, _without_zip_crc32():
+        with DirectFile(path, rate=write_rate) as f, _without_zip_crc32():
             # Two pieces over the same bytes (the fp32 weights are the main weights) share one
             # blob: their records point at the same byte range, as DCP allows.
             written: dict[tuple[str, int, tuple[int, ...]], tuple[int, int, int]] = {}

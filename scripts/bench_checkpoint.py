@@ -8,9 +8,11 @@ about 1 GB. Two parts:
   checksums verified) next to the machine's raw write+fsync and cold read of the same bytes.
 - ``overhead``: interleaved rounds of K iterations per method, checkpointing every iteration:
   none; this engine with L0 every iteration + L1 every 10th; this engine every iteration to
-  disk (L2); torch.save + fsync; DCP save; DCP async_save with a thread and with a process.
-  Overhead = median iteration time / median without checkpointing - 1; blocked = time the
-  training thread spent in checkpoint calls and fences, per checkpoint.
+  disk (L2), as fast as the disk goes and with ``--ckpt-write-rate-limit``; torch.save + fsync;
+  DCP save; DCP async_save with a thread and with a process. Overhead = median iteration time /
+  median without checkpointing - 1; blocked = time the training thread spent in checkpoint calls
+  and fences, per checkpoint. Each round's line also gives the CPU seconds per iteration of
+  each thread (training, OpenMP workers, the engine's ``ckpt-copy`` and ``ckpt-flush``).
 
 Each method of a round runs in a process of its own, so that each can have its own OpenMP wait
 policy (``method@passive``): ``pretrain_gpt.py --async-save`` makes OpenMP wait passively
@@ -142,7 +144,7 @@ class Method:
 
 
 class EngineMethod(Method):
-    def __init__(self, trainer, workdir, name, l1_interval, l2_interval, slots):
+    def __init__(self, trainer, workdir, name, l1_interval, l2_interval, slots, write_rate=None):
         super().__init__(trainer, workdir)
         import torch.distributed as dist
 
@@ -157,7 +159,7 @@ class EngineMethod(Method):
         levels = []
         if l1_interval:
             levels.append(Level("L1", os.path.join(workdir, name.replace(" ", "_"), "l1"), l1_interval, 1))
-        levels.append(Level("L2", os.path.join(workdir, name.replace(" ", "_"), "l2"), l2_interval, 1))
+        levels.append(Level("L2", os.path.join(workdir, name.replace(" ", "_"), "l2"), l2_interval, 1, None, write_rate))
         self.engine = CheckpointEngine(state, pool, levels, dist.new_group(backend="gloo"), lambda m: None, state.layout)
 
     def start(self):
@@ -237,10 +239,16 @@ class DcpAsync(Method):
             self.future = None
 
 
+WRITE_RATE_LIMIT_MB = 200
+"""``--ckpt-write-rate-limit`` of the limited engine row: 1 GB takes 5 s to write, about two
+iterations here, so about one version in two or three reaches the disk."""
+
 METHODS = {
     "none": lambda t, w: Method(t, w),
     "engine-l0": lambda t, w: EngineMethod(t, w, "engine L0 every it + L1 every 10th", 10, 10**9, 2),
     "engine-disk": lambda t, w: EngineMethod(t, w, "engine every it to disk (L2, 3 slots)", None, 1, 3),
+    "engine-disk-limited": lambda t, w: EngineMethod(t, w, "engine every it to disk, limited", None, 1, 3,
+                                                     WRITE_RATE_LIMIT_MB * 1e6),
     "torch-save": lambda t, w: TorchSave(t, w),
     "dcp": lambda t, w: DcpSave(t, w),
     "dcp-async-thread": lambda t, w: DcpAsync(t, w, "thread"),
@@ -263,6 +271,7 @@ LABELS = {
     "none": "none",
     "engine-l0": "engine L0 every it + L1 every 10th",
     "engine-disk": "engine every it to disk (L2, 3 slots)",
+    "engine-disk-limited": f"engine every it to disk (L2, 3 slots), writes <= {WRITE_RATE_LIMIT_MB} MB/s",
     "torch-save": "torch.save + fsync",
     "dcp": "DCP save",
     "dcp-async-thread": "DCP async_save (thread)",
@@ -301,13 +310,17 @@ def child(name: str, iters: int, warmup: int, workdir: str) -> None:
     m.start()
     times = []
     for i in range(warmup + iters):
+        if i == warmup:
+            cpu_before = thread_cpu_seconds()
         started = time.perf_counter()
         trainer.train_step()
         m.checkpoint(trainer.iteration)
         if i >= warmup:
             times.append(time.perf_counter() - started)
+    cpu_after = thread_cpu_seconds()
     m.stop()
-    result = {"times": times, "bytes": state_bytes(trainer)}
+    cpu = {name: (cpu_after[name] - cpu_before.get(name, 0.0)) / iters for name in cpu_after}
+    result = {"times": times, "bytes": state_bytes(trainer), "cpu": {k: v for k, v in cpu.items() if v >= 0.005}}
     if isinstance(m, EngineMethod):
         result.update(blocked=m.blocked_total * iters / (warmup + iters), persisted=m.persisted,
                       superseded=sum(m.engine.stats.skipped.values()))
@@ -315,6 +328,23 @@ def child(name: str, iters: int, warmup: int, workdir: str) -> None:
     else:
         result.update(blocked=sum(m.blocked[-iters:]), persisted=len(m.blocked), superseded=0)
     print(json.dumps(result), flush=True)
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) this process's threads used so far, summed by thread name
+    (the training thread is the process's name; OpenMP workers share one name)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                text = f.read()
+        except FileNotFoundError:
+            continue  # the thread ended
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return out
 
 
 def part_overhead(workdir, rounds, iters, specs, warmup=2) -> None:
@@ -334,7 +364,8 @@ def part_overhead(workdir, rounds, iters, specs, warmup=2) -> None:
             persisted[spec][1] += warmup + iters
             print(f"  round {r + 1}: {label(spec)}: median {statistics.median(out['times']):.3f} s/it "
                   f"({' '.join(f'{t:.2f}' for t in out['times'])}); {out['persisted']} versions on disk, "
-                  f"{out['superseded']} superseded", flush=True)
+                  f"{out['superseded']} superseded; CPU s/it by thread: "
+                  f"{', '.join(f'{k} {v:.2f}' for k, v in sorted(out['cpu'].items(), key=lambda kv: -kv[1]))}", flush=True)
     base = statistics.median(times["none"])
     print(f"\n## Overhead: checkpoint every iteration, {nbytes / 1e9:.2f} GB of state, {rounds} interleaved rounds of "
           f"{iters} iterations (after {warmup} warm-up), one process per method and round\n")
@@ -347,7 +378,7 @@ def part_overhead(workdir, rounds, iters, specs, warmup=2) -> None:
         print(f"| {label(spec)} | {med:.3f} | {100 * (med / base - 1):+.1f}% | {ms:.1f} | {ms / (nbytes / 1e9):.1f} | {disk} |")
 
 
-DEFAULT_METHODS = ("none,none@passive,engine-l0@passive,engine-disk@passive,torch-save,dcp,"
+DEFAULT_METHODS = ("none,none@passive,engine-l0@passive,engine-disk@passive,engine-disk-limited@passive,torch-save,dcp,"
                    "dcp-async-thread,dcp-async-thread@passive,dcp-async-process")
 
 

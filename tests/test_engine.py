@@ -8,7 +8,7 @@ import psutil
 import pytest
 import torch
 
-from checkpointing import host_pool
+from checkpointing import direct_io, host_pool
 from checkpointing.engine import CheckpointEngine, Level
 from checkpointing.host_pool import ArraySpec, HostPool
 from checkpointing.items import TensorPiece
@@ -121,18 +121,63 @@ def test_pool_stays_in_budget_and_memory_does_not_grow_over_200_checkpoints(tmp_
     assert rss[200] - rss[20] < 16 * 2**20, f"memory grew by {(rss[200] - rss[20]) / 2**20:.1f} MiB"
 
 
+def test_slow_disk_skips_superseded_versions_instead_of_stalling(tmp_path, single_process_group):
+    state = SyntheticState()
+    engine, _ = make_engine(tmp_path, single_process_group, state, slots=3, interval=1)
+    engine.flush_hook = lambda level, version: time.sleep(0.4)
+    expected = {}
+    for it in range(1, 9):
+        state.optimizer_step(engine)
+        expected[it] = {k: v.clone() for k, v in state.arrays.items()}
+        engine.request(it)
+        time.sleep(0.01)
+    assert engine.stats.backpressure_waits == 0 and engine.stats.stall_seconds < 0.1, engine.stats.stall_by_iteration
+    engine.close(drain=True)
+    flushed = [f.version for f in engine.stats.flushes if f.error is None]
+    assert engine.stats.skipped["L2"] > 0 and len(flushed) + engine.stats.skipped["L2"] == 8 and flushed[-1] == 8
+    for it in flushed:  # a slot taken from a superseded version never leaks into a flushed one
+        loaded = {k: torch.empty_like(v) for k, v in expected[it].items()}
+        CheckpointReader(str(tmp_path / "l2" / f"iter_{it:07d}")).read_pieces(state.save_pieces, loaded)
+        assert all(torch.equal(loaded[k], expected[it][k]) for k in loaded), f"version {it}"
+
+
 def test_slow_disk_stalls_only_once_the_pool_is_full(tmp_path, single_process_group):
+    """Forced flushes (every version must reach the disk) are never superseded: a slow disk
+    fills the pool, and then the request waits, counted as stall."""
     state = SyntheticState()
     engine, _ = make_engine(tmp_path, single_process_group, state, slots=3, interval=1)
     engine.flush_hook = lambda level, version: time.sleep(0.4)
     for it in range(1, 7):
         state.optimizer_step(engine)
-        engine.request(it)
+        engine.request(it, force_flush=True)
         time.sleep(0.01)
     stall = engine.stats.stall_by_iteration
     assert stall.get(1, 0) < 0.05 and stall.get(2, 0) < 0.05 and stall.get(3, 0) < 0.05, stall
     assert engine.stats.backpressure_waits > 0 and sum(stall.values()) > 0.3, stall
     engine.close(drain=True)
+    assert [f.version for f in engine.stats.flushes] == [1, 2, 3, 4, 5, 6]
+
+
+def test_write_rate_limit_paces_the_flush(tmp_path, single_process_group):
+    state = SyntheticState(shard_numel=1 << 20)  # 2 arrays x 16 MiB
+    specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}
+    pool = HostPool(f"test-{os.getpid()}-{time.monotonic_ns()}", 0, specs, 2, None)
+    engine = CheckpointEngine(state, pool, [Level("L2", str(tmp_path / "l2"), 1, None, None, 32e6)],
+                              single_process_group, print)
+    state.optimizer_step(engine)
+    engine.request(1)
+    engine.close(drain=True)
+    (flush,) = engine.stats.flushes
+    assert flush.error is None and flush.bytes > 32e6
+    # the first piece goes at once, every later one waits its turn
+    assert flush.seconds >= 0.9 * (flush.bytes - direct_io.PACE_BYTES) / 32e6, f"{flush.bytes} bytes in {flush.seconds:.2f} s"
+
+
+def test_two_ranks_skip_the_same_superseded_versions(tmp_path):
+    from tests.launch import ROOT, run_pretrain
+
+    proc = run_pretrain([str(tmp_path)], nproc=2, timeout=120, script=ROOT / "tests" / "workers" / "engine_skip_worker.py")
+    assert "OK flushed" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_failed_flush_is_reported_training_goes_on_and_next_version_is_tried(tmp_path, single_process_group, monkeypatch):

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ckpt-local-interval", type=int, help="L1: flush every N iterations")
     c.add_argument("--ckpt-local-retain-last", type=int, default=2, help="L1: committed checkpoints kept")
     c.add_argument("--ckpt-persistent-interval", type=int, help="L2: flush every N iterations (default --save-interval)")
+    c.add_argument("--ckpt-write-rate-limit", type=float, metavar="MB_PER_S",
+                   help="L1/L2: write at most this many MB/s per rank (fewer versions persist, training is "
+                        "disturbed less); default: no limit")
     return p
 
 
@@ -254,6 +257,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             local_interval=args.ckpt_local_interval,
             local_retain_last=args.ckpt_local_retain_last,
             persistent_interval=args.ckpt_persistent_interval,
+            write_rate_limit_mb=args.ckpt_write_rate_limit,
         )
     except ArgumentError:
         raise
