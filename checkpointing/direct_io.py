@@ -1,8 +1,8 @@
 """A sequential file writer that bypasses the page cache (``O_DIRECT``) where it can.
 
-Why: on the 2-core machine a buffered write costs about 0.55 s of kernel CPU per GB (the copy
-into the page cache, then its writeback), taken from training; an ``O_DIRECT`` write of the same
-bytes from the host pool costs about 0.04 s (``../shared/notes`` and ``scripts/bench_checkpoint.py``).
+Why: on the 2-core machine a buffered write + fsync costs 0.5-1.4 s of CPU per GB (the copy into
+the page cache, then its writeback), taken from training; an ``O_DIRECT`` write of the same bytes
+from the host pool costs 0.04-0.10 s (``scripts/bench_write_cost.py``).
 
 ``O_DIRECT`` wants the memory address, the file offset and the length of every write aligned to
 the device's block (512 B here; 4 KiB covers every common device). Small bytes (zip headers,
