@@ -132,7 +132,9 @@ def remove_segments(save_dir: str, directory: str = SHM_DIR) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="List or remove the shared-memory checkpoint pools of jobs.")
     parser.add_argument("--save", help="only the pool of the job with this --save directory")
-    parser.add_argument("--remove", action="store_true", help="remove them (a running job's pool too: stop it first)")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--list", action="store_true", help="list them with their sizes (the default)")
+    action.add_argument("--remove", action="store_true", help="remove them (a running job's pool too: stop it first)")
     parser.add_argument("--ckpt-host-dir", default=SHM_DIR, help=f"where the pools are (default {SHM_DIR})")
     args = parser.parse_args(argv)
     tag = job_tag(args.save) if args.save else None

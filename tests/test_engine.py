@@ -204,7 +204,8 @@ def test_failed_flush_is_reported_training_goes_on_and_next_version_is_tried(tmp
 def test_host_pool_command_lists_and_removes_a_jobs_segments(tmp_path, capsys):
     tag = host_pool.job_tag(str(tmp_path))
     HostPool(tag, 0, {"a": ArraySpec(1000, torch.float32)}, 2, None)
-    assert host_pool.main(["--save", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.count(f"gptckpt-{tag}-r0-s") == 2
+    for listing in ([], ["--list"]):  # listing is the default; the README spells it out
+        assert host_pool.main([*listing, "--save", str(tmp_path)]) == 0
+        assert capsys.readouterr().out.count(f"gptckpt-{tag}-r0-s") == 2
     host_pool.main(["--save", str(tmp_path), "--remove"])
     assert host_pool.list_segments(tag) == []
