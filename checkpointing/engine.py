@@ -73,6 +73,10 @@ class Level:
     write_rate: float | None = None
     """Bytes per second this rank writes at most (``--ckpt-write-rate-limit``); None: no limit."""
 
+    def is_due(self, version: int) -> bool:
+        """Whether ``version`` is flushed to this level by its interval."""
+        return bool(self.interval) and version % self.interval == 0
+
 
 @dataclass
 class FlushRecord:
@@ -184,7 +188,7 @@ class CheckpointEngine:
         objects = self.state.capture_objects(version)  # small: copied now, on this thread
         with self._lock:
             self._wait_issued_locked()  # the previous copy started everywhere (its fences passed already)
-            due = [level for level in self.levels if force_flush or (level.interval and version % level.interval == 0)]
+            due = [level for level in self.levels if force_flush or level.is_due(version)]
             slot = self._free_slot_locked() or self._reclaim_locked(due, version)
             if slot is None:
                 self.stats.backpressure_waits += 1
@@ -216,7 +220,7 @@ class CheckpointEngine:
             if slot is None:
                 raise ValueError(f"iteration {version} is not in the host pool; request it first")
             for level in self.levels:
-                if not (level.interval and version % level.interval == 0):
+                if not level.is_due(version):
                     slot.pins += 1
                     self._flush_queue.append(_Job(level, version, slot, forced=True))
             self._lock.notify_all()

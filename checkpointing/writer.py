@@ -109,6 +109,14 @@ def _tensor_blob(tensor: torch.Tensor) -> tuple[bytes, bytes] | None:
     return blob
 
 
+def _owns_its_storage(value: Any) -> bool:
+    """A contiguous CPU tensor over exactly its storage (as :func:`standalone` makes): the only
+    kind whose ``torch.save`` bytes around the storage depend on dtype and shape alone, and whose
+    storage is its own memory. Anything else (a view, a transposed tensor) is saved as is."""
+    return (isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.is_contiguous()
+            and value.storage_offset() == 0 and value.untyped_storage().nbytes() == value.nbytes)
+
+
 def _address(view: memoryview) -> int:
     return np.frombuffer(view, dtype=np.uint8).ctypes.data if view.nbytes else 0
 
@@ -135,7 +143,7 @@ def _write_chunk(file: DirectFile, value: Any) -> tuple[int, int, int]:
     """Serialise ``value`` into ``file`` as ``torch.save`` does; returns (offset, length, xxh3-64
     of exactly those bytes). A tensor made by :func:`standalone` is written from its memory,
     after padding that aligns it for ``O_DIRECT``."""
-    blob = _tensor_blob(value) if isinstance(value, torch.Tensor) else None
+    blob = _tensor_blob(value) if _owns_its_storage(value) else None
     if blob is None:
         capture = _Capture(None)
         torch.save(value, capture)

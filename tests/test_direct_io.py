@@ -144,3 +144,22 @@ def test_direct_file_keeps_bytes_in_order_across_the_staging_buffer(tmp_path):
             f.write_memory(view, source.data_ptr() + start)
             expected += view.tobytes()
     assert path.read_bytes() == bytes(expected)
+
+
+def test_views_and_transposed_tensors_among_objects_are_saved_as_they_are(tmp_path):
+    """Only tensors over exactly their own storage take the framing cached per dtype and shape;
+    a view into a larger storage or a transposed tensor of a shape written before is saved as
+    ``torch.save`` saves it (the whole storage), not as a contiguous tensor of that shape."""
+    arrays, pieces, _ = _state()
+    objects = {
+        "prefix": torch.arange(601 * 1000, dtype=torch.float32).view(601, 1000)[:600],  # w1's shape
+        "transposed": torch.arange(1000 * 600, dtype=torch.float32).view(1000, 600).t(),  # w1's shape
+        "tail": torch.arange(10_000, dtype=torch.float32)[7:],
+    }
+    records = write_rank_file(str(tmp_path), 0, arrays, pieces, objects)
+    _check_file(tmp_path, arrays, pieces, objects, records)
+    for r in records:
+        if r.key in objects:
+            stock = io.BytesIO()
+            torch.save(objects[r.key], stock)
+            assert r.length == len(stock.getvalue()), r.key
