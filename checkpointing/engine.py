@@ -195,8 +195,9 @@ class CheckpointEngine:
                 while slot is None:
                     self._lock.wait()
                     slot = self._free_slot_locked() or self._reclaim_locked(due, version)
-            slot.invalidate()  # its old version is gone from now on, also for a restart after a crash
-            slot.version = version  # what it will hold; described (recoverable) once copied
+            # What it will hold; described (recoverable) once copied. Its old description is
+            # removed by the copy thread before the copy starts.
+            slot.version, slot.objects, slot.layout = version, None, None
             self.copier.begin()
             self._landing.add(slot)
             self._issuing = True
@@ -234,11 +235,11 @@ class CheckpointEngine:
 
     def fence(self, shard_index: int) -> None:
         """Before the optimizer writes shard ``shard_index``: wait for its copy if not done."""
-        started_ns = time.perf_counter_ns()
         waited = self.copier.fence(shard_index, self._iteration)
-        if waited is None:
+        if waited is None:  # the common case: no clock read, no lock
             return
-        self.tracer.complete(f"fence wait shard {shard_index}", "ckpt", started_ns, time.perf_counter_ns())
+        ended_ns = time.perf_counter_ns()
+        self.tracer.complete(f"fence wait shard {shard_index}", "ckpt", ended_ns - int(waited * 1e9), ended_ns)
         self.stats.fence_waits += 1
         self.stats.stall_by_shard[shard_index] += waited
         self._add_stall(waited, self._iteration)
@@ -301,6 +302,7 @@ class CheckpointEngine:
         while (job := self._next(self._copy_queue)) is not None:
             slot, version, objects = job
             started = time.perf_counter()
+            slot.remove_description()  # its old version is gone from now on, also for a restart after a crash
             faults.reach("copy", version)
             delay = faults.delay("copy")
             for index, (lo, hi) in enumerate(self.state.shards):

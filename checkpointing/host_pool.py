@@ -80,8 +80,14 @@ class HostSlot:
             return None  # never half-written (atomic rename), so damaged by something else: ignore
 
     def invalidate(self) -> None:
-        """Before overwriting: a crash mid-copy must not leave the old description pointing here."""
+        """Forget what the slot holds, in memory and on disk."""
         self.version = self.objects = self.layout = None
+        self.remove_description()
+
+    def remove_description(self) -> None:
+        """Before the first byte is overwritten: a crash mid-copy must not leave the old
+        description pointing here. (The copy thread calls it, so that the unlink is not on the
+        training thread; until then the slot still holds what the description says.)"""
         try:
             os.unlink(self.meta_path)
         except FileNotFoundError:

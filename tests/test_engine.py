@@ -2,6 +2,8 @@
 budget and memory, backpressure under a slow disk, failed flushes."""
 
 import os
+import pickle
+import threading
 import time
 
 import psutil
@@ -100,6 +102,40 @@ def test_fence_waits_only_for_the_shard_whose_copy_is_late(tmp_path, single_proc
     slot = next(s for s in engine.pool.slots if s.version == 1)
     for k in before:
         assert torch.equal(slot.arrays[k], before[k]), "the snapshot is the state before the next step"
+
+
+def test_request_leaves_the_old_description_to_the_copy_thread(tmp_path, single_process_group, monkeypatch):
+    """The training thread does no file-system work in ``request``; the reused slot's old
+    description stays valid until the copy thread removes it, before the first byte is copied."""
+    state = SyntheticState()
+    engine, _ = make_engine(tmp_path, single_process_group, state, slots=2, interval=10**6)  # L0 only
+    for it in (1, 2):
+        state.optimizer_step(engine)
+        engine.request(it)
+        engine.wait_idle()
+    reused = next(s for s in engine.pool.slots if s.version == 1)
+    assert os.path.exists(reused.meta_path)
+    unlinked_by, real_unlink = [], os.unlink
+    monkeypatch.setattr(os, "unlink", lambda path: (unlinked_by.append(threading.current_thread().name), real_unlink(path)))
+    started, go_on = threading.Event(), threading.Event()
+    meta_at_first_copy = []
+
+    def hold_first_shard(index):
+        if index == 0:
+            meta_at_first_copy.append(os.path.exists(reused.meta_path))
+            started.set()
+            go_on.wait(10)
+
+    engine.copy_hook = hold_first_shard
+    state.optimizer_step(engine)
+    engine.request(3)
+    assert reused.version == 3 and unlinked_by == [], "request must not touch the file system"
+    assert started.wait(10)
+    go_on.set()
+    engine.close(drain=True)
+    assert meta_at_first_copy == [False], "the old description must be gone before the slot is overwritten"
+    assert unlinked_by == ["ckpt-copy"]
+    assert pickle.loads(open(reused.meta_path, "rb").read())["version"] == 3
 
 
 def test_pool_stays_in_budget_and_memory_does_not_grow_over_200_checkpoints(tmp_path, single_process_group):

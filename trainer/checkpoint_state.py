@@ -60,6 +60,7 @@ class TrainerCheckpointState:
             self.load_pieces.append(TensorPiece(key=spec.global_name, array="param", start=slot.start, shape=slot.shape,
                                                 global_shape=spec.global_shape, global_offset=spec.global_offset))
         self.load_optimizer = load_optimizer
+        self._job_dict = dataclasses.asdict(trainer.job)  # frozen: converted once, not at every request
         self.layout = {
             "tensor_parallel": trainer.job.parallel.tensor_parallel,
             "pipeline_parallel": trainer.job.parallel.pipeline_parallel,
@@ -96,7 +97,7 @@ class TrainerCheckpointState:
                 "optimizer_step": t.optimizer.step_count,
                 "skipped_steps": t.optimizer.skipped_steps,
                 "layout": self.layout,
-                "args": dataclasses.asdict(t.job),
+                "args": self._job_dict,
             }
         return objects
 
