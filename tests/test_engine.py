@@ -15,6 +15,7 @@ from checkpointing.engine import CheckpointEngine, Level
 from checkpointing.host_pool import ArraySpec, HostPool
 from checkpointing.items import TensorPiece
 from checkpointing.reader import CheckpointReader
+from checkpointing.shard_copy import HostShardCopier
 
 SHARDS = 4
 
@@ -136,6 +137,20 @@ def test_request_leaves_the_old_description_to_the_copy_thread(tmp_path, single_
     assert meta_at_first_copy == [False], "the old description must be gone before the slot is overwritten"
     assert unlinked_by == ["ckpt-copy"]
     assert pickle.loads(open(reused.meta_path, "rb").read())["version"] == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_host_copier_copies_every_byte_of_a_shard(dtype):
+    copier = HostShardCopier(2)
+    live = torch.randn(3000).to(dtype) if dtype != torch.uint8 else torch.randint(0, 256, (3000,), dtype=dtype)
+    pool = torch.zeros(3000, dtype=dtype)
+    strided = torch.zeros(6000, dtype=dtype)[::2]  # not contiguous: copy_ instead of memmove
+    copier.begin()
+    copier.copy(1, [(pool[1000:], live[1000:]), (strided[1000:], live[1000:])])
+    assert copier.fence(1, 0) is None, "the shard is copied: its fence must not wait"
+    assert torch.equal(pool[1000:].view(torch.uint8), live[1000:].view(torch.uint8))
+    assert torch.equal(strided[1000:], live[1000:])
+    assert not pool[:1000].any(), "bytes outside the shard must be left alone"
 
 
 def test_pool_stays_in_budget_and_memory_does_not_grow_over_200_checkpoints(tmp_path, single_process_group):
