@@ -53,7 +53,20 @@ class Steps:
         self.file = os.path.join(directory, f"bench-write-{os.getpid()}.bin")
 
     def copy(self):
-        self.dst.copy_(self.src)
+        """As the engine's CPU copier does: one memmove, on one thread."""
+        from checkpointing.shard_copy import _copy_bytes
+
+        _copy_bytes(self.dst, self.src)
+
+    def copy_two_threads(self):
+        """``Tensor.copy_`` with an intra-op pool of 2 (what the copier did before)."""
+        import torch
+
+        torch.set_num_threads(2)
+        try:
+            self.dst.copy_(self.src)
+        finally:
+            torch.set_num_threads(1)
 
     def xxh3(self):
         import xxhash
@@ -101,7 +114,7 @@ class Steps:
                 os.unlink(path)
 
 
-STEPS = ("copy", "xxh3", "buffered_write", "direct_write", "our_writer")
+STEPS = ("copy", "copy_two_threads", "xxh3", "buffered_write", "direct_write", "our_writer")
 
 
 def part_cpu(directory: str, rounds: int) -> None:
