@@ -52,7 +52,7 @@ def main() -> int:
     import torch
 
     import bench_checkpoint as bench
-    from checkpointing.shard_copy import _copy_bytes
+    from checkpointing.shard_copy import copy_bytes
 
     trainer = bench.build_trainer()
     for _ in range(2):
@@ -73,7 +73,7 @@ def main() -> int:
             this_copy["cpu"] = 0.0
         if variant == "copy":
             for dst, src in pairs:
-                _copy_bytes(dst, src)
+                copy_bytes(dst, src)
         elif variant == "copy-two-threads":
             torch.set_num_threads(2)
             for dst, src in pairs:

@@ -54,9 +54,9 @@ class Steps:
 
     def copy(self):
         """As the engine's CPU copier does: one memmove, on one thread."""
-        from checkpointing.shard_copy import _copy_bytes
+        from checkpointing.shard_copy import copy_bytes
 
-        _copy_bytes(self.dst, self.src)
+        copy_bytes(self.dst, self.src)
 
     def copy_two_threads(self):
         """``Tensor.copy_`` with an intra-op pool of 2 (what the copier did before)."""
