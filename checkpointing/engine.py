@@ -97,6 +97,10 @@ class EngineStats:
     fence_waits: int = 0
     backpressure_waits: int = 0
     copies: int = 0
+    requests: int = 0
+    request_seconds: float = 0.0
+    """Wall time the training thread spent inside ``request`` (capture of the small state, slot
+    claim, backpressure waits included)."""
     copy_seconds: float = 0.0
     last_copy_seconds: float = 0.0
     flushes: list[FlushRecord] = field(default_factory=list)
@@ -206,7 +210,10 @@ class CheckpointEngine:
                 slot.pins += 1
                 self._flush_queue.append(_Job(level, version, slot, forced=force_flush))
             self._lock.notify_all()
-        self._add_stall(time.perf_counter() - started, version)
+        blocked = time.perf_counter() - started
+        self.stats.requests += 1
+        self.stats.request_seconds += blocked
+        self._add_stall(blocked, version)
         for index, iteration, seconds in self.copier.device_waits():  # GPU-side fence waits, measured now
             self.stats.stall_by_shard[index] += seconds
             self._add_stall(seconds, iteration)

@@ -66,5 +66,6 @@ class CheckpointableState(Protocol):
     def objects_to_load(self) -> list[str]:
         """Keys of the small objects this rank needs back."""
 
-    def restore_objects(self, objects: dict[str, Any]) -> None:
-        """Put loaded small objects back into the trainer."""
+    def restore_objects(self, objects: dict[str, Any]) -> str | None:
+        """Put loaded small objects back into the trainer; returns a note for the user about what
+        could not be restored (e.g. device RNG states across devices), or None."""

@@ -138,7 +138,9 @@ class CudaShardCopier:
         self._issued[index].set()
 
     def all_started(self) -> torch.cuda.Event:
-        landed = torch.cuda.Event()
+        # Blocking: the landing thread sleeps in synchronize() instead of spinning a core for the
+        # whole copy (a default event's synchronize busy-waits).
+        landed = torch.cuda.Event(blocking=True)
         landed.record(self.stream)
         return landed
 

@@ -2,7 +2,10 @@
 
 megatron-core 0.16 assumes a GPU in a few places that the model's forward and backward pass
 through even on the local (non-TransformerEngine) layer spec. This module patches exactly those
-places, and only when CUDA is unavailable: on a GPU machine :func:`apply_cpu_compat` does nothing.
+places, and only when the device chosen for the run (``trainer/device.py``, the one place it is
+chosen) is the CPU: for a CUDA run :func:`apply_cpu_compat` does nothing. A machine with GPUs that
+runs on the CPU on purpose (``GPT_FORCE_CPU=1``, e.g. ``scripts/run_demo.sh`` with fewer than 8
+GPUs) is patched like a machine without any.
 Each patch is small, named, and tested in ``tests/test_cpu_compat.py``.
 
 Patches (see ``../shared/notes/megatron-core-on-cpu.md`` for how they were found):
@@ -24,11 +27,6 @@ import functools
 import torch
 
 _APPLIED = False
-
-
-def cuda_is_usable() -> bool:
-    """True when CUDA is present; then nothing in this module patches anything."""
-    return torch.cuda.is_available()
 
 
 def _cpu_current_device() -> torch.device:
@@ -101,10 +99,14 @@ def _skip_cuda_move(method):
     return wrapper
 
 
-def apply_cpu_compat() -> bool:
-    """Apply the patches when CUDA is unavailable. Idempotent. Returns True if patched."""
+def apply_cpu_compat(device: torch.device) -> bool:
+    """Apply the patches when the run's ``device`` is the CPU. Idempotent. Returns True if patched.
+
+    The device is the run's choice, not ``torch.cuda.is_available()``: on a GPU machine forced
+    to the CPU, megatron-core would otherwise allocate on the GPU while the model is on the CPU.
+    """
     global _APPLIED
-    if cuda_is_usable():
+    if device.type != "cpu":
         return False
     if _APPLIED:
         return True

@@ -8,10 +8,15 @@ import math
 import torch
 
 from models.config import GPTModelConfig
-from models.cpu_compat import apply_cpu_compat, cuda_is_usable
+from models.cpu_compat import apply_cpu_compat
+from models.fusions import KernelFusions, ResolvedFusions, resolve_fusions
 from models.param_layout import GlobalParamSpec, global_param_specs
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+# Core attention inside the layer spec: ``sdpa`` = torch's fused scaled_dot_product_attention
+# (models/sdpa_attention.py), ``local`` = megatron-core's unfused DotProductAttention,
+# ``transformer_engine`` = TE's own, which comes with (and only with) TE's layer spec.
+ATTENTION_BACKENDS = ("sdpa", "local", "transformer_engine")
 
 
 class TransformerEngineUnavailable(RuntimeError):
@@ -19,9 +24,11 @@ class TransformerEngineUnavailable(RuntimeError):
 
 
 def transformer_engine_status() -> str | None:
-    """None when the TE layer spec can be used here, else the reason it cannot."""
-    if not cuda_is_usable():
-        return "CUDA is not available (TransformerEngine runs only on NVIDIA GPUs)"
+    """None when TransformerEngine imports, else the reason it does not.
+
+    Ask only for a CUDA run (the caller knows the device): on a CPU machine a half-installed TE
+    wheel breaks ``import megatron.core`` itself, so TE is never imported there.
+    """
     try:
         import transformer_engine  # noqa: F401  (only probed on a CUDA machine)
     except ImportError as error:
@@ -29,8 +36,42 @@ def transformer_engine_status() -> str | None:
     return None
 
 
-def layer_spec(transformer_impl: str):
-    """megatron-core's layer spec: local (plain torch) or TransformerEngine."""
+def default_attention_backend(transformer_impl: str) -> str:
+    """``--attention-backend`` when not given: TE's attention with TE's spec, else ``sdpa``."""
+    return "transformer_engine" if transformer_impl == "transformer_engine" else "sdpa"
+
+
+def check_attention_backend(transformer_impl: str, attention_backend: str) -> None:
+    """Raise ``ValueError`` naming both flags if the two cannot go together."""
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+    if transformer_impl == "transformer_engine" and attention_backend != "transformer_engine":
+        raise ValueError(
+            f"--attention-backend {attention_backend} contradicts --transformer-impl transformer_engine, whose "
+            "layer spec has TransformerEngine's own attention: drop --attention-backend (or pass "
+            "--attention-backend transformer_engine), or use --transformer-impl local"
+        )
+    if transformer_impl != "transformer_engine" and attention_backend == "transformer_engine":
+        raise ValueError(
+            f"--attention-backend transformer_engine needs --transformer-impl transformer_engine (got "
+            f"--transformer-impl {transformer_impl}); with --transformer-impl local, pass --attention-backend sdpa or local"
+        )
+
+
+def layer_spec(transformer_impl: str, attention_backend: str | None = None):
+    """megatron-core's layer spec: local (plain torch) or TransformerEngine.
+
+    ``attention_backend`` (default :func:`default_attention_backend`) picks the local spec's core
+    attention: ``sdpa`` (torch's fused kernel) or ``local`` (megatron's DotProductAttention).
+    """
+    if attention_backend is None:
+        attention_backend = default_attention_backend(transformer_impl)
+    if transformer_impl in TRANSFORMER_IMPLS:
+        check_attention_backend(transformer_impl, attention_backend)
+    if transformer_impl == "local" and attention_backend == "sdpa":
+        from models.sdpa_attention import get_gpt_layer_sdpa_spec
+
+        return get_gpt_layer_sdpa_spec()
     if transformer_impl == "local":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -59,7 +100,9 @@ def build_gpt_model(
     device: torch.device,
     params_dtype: torch.dtype = torch.float32,
     transformer_impl: str = "local",
+    attention_backend: str | None = None,
     seed: int = 1234,
+    fusions: ResolvedFusions | None = None,
 ):
     """This rank's stage of the GPT, with weights that do not depend on the parallel layout.
 
@@ -67,12 +110,22 @@ def build_gpt_model(
     stage or a TP rank would get different weights than the single-process model. We skip it
     (``perform_initialization=False``) and fill every parameter from a generator seeded by its
     global name (see :func:`initialize_deterministically`).
+
+    ``fusions``: megatron-core's fused kernels to use, as :func:`models.fusions.resolve_fusions`
+    granted them for ``device`` (default: the default requests, resolved here).
     """
-    apply_cpu_compat()
+    apply_cpu_compat(device)
+    if transformer_impl == "transformer_engine" and device.type != "cuda":
+        raise TransformerEngineUnavailable(
+            f"--transformer-impl transformer_engine needs a CUDA device (this run is on {device.type}); "
+            "use --transformer-impl local"
+        )
+    if fusions is None:
+        fusions = resolve_fusions(KernelFusions(), device)
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    spec = layer_spec(transformer_impl)
+    spec = layer_spec(transformer_impl, attention_backend)
     on_gpu = device.type == "cuda"
     config = TransformerConfig(
         num_layers=cfg.num_layers,
@@ -91,9 +144,7 @@ def build_gpt_model(
         perform_initialization=False,
         sequence_parallel=False,
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        **fusions.transformer_config_kwargs(),
         persist_layer_norm=False,
         apply_rope_fusion=False,
     )

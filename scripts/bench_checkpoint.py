@@ -52,7 +52,7 @@ def build_trainer():
     torch.set_num_threads(os.cpu_count() or 1)
     job = parse_job_config(MODEL, world_size=1)
     device = select_device()
-    apply_cpu_compat()
+    apply_cpu_compat(device.device)
     init_distributed(device)
     groups = job.parallel.initialize()
     return Trainer(job, device, groups)

@@ -59,12 +59,13 @@ def bench_125m(seq_length: int, rounds: int, iters: int) -> dict:
     device = select_device()
     from models.cpu_compat import apply_cpu_compat
 
-    apply_cpu_compat()
+    apply_cpu_compat(device.device)
     init_distributed(device)
     groups = job.parallel.initialize()
     ours = Trainer(job, device, groups)
     plain = build_gpt_model(job.model, tensor_parallel=1, pipeline_parallel=1, pre_process=True, post_process=True,
-                            device=device.device, seed=job.training.seed)
+                            device=device.device, attention_backend=job.training.attention_backend,
+                            seed=job.training.seed)
     adam = torch.optim.AdamW(plain.parameters(), lr=1e-4, weight_decay=0.01)
     mask = causal_attention_mask(seq_length, device.device)
 

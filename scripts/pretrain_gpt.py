@@ -30,10 +30,16 @@ def main() -> int:
         if rank == "0":
             print(f"pretrain_gpt.py: error: {error}", file=sys.stderr)
         return 2
+    from trainer.device import DeviceError, select_device
     from trainer.training import pretrain, shutdown
 
     try:
-        pretrain(job)
+        device_ctx = select_device()
+    except DeviceError as error:
+        print(f"pretrain_gpt.py: error on rank {os.environ.get('RANK', '0')}: {error}", file=sys.stderr)
+        return 2
+    try:
+        pretrain(job, device_ctx)
     except BaseException:
         # Do not tear the process groups down cleanly: peers may be blocked in a collective with
         # this rank, and a clean destroy would wait for them. Exiting closes our connections, so

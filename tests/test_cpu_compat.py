@@ -1,4 +1,4 @@
-"""Each patch of models/cpu_compat.py, and that nothing is patched where CUDA exists."""
+"""Each patch of models/cpu_compat.py, and that nothing is patched for a CUDA run."""
 
 import pytest
 import torch
@@ -8,23 +8,25 @@ from models import cpu_compat
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the patches apply only without CUDA")
 
 
-def test_nothing_is_patched_when_cuda_is_usable(monkeypatch):
+CPU = torch.device("cpu")
+
+
+def test_nothing_is_patched_for_a_cuda_run(monkeypatch):
     monkeypatch.setattr(cpu_compat, "_APPLIED", False)
-    monkeypatch.setattr(cpu_compat, "cuda_is_usable", lambda: True)
     before = torch.cuda.current_device
-    assert cpu_compat.apply_cpu_compat() is False
+    assert cpu_compat.apply_cpu_compat(torch.device("cuda", 0)) is False
     assert torch.cuda.current_device is before
 
 
 def test_current_device_is_cpu():
-    cpu_compat.apply_cpu_compat()
+    cpu_compat.apply_cpu_compat(CPU)
     assert torch.cuda.current_device() == torch.device("cpu")
     # The pattern megatron-core uses to allocate:
     assert torch.empty(3, device=torch.cuda.current_device()).device.type == "cpu"
 
 
 def test_rng_tracker_forks_reproducibly_and_restores_the_default_generator():
-    cpu_compat.apply_cpu_compat()
+    cpu_compat.apply_cpu_compat(CPU)
     from megatron.core.tensor_parallel import random as tp_random
 
     tp_random.model_parallel_cuda_manual_seed(123, tp_rank=0, ep_rank=0, etp_rank=0)
@@ -47,7 +49,7 @@ def test_rng_tracker_forks_reproducibly_and_restores_the_default_generator():
 
 
 def test_setup_embeddings_skips_the_cuda_move_and_restores_tensor_cuda():
-    cpu_compat.apply_cpu_compat()
+    cpu_compat.apply_cpu_compat(CPU)
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
     assert getattr(LanguageModule.setup_embeddings_and_output_layer, "__cpu_compat__", False)

@@ -1,4 +1,7 @@
-"""Every parallel layout computes the same training run as one process (mock data, fp32)."""
+"""Every parallel layout computes the same training run as one process (mock data, fp32).
+
+Attention is the default backend, ``sdpa`` (torch's fused kernel); one TP2 layout runs megatron's
+unfused ``--attention-backend local`` against the same single-process sdpa reference."""
 
 import pytest
 
@@ -16,6 +19,7 @@ LAYOUTS = {
     "TP2xPP2xDP2-distopt": (8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                                 "--use-distributed-optimizer"]),
     "TP2": (2, ["--tensor-model-parallel-size", "2"]),
+    "TP2-local-attention": (2, ["--tensor-model-parallel-size", "2", "--attention-backend", "local"]),
     "PP2": (2, ["--pipeline-model-parallel-size", "2"]),
     "DP2": (2, []),
     "DP2-distopt": (2, ["--use-distributed-optimizer"]),
@@ -25,7 +29,8 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("single") / "tb"
-    run_pretrain(COMMON + ["--tensorboard-dir", str(logdir)], nproc=1)
+    proc = run_pretrain(COMMON + ["--tensorboard-dir", str(logdir)], nproc=1)
+    assert "attention sdpa," in proc.stdout, "the default attention backend is sdpa"
     losses = read_scalars(logdir, "lm loss")
     assert sorted(losses) == list(range(1, ITERS + 1))
     # The run must learn something, or equal losses would prove little.
@@ -38,7 +43,8 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
     reference_losses, reference_norms = reference
     nproc, extra = LAYOUTS[layout]
     logdir = tmp_path / "tb"
-    run_pretrain(COMMON + extra + ["--tensorboard-dir", str(logdir)], nproc=nproc)
+    proc = run_pretrain(COMMON + extra + ["--tensorboard-dir", str(logdir)], nproc=nproc)
+    assert f"attention {'local' if 'local' in extra else 'sdpa'}," in proc.stdout
     losses = read_scalars(logdir, "lm loss")
     assert sorted(losses) == list(range(1, ITERS + 1))
     for it in range(1, ITERS + 1):

@@ -11,10 +11,18 @@ import argparse
 import os
 
 from models.config import PRESETS, GPTModelConfig
-from models.gpt import TRANSFORMER_IMPLS, transformer_engine_status
+from models.fusions import KernelFusions
+from models.gpt import (
+    ATTENTION_BACKENDS,
+    TRANSFORMER_IMPLS,
+    check_attention_backend,
+    default_attention_backend,
+    transformer_engine_status,
+)
 from checkpointing.config import CheckpointConfig
 from trainer.config import JobConfig, TrainingConfig
 from trainer.data import DataConfig
+from trainer.device import cuda_selected
 from trainer.lr_schedule import DECAY_STYLES, LRScheduleConfig
 from trainer.optimizer import OptimizerConfig
 from trainer.parallel_dims import ParallelDims
@@ -45,7 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--init-method-std", type=float, default=0.02)
     m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     m.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local")
+    m.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=None,
+                   help="core attention: sdpa (torch's fused scaled_dot_product_attention; the default with "
+                        "--transformer-impl local), local (megatron's unfused DotProductAttention), "
+                        "transformer_engine (the default and only choice with --transformer-impl transformer_engine)")
     m.add_argument("--bf16", action="store_true", help="bfloat16 parameters, fp32 main weights")
+    fu = p.add_argument_group("fused kernels (CUDA; each is used only where its kernel works)")
+    fu.add_argument("--bias-gelu-fusion", dest="bias_gelu_fusion", action="store_true", default=False,
+                    help="fused bias+GELU: megatron's kernel is the tanh approximation of GELU, so this "
+                         "changes the model's function (off by default, unlike Megatron-LM)")
+    fu.add_argument("--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
+                    help="the default here (accepted for Megatron-LM command lines)")
+    fu.add_argument("--no-bias-dropout-fusion", dest="bias_dropout_fusion", action="store_false",
+                    help="do not fuse bias+dropout+add (fused with torch.compile where it works)")
+    fu.add_argument("--no-masked-softmax-fusion", dest="masked_softmax_fusion", action="store_false",
+                    help="do not use Apex's fused softmax kernels (used only where they import)")
 
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -175,8 +197,12 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             tensor_parallel=args.tensor_model_parallel_size,
             pipeline_parallel=args.pipeline_model_parallel_size,
         )
+        attention_backend = args.attention_backend or default_attention_backend(args.transformer_impl)
+        # Before TE's availability: a contradiction is the user's to fix on any machine.
+        check_attention_backend(args.transformer_impl, attention_backend)  # ValueError -> ArgumentError below
         if args.transformer_impl == "transformer_engine":
-            reason = transformer_engine_status()
+            reason = (transformer_engine_status() if cuda_selected()
+                      else "this run is on the CPU (no GPU, or GPT_FORCE_CPU=1); TransformerEngine runs only on NVIDIA GPUs")
             if reason is not None:
                 raise ArgumentError(f"--transformer-impl transformer_engine: {reason}. Use --transformer-impl local.")
         if args.mock_data == (args.data_path is not None):
@@ -230,6 +256,9 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             seed=args.seed,
             bf16=args.bf16,
             transformer_impl=args.transformer_impl,
+            attention_backend=attention_backend,
+            fusions=KernelFusions(bias_gelu=args.bias_gelu_fusion, bias_dropout=args.bias_dropout_fusion,
+                                  masked_softmax=args.masked_softmax_fusion),
             distributed_timeout_minutes=args.distributed_timeout_minutes,
         )
         lr = LRScheduleConfig(

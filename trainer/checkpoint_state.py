@@ -87,6 +87,7 @@ class TrainerCheckpointState:
                 "numpy": np.random.get_state(),
                 "torch": torch.get_rng_state(),
                 "device": t.device_ctx.get_rng_state(),
+                "device_type": t.device_ctx.device.type,
                 "tracker": get_cuda_rng_tracker().get_states(),
             }
         }
@@ -97,6 +98,7 @@ class TrainerCheckpointState:
                 "optimizer_step": t.optimizer.step_count,
                 "skipped_steps": t.optimizer.skipped_steps,
                 "layout": self.layout,
+                "device": t.device_ctx.device.type,
                 "args": self._job_dict,
             }
         return objects
@@ -104,7 +106,15 @@ class TrainerCheckpointState:
     def objects_to_load(self) -> list[str]:
         return ["common"] + ([_rng_key(self.rank)] if self.load_rng else [])
 
-    def restore_objects(self, objects: dict[str, Any]) -> None:
+    def restore_objects(self, objects: dict[str, Any]) -> str | None:
+        """Restore the small state; returns a note for the user when RNG states were not restored.
+
+        RNG states are device-specific: the device generator's state and megatron's tensor-parallel
+        tracker hold CUDA generator states on a GPU and CPU generator states on the CPU (feeding one
+        into the other fails with "RNG state is wrong size"). Across devices only the
+        device-independent generators (python, numpy, torch's CPU generator) are restored; weights
+        and optimizer state are restored exactly either way.
+        """
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
         t, common = self.trainer, objects["common"]
@@ -113,9 +123,18 @@ class TrainerCheckpointState:
             t.optimizer.step_count = common["optimizer_step"]
             t.optimizer.skipped_steps = common["skipped_steps"]
         rng = objects.get(_rng_key(self.rank))
-        if rng is not None:
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
-            t.device_ctx.set_rng_state(rng["device"])
-            get_cuda_rng_tracker().set_states(rng["tracker"])
+        if rng is None:
+            return None
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        here = t.device_ctx.device.type
+        # Checkpoints written before the device was recorded: a CPU run stored no device state.
+        saved = rng.get("device_type", "cpu" if rng["device"] is None else "cuda")
+        if saved != here:
+            return (f"checkpoint: written on {saved}, this run is on {here}: the {saved} RNG states (device generator, "
+                    "tensor-parallel tracker) were not restored, so dropout draws differ from the original run; "
+                    "weights and optimizer state are restored exactly")
+        t.device_ctx.set_rng_state(rng["device"])
+        get_cuda_rng_tracker().set_states(rng["tracker"])
+        return None

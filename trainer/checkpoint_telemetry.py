@@ -2,7 +2,7 @@
 
 Each iteration every rank contributes one small vector (stall, fence waits, copy time, pool
 occupancy, bytes and seconds of the flushes finished since the last iteration, stall per shard);
-one all-gather on the training thread's group brings them to the logging rank, which writes the
+one all-gather on a gloo group of its own brings them to the logging rank, which writes the
 maximum stall and the rank it came from, sums of bytes, bandwidth per level and a histogram of
 stall per shard, grouped on one page by a custom-scalars layout.
 """
@@ -31,15 +31,23 @@ LAYOUT = {
 
 
 class CheckpointTelemetry:
-    """Collects the engine's per-iteration counters on every rank; writes on the logging rank."""
+    """Collects the engine's per-iteration counters on every rank; writes on the logging rank.
 
-    def __init__(self, engine, writer, world_group=None):
+    ``group``: a gloo group over every rank, used by nothing else. The counters are CPU tensors:
+    on GPUs the default group is NCCL, which cannot gather them, and the engine's own gloo group
+    is used by its flush thread, whose collectives must not interleave with these.
+    """
+
+    def __init__(self, engine, writer, group):
+        if group is None or dist.get_backend(group) != "gloo":
+            raise ValueError("CheckpointTelemetry needs a gloo group of its own (dist.new_group(backend='gloo')), "
+                             f"got {'the default group' if group is None else dist.get_backend(group)}")
         self.engine = engine
         self.writer = writer
-        self.group = world_group
+        self.group = group
         self.shards = len(engine.state.shards)
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(world_group))]
-        dist.all_gather(counts, torch.tensor([self.shards]), group=world_group)
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(counts, torch.tensor([self.shards]), group=group)
         self.max_shards = int(max(c.item() for c in counts))
         self._flush_cursor = 0
         self._stall_seen = 0.0

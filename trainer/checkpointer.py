@@ -80,7 +80,7 @@ class Checkpointer:
         if self.engine is not None and telemetry:
             from trainer.checkpoint_telemetry import CheckpointTelemetry
 
-            self.telemetry = CheckpointTelemetry(self.engine, logger.writer)
+            self.telemetry = CheckpointTelemetry(self.engine, logger.writer, dist.new_group(backend="gloo"))
 
     def _find_peers(self) -> list[int] | None:
         """Which ranks share this rank's L1 directory (its node); checks that L2 is shared."""
@@ -159,9 +159,13 @@ class Checkpointer:
         objects = {"common": common}
         if self.cfg.load_rng:
             objects.update({k: v for k, v in slot.objects.items() if k.startswith("rng_state.")})
-        self.state.restore_objects(objects)
+        self._note(self.state.restore_objects(objects))
         self.logger.info(f"> loaded iteration {version} from L0 (shared memory {slot.path}, kept from the previous run; "
                          f"{time.perf_counter() - started:.2f} s)")
+
+    def _note(self, note: str | None) -> None:
+        if note is not None:
+            self.logger.info(f"> {note}")
 
     def _load(self):
         cfg = self.cfg
@@ -204,7 +208,7 @@ class Checkpointer:
                 if node_local:
                     self._share_common(objects)
                     self.trainer.optimizer.publish_main_params()  # the weights, from the restored main weights
-                self.state.restore_objects(objects)
+                self._note(self.state.restore_objects(objects))
                 if len(objects) == 1 and cfg.load_rng:
                     self.logger.info("> checkpoint: saved with another layout; RNG states not loaded")
                 self.logger.info(f"> loaded iteration {candidate.iteration} from {candidate.path} "
@@ -321,6 +325,9 @@ class Checkpointer:
         mine = {"rank": self.trainer.groups.rank, "stall_seconds": stats.stall_seconds,
                 "stall_by_iteration": {str(k): v for k, v in sorted(stats.stall_by_iteration.items())},
                 "fence_waits": stats.fence_waits, "snapshots": stats.copies,
+                "requests": stats.requests, "request_seconds": stats.request_seconds,
+                "copy_seconds": stats.copy_seconds,
+                "state_bytes": sum(a.numel() * a.element_size() for a in self.state.arrays.values()),
                 "flushes": [vars(f) for f in stats.flushes], "skipped": dict(stats.skipped)}
         if self.tracer is not None and self.trainer.job.training.trace_dir:
             with open(os.path.join(self.trainer.job.training.trace_dir, f"checkpoint-stats-rank{mine['rank']}.json"), "w") as f:

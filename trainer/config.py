@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from checkpointing.config import CheckpointConfig
 from models.config import GPTModelConfig
+from models.fusions import KernelFusions
+from models.gpt import check_attention_backend, default_attention_backend
 from trainer.data import DataConfig
 from trainer.lr_schedule import LRScheduleConfig
 from trainer.optimizer import OptimizerConfig
@@ -36,10 +38,21 @@ class TrainingConfig:
     """Model parameters and activations in bfloat16, fp32 main weights (``--bf16``)."""
     transformer_impl: str = "local"
     """Layer spec: ``local`` (plain torch) or ``transformer_engine`` (``--transformer-impl``)."""
+    attention_backend: str | None = None
+    """Core attention (``--attention-backend``): ``sdpa`` (torch's fused scaled_dot_product_attention),
+    ``local`` (megatron's unfused DotProductAttention) or ``transformer_engine`` (TE's own, the only
+    one with ``transformer_impl='transformer_engine'``). None (not given) becomes the layer spec's
+    default: ``sdpa`` with the local spec, ``transformer_engine`` with TE's."""
+    fusions: KernelFusions = KernelFusions()
+    """megatron-core's fused kernels asked for (``--bias-gelu-fusion``, ``--no-bias-dropout-fusion``,
+    ``--no-masked-softmax-fusion``); each is used only where it works on the run's device."""
     distributed_timeout_minutes: float = 10.0
     """A collective that waits longer fails, so a dead rank ends the job instead of hanging it."""
 
     def __post_init__(self) -> None:
+        if self.attention_backend is None:
+            object.__setattr__(self, "attention_backend", default_attention_backend(self.transformer_impl))
+        check_attention_backend(self.transformer_impl, self.attention_backend)
         if self.train_iters < 1:
             raise ValueError(f"--train-iters must be >= 1, got {self.train_iters}")
         for name in ("exit_interval", "eval_interval"):

@@ -151,6 +151,10 @@ class BatchSource:
         for m in range(self.num_microbatches):
             start = first + m * cfg.micro_batch_size
             samples = torch.stack([self.dataset.sample(i) for i in range(start, start + cfg.micro_batch_size)])
+            if self.device.type != "cpu":
+                # From pageable memory a "non-blocking" host-to-device copy is synchronous; from
+                # pinned memory it overlaps the previous micro-batch's compute.
+                samples = samples.pin_memory()
             samples = samples.to(self.device, non_blocking=True)
             yield Batch(
                 tokens=samples[:, :-1].contiguous(),

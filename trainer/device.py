@@ -38,16 +38,41 @@ class DeviceContext:
             torch.cuda.set_rng_state(state, self.device)
 
 
-def select_device(local_rank: int | None = None, force_cpu: bool = False) -> DeviceContext:
+class DeviceError(RuntimeError):
+    """The processes cannot be placed on this machine's devices; the message says what to do."""
+
+
+FORCE_CPU_VARIABLE = "GPT_FORCE_CPU"
+
+
+def cuda_selected(force_cpu: bool = False, environ=os.environ) -> bool:
+    """Whether this run computes on CUDA: a GPU is present and the CPU path is not forced
+    (``force_cpu`` or ``GPT_FORCE_CPU=1``). No side effects: argument checks ask it before any
+    device is touched, and :func:`select_device` decides with it."""
+    forced = force_cpu or environ.get(FORCE_CPU_VARIABLE, "0") == "1"
+    return not forced and torch.cuda.is_available()
+
+
+def select_device(local_rank: int | None = None, force_cpu: bool = False, environ=os.environ) -> DeviceContext:
     """CUDA with NCCL when a GPU is present (one per local rank), else CPU with gloo.
 
-    ``force_cpu`` (or ``GPT_FORCE_CPU=1``) keeps a GPU machine on the CPU path, for tests.
+    ``force_cpu`` (or ``GPT_FORCE_CPU=1``) keeps a GPU machine on the CPU path. More processes on
+    a node than GPUs is refused here, before any process group exists: two ranks on one GPU make
+    NCCL fail ("Duplicate GPU detected") or hang.
     """
     if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    force_cpu = force_cpu or os.environ.get("GPT_FORCE_CPU", "0") == "1"
-    if torch.cuda.is_available() and not force_cpu:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return DeviceContext(device=device, backend="nccl")
-    return DeviceContext(device=torch.device("cpu"), backend="gloo")
+        local_rank = int(environ.get("LOCAL_RANK", "0"))
+    if not cuda_selected(force_cpu, environ):
+        return DeviceContext(device=torch.device("cpu"), backend="gloo")
+    gpus = torch.cuda.device_count()
+    local_world = int(environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    if local_world > gpus or local_rank >= gpus:
+        raise DeviceError(
+            f"{local_world} processes on this node but {gpus} GPU(s) visible (local rank {local_rank}): "
+            f"each rank needs a GPU of its own. Start at most {gpus} per node (torchrun "
+            f"--nproc-per-node {gpus}), make more GPUs visible (CUDA_VISIBLE_DEVICES), or run on "
+            f"the CPU with {FORCE_CPU_VARIABLE}=1."
+        )
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return DeviceContext(device=device, backend="nccl")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from checkpointing import faults
 from checkpointing.trace import Tracer
 from models.cpu_compat import apply_cpu_compat
+from models.fusions import resolve_fusions
 from models.gpt import build_gpt_model
 from models.param_layout import global_param_specs
 from trainer.checkpointer import Checkpointer, check_checkpoint_dirs
@@ -99,6 +100,7 @@ class Trainer:
         dims, tcfg = job.parallel, job.training
         set_seeds(tcfg.seed, groups.pp_rank)
         dtype = torch.bfloat16 if tcfg.bf16 else torch.float32
+        self.fusions = resolve_fusions(tcfg.fusions, device_ctx.device)
         self.model = build_gpt_model(
             job.model,
             tensor_parallel=dims.tensor_parallel,
@@ -108,7 +110,9 @@ class Trainer:
             device=device_ctx.device,
             params_dtype=dtype,
             transformer_impl=tcfg.transformer_impl,
+            attention_backend=tcfg.attention_backend,
             seed=tcfg.seed,
+            fusions=self.fusions,
         )
         # Which parameters are split over TP comes from megatron-core's sharded metadata: its
         # ``tensor_model_parallel`` attribute is not set when its own initialisation is skipped.
@@ -175,6 +179,7 @@ def describe_job(job: JobConfig, trainer: Trainer) -> str:
         f"> training GPT: {params / 1e6:.2f}M parameters, {dims.describe()}, "
         f"{trainer.train_data.num_microbatches} micro-batches of {job.data.micro_batch_size} per rank, "
         f"global batch {job.data.global_batch_size}, {'bf16' if job.training.bf16 else 'fp32'}, "
+        f"attention {job.training.attention_backend}, "
         f"{'distributed' if trainer.optimizer.distributed else 'replicated'} optimizer "
         f"({len(trainer.optimizer.shards)} shards on this rank), device {trainer.device_ctx.device}"
     )
@@ -183,7 +188,7 @@ def describe_job(job: JobConfig, trainer: Trainer) -> str:
 def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainResult:
     """Train as configured; every rank of the job calls it."""
     device_ctx = device_ctx or select_device()
-    apply_cpu_compat()  # before any megatron-core call; does nothing where CUDA is present
+    apply_cpu_compat(device_ctx.device)  # before any megatron-core call; does nothing on CUDA
     tcfg = job.training
     init_distributed(device_ctx, tcfg.distributed_timeout_minutes)
     groups = job.parallel.initialize()
@@ -194,6 +199,8 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
     try:
         trainer = Trainer(job, device_ctx, groups)
         logger.info(describe_job(job, trainer))
+        for refusal in trainer.fusions.refused:
+            logger.info(f"> {refusal}")
         tracer = Tracer(groups.rank) if tcfg.trace_dir else None
         if tracer is not None:
             os.makedirs(tcfg.trace_dir, exist_ok=True)

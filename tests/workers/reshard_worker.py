@@ -38,7 +38,7 @@ def main():
     full_pt, out_dir, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     full = torch.load(full_pt, weights_only=False)
     device = select_device()
-    apply_cpu_compat()
+    apply_cpu_compat(device.device)
     init_distributed(device)
     groups = parse_job_config(argv).parallel.initialize()
     for distributed in (False, True):

@@ -23,7 +23,7 @@ def main():
     out_dir, argv = sys.argv[1], sys.argv[2:]
     job = parse_job_config(argv)
     device = select_device()
-    apply_cpu_compat()
+    apply_cpu_compat(device.device)
     init_distributed(device)
     groups = job.parallel.initialize()
     trainer = Trainer(job, device, groups)

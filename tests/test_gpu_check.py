@@ -1,0 +1,164 @@
+"""The GPU check's scripts, on the CPU: ``scripts/gpu_check.sh --dry-run`` (every file it needs,
+every trainer command through the trainer's own parser) and the report arithmetic of
+``scripts/bench_trainer_gpu.py`` on canned logs. A lent GPU's time is scarce: a typo or a parsing
+bug must fail here, not there."""
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from models.config import GPTModelConfig
+from trainer.metrics_log import MetricsLogger
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_trainer_gpu", os.path.join(ROOT, "scripts", "bench_trainer_gpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _bench()
+
+
+def test_gpu_check_dry_run_passes():
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "bench_trainer_gpu.py --dry-run rc 0" in done.stdout
+    assert "6 trainer commands parse" in done.stdout
+
+
+def test_bench_dry_run_refuses_a_typo(monkeypatch):
+    plan = bench.make_plan("/tmp/bench-trainer-gpu-test", smoke=False, with_large=False)
+    plan.medium[0].args.append("--micro-batch-sise")
+    with pytest.raises(bench.BenchError, match="b-plain: the trainer's parser refused"):
+        bench.check_commands(plan)
+
+
+def _canned_log(losses, ms, summary=()):
+    """The trainer's own console lines (``MetricsLogger``), so a change of their format fails here."""
+    out = io.StringIO()
+    logger = MetricsLogger(True, len(losses), None, stream=out)
+    logger.info("> training GPT: 355.87M parameters, TP1 x PP1 x DP1 (1 processes), 4 micro-batches of 4 per rank, "
+                "global batch 16, bf16, attention sdpa, distributed optimizer (6 shards on this rank), device cuda:0")
+    for it, (loss, t) in enumerate(zip(losses, ms), start=1):
+        logger.console_line(it, loss, 1e-4, 1.5, t / 1000, 32768, it * 16)
+    for line in summary:
+        logger.info(line)
+    logger.info("> training done: %d iterations" % len(losses))
+    return out.getvalue()
+
+
+SUMMARY = ["> checkpointing summary: stall 12.5 ms in all on the worst rank (0), 0.10% of 12.0 s of training; "
+           "40 fence waits; 30 snapshots (L0)",
+           "  L1: 2 checkpoints, 9.960 GB written, slowest flush 8.10 s, ~0.62 GB/s, 1 superseded, 0 failed (rank-flushes)",
+           "  slowest level: L1 (~0.62 GB/s)"]
+
+
+def test_parse_log_reads_every_iteration_and_the_summary():
+    losses = [10.9, 10.5, 9.75, float("nan")]
+    text = _canned_log(losses, [900.0, 410.0, 400.5, 401.0], SUMMARY)
+    parsed = bench.parse_log(text)
+    assert parsed.iteration_ms == {1: 900.0, 2: 410.0, 3: 400.5, 4: 401.0}
+    assert parsed.loss[1] == pytest.approx(10.9) and parsed.loss[3] == pytest.approx(9.75)
+    assert parsed.loss[4] != parsed.loss[4]  # NaN survives the round trip
+    assert parsed.device == "cuda:0"
+    assert parsed.summary[:3] == SUMMARY and parsed.summary[-1] == "> training done: 4 iterations"
+    assert bench.median_ms(parsed, 2) == 401.0
+
+
+def test_model_flops_and_mfu_by_hand():
+    medium = bench.Shape.explicit("350M", 24, 1024, 16, 2048, 50257)
+    h, layers, seq, vocab = 1024, 24, 2048, 50304  # 50257 padded to a multiple of 128
+    per_layer = 12 * h * h + 13 * h  # QKV, projection, MLP weights and biases, two layer norms
+    assert medium.parameters == layers * per_layer + 2 * h + vocab * h + seq * h
+    tokens = 16 * seq
+    dense = 6 * tokens * (layers * per_layer + 2 * h + vocab * h)  # non-embedding + output layer
+    attention = 12 * layers * h * seq * tokens
+    assert bench.model_flops_per_iteration(medium.config, tokens) == pytest.approx(dense + attention, rel=1e-12)
+    t = bench.throughput(medium.config, 16, 400.0, 800.0)
+    assert t.tokens_per_s == pytest.approx(tokens / 0.4)
+    assert t.model_tflops == pytest.approx((dense + attention) / 0.4 / 1e12)
+    assert t.mfu == pytest.approx(t.model_tflops / 800.0)
+    assert bench.throughput(medium.config, 16, 400.0, None).mfu is None
+
+
+def test_engine_summary_with_and_without_the_newer_counters():
+    stats = {"stall_seconds": 0.0125, "fence_waits": 40, "snapshots": 30,
+             "stall_by_iteration": {"10": 0.01, "11": 0.0025}, "skipped": {"L1": 1},
+             "flushes": [{"level": "L1", "version": 10, "bytes": 5e9, "seconds": 8.0, "error": None},
+                         {"level": "L1", "version": 30, "bytes": 5e9, "seconds": 7.0, "error": None},
+                         {"level": "L2", "version": 30, "bytes": 0, "seconds": 0.1, "error": "EIO"}]}
+    old = bench.engine_summary(stats, estimated_state_bytes=int(4.9e9))
+    assert old.state_gb_estimated and old.state_gb == pytest.approx(4.9)
+    assert old.blocked_ms_per_gb_per_request is None and old.copy_gbps is None
+    assert old.flushes["L1"] == {"ok": 2, "failed": 0, "bytes": 1e10, "seconds": [8.0, 7.0]}
+    assert old.flushes["L2"]["failed"] == 1
+    assert old.stall_by_iteration_ms == {10: pytest.approx(10.0), 11: pytest.approx(2.5)}
+    new = bench.engine_summary(dict(stats, requests=30, request_seconds=0.06, copy_seconds=3.0, state_bytes=int(5e9)),
+                               estimated_state_bytes=1)
+    assert not new.state_gb_estimated
+    assert new.blocked_ms_per_gb_per_request == pytest.approx(60 / 30 / 5)  # 2 ms per request, 5 GB
+    assert new.copy_gbps == pytest.approx(5 * 30 / 3.0)
+
+
+def _result(spec, losses, device):
+    text = _canned_log(losses, [10.0] * len(losses)).replace("device cuda:0", f"device {device}")
+    return bench.RunResult(spec, rc=0, parsed=bench.parse_log(text))
+
+
+def test_equivalence_needs_the_gpu_leg_on_the_gpu():
+    plan = bench.make_plan("/tmp/x", smoke=False, with_large=False)
+    cpu_spec, gpu_spec = plan.equivalence
+    cpu = _result(cpu_spec, [6.94, 6.93], "cpu")
+    lines, passed = bench.equivalence_section(cpu, _result(gpu_spec, [6.94, 6.93005], "cuda:0"), smoke=False)
+    assert passed and "**PASS**" in "\n".join(lines)
+    _, passed = bench.equivalence_section(cpu, _result(gpu_spec, [6.94, 6.9302], "cuda:0"), smoke=False)
+    assert not passed  # 2e-4 apart
+    lines, passed = bench.equivalence_section(cpu, _result(gpu_spec, [6.94, 6.93], "cpu"), smoke=False)
+    assert not passed and "expected `cuda`" in "\n".join(lines)
+
+
+def test_report_renders_a_failed_run_with_its_log_tail():
+    plan = bench.make_plan("/tmp/x", smoke=False, with_large=True)
+    res = bench.Results(plan, ["host: test"], started="now")
+    res.equivalence = (_result(plan.equivalence[0], [6.9], "cpu"), _result(plan.equivalence[1], [6.9], "cuda:0"))
+    res.hardware = {"matmul_tflops": 700.0, "matmul_tflops_trials": [690.0, 700.0, 695.0],
+                    "d2h_gbps": {"pinned": 50.0}}
+    plain = _result(plan.medium[0], [11.0] * 30, "cuda:0")
+    failed = bench.RunResult(plan.medium[1], rc=1, tail="Traceback ...\nRuntimeError: cudaHostRegister failed")
+    res.medium = [plain, failed]
+    res.large = bench.RunResult(plan.large, timed_out=True, rc=-9, wall_s=150)
+    text = bench.render(res)
+    assert "| (i) no checkpointing | 356M | 10.0 ms |" in text
+    assert "b-engine did not complete: exit code 1" in text and "RuntimeError: cudaHostRegister failed" in text
+    assert "d-large did not complete: timed out after 150 s" in text
+    assert "| pinned | 50.0 |" in text
+
+
+def test_resume_across_devices_needs_the_same_losses_and_the_rng_note():
+    plan = bench.make_plan("/tmp/x", smoke=False, with_large=False)
+    cpu = _result(plan.equivalence[0], [6.94, 6.93, 6.91, 6.90], "cpu")
+
+    def resumed(losses, note):
+        out = io.StringIO()
+        logger = MetricsLogger(True, 4, None, stream=out)
+        if note:
+            logger.info("> checkpoint: written on cpu, this run is on cuda: the cpu " + bench.RNG_NOT_RESTORED)
+        for it, loss in enumerate(losses, start=3):
+            logger.console_line(it, loss, 1e-4, 1.5, 0.01, 512, it * 8)
+        return bench.RunResult(plan.resume, rc=0, parsed=bench.parse_log(out.getvalue()))
+
+    assert bench.resume_section(cpu, resumed([6.91, 6.90], True), 2, smoke=False)[1]
+    assert not bench.resume_section(cpu, resumed([6.91, 6.90], False), 2, smoke=False)[1]  # silent about RNG
+    assert not bench.resume_section(cpu, resumed([6.91, 6.95], True), 2, smoke=False)[1]  # another loss
+    # tests/test_device.py pins the same phrase in the trainer's own note.
