@@ -158,6 +158,14 @@ class CheckpointEngine:
         self._flushing = False
         self._closed = False
         self._iteration = 0
+        self._requested = -1
+        """The newest version queued for copying."""
+        self._copy_released = -1
+        """Under a ``GPT_CKPT_HOLD`` of ``copy`` (``checkpointing.faults``): versions up to this one
+        may be copied."""
+        self._hold_copies = faults.holds("copy")
+        if self._hold_copies:
+            self.copier.on_block = self._release_copies
         self._threads = [threading.Thread(target=_named(loop), name=name, daemon=True) for loop, name in
                          ((self._copy_loop, "ckpt-copy"), (self._land_loop, "ckpt-land"), (self._flush_loop, "ckpt-flush"))]
         for t in self._threads:
@@ -191,6 +199,10 @@ class CheckpointEngine:
         started = time.perf_counter()
         objects = self.state.capture_objects(version)  # small: copied now, on this thread
         with self._lock:
+            self._release_copies_locked()  # a held copy goes on: this request waits for it
+            if faults.holds("request", version):  # a test's hold: the background work catches up first
+                while self._issuing or self._landing or self._flush_queue:
+                    self._lock.wait()
             self._wait_issued_locked()  # the previous copy started everywhere (its fences passed already)
             due = [level for level in self.levels if force_flush or level.is_due(version)]
             slot = self._free_slot_locked() or self._reclaim_locked(due, version)
@@ -205,6 +217,7 @@ class CheckpointEngine:
             self.copier.begin()
             self._landing.add(slot)
             self._issuing = True
+            self._requested = version
             self._copy_queue.append((slot, version, objects))
             for level in due:
                 slot.pins += 1
@@ -291,6 +304,17 @@ class CheckpointEngine:
                 return slot
         return None
 
+    def _release_copies(self) -> None:
+        """A fence is about to wait (the copier calls it), or training waits for the copies: a copy
+        held by ``GPT_CKPT_HOLD=copy`` goes on."""
+        with self._lock:
+            self._release_copies_locked()
+
+    def _release_copies_locked(self) -> None:
+        if self._copy_released < self._requested:
+            self._copy_released = self._requested
+            self._lock.notify_all()
+
     def _wait_issued_locked(self) -> None:
         while self._issuing:
             self._lock.wait()
@@ -311,6 +335,10 @@ class CheckpointEngine:
             started = time.perf_counter()
             slot.remove_description()  # its old version is gone from now on, also for a restart after a crash
             faults.reach("copy", version)
+            if self._hold_copies and faults.holds("copy", version):
+                with self._lock:  # until the next step blocks in a fence (or training waits for it)
+                    while self._copy_released < version:
+                        self._lock.wait()
             delay = faults.delay("copy")
             for index, (lo, hi) in enumerate(self.state.shards):
                 if self.copy_hook is not None:
@@ -401,6 +429,7 @@ class CheckpointEngine:
         line every 10 s; returns the seconds waited."""
         started = time.perf_counter()
         with self._lock:
+            self._release_copies_locked()
             if not drain:  # drop queued flushes; one already running finishes on its own
                 keep = 1 if self._flushing and self._flush_queue else 0
                 for job in list(self._flush_queue)[keep:]:

@@ -6,6 +6,18 @@ directory does, which root cannot otherwise be shown); the optional iteration an
 rank narrow where it fires. With ``GPT_CKPT_FAULT_ONCE=<path>`` it fires once per job: the file
 is created first and a restarted process that finds it goes on. ``GPT_CKPT_DELAY=<point>:<ms>``
 slows a point down (a slow copy or disk). Unset, a point costs one environment lookup.
+
+``GPT_CKPT_HOLD=<point>[:<iteration>][,...]`` makes the engine's background work keep step with
+training at a point, so that a test's outcome follows from the engine's rules and not from how
+fast a loaded machine runs its threads (no iteration: every version):
+
+- ``request``: ``request(N)`` first waits until version N-1 is in L0 and every flush queued
+  before it has finished. No version is then superseded (every version due on a level reaches
+  it), and when training passes iteration N, L0 holds N-1 and every level its due versions up to
+  N-1. Training then waits on the disk, which the engine otherwise never does: for tests only.
+- ``copy``: the copy of version N starts only once the optimizer step of N+1 is blocked in a
+  fence (or the next ``request``, or the engine's end, comes first): that step's fence waits,
+  every time.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import signal
 ENV = "GPT_CKPT_FAULT"
 ONCE_ENV = "GPT_CKPT_FAULT_ONCE"
 DELAY_ENV = "GPT_CKPT_DELAY"
+HOLD_ENV = "GPT_CKPT_HOLD"
 
 
 def reach(point: str, iteration: int | None = None) -> None:
@@ -52,3 +65,15 @@ def delay(point: str) -> float:
         return 0.0
     name, _, ms = spec.partition(":")
     return float(ms) / 1000.0 if name == point else 0.0
+
+
+def holds(point: str, iteration: int | None = None) -> bool:
+    """Whether ``GPT_CKPT_HOLD`` holds ``point`` at ``iteration`` (None: at any iteration)."""
+    spec = os.environ.get(HOLD_ENV)
+    if not spec:
+        return False
+    for item in spec.split(","):
+        name, _, at = item.strip().partition(":")
+        if name == point and (not at or iteration is None or int(at) == iteration):
+            return True
+    return False

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -37,6 +38,9 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 class HostShardCopier:
     """CPU arrays: copies on the copy thread, fences wait on a per-shard flag."""
+
+    on_block: Callable[[], None] | None = None
+    """Called by a fence that is about to wait (the engine's ``GPT_CKPT_HOLD=copy``)."""
 
     def __init__(self, num_shards: int):
         self._done = [threading.Event() for _ in range(num_shards)]
@@ -80,6 +84,8 @@ class HostShardCopier:
         if event.is_set():
             return None
         started = time.perf_counter()
+        if self.on_block is not None:
+            self.on_block()
         event.wait()
         return time.perf_counter() - started
 
@@ -91,6 +97,9 @@ class HostShardCopier:
 class CudaShardCopier:
     """CUDA arrays: device-to-host copies on a dedicated stream into registered (pinned) memory,
     one CUDA event per shard as its fence."""
+
+    on_block: Callable[[], None] | None = None
+    """Called by a fence whose copy is not enqueued yet, before the host waits for it."""
 
     def __init__(self, num_shards: int, device: torch.device):
         self.device = device
@@ -149,6 +158,8 @@ class CudaShardCopier:
 
     def fence(self, index: int, tag: int) -> float | None:
         started = time.perf_counter()
+        if self.on_block is not None and not self._issued[index].is_set():
+            self.on_block()
         self._issued[index].wait()  # the copy thread enqueues every shard within microseconds
         waited = time.perf_counter() - started
         event = self._copied[index]

@@ -803,7 +803,7 @@ def engine_section(result: RunResult, plain: RunResult | None) -> list[str]:
               f"- stall (fence waits and waits for a free slot; on a GPU timed on the device): {e.stall_ms:.1f} ms in all"
               + (f", {100 * e.stall_ms / 1000 / train_s:.2f}% of {train_s:.1f} s of training" if train_s else "")
               + f"; {e.fence_waits} fences reached an unfinished copy; {e.snapshots} snapshots (L0)",
-              f"- `request` blocked: " + (f"{e.request_ms:.1f} ms in all over {e.requests} requests, "
+              "- `request` blocked: " + (f"{e.request_ms:.1f} ms in all over {e.requests} requests, "
                                           f"{_fmt(e.blocked_ms_per_gb_per_request, '.3f')} ms per GB per request"
                                           if e.request_ms is not None and e.requests else
                                           "n/a (this trainer's stats have no request_seconds/requests)")]

@@ -44,6 +44,10 @@ ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2",
                "--save-retain-last", "3"]
 KILL_POINTS = ["copy", "L1.write", "L1.metadata", "L1.tracker", "L2.write", "L2.metadata", "L2.tracker", "iteration"]
 DAMAGES = ["flip", "truncate", "delete-rank-file", "delete-metadata", "full-disk", "read-only", "lose-node-local"]
+# A fault on a level's write fires only if that version is flushed; without the hold, a version
+# superseded before its flush started is skipped (by design) and the fault is never reached, as
+# often as the machine is slow. Held, each request waits until the flushes before it are done.
+HOLD = {"GPT_CKPT_HOLD": "request"}
 
 
 @dataclass
@@ -139,7 +143,8 @@ def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], 
             flush_iters = {"L1": [2, 4, 6, 8, 10], "L2": [4, 8]}
             iteration = rng.choice(flush_iters.get(point.split(".")[0], list(range(2, TRAIN))))
             detail = f"SIGKILL at {point}, iteration {iteration}"
-            proc = run_pretrain(_args(base, TRAIN), check=False, env={"GPT_CKPT_FAULT": f"{point}:kill:{iteration}"})
+            hold = HOLD if point.startswith("L") else {}
+            proc = run_pretrain(_args(base, TRAIN), check=False, env={"GPT_CKPT_FAULT": f"{point}:kill:{iteration}", **hold})
             if proc.returncode == 0:
                 return TrialResult(kind, detail, -1, None, False, "the fault point was never reached")
         else:
@@ -147,7 +152,7 @@ def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], 
             if kind in ("full-disk", "read-only"):
                 level = rng.choice(["L1", "L2"])
                 fault = f"{level}.write:{'fail' if kind == 'full-disk' else 'readonly'}:{rng.choice([4, 8])}"
-                run_pretrain(_args(base, TRAIN), env={"GPT_CKPT_FAULT": fault})
+                run_pretrain(_args(base, TRAIN), env={"GPT_CKPT_FAULT": fault, **HOLD})
                 detail = f"{fault} during training"
                 if rng.random() < 0.7:
                     host_pool.remove_segments(save)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import free_port  # noqa: F401  (tests/conftest.py imports it from here)
+
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = ROOT / "scripts" / "pretrain_gpt.py"
 
@@ -52,14 +54,6 @@ def read_scalars(logdir: str | Path, tag: str) -> dict[int, float]:
     if tag not in acc.Tags()["scalars"]:
         raise AssertionError(f"no scalar {tag!r} in {logdir}; tags: {acc.Tags()['scalars']}")
     return {event.step: event.value for event in acc.Scalars(tag)}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_two_nodes(args: list[str], node_args: list[list[str]], nproc_per_node: int = 2, timeout: int = 300,

@@ -19,7 +19,6 @@ import torch
 
 from models import cpu_compat
 from models.fusions import KernelFusions, resolve_fusions
-from trainer import device as device_mod
 from trainer.device import DeviceContext, DeviceError, cuda_selected, select_device
 
 ROOT = Path(__file__).resolve().parents[1]

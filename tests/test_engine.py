@@ -13,35 +13,9 @@ import torch
 from checkpointing import direct_io, host_pool
 from checkpointing.engine import CheckpointEngine, Level
 from checkpointing.host_pool import ArraySpec, HostPool
-from checkpointing.items import TensorPiece
 from checkpointing.reader import CheckpointReader
 from checkpointing.shard_copy import HostShardCopier
-
-SHARDS = 4
-
-
-class SyntheticState:
-    """Two flat arrays in ``SHARDS`` shards; one piece per array and shard."""
-
-    def __init__(self, shard_numel: int = 1 << 14):
-        n = SHARDS * shard_numel
-        g = torch.Generator().manual_seed(0)
-        self.arrays = {"a": torch.randn(n, generator=g), "b": torch.randn(n, generator=g)}
-        self.shards = [(i * shard_numel, (i + 1) * shard_numel) for i in range(SHARDS)]
-        self.save_pieces = [TensorPiece(name, name, lo, (hi - lo,), (n,), (lo,)) for name in self.arrays for lo, hi in self.shards]
-        self.load_arrays, self.load_pieces = self.arrays, self.save_pieces
-
-    def capture_objects(self, iteration):
-        return {"common": {"iteration": iteration}}
-
-    def optimizer_step(self, engine, on_shard=None):
-        """Update shard by shard behind the engine's fences, as the optimizer does."""
-        for index, (lo, hi) in enumerate(self.shards):
-            engine.fence(index)
-            if on_shard:
-                on_shard(index)
-            for array in self.arrays.values():
-                array[lo:hi].mul_(0.5).add_(1.0)
+from tests.helpers import SHARDS, SyntheticState, make_engine, shared_memory_removed_after
 
 
 class _ObservedEvent(threading.Event):
@@ -92,20 +66,10 @@ class HoldCopies:
         self.released.set()
 
 
-def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=None):
-    specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}
-    pool = HostPool(tag or f"test-{os.getpid()}-{time.monotonic_ns()}", 0, specs, slots, budget)
-    logs = []
-    engine = CheckpointEngine(state, pool, [Level("L2", str(tmp_path / "l2"), interval, None)], group, logs.append)
-    return engine, logs
-
-
 @pytest.fixture(autouse=True)
 def remove_pools():
-    before = set(host_pool.list_segments())
-    yield
-    for path in set(host_pool.list_segments()) - before:
-        os.unlink(path)
+    with shared_memory_removed_after():
+        yield
 
 
 def test_every_version_is_the_state_after_its_step_despite_slow_copies(tmp_path, single_process_group):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpointing.shard_copy import CudaShardCopier, HostShardCopier, copier_for
-from tests.test_engine import make_engine
+from tests.helpers import make_engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

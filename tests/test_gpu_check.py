@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-from models.config import GPTModelConfig
 from trainer.metrics_log import MetricsLogger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,6 +9,10 @@ from tests.launch import TINY, read_scalars, run_pretrain
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
                "--lr", "3e-3", "--log-interval", "5", "--train-iters", "20", "--use-distributed-optimizer",
                "--async-save", "--save-interval", "1", "--ckpt-persistent-interval", "10"]
+# Held (checkpointing/faults.py): each request waits until the previous version is in L0 and every
+# earlier flush is done, so what a kill after iteration N leaves behind does not depend on the
+# machine's speed: L0 holds N-1 (and N if its copy landed), L2 every due version before N.
+HOLD = {"GPT_CKPT_HOLD": "request"}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def ckpt(tmp_path):
 
 def test_sigkill_of_every_rank_resumes_from_shared_memory(reference, ckpt, tmp_path):
     common = ARGS + ["--save", str(ckpt), "--load", str(ckpt)]
-    killed = run_pretrain(common, nproc=2, check=False, env={"GPT_CKPT_FAULT": "iteration:kill:14"})
+    killed = run_pretrain(common, nproc=2, check=False, env={"GPT_CKPT_FAULT": "iteration:kill:14", **HOLD})
     assert killed.returncode != 0
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == ["iter_0000010"]
     proc = run_pretrain(common + ["--tensorboard-dir", str(tmp_path / "tb")], nproc=2)
@@ -45,7 +49,7 @@ def test_torchrun_restarts_after_one_rank_is_killed(reference, ckpt, tmp_path):
                         env={"GPT_CKPT_FAULT": "iteration:kill:12:1", "GPT_CKPT_FAULT_ONCE": str(tmp_path / "fired"),
                              # torch 2.13 shares the rendezvous store with the workers; a restarted
                              # attempt then reads stale gloo addresses (pytorch/pytorch#135712)
-                             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+                             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **HOLD})
     assert "from L0 (shared memory" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = read_scalars(tmp_path / "tb", "lm loss")
     for it in resumed:

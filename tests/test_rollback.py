@@ -44,7 +44,10 @@ def test_resume_after_rollback_replays_the_original_run(tmp_path, data_args):
                                  "--save-interval", "5", "--ckpt-local-dir", str(local), "--ckpt-local-interval", "5",
                                  "--ckpt-local-retain-last", "100", "--ckpt-persistent-interval", "10"]
     try:
-        run_pretrain(args + ["--tensorboard-dir", str(tmp_path / "tb1")])
+        # Held (GPT_CKPT_HOLD=request): every due version reaches its level however loaded the
+        # machine; without it, a version superseded before its flush started is skipped, by design.
+        first = run_pretrain(args + ["--tensorboard-dir", str(tmp_path / "tb1")], env={"GPT_CKPT_HOLD": "request"}).stdout
+        assert "  L1: 8 checkpoints" in first and "  L2: 4 checkpoints" in first, first[-1500:]  # the engine's record
         refused = rollback(23, "--save", save, "--local-dir", local, check=False)
         assert refused.returncode == 2 and "no committed checkpoint of iteration 23" in refused.stderr
         assert "[15, 20, 25, 30]" in refused.stderr, refused.stderr

@@ -1,0 +1,103 @@
+"""Helpers shared by several test files (``from tests.helpers import ...``): a free TCP port, the
+removal of the shared-memory segments a test made, and a synthetic checkpointable state with an
+engine around it. Plain functions and classes; the fixtures that use them live in the test files
+(and ``tests/conftest.py``). Nothing here imports megatron-core or the trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import torch
+
+SHARDS = 4
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def shared_memory_removed_after() -> Iterator[None]:
+    """Remove, on exit, every checkpoint shared-memory segment (``/dev/shm/gptckpt-*``: L0 pools
+    and their descriptions) that appeared inside the block. Engines and jobs keep their pools on
+    purpose (they outlive a crash); a test's would pile up on the machine.
+
+        @pytest.fixture(autouse=True)
+        def remove_pools():
+            with shared_memory_removed_after():
+                yield
+    """
+    from checkpointing import host_pool
+
+    before = set(host_pool.list_segments())
+    try:
+        yield
+    finally:
+        for path in set(host_pool.list_segments()) - before:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+class SyntheticState:
+    """A checkpointable state for engine tests: two flat arrays ``a`` and ``b`` in ``shards``
+    shards of ``shard_numel`` elements, one piece per array and shard.
+
+    With ``world_size`` > 1 it is rank ``rank``'s part of global tensors of ``world_size`` times
+    the size (the ranks' pieces tile them); its values depend on the rank, and rank 0 captures the
+    ``common`` object. The values are a pure function of (``rank``, number of steps), so any rank
+    can rebuild another's state after N steps (:meth:`after_steps`)."""
+
+    def __init__(self, shard_numel: int = 1 << 14, shards: int = SHARDS, device: str = "cpu",
+                 rank: int = 0, world_size: int = 1):
+        from checkpointing.items import TensorPiece
+
+        n = shards * shard_numel
+        self.rank = rank
+        g = torch.Generator(device=device).manual_seed(rank)
+        self.arrays = {name: torch.randn(n, generator=g, device=device) for name in ("a", "b")}
+        self.shards = [(i * shard_numel, (i + 1) * shard_numel) for i in range(shards)]
+        self.save_pieces = [TensorPiece(name, name, lo, (hi - lo,), (world_size * n,), (rank * n + lo,))
+                            for name in self.arrays for lo, hi in self.shards]
+        self.load_arrays, self.load_pieces = self.arrays, self.save_pieces
+
+    def capture_objects(self, iteration):
+        return {"common": {"iteration": iteration}} if self.rank == 0 else {f"rank{self.rank}": iteration}
+
+    def optimizer_step(self, engine=None, on_shard=None):
+        """Update shard by shard behind the engine's fences, as the optimizer does (without an
+        engine: no fences)."""
+        for index, (lo, hi) in enumerate(self.shards):
+            if engine is not None:
+                engine.fence(index)
+            if on_shard:
+                on_shard(index)
+            for array in self.arrays.values():
+                array[lo:hi].mul_(0.5).add_(1.0)
+
+    @classmethod
+    def after_steps(cls, steps: int, **kwargs) -> "SyntheticState":
+        """The state (same arguments as the constructor) after ``steps`` optimizer steps."""
+        state = cls(**kwargs)
+        for _ in range(steps):
+            state.optimizer_step()
+        return state
+
+
+def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=None):
+    """An engine over ``state`` with one level, L2 in ``tmp_path / "l2"`` every ``interval``
+    versions, and an L0 pool of ``slots`` versions; returns it and the list its log lines go to."""
+    from checkpointing.engine import CheckpointEngine, Level
+    from checkpointing.host_pool import ArraySpec, HostPool
+
+    specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}
+    pool = HostPool(tag or f"test-{os.getpid()}-{time.monotonic_ns()}", 0, specs, slots, budget)
+    logs: list[str] = []
+    engine = CheckpointEngine(state, pool, [Level("L2", str(tmp_path / "l2"), interval, None)], group, logs.append)
+    return engine, logs
