@@ -122,7 +122,9 @@ def test_fence_waits_only_for_the_shard_whose_copy_is_late(tmp_path, single_proc
     state.optimizer_step(engine, on_shard=on_shard)
     stall = engine.stats.stall_by_shard
     assert stall[:delayed] == [0.0] * delayed and stall[delayed] > 0, stall
-    assert engine.stats.fence_waits == 1
+    # The shards after the late one are copied after it: their fences may wait too (on a loaded
+    # machine the step can reach shard 3 before the copy thread does), those before it never.
+    assert 1 <= engine.stats.fence_waits <= SHARDS - delayed
     assert [(i, delayed in started) for i, started in updated] == [(0, False), (1, False), (2, True), (3, True)], \
         "shards before the late one are updated while its copy has not started; the late one after it"
     hold.release()
