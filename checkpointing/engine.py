@@ -163,7 +163,9 @@ class CheckpointEngine:
         self._copy_released = -1
         """Under a ``GPT_CKPT_HOLD`` of ``copy`` (``checkpointing.faults``): versions up to this one
         may be copied."""
+        # Read once: unset (every real run), the request path pays one attribute test for them.
         self._hold_copies = faults.holds("copy")
+        self._hold_requests = faults.holds("request")
         if self._hold_copies:
             self.copier.on_block = self._release_copies
         self._threads = [threading.Thread(target=_named(loop), name=name, daemon=True) for loop, name in
@@ -199,8 +201,9 @@ class CheckpointEngine:
         started = time.perf_counter()
         objects = self.state.capture_objects(version)  # small: copied now, on this thread
         with self._lock:
-            self._release_copies_locked()  # a held copy goes on: this request waits for it
-            if faults.holds("request", version):  # a test's hold: the background work catches up first
+            if self._hold_copies:
+                self._release_copies_locked()  # a held copy goes on: this request waits for it
+            if self._hold_requests and faults.holds("request", version):  # the background work catches up first
                 while self._issuing or self._landing or self._flush_queue:
                     self._lock.wait()
             self._wait_issued_locked()  # the previous copy started everywhere (its fences passed already)
