@@ -22,9 +22,11 @@ import torch
 import torch.distributed as dist
 
 from checkpointing import faults
+from checkpointing.agreement import gather_from_all
 from checkpointing.discovery import iteration_dir, list_checkpoints
 from checkpointing.durable import CheckpointWriteError, write_tracker
 from checkpointing.items import TensorPiece
+from checkpointing.levels import Level
 from checkpointing.metadata import METADATA_NAME, build_metadata, write_metadata
 from checkpointing.trace import NullTracer
 from checkpointing.writer import data_file_name, write_rank_file
@@ -39,13 +41,6 @@ class SaveResult:
     seconds: float
 
 
-def gather_from_all(group, value):
-    """Every rank's ``value``, on every rank (gloo: CPU objects): how ranks agree on outcomes."""
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, value, group=group)
-    return out
-
-
 def _raise_if_failed(outcomes: list, what: str) -> None:
     errors = [f"rank {r}: {e}" for r, e in enumerate(outcomes) if isinstance(e, str)]
     if errors:
@@ -53,35 +48,33 @@ def _raise_if_failed(outcomes: list, what: str) -> None:
 
 
 def save_and_commit(
-    root: str,
+    level: Level,
     iteration: int,
     arrays: dict[str, torch.Tensor],
     pieces: list[TensorPiece],
     objects: dict[str, Any],
     layout: dict[str, Any],
     group,
-    retain_last: int | None = None,
-    level: str = "sync",
     tracer=None,
-    peers: list[int] | None = None,
-    write_rate: float | None = None,
 ) -> SaveResult:
-    """Collectively save one version to ``root`` (every rank of ``group`` calls it).
+    """Collectively save one version to ``level.root`` (every rank of ``group`` calls it).
 
-    ``level`` names the fault points on the way (``L2.write``, ``sync.metadata``, ...).
+    ``level.name`` names the fault points on the way (``L2.write``, ``sync.metadata``, ...);
+    ``level.retain_last`` committed checkpoints are kept.
 
-    ``peers``: the ranks whose ``root`` is the same directory as this rank's (see
+    ``level.peers``: the ranks whose ``root`` is the same directory as this rank's (see
     :func:`checkpointing.peers.directory_peers`); None: every rank's. When ``root`` is
     node-local (peers are not everyone), each node's first rank coordinates its directory, every
     rank also writes its replica pieces (so a node restores its ranks from its own disk), and
     each node's metadata names the files it holds. The commit stays global: no node writes its
     metadata before every rank of the job has its file durable.
 
-    ``write_rate``: this rank writes its data file at most this many bytes per second."""
+    ``level.write_rate``: this rank writes its data file at most this many bytes per second."""
     started = time.perf_counter()
+    root, retain_last, write_rate = level.root, level.retain_last, level.write_rate
     rank = dist.get_rank(group)
     world = dist.get_world_size(group)
-    peers = sorted(peers) if peers is not None else list(range(world))
+    peers = sorted(level.peers) if level.peers is not None else list(range(world))
     node_local = len(peers) < world
     coordinator = rank == peers[0]
     directory = iteration_dir(root, iteration)
@@ -99,8 +92,8 @@ def save_and_commit(
     tracer = tracer or NullTracer()
     records: Any
     try:
-        faults.reach(f"{level}.write", iteration)
-        with tracer.span(f"write {level}", "ckpt", iteration=iteration):
+        faults.reach(f"{level.name}.write", iteration)
+        with tracer.span(f"write {level.name}", "ckpt", iteration=iteration):
             records = write_rank_file(directory, dist.get_rank(), arrays, pieces, objects, replicas=node_local,
                                       write_rate=write_rate)
     except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
@@ -114,11 +107,11 @@ def save_and_commit(
             commit_started = time.perf_counter_ns()
             local_files = [data_file_name(r) for r in peers] if node_local else None
             metadata = build_metadata([r for rs in gathered for r in rs], iteration, layout, local_files)
-            faults.reach(f"{level}.metadata", iteration)
+            faults.reach(f"{level.name}.metadata", iteration)
             write_metadata(directory, metadata)
-            faults.reach(f"{level}.tracker", iteration)
+            faults.reach(f"{level.name}.tracker", iteration)
             write_tracker(root, iteration)
-            tracer.complete(f"commit {level}", "ckpt", commit_started, time.perf_counter_ns(), iteration=iteration)
+            tracer.complete(f"commit {level.name}", "ckpt", commit_started, time.perf_counter_ns(), iteration=iteration)
             if retain_last:
                 apply_retention(root, retain_last)
         except (OSError, ValueError) as e:

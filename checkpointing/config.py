@@ -28,6 +28,11 @@ class CheckpointConfig:
     """Load optimizer state (``--no-load-optim`` turns it off)."""
     load_rng: bool = True
     """Load RNG states (``--no-load-rng`` turns it off)."""
+    finetune: bool = False
+    """Load the model's weights only and start a new run from them (``--finetune``, as in
+    Megatron-LM): iteration 0, data from its beginning, a fresh optimizer and RNG states from
+    ``--seed``. Every restart with the flag starts over from the newest checkpoint's weights: save a
+    fine-tuning run elsewhere (another ``--save``) and drop the flag to resume it."""
     async_save: bool = False
     """The asynchronous multi-level engine (``--async-save``)."""
     host_versions: int = 2
@@ -74,6 +79,8 @@ class CheckpointConfig:
             raise ValueError("--save-interval needs --save DIR")
         if self.async_save and self.save is None:
             raise ValueError("--async-save needs --save DIR (the persistent level, L2)")
+        if self.finetune and self.load is None:
+            raise ValueError("--finetune needs --load DIR (the checkpoint whose weights to start from)")
         if self.ckpt_step is not None and self.load is None:
             raise ValueError("--ckpt-step needs --load DIR")
         if (self.local_interval is None) != (self.local_dir is None):
@@ -84,6 +91,16 @@ class CheckpointConfig:
     @property
     def l2_interval(self) -> int | None:
         return self.persistent_interval or self.save_interval
+
+    @property
+    def loads_optimizer(self) -> bool:
+        """Whether a load restores the optimizer state (not with ``--no-load-optim`` or ``--finetune``)."""
+        return self.load_optim and not self.finetune
+
+    @property
+    def loads_rng(self) -> bool:
+        """Whether a load restores RNG states (not with ``--no-load-rng`` or ``--finetune``)."""
+        return self.load_rng and not self.finetune
 
 
 def _flag(name: str) -> str:

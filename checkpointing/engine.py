@@ -39,6 +39,7 @@ from checkpointing.commit import save_and_commit
 from checkpointing.durable import CheckpointWriteError
 from checkpointing.host_pool import ArraySpec, HostPool, HostSlot, job_tag
 from checkpointing.items import CheckpointableState
+from checkpointing.levels import Level
 from checkpointing.shard_copy import copier_for
 from checkpointing.trace import NullTracer
 
@@ -56,26 +57,6 @@ def _named(loop: Callable[[], None]) -> Callable[[], None]:
         loop()
 
     return run
-
-
-@dataclass(frozen=True)
-class Level:
-    """A storage level written by the flush thread."""
-
-    name: str
-    """``L1`` or ``L2``."""
-    root: str
-    interval: int | None
-    """Flush every this many iterations; None: only forced flushes (end of training)."""
-    retain_last: int | None
-    peers: list[int] | None = None
-    """Ranks that share this rank's ``root`` (``checkpointing.peers``); None: every rank."""
-    write_rate: float | None = None
-    """Bytes per second this rank writes at most (``--ckpt-write-rate-limit``); None: no limit."""
-
-    def is_due(self, version: int) -> bool:
-        """Whether ``version`` is flushed to this level by its interval."""
-        return bool(self.interval) and version % self.interval == 0
 
 
 @dataclass
@@ -249,11 +230,31 @@ class CheckpointEngine:
                     self._flush_queue.append(_Job(level, version, slot, forced=True))
             self._lock.notify_all()
 
-    def keep_only(self, slot: HostSlot | None) -> None:
-        """Forget every L0 version but ``slot``'s (after a load: older runs' snapshots are stale)."""
+    # -- what L0 holds (the checkpoint manager's view of the pool) ---------------------------------
+    def held_versions(self, layout: dict) -> list[int]:
+        """Versions this rank holds in L0, committed (copied and described) in ``layout``; a
+        previous run's snapshots that survived in shared memory are among them."""
+        with self._lock:
+            return sorted(s.version for s in self.pool.slots
+                          if s.version is not None and s.objects is not None and s.layout == layout)
+
+    def restore(self, version: int) -> dict:
+        """Copy L0 ``version`` into the state's live arrays; returns its small objects (the
+        ``common`` item is in rank 0's only). Call before training starts."""
+        with self._lock:
+            slot = next((s for s in self.pool.slots if s.version == version and s.objects is not None), None)
+            if slot is None:
+                raise ValueError(f"iteration {version} is not held in L0 on this rank")
+            for name, live in self.state.arrays.items():
+                live.copy_(slot.arrays[name])
+            return dict(slot.objects)
+
+    def keep_only(self, version: int | None) -> None:
+        """Forget every L0 version but ``version`` (after a load: older runs' snapshots are stale,
+        and a fine-tuning run's versions restart from 0)."""
         with self._lock:
             for s in self.pool.slots:
-                if s is not slot and s.pins == 0 and s not in self._landing:
+                if s.version != version and s.pins == 0 and s not in self._landing:
                     s.invalidate()
 
     def fence(self, shard_index: int) -> None:
@@ -414,9 +415,8 @@ class CheckpointEngine:
             time.sleep(delay)
         try:
             with self.tracer.span(f"flush {level.name}", "ckpt", iteration=job.version):
-                result = save_and_commit(level.root, job.version, slot.arrays, self.state.save_pieces, slot.objects,
-                                         self.layout, self.group, level.retain_last, level.name, self.tracer,
-                                         level.peers, level.write_rate)
+                result = save_and_commit(level, job.version, slot.arrays, self.state.save_pieces, slot.objects,
+                                         self.layout, self.group, self.tracer)
             self.stats.flushes.append(FlushRecord(level.name, job.version, result.bytes_written, result.seconds))
         except CheckpointWriteError as error:
             self.stats.flushes.append(FlushRecord(level.name, job.version, 0, 0.0, str(error)))

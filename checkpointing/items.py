@@ -46,6 +46,32 @@ class TensorPiece:
         return arrays[self.array][self.start : self.start + self.numel].view(self.shape)
 
 
+@dataclass(frozen=True)
+class LoadedParts:
+    """What a load put back into the state; its ``after_load`` hook re-syncs the trainer from it.
+
+    Every load path (L0 host memory, a node-local directory, the shared level) ends with one
+    call of that hook, so no path can leave a copy of the weights stale."""
+
+    iteration: int
+    """The iteration of the checkpoint that was read."""
+    source: str
+    """Where it came from: ``L0``, ``L1`` or ``L2`` (also a synchronous ``--save``)."""
+    weights_in_arrays: bool
+    """True: the weights came back in ``arrays`` (the main weights: an L0 snapshot, a node-local
+    file, or a shared load with optimizer state), so the model's parameters are derived from
+    them. False: only the model's parameters were read (``load_arrays``), and the main weights
+    are derived from them."""
+    optimizer: bool
+    """The optimizer state (moments, step counts) was restored; False: it starts afresh
+    (``--no-load-optim``, ``--finetune``)."""
+    rng: bool
+    """Restore the RNG states among the objects (same layout, not ``--no-load-rng``/``--finetune``)."""
+    resume: bool = True
+    """Continue the saved run (its iteration and data position); False: start at iteration 0
+    with the loaded weights (``--finetune``)."""
+
+
 class CheckpointableState(Protocol):
     """What a trainer exposes to the checkpoint layer (see ``trainer/checkpoint_state.py``)."""
 
@@ -58,14 +84,19 @@ class CheckpointableState(Protocol):
     load_arrays: dict[str, torch.Tensor]
     """Live arrays a load writes into (may differ from ``arrays``, e.g. the model's parameters)."""
     load_pieces: list[TensorPiece]
-    """Pieces of ``load_arrays`` this rank reads."""
+    """Pieces of ``load_arrays`` this rank reads: the model's (every local parameter, replicas
+    included) and the optimizer's (keys under ``checkpointing.keys.OPTIMIZER_PREFIX``)."""
+    layout: dict[str, Any]
+    """The parallel layout and what else decides which bytes a rank holds; a snapshot restores
+    only into the layout that took it."""
+    legacy_padded_keys: frozenset[str]
+    """Global tensors a format-1 checkpoint may store with more rows than ``global_shape[0]``
+    (Megatron's vocabulary padding); their first rows are the true ones."""
 
     def capture_objects(self, iteration: int) -> dict[str, Any]:
         """Small objects of the state after ``iteration`` (copied at once, they are small)."""
 
-    def objects_to_load(self) -> list[str]:
-        """Keys of the small objects this rank needs back."""
-
-    def restore_objects(self, objects: dict[str, Any]) -> str | None:
-        """Put loaded small objects back into the trainer; returns a note for the user about what
-        could not be restored (e.g. device RNG states across devices), or None."""
+    def after_load(self, objects: dict[str, Any], loaded: LoadedParts) -> list[str]:
+        """Put the small objects back and re-sync the trainer after any load; returns notes for
+        the user (what was not restored, which settings differ from the saved run's). Raises
+        ``CheckpointMismatchError`` if the checkpoint is of another model."""

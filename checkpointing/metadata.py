@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,10 +28,32 @@ from torch.distributed.checkpoint.metadata import (
 
 from checkpointing.durable import atomic_write_bytes
 from checkpointing.errors import CheckpointCorruptError
-from checkpointing.writer import ChunkRecord
 
 METADATA_NAME = ".metadata"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: tensors with a padded vocabulary dimension (embedding, output layer) are stored with the
+true vocabulary's rows; 1: with Megatron's padding of the saving layout (still read)."""
+READABLE_FORMATS = (1, 2)
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """Where one chunk went; gathered to the coordinator to build the global metadata."""
+
+    key: str
+    offsets: tuple[int, ...] | None
+    """Rectangle start in the global tensor; None for a byte item."""
+    sizes: tuple[int, ...] | None
+    global_shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
+    relative_path: str
+    offset: int
+    length: int
+    checksum: int
+    rank: int
+    is_writer: bool = True
+    """False for a replica: a piece another rank also holds, written only on node-local levels so
+    that each node can restore its own ranks without the others (see ``build_metadata``)."""
 
 
 class TilingError(ValueError):
@@ -122,9 +145,9 @@ def read_metadata(directory: str) -> Metadata:
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
         raise CheckpointCorruptError(f"{path} cannot be read ({error}); the checkpoint is damaged") from error
     facts = getattr(metadata, "gpt_ckpt", None)
-    if not isinstance(facts, dict) or facts.get("format_version") != FORMAT_VERSION:
+    if not isinstance(facts, dict) or facts.get("format_version") not in READABLE_FORMATS:
         raise CheckpointCorruptError(
-            f"{path} is not a gpt-ckpt checkpoint of format {FORMAT_VERSION} (no checksums); "
+            f"{path} is not a gpt-ckpt checkpoint of format {' or '.join(map(str, READABLE_FORMATS))} (no checksums); "
             "convert it or load it with torch.distributed.checkpoint directly"
         )
     return metadata

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from checkpointing.commit import gather_from_all
+from checkpointing.agreement import gather_from_all
 
 PROBE_PREFIX = ".peer-probe-"
 

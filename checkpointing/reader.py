@@ -86,8 +86,18 @@ class CheckpointReader:
         return {k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
     # -- tensors ----------------------------------------------------------------------------------
-    def read_pieces(self, pieces: list[TensorPiece], arrays: dict[str, torch.Tensor]) -> int:
+    def padded_rows_allowed(self, keys: frozenset[str]) -> frozenset[str]:
+        """Of ``keys`` (tensors with a padded vocabulary dimension), those this checkpoint may
+        store with more rows than the true vocabulary: all of them in format 1, none after."""
+        return keys if self.facts.get("format_version", 1) < 2 else frozenset()
+
+    def read_pieces(self, pieces: list[TensorPiece], arrays: dict[str, torch.Tensor],
+                    longer_rows: frozenset[str] = frozenset()) -> int:
         """Fill every piece of ``arrays`` from the checkpoint; returns the bytes read.
+
+        ``longer_rows``: keys whose stored tensor may have more rows than the piece's global
+        shape (a format-1 checkpoint's padded vocabulary, see :meth:`padded_rows_allowed`); the
+        extra rows are not read.
 
         Raises :class:`CheckpointMismatchError` if a tensor is missing or has another global
         shape, and :class:`CheckpointCorruptError` if a chunk is damaged.
@@ -102,7 +112,10 @@ class CheckpointReader:
                     f"{self.directory} has no tensor {piece.key}: it was saved from another model "
                     f"(layers {self.facts['layout'].get('num_layers', '?')}) or without optimizer state; "
                     "use the matching model flags, or --no-load-optim for a weights-only checkpoint")
-            if tuple(meta.size) != tuple(piece.global_shape):
+            stored, wanted_shape = tuple(meta.size), tuple(piece.global_shape)
+            padded = (piece.key in longer_rows and len(stored) == len(wanted_shape) and stored[1:] == wanted_shape[1:]
+                      and stored[0] >= wanted_shape[0])
+            if stored != wanted_shape and not padded:
                 raise CheckpointMismatchError(
                     f"{piece.key}: checkpoint {self.directory} has shape {tuple(meta.size)}, this model "
                     f"{tuple(piece.global_shape)}; the model flags differ from the saved run's")
@@ -142,9 +155,12 @@ class CheckpointReader:
         """On a node-local level: the data files this node's directory holds; else None."""
         return self.facts.get("local_files")
 
-    def read_own_pieces(self, file_name: str, pieces: list[TensorPiece], arrays: dict[str, torch.Tensor]) -> int:
+    def read_own_pieces(self, file_name: str, pieces: list[TensorPiece], arrays: dict[str, torch.Tensor],
+                        longer_rows: frozenset[str] = frozenset()) -> int:
         """Fill ``pieces`` from ``file_name`` alone: the pieces that rank saved itself, replicas
-        included (a node-local level, read back in the saving layout). Returns the bytes read."""
+        included (a node-local level, read back in the saving layout). Returns the bytes read.
+        ``longer_rows``: as in :meth:`read_pieces` (a stored chunk may hold padded rows after
+        the piece's)."""
         replicas = self.facts.get("replicas") or {}
         total = 0
         for piece in pieces:
@@ -161,6 +177,8 @@ class CheckpointReader:
             blob = self._read_range(piece.key, file_name, offset, length)
             total += len(blob)
             chunk = self._decode(blob, f"chunk {offsets} of {piece.key} in {self.directory}")
+            if piece.key in longer_rows and chunk.dim() == len(piece.shape) and chunk.shape[0] > piece.shape[0]:
+                chunk = chunk[: piece.shape[0]]  # format 1: the padded vocabulary rows follow
             if tuple(chunk.shape) != tuple(piece.shape):
                 raise CheckpointCorruptError(f"{piece.key} at {offsets} in {self.directory}: stored shape "
                                              f"{tuple(chunk.shape)}, expected {tuple(piece.shape)}")

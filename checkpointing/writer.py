@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,31 +20,12 @@ import xxhash
 from checkpointing.direct_io import DirectFile
 from checkpointing.durable import CheckpointWriteError, fsync_directory
 from checkpointing.items import TensorPiece
+from checkpointing.metadata import ChunkRecord
 
 
 def data_file_name(rank: int) -> str:
     """DCP's name for the first file of ``rank``."""
     return f"__{rank}_0.distcp"
-
-
-@dataclass(frozen=True)
-class ChunkRecord:
-    """Where one chunk went; gathered to the coordinator to build the global metadata."""
-
-    key: str
-    offsets: tuple[int, ...] | None
-    """Rectangle start in the global tensor; None for a byte item."""
-    sizes: tuple[int, ...] | None
-    global_shape: tuple[int, ...] | None
-    dtype: torch.dtype | None
-    relative_path: str
-    offset: int
-    length: int
-    checksum: int
-    rank: int
-    is_writer: bool = True
-    """False for a replica: a piece another rank also holds, written only on node-local levels so
-    that each node can restore its own ranks without the others (see ``build_metadata``)."""
 
 
 def standalone(view: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from models.config import GPTModelConfig
 from models.cpu_compat import apply_cpu_compat
 from models.fusions import KernelFusions, ResolvedFusions, resolve_fusions
 from models.param_layout import GlobalParamSpec, global_param_specs
+from models.vocab import VOCAB_DIM, mask_padded_vocab, true_vocab_rows, with_padding_rows
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 # Core attention inside the layer spec: ``sdpa`` = torch's fused scaled_dot_product_attention
@@ -109,7 +110,9 @@ def build_gpt_model(
     megatron-core's own initialisation draws from the RNG in construction order, so a pipeline
     stage or a TP rank would get different weights than the single-process model. We skip it
     (``perform_initialization=False``) and fill every parameter from a generator seeded by its
-    global name (see :func:`initialize_deterministically`).
+    global name (see :func:`initialize_deterministically`). The vocabulary, padded to a size that
+    depends on TP, is made layout-independent too: padded rows start at 0 and their logits are
+    masked to -inf (:mod:`models.vocab`), so every layout trains the same function.
 
     ``fusions``: megatron-core's fused kernels to use, as :func:`models.fusions.resolve_fusions`
     granted them for ``device`` (default: the default requests, resolved here).
@@ -162,6 +165,7 @@ def build_gpt_model(
     # (torch's LayerNorm, used without Apex, is created in fp32 whatever params_dtype says).
     model.to(device=device, dtype=params_dtype)
     initialize_deterministically(model, cfg, seed)
+    mask_padded_vocab(model, cfg.vocab_size, device)
     return model
 
 
@@ -177,6 +181,10 @@ def initial_value(spec: GlobalParamSpec, cfg: GPTModelConfig, seed: int) -> torc
     std / sqrt(2 x layers) (Megatron's scaled init), every other weight normal with std.
     Names cover both layer specs: local (``input_layernorm.weight``) and TransformerEngine's
     fused norms (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_bias``).
+
+    A vocabulary parameter (:data:`models.vocab.VOCAB_PARAMS`) draws its normal values for the
+    true vocabulary only and is padded with zero rows: the padded size depends on TP, and drawing
+    for it would tie the padding's values, and the model, to the layout.
     """
     leaf = spec.global_name.rsplit(".", 2)
     module, kind = leaf[-2], leaf[-1]
@@ -187,8 +195,14 @@ def initial_value(spec: GlobalParamSpec, cfg: GPTModelConfig, seed: int) -> torc
     std = cfg.init_method_std
     if module in ("linear_proj", "linear_fc2"):
         std = std / math.sqrt(2.0 * cfg.num_layers)
-    values = torch.empty(spec.global_shape)
+    true_rows = true_vocab_rows(spec.global_name, cfg.vocab_size)
+    shape = list(spec.global_shape)
+    if true_rows is not None:
+        shape[VOCAB_DIM] = true_rows
+    values = torch.empty(shape)
     values.normal_(0.0, std, generator=_generator_for(spec.global_name, seed))
+    if true_rows is not None:
+        values = with_padding_rows(values, true_rows, spec.global_shape[VOCAB_DIM])
     return values
 
 

@@ -98,6 +98,7 @@ def part_format(trainer, workdir: str) -> None:
     import torch.distributed as dist
 
     from checkpointing.commit import save_and_commit
+    from checkpointing.levels import sync_level
     from checkpointing.discovery import iteration_dir
     from checkpointing.reader import CheckpointReader
     from trainer.checkpoint_state import TrainerCheckpointState
@@ -107,7 +108,7 @@ def part_format(trainer, workdir: str) -> None:
     nbytes = state_bytes(trainer)
     write_bw, read_bw = raw_bandwidth(workdir, nbytes)
     root = os.path.join(workdir, "format")
-    result = save_and_commit(root, 1, state.arrays, state.save_pieces, state.capture_objects(1), state.layout, group)
+    result = save_and_commit(sync_level(root), 1, state.arrays, state.save_pieces, state.capture_objects(1), state.layout, group)
     directory = iteration_dir(root, 1)
     drop_cache(directory)
     started = time.perf_counter()
@@ -148,7 +149,8 @@ class EngineMethod(Method):
         super().__init__(trainer, workdir)
         import torch.distributed as dist
 
-        from checkpointing.engine import CheckpointEngine, Level
+        from checkpointing.engine import CheckpointEngine
+        from checkpointing.levels import Level
         from checkpointing.host_pool import ArraySpec, HostPool
         from trainer.checkpoint_state import TrainerCheckpointState
 

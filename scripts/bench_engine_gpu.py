@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from checkpointing.engine import CheckpointEngine, Level  # noqa: E402
+from checkpointing.engine import CheckpointEngine  # noqa: E402
+from checkpointing.levels import Level  # noqa: E402
 from checkpointing.host_pool import ArraySpec, HostPool, list_segments  # noqa: E402
 from checkpointing.items import TensorPiece  # noqa: E402
 

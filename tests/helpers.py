@@ -93,7 +93,8 @@ class SyntheticState:
 def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=None):
     """An engine over ``state`` with one level, L2 in ``tmp_path / "l2"`` every ``interval``
     versions, and an L0 pool of ``slots`` versions; returns it and the list its log lines go to."""
-    from checkpointing.engine import CheckpointEngine, Level
+    from checkpointing.engine import CheckpointEngine
+    from checkpointing.levels import Level
     from checkpointing.host_pool import ArraySpec, HostPool
 
     specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}

@@ -23,6 +23,11 @@ def test_valid_3d_layout_is_accepted():
     assert job.model.ffn_hidden_size == 256
 
 
+def test_finetune_is_megatrons_flag():
+    cfg = parse(["--load", "ckpt", "--finetune"], world=1).checkpoint
+    assert cfg.finetune and not cfg.loads_optimizer and not cfg.loads_rng
+
+
 @pytest.mark.parametrize(
     "extra, world, message",
     [
@@ -51,6 +56,7 @@ def test_valid_3d_layout_is_accepted():
         (["--data-path", "/nonexistent/corpus"], 1, "exactly one of --mock-data and --data-path"),
         (["--split", "1,2"], 1, "--split"),
         (["--optimizer-shard-size-mb", "0"], 1, "--optimizer-shard-size-mb must be > 0"),
+        (["--finetune"], 1, "--finetune needs --load"),
     ],
 )
 def test_refused_with_a_clear_message(extra, world, message):

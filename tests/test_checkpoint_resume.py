@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from checkpointing.reader import CheckpointReader
 from tests.launch import ROOT, TINY, read_scalars, run_pretrain
 
 COMMON = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "16",
@@ -77,3 +78,23 @@ def test_reshard_matrix(saved_run, tmp_path, nproc, layout):
         iteration, loss = (tmp_path / f"loss-{distributed}.txt").read_text().split()
         assert int(iteration) == 11
         assert math.isclose(float(loss), reference, rel_tol=1e-4), (distributed, float(loss), reference)
+
+
+def test_finetune_from_tp2pp2dp2_into_tp1_with_a_new_learning_rate(saved_run, tmp_path):
+    """``--finetune``: the weights of iteration 10, then a new run: iteration 1 on the data's
+    first batch, a fresh optimizer, the new ``--lr`` in effect, and the run says what changed."""
+    proc = run_pretrain(COMMON + ["--train-iters", "3", "--lr", "1e-3", "--load", str(saved_run / "ckpt"),
+                                  "--ckpt-step", "10", "--finetune", "--save", str(tmp_path / "ckpt"),
+                                  "--tensorboard-dir", str(tmp_path / "tb")], nproc=1)
+    assert "loaded iteration 10" in proc.stdout and "--finetune: the weights of iteration 10" in proc.stdout
+    assert "lr.lr: 0.003 -> 0.001" in proc.stdout and "parallel.tensor_parallel: 2 -> 1" in proc.stdout
+    losses = read_scalars(tmp_path / "tb", "lm loss")
+    assert sorted(losses) == [1, 2, 3]
+    straight = read_scalars(saved_run / "tb", "lm loss")
+    # The same first batch as the pretraining run's iteration 1, on trained weights.
+    assert losses[1] < straight[1] - 0.1, (losses, straight)
+    # The new schedule from its start: warmup 1/3 of the new peak at iteration 1.
+    lr = read_scalars(tmp_path / "tb", "learning-rate")
+    assert lr[1] == pytest.approx(1e-3 / 3, rel=1e-6)
+    common = CheckpointReader(str(tmp_path / "ckpt" / "iter_0000003")).read_object("common")
+    assert common["iteration"] == 3 and common["optimizer_step"] == 3

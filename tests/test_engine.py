@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from checkpointing import direct_io, host_pool
-from checkpointing.engine import CheckpointEngine, Level
+from checkpointing.engine import CheckpointEngine
+from checkpointing.levels import Level
 from checkpointing.host_pool import ArraySpec, HostPool
 from checkpointing.reader import CheckpointReader
 from checkpointing.shard_copy import HostShardCopier

@@ -39,3 +39,18 @@ def test_weights_are_seeded_by_name_and_output_projections_scaled():
 def test_stacked_layer_offsets_fold_into_the_name():
     assert _global_name("decoder.layers.mlp.linear_fc1.weight", (3,)) == "decoder.layers.3.mlp.linear_fc1.weight"
     assert _global_name("embedding.word_embeddings.weight", ()) == "embedding.word_embeddings.weight"
+
+
+def test_vocabulary_rows_do_not_depend_on_the_padding():
+    """The padded vocabulary (128 x TP) depends on the layout; the true rows and the zero padding
+    must not, or a TP2 model would start as another function than the TP1 one."""
+    cfg = GPTModelConfig(num_layers=8, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
+                         seq_length=16, max_position_embeddings=16, vocab_size=100)
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        tp1, tp4 = (initial_value(spec(name, (cfg.padded_vocab_size(tp), 64)), cfg, 1) for tp in (1, 4))
+        assert tp1.shape == (128, 64) and tp4.shape == (512, 64)
+        assert torch.equal(tp1[:100], tp4[:100]), name
+        assert not tp1[100:].any() and not tp4[100:].any(), name
+        assert abs(tp1[:100].std().item() - 0.02) < 0.002
+    assert not torch.equal(initial_value(spec("embedding.word_embeddings.weight", (128, 64)), cfg, 1)[:100],
+                           initial_value(spec("output_layer.weight", (128, 64)), cfg, 1)[:100])

@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-verify-checkpoint-checksums", dest="verify_checksums", action="store_false")
     c.add_argument("--no-load-optim", dest="load_optim", action="store_false")
     c.add_argument("--no-load-rng", dest="load_rng", action="store_false")
+    c.add_argument("--finetune", action="store_true",
+                   help="load the model weights only: iteration 0, data from the start, a fresh optimizer")
     c.add_argument("--async-save", action="store_true", help="asynchronous multi-level checkpointing")
     c.add_argument("--ckpt-host-versions", type=int, default=2, help="L0: versions in the host pool")
     c.add_argument("--ckpt-host-budget-gb", type=float, help="L0: byte budget of the host pool")
@@ -278,6 +280,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             verify_checksums=args.verify_checksums,
             load_optim=args.load_optim,
             load_rng=args.load_rng,
+            finetune=args.finetune,
             async_save=args.async_save,
             host_versions=args.ckpt_host_versions,
             host_budget_gb=args.ckpt_host_budget_gb,

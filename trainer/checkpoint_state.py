@@ -7,6 +7,10 @@ the step copies them over), so it costs no extra bytes; with bf16 the cast weigh
 
 Loaded: every local parameter (all replicas, the tied copy included) as a rectangle of its
 global tensor, and this rank's optimizer pieces; any layout that saved them will do.
+
+The vocabulary's padding belongs to a layout, not to the model (``models.vocab``): tensors with
+a vocabulary dimension are saved and loaded with the true vocabulary's rows only, and the
+padded rows of this layout are zero after any load. So a checkpoint loads into any TP degree.
 """
 
 from __future__ import annotations
@@ -18,48 +22,88 @@ from typing import Any
 import numpy as np
 import torch
 
-from checkpointing.items import TensorPiece
+from checkpointing import keys
+from checkpointing.errors import CheckpointMismatchError
+from checkpointing.items import LoadedParts, TensorPiece
+from models.vocab import VOCAB_PARAMS, true_vocab_rows
 from trainer.state_layout import optimizer_state_pieces
 
 OPTIMIZER_ARRAYS = ("fp32_param", "exp_avg", "exp_avg_sq")
+MAX_LISTED_CHANGES = 12
+"""Settings that differ from the checkpoint's, listed one by one at load (then counted)."""
 
 
-def _rng_key(rank: int) -> str:
-    return f"rng_state.rank_{rank}"
+def _true_rows(piece: TensorPiece, vocab_size: int) -> TensorPiece | None:
+    """``piece`` cut to the true vocabulary's rows (None if it holds padding only); other
+    parameters' pieces are returned as they are."""
+    rows = true_vocab_rows(piece.key, vocab_size)
+    if rows is None or piece.global_shape[0] == rows:
+        return piece
+    keep = min(piece.shape[0], rows - piece.global_offset[0])
+    if keep <= 0:
+        return None
+    return dataclasses.replace(piece, shape=(keep, *piece.shape[1:]), global_shape=(rows, *piece.global_shape[1:]))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for name, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{name}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def changed_settings(saved_args: dict, current_args: dict) -> list[str]:
+    """``section.name: saved -> now`` for every setting (checkpoint paths aside) that differs."""
+    saved, now = _flatten(saved_args), _flatten(current_args)
+    changes = []
+    for name in sorted(set(saved) | set(now)):
+        if name.startswith("checkpoint."):
+            continue  # where to load and save from is expected to change
+        before, after = saved.get(name, "(not recorded)"), now.get(name, "(not set)")
+        if before != after:
+            changes.append(f"{name}: {before} -> {after}")
+    return changes
 
 
 class TrainerCheckpointState:
     """Implements :class:`checkpointing.items.CheckpointableState` for a :class:`Trainer`."""
 
-    def __init__(self, trainer, load_optimizer: bool = True, load_rng: bool = True):
+    def __init__(self, trainer):
         self.trainer = trainer
         opt, buffers = trainer.optimizer, trainer.buffers
         self.rank = trainer.groups.rank
-        self.load_rng = load_rng
+        self.vocab_size = trainer.job.model.vocab_size
         self.bf16 = buffers.params.dtype != torch.float32
         self.arrays: dict[str, torch.Tensor] = {
             "fp32_param": opt.main_params, "exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq}
         if self.bf16:
             self.arrays["param"] = buffers.params[opt.start : opt.end]
         self.shards = [(s.start - opt.start, s.end - opt.start) for s in opt.shards]
-        pieces = optimizer_state_pieces(opt, trainer.param_specs, trainer.groups.dp_rank)
         self.save_pieces: list[TensorPiece] = []
         self.load_pieces: list[TensorPiece] = []
-        for p in pieces:
-            common = dict(start=p.start - opt.start, shape=p.shape, global_shape=p.global_shape,
-                          global_offset=p.global_offset, is_writer=p.is_writer)
+        for piece in optimizer_state_pieces(opt, trainer.param_specs, trainer.groups.dp_rank):
+            piece = _true_rows(piece, self.vocab_size)
+            if piece is None:
+                continue
             for array in OPTIMIZER_ARRAYS:
-                piece = TensorPiece(key=f"optimizer.state.{array}.{p.global_name}", array=array, **common)
-                self.save_pieces.append(piece)
-                if load_optimizer:
-                    self.load_pieces.append(piece)
-            self.save_pieces.append(TensorPiece(key=p.global_name, array="param" if self.bf16 else "fp32_param", **common))
+                state_piece = dataclasses.replace(piece, key=keys.optimizer_key(array, piece.key), array=array)
+                self.save_pieces.append(state_piece)
+                self.load_pieces.append(state_piece)
+            self.save_pieces.append(dataclasses.replace(piece, array="param" if self.bf16 else "fp32_param"))
         self.load_arrays: dict[str, torch.Tensor] = dict(self.arrays, param=buffers.params)
         for slot in buffers.slots:
             spec = trainer.param_specs[slot.name]
-            self.load_pieces.append(TensorPiece(key=spec.global_name, array="param", start=slot.start, shape=slot.shape,
-                                                global_shape=spec.global_shape, global_offset=spec.global_offset))
-        self.load_optimizer = load_optimizer
+            piece = _true_rows(TensorPiece(key=spec.global_name, array="param", start=slot.start, shape=slot.shape,
+                                           global_shape=spec.global_shape, global_offset=spec.global_offset),
+                               self.vocab_size)
+            if piece is not None:
+                self.load_pieces.append(piece)
+        self.padding = self._padding_regions()
+        """(array of ``load_arrays``, start, end): this layout's padded vocabulary rows."""
+        self.legacy_padded_keys = frozenset(
+            k for name in VOCAB_PARAMS for k in (name, *(keys.optimizer_key(a, name) for a in OPTIMIZER_ARRAYS)))
         self._job_dict = dataclasses.asdict(trainer.job)  # frozen: converted once, not at every request
         self.layout = {
             "tensor_parallel": trainer.job.parallel.tensor_parallel,
@@ -70,11 +114,23 @@ class TrainerCheckpointState:
             "bf16": self.bf16,
         }
 
-    def restore_arrays(self, arrays: dict[str, torch.Tensor]) -> None:
-        """Restore from a same-layout snapshot of ``arrays`` (the host pool, L0); collective over DP."""
-        for name, live in self.arrays.items():
-            live.copy_(arrays[name])
-        self.trainer.optimizer.publish_main_params()
+    def _padding_regions(self) -> list[tuple[str, int, int]]:
+        opt, buffers = self.trainer.optimizer, self.trainer.buffers
+        regions = []
+        for slot in buffers.slots:
+            spec = self.trainer.param_specs[slot.name]
+            rows = true_vocab_rows(spec.global_name, self.vocab_size)
+            if rows is None:
+                continue
+            first_padded = min(max(rows - spec.global_offset[0], 0), slot.shape[0])
+            a, b = slot.start + first_padded * slot.row_numel, slot.end
+            if a >= b:
+                continue
+            regions.append(("param", a, b))
+            lo, hi = max(a, opt.start), min(b, opt.end)
+            if lo < hi:
+                regions += [(array, lo - opt.start, hi - opt.start) for array in OPTIMIZER_ARRAYS]
+        return regions
 
     # -- small objects ---------------------------------------------------------------------------
     def capture_objects(self, iteration: int) -> dict[str, Any]:
@@ -82,7 +138,7 @@ class TrainerCheckpointState:
 
         t = self.trainer
         objects: dict[str, Any] = {
-            _rng_key(self.rank): {
+            keys.rng_key(self.rank): {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
                 "torch": torch.get_rng_state(),
@@ -92,7 +148,7 @@ class TrainerCheckpointState:
             }
         }
         if self.rank == 0:
-            objects["common"] = {
+            objects[keys.COMMON] = {
                 "iteration": iteration,
                 "consumed_samples": iteration * t.job.data.global_batch_size,
                 "optimizer_step": t.optimizer.step_count,
@@ -103,11 +159,58 @@ class TrainerCheckpointState:
             }
         return objects
 
-    def objects_to_load(self) -> list[str]:
-        return ["common"] + ([_rng_key(self.rank)] if self.load_rng else [])
+    # -- after a load ------------------------------------------------------------------------------
+    def after_load(self, objects: dict[str, Any], loaded: LoadedParts) -> list[str]:
+        """Re-sync the trainer after any load (L0, node-local, shared; see ``LoadedParts``).
 
-    def restore_objects(self, objects: dict[str, Any]) -> str | None:
-        """Restore the small state; returns a note for the user when RNG states were not restored.
+        - The padded vocabulary rows of this layout are zeroed everywhere.
+        - The model's parameters and the optimizer's fp32 main weights are made one state: the
+          parameters from the main weights when those were restored, else the main weights
+          from the parameters (Megatron-LM's ``reload_model_params``: with ``--no-load-optim`` a
+          bf16 run continues from its bf16 weights).
+        - Without optimizer state, Adam starts afresh (moments and step count zero).
+        """
+        t, opt = self.trainer, self.trainer.optimizer
+        common = objects[keys.COMMON]
+        self._check_same_model(common)
+        with torch.no_grad():
+            for array, a, b in self.padding:
+                self.load_arrays[array][a:b].zero_()
+            if loaded.weights_in_arrays:
+                opt.publish_main_params()
+            if loaded.optimizer:
+                opt.step_count = common["optimizer_step"]
+                opt.skipped_steps = common["skipped_steps"]
+            else:
+                opt.main_params.copy_(t.buffers.params[opt.start : opt.end])
+                opt.exp_avg.zero_()
+                opt.exp_avg_sq.zero_()
+                opt.step_count = opt.skipped_steps = 0
+        t.iteration = common["iteration"] if loaded.resume else 0
+        notes = []
+        changes = changed_settings(common.get("args", {}), self._job_dict) if "args" in common else []
+        if changes:
+            listed = "; ".join(changes[:MAX_LISTED_CHANGES])
+            more = f"; and {len(changes) - MAX_LISTED_CHANGES} more" if len(changes) > MAX_LISTED_CHANGES else ""
+            notes.append(f"checkpoint: settings that differ from the saved run's (this run's apply): {listed}{more}")
+        if not loaded.optimizer:
+            notes.append("checkpoint: optimizer state not loaded: Adam's moments and step count start from zero, "
+                         "the main weights from the loaded weights")
+        if loaded.rng:
+            note = self._restore_rng(objects.get(keys.rng_key(self.rank)))
+            if note is not None:
+                notes.append(note)
+        return notes
+
+    def _check_same_model(self, common: dict) -> None:
+        saved = common.get("args", {}).get("model", {}).get("vocab_size")
+        if saved is not None and saved != self.vocab_size:
+            raise CheckpointMismatchError(
+                f"the checkpoint's vocabulary has {saved} entries, this model's {self.vocab_size}: its embedding "
+                "rows are other tokens. Use the checkpoint's --vocab-size (or tokenizer)")
+
+    def _restore_rng(self, rng: dict | None) -> str | None:
+        """Restore the RNG states; returns a note for the user when they were not restored.
 
         RNG states are device-specific: the device generator's state and megatron's tensor-parallel
         tracker hold CUDA generator states on a GPU and CPU generator states on the CPU (feeding one
@@ -117,14 +220,9 @@ class TrainerCheckpointState:
         """
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-        t, common = self.trainer, objects["common"]
-        t.iteration = common["iteration"]
-        if self.load_optimizer:
-            t.optimizer.step_count = common["optimizer_step"]
-            t.optimizer.skipped_steps = common["skipped_steps"]
-        rng = objects.get(_rng_key(self.rank))
         if rng is None:
             return None
+        t = self.trainer
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])

@@ -9,46 +9,22 @@ per-parameter tensors, loadable into any TP/PP/DP layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from checkpointing.items import TensorPiece
 from models.param_layout import GlobalParamSpec
 from trainer.optimizer import DistributedAdam
 
 
-@dataclass(frozen=True)
-class StatePiece:
-    """Rows of one parameter held in one optimizer shard."""
-
-    global_name: str
-    """The parameter's layout-independent name."""
-    global_shape: tuple[int, ...]
-    """Shape of the whole parameter."""
-    global_offset: tuple[int, ...]
-    """Where this piece starts in the global tensor."""
-    shape: tuple[int, ...]
-    """Shape of this piece (a rectangle)."""
-    start: int
-    """First element in flat-buffer coordinates (the optimizer's ``main_params`` start at its
-    ``start``)."""
-    shard_index: int
-    """The optimizer shard that holds it."""
-    is_writer: bool
-    """Exactly one rank of the job has True for each element of each global tensor."""
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
 def optimizer_state_pieces(
     optimizer: DistributedAdam, specs: dict[str, GlobalParamSpec], dp_rank: int
-) -> list[StatePiece]:
-    """The pieces of this rank's optimizer state, shard by shard, in flat order."""
+) -> list[TensorPiece]:
+    """The pieces of this rank's optimizer state, shard by shard, in flat order.
+
+    Each is keyed by the parameter's global name and lies in the optimizer's own arrays
+    (``array="fp32_param"``; ``start`` counts from the optimizer's first element, so the same
+    piece with another ``array`` names the same rows of ``exp_avg`` or ``exp_avg_sq``).
+    """
     buffers = optimizer.buffers
-    pieces: list[StatePiece] = []
+    pieces: list[TensorPiece] = []
     for shard in optimizer.shards:
         for a, b in buffers.segments(shard.start, shard.end, lambda _slot: True, merge=False):
             slot = buffers.slot_at(a)
@@ -63,13 +39,13 @@ def optimizer_state_pieces(
             shape = slot.shape if len(slot.shape) == 0 else (end_row - first_row, *slot.shape[1:])
             offset = (spec.global_offset[0] + first_row, *spec.global_offset[1:])
             pieces.append(
-                StatePiece(
-                    global_name=spec.global_name,
+                TensorPiece(
+                    key=spec.global_name,
+                    array="fp32_param",
+                    start=a - optimizer.start,
+                    shape=tuple(shape),
                     global_shape=spec.global_shape,
                     global_offset=offset,
-                    shape=tuple(shape),
-                    start=a,
-                    shard_index=shard.index,
                     is_writer=spec.is_main_model_parallel_replica and (optimizer.distributed or dp_rank == 0),
                 )
             )

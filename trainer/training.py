@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 
 from checkpointing import faults
+from checkpointing.manager import check_checkpoint_dirs
 from checkpointing.trace import Tracer
 from models.cpu_compat import apply_cpu_compat
 from models.fusions import resolve_fusions
 from models.gpt import build_gpt_model
 from models.param_layout import global_param_specs
-from trainer.checkpointer import Checkpointer, check_checkpoint_dirs
+from trainer.checkpointer import Checkpointer
 from trainer.config import JobConfig
 from trainer.data import BatchSource, build_dataset
 from trainer.device import DeviceContext, select_device

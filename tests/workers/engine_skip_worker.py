@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from checkpointing.engine import CheckpointEngine, Level  # noqa: E402
+from checkpointing.engine import CheckpointEngine  # noqa: E402
+from checkpointing.levels import Level  # noqa: E402
 from checkpointing.host_pool import ArraySpec, HostPool  # noqa: E402
 from checkpointing.items import TensorPiece  # noqa: E402
 from checkpointing.reader import CheckpointReader  # noqa: E402

@@ -12,26 +12,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from models.cpu_compat import apply_cpu_compat  # noqa: E402
-from trainer.arguments import parse_job_config  # noqa: E402
-from trainer.device import select_device  # noqa: E402
+from tests.workers.trainer_setup import start_trainer  # noqa: E402
 from trainer.state_layout import optimizer_state_pieces  # noqa: E402
-from trainer.training import Trainer, init_distributed, shutdown  # noqa: E402
+from trainer.training import shutdown  # noqa: E402
 
 
 def main():
     out_dir, argv = sys.argv[1], sys.argv[2:]
-    job = parse_job_config(argv)
-    device = select_device()
-    apply_cpu_compat(device.device)
-    init_distributed(device)
-    groups = job.parallel.initialize()
-    trainer = Trainer(job, device, groups)
+    _, trainer = start_trainer(argv)
+    groups = trainer.groups
     opt = trainer.optimizer
     pieces = []
     for piece in optimizer_state_pieces(opt, trainer.param_specs, groups.dp_rank):
-        local = opt.main_params[piece.start - opt.start : piece.start - opt.start + piece.numel]
-        pieces.append({**piece.__dict__, "values": local.view(piece.shape).clone()})
+        pieces.append({"global_name": piece.key, "global_shape": piece.global_shape, "global_offset": piece.global_offset,
+                       "is_writer": piece.is_writer,
+                       "values": piece.view({"fp32_param": opt.main_params}).clone()})
     params = []
     for name, p in trainer.model.named_parameters():
         spec = trainer.param_specs[name]

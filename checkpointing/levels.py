@@ -1,0 +1,35 @@
+"""A storage level of the checkpoint (DESIGN.md, "Levels"): where it is, how often, how many kept.
+
+L0 is the host pool (``checkpointing.host_pool``); the levels here are directories: L1
+node-local, L2 the shared ``--save``; ``sync`` is the synchronous save to ``--save`` without the
+engine. The commit protocol (``checkpointing.commit``) writes one version to one level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Level:
+    """A storage level written by the flush thread."""
+
+    name: str
+    """``L1``, ``L2`` or ``sync`` (names its fault points and trace spans)."""
+    root: str
+    interval: int | None
+    """Flush every this many iterations; None: only forced flushes (end of training)."""
+    retain_last: int | None
+    peers: list[int] | None = None
+    """Ranks that share this rank's ``root`` (``checkpointing.peers``); None: every rank."""
+    write_rate: float | None = None
+    """Bytes per second this rank writes at most (``--ckpt-write-rate-limit``); None: no limit."""
+
+    def is_due(self, version: int) -> bool:
+        """Whether ``version`` is flushed to this level by its interval."""
+        return bool(self.interval) and version % self.interval == 0
+
+
+def sync_level(root: str, retain_last: int | None = None) -> Level:
+    """The synchronous save to ``--save`` (no engine): written when asked, every rank shares it."""
+    return Level("sync", root, None, retain_last)

@@ -1,0 +1,387 @@
+"""The checkpoint manager: one rank's load and save policy for one run.
+
+What to resume from, and how:
+
+- **Candidates** across levels: L0 (a snapshot in host memory that survived the previous run),
+  L1 (node-local directory), L2 (``--load``), newest first; at equal step the faster level. Only
+  versions every rank holds are candidates, so every rank tries the same list in the same order.
+- **Reading** a candidate: an L0 snapshot or a node-local file restores this rank's own bytes in
+  the layout that took them; the shared level reads each piece of the current layout from
+  whichever stored chunks overlap it (resharding).
+- **Fall-back**: a damaged candidate is reported and the next one tried (nothing is deleted);
+  one of another model stops the run. Ranks agree on every outcome before acting on it.
+- **One re-sync**: whatever the path, the state's ``after_load`` hook puts the small objects
+  back and makes the trainer's copies of the weights one state (``checkpointing.items.LoadedParts``).
+
+When to save: at ``--save-interval`` (through the engine with ``--async-save``, else a
+synchronous save), and once at the end of the run; then a summary of what checkpointing cost.
+
+The manager sees the trainer only through :class:`checkpointing.items.CheckpointableState`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from typing import Callable
+
+import torch.distributed as dist
+
+from checkpointing import keys
+from checkpointing.agreement import common_to_all, gather_from_all
+from checkpointing.commit import save_and_commit
+from checkpointing.config import CheckpointConfig
+from checkpointing.discovery import StoredCheckpoint, load_candidates
+from checkpointing.errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError
+from checkpointing.items import CheckpointableState, LoadedParts
+from checkpointing.levels import sync_level
+from checkpointing.peers import directory_peers
+from checkpointing.reader import CheckpointReader
+from checkpointing.writer import data_file_name
+
+
+class SaveDirError(OSError):
+    """A checkpoint directory cannot be written; raised at start-up, before the model is built."""
+
+
+def probe_writable(directory: str, rank: int) -> None:
+    """Create ``directory`` and a file in it, or raise naming the directory and the rank."""
+    probe = os.path.join(directory, f".write-probe-{rank}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as error:
+        raise SaveDirError(error.errno, f"rank {rank}: checkpoint directory {directory} is not writable "
+                                        f"({error.strerror or error}); fix its permissions or pass another --save") from None
+
+
+def check_checkpoint_dirs(cfg: CheckpointConfig, rank: int) -> None:
+    """Every rank checks the directories it will write, before any heavy work."""
+    for directory in (cfg.save, cfg.local_dir):
+        if directory:
+            probe_writable(directory, rank)
+
+
+class _NotHere(Exception):
+    """This candidate cannot be used in this run (not an error: the next one is tried)."""
+
+
+class CheckpointManager:
+    """This rank's checkpointing for one run; every rank of the job makes one, alike."""
+
+    def __init__(self, cfg: CheckpointConfig, state: CheckpointableState, log: Callable[[str], None],
+                 tracer=None, trace_dir: str | None = None):
+        """``log``: prints on the logging rank (a no-op elsewhere); ``trace_dir``: where the
+        end-of-run statistics go beside the tracer's timeline (with ``tracer``)."""
+        self.cfg = cfg
+        self.state = state
+        self.log = log
+        self.tracer = tracer
+        self.trace_dir = trace_dir
+        self.rank = dist.get_rank()
+        # A gloo group of its own: checkpoint metadata are CPU objects, and the async engine's
+        # background thread must not share a communicator with training.
+        self.group = dist.new_group(backend="gloo")
+        self.last_saved: int | None = None
+        self.loaded: int | None = None
+        """The iteration training starts from after :meth:`load` (0: from scratch or fine-tuning);
+        nothing new to save while unchanged."""
+        self.local_peers = self._find_peers()
+        self.engine = None
+        if cfg.async_save:
+            from checkpointing.engine import CheckpointEngine
+
+            self.engine = CheckpointEngine.for_config(cfg, state, self.group, log, self.rank, state.layout, tracer,
+                                                      self.local_peers)
+
+    def _find_peers(self) -> list[int] | None:
+        """Which ranks share this rank's L1 directory (its node); checks that L2 is shared."""
+        world = dist.get_world_size(self.group)
+        if self.cfg.save and world > 1:
+            shared = directory_peers(self.cfg.save, self.group)
+            if len(shared) < world:
+                self.log(f"WARNING: --save {self.cfg.save} is not the same directory on every rank (rank "
+                         f"{dist.get_rank(self.group)} shares it with ranks {shared} only); L2 must be a file "
+                         "system all nodes share, or its checkpoints cannot be committed whole")
+        if not self.cfg.local_dir or world == 1:
+            return None
+        peers = directory_peers(self.cfg.local_dir, self.group)
+        nodes = len({tuple(p) for p in gather_from_all(self.group, peers)})
+        if nodes > 1:
+            self.log(f"> checkpoint: L1 {self.cfg.local_dir} is node-local ({nodes} nodes); each node keeps "
+                     "its own ranks' files, and restores from it only in the same layout")
+        return peers
+
+    # -- load ---------------------------------------------------------------------------------------
+    def candidates(self) -> list[tuple[str, StoredCheckpoint]]:
+        """(level, checkpoint) on disk to try, newest first; at equal step the faster level first.
+
+        Only checkpoints every rank sees committed are candidates: a node-local level (L1) on
+        one node may hold versions another node lost (a replaced node), and every rank must try
+        the same list in the same order."""
+        found: list[tuple[int, int, str, StoredCheckpoint]] = []
+        levels = [("L1", self.cfg.local_dir), ("L2", self.cfg.load)]
+        for speed, (level, root) in enumerate(levels):
+            if not root:
+                continue
+            stored, notes = load_candidates(root, self.cfg.ckpt_step)
+            for note in notes:
+                self.log(f"> checkpoint: {note}")
+            seen = gather_from_all(self.group, [c.iteration for c in stored])
+            everywhere = set.intersection(*[set(s) for s in seen])
+            for c in stored:
+                if c.iteration not in everywhere:
+                    missing = [r for r, s in enumerate(seen) if c.iteration not in s]
+                    self.log(f"> checkpoint: {level} iteration {c.iteration} is not committed on ranks "
+                             f"{missing[:8]}{' ...' if len(missing) > 8 else ''} (their node lost it); not loaded")
+            found += [(-c.iteration, speed, level, c) for c in stored if c.iteration in everywhere]
+        return [(level, c) for _, _, level, c in sorted(found, key=lambda t: t[:2])]
+
+    def load(self) -> int:
+        """Load the newest valid committed checkpoint; returns the iteration training goes on
+        from (0: from scratch, or ``--finetune``).
+
+        With the engine, a version in host memory (L0) that survived the previous run is taken
+        when it is at least as new as anything on disk; every other L0 version is dropped then
+        (all of them after ``--finetune``: the new run's versions restart from 0).
+        """
+        kept = None
+        try:
+            start, kept = self._load()
+        finally:
+            if self.engine is not None:
+                self.engine.keep_only(kept)
+        self.loaded = start
+        return start
+
+    def _loaded_parts(self, iteration: int, source: str, weights_in_arrays: bool, rng: bool) -> LoadedParts:
+        return LoadedParts(iteration, source, weights_in_arrays=weights_in_arrays, optimizer=self.cfg.loads_optimizer,
+                           rng=rng, resume=not self.cfg.finetune)
+
+    def _after_load(self, objects: dict, loaded: LoadedParts) -> int:
+        """The one re-sync of every load path; returns the iteration training goes on from."""
+        for note in self.state.after_load(objects, loaded):
+            self.log(f"> {note}")
+        if not loaded.resume:
+            self.log(f"> --finetune: the weights of iteration {loaded.iteration}; training starts at iteration 0 "
+                     "with a fresh optimizer, data from the beginning")
+        return loaded.iteration if loaded.resume else 0
+
+    def _l0_candidate(self) -> int | None:
+        """The newest snapshot every rank holds in shared memory, in this layout, or None."""
+        shared = common_to_all(self.group, self.engine.held_versions(self.state.layout))
+        if self.cfg.ckpt_step is not None:
+            shared &= {self.cfg.ckpt_step}
+        return max(shared) if shared else None
+
+    def _load_from_l0(self, version: int) -> int:
+        started = time.perf_counter()
+        held = self.engine.restore(version)
+        common = gather_from_all(self.group, held.get(keys.COMMON))[0]  # rank 0 captured it
+        objects = {keys.COMMON: common}
+        if self.cfg.loads_rng:
+            objects.update({k: v for k, v in held.items() if keys.is_rng_key(k)})
+        start = self._after_load(objects, self._loaded_parts(version, "L0", True, self.cfg.loads_rng))
+        self.log(f"> loaded iteration {version} from L0 (shared memory, kept from the previous run; "
+                 f"{time.perf_counter() - started:.2f} s)")
+        return start
+
+    def _load(self) -> tuple[int, int | None]:
+        """(iteration training goes on from, the L0 version to keep)."""
+        cfg = self.cfg
+        if not cfg.load:
+            return 0, None
+        candidates = self.candidates()
+        l0 = self._l0_candidate() if self.engine is not None else None
+        if l0 is not None and (not candidates or l0 >= candidates[0][1].iteration):
+            return self._load_from_l0(l0), (None if cfg.finetune else l0)
+        if not candidates:
+            if cfg.ckpt_step is not None:
+                raise CheckpointNotFoundError(
+                    f"--ckpt-step {cfg.ckpt_step}: no committed checkpoint of that iteration in {cfg.load}")
+            if cfg.finetune:
+                raise CheckpointNotFoundError(f"--finetune: no committed checkpoint in {cfg.load} to start from")
+            self.log(f"> no committed checkpoint in {cfg.load}: training starts from scratch")
+            return 0, None
+        wanted_model_keys = set().union(*gather_from_all(self.group, sorted(
+            {p.key for p in self.state.load_pieces if not keys.is_optimizer_key(p.key)})))
+        for level, candidate in candidates:
+            started = time.perf_counter()
+            self.log(f"> loading checkpoint from {candidate.path} ({level}) ...")
+            outcome, read_bytes, objects = None, 0, {}
+            node_local = False
+            try:
+                reader = CheckpointReader(candidate.path, verify=cfg.verify_checksums)
+                node_local = reader.local_files is not None
+                if node_local:
+                    read_bytes, objects = self._read_node_local(reader)
+                else:
+                    read_bytes, objects = self._read_shared(reader, wanted_model_keys)
+            except _NotHere as why:
+                outcome = ("skip", str(why))
+            except CheckpointMismatchError as error:
+                outcome = ("mismatch", str(error))
+            except (CheckpointCorruptError, OSError) as error:
+                outcome = ("corrupt", str(error))
+            outcomes = gather_from_all(self.group, outcome)
+            failures = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+            if not failures:
+                if node_local:
+                    self._share_common(objects)
+                rng = keys.rng_key(self.rank) in objects
+                if cfg.loads_rng and not rng:
+                    self.log("> checkpoint: saved with another layout; RNG states not loaded")
+                # A node-local file holds the main weights; a shared load reads them with the
+                # optimizer state, else the model's weights alone.
+                in_arrays = node_local or cfg.loads_optimizer
+                start = self._after_load(objects, self._loaded_parts(candidate.iteration, level, in_arrays, rng))
+                self.log(f"> loaded iteration {candidate.iteration} from {candidate.path} "
+                         f"({read_bytes / 1e6:.1f} MB on the logging rank, {time.perf_counter() - started:.2f} s)")
+                return start, None
+            if all(kind == "skip" for _, (kind, _) in failures):
+                self.log(f"> checkpoint: {candidate.path} ({level}) passed over: {failures[0][1][1]}")
+                continue
+            message = "; ".join(f"rank {r}: {text}" for r, (_, text) in failures)
+            if any(kind == "mismatch" for _, (kind, _) in failures):
+                raise CheckpointMismatchError(message)
+            if cfg.ckpt_step is not None:
+                raise CheckpointCorruptError(f"--ckpt-step {cfg.ckpt_step} cannot be loaded: {message}")
+            self.log(f"WARNING: checkpoint {candidate.path} is damaged, trying the previous committed one: {message}")
+        raise CheckpointCorruptError(
+            f"every committed checkpoint in {cfg.load} is damaged (see the warnings above); nothing was deleted. "
+            f"Start from scratch with another --load, or repair the files")
+
+    def _read_shared(self, reader: CheckpointReader, wanted_model_keys: set[str]) -> tuple[int, dict]:
+        """Read this rank's pieces in the current layout from whichever chunks hold them: the
+        optimizer's (main weights and moments), or with ``--no-load-optim``/``--finetune`` the
+        model's weights."""
+        extra = sorted(k for k in reader.tensor_keys() - wanted_model_keys if not keys.is_optimizer_key(k))
+        if extra:
+            raise CheckpointMismatchError(
+                f"{reader.directory} holds tensors this model has no place for: {extra[:4]}"
+                f"{' ...' if len(extra) > 4 else ''} ({len(extra)} in all); the saved model was larger "
+                f"(layers {reader.facts['layout'].get('num_layers')}, this model "
+                f"{self.state.layout['num_layers']})")
+        optimizer = self.cfg.loads_optimizer
+        pieces = [p for p in self.state.load_pieces if keys.is_optimizer_key(p.key) == optimizer]
+        longer = reader.padded_rows_allowed(self.state.legacy_padded_keys)
+        read_bytes = reader.read_pieces(pieces, self.state.load_arrays, longer)
+        objects = {keys.COMMON: reader.read_object(keys.COMMON)}
+        rng = keys.rng_key(self.rank)
+        if self.cfg.loads_rng and reader.facts["layout"] == self.state.layout and reader.has(rng):
+            objects[rng] = reader.read_object(rng)
+        return read_bytes, objects
+
+    def _read_node_local(self, reader: CheckpointReader) -> tuple[int, dict]:
+        """Restore from a node-local checkpoint: each rank reads back its own file (the pieces it
+        saved, replicas included)."""
+        if reader.facts["layout"] != self.state.layout:
+            raise _NotHere("it is node-local and was saved in another layout; a node holds only its own "
+                           "ranks' files, so it restores only into the same layout")
+        if not self.cfg.loads_optimizer:
+            raise _NotHere("it is node-local, which restores the optimizer state; --no-load-optim and --finetune "
+                           "read the weights from the shared level instead")
+        pieces = [p for p in self.state.save_pieces if keys.is_optimizer_key(p.key)]
+        longer = reader.padded_rows_allowed(self.state.legacy_padded_keys)
+        read_bytes = reader.read_own_pieces(data_file_name(self.rank), pieces, self.state.arrays, longer)
+        # ``common`` is in the file of the rank that captured it, on its node only: shared after
+        # every rank succeeded (``_share_common``).
+        wanted = [keys.COMMON] + ([keys.rng_key(self.rank)] if self.cfg.loads_rng else [])
+        return read_bytes, {key: reader.read_object(key) for key in wanted
+                            if reader.object_file(key) in reader.local_files}
+
+    def _share_common(self, objects: dict) -> None:
+        held = [c for c in gather_from_all(self.group, objects.get(keys.COMMON)) if c is not None]
+        if not held:
+            raise CheckpointCorruptError("no node holds the checkpoint's common state")
+        objects[keys.COMMON] = held[0]
+
+    # -- save ---------------------------------------------------------------------------------------
+    def after_step(self, iteration: int) -> None:
+        """Called after the optimizer step of ``iteration``."""
+        cfg = self.cfg
+        if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
+            self.save(iteration)
+        if self.engine is not None:
+            self.engine.set_iteration(iteration + 1)
+
+    def save(self, iteration: int) -> None:
+        if self.engine is not None:
+            self.engine.request(iteration)
+        else:
+            self.save_sync(iteration)
+        self.last_saved = iteration
+
+    def save_sync(self, iteration: int) -> None:
+        """Copy the state to host memory and write it to ``--save`` now (no engine; ``.cpu()``
+        waits for the device's pending work on the state)."""
+        self.log(f"> saving checkpoint at iteration {iteration:7d} to {self.cfg.save}")
+        arrays = {name: a.detach().cpu() for name, a in self.state.arrays.items()}
+        result = save_and_commit(sync_level(self.cfg.save, self.cfg.save_retain_last), iteration, arrays,
+                                 self.state.save_pieces, self.state.capture_objects(iteration), self.state.layout,
+                                 self.group)
+        self.log(f"  successfully saved checkpoint at iteration {iteration:7d} to {self.cfg.save} "
+                 f"[ {result.seconds * 1000:.0f} ms, {result.bytes_written / 1e6:.1f} MB on the logging rank ]")
+
+    def finish(self, iteration: int, train_seconds: float = 0.0) -> None:
+        """Save the final state to ``--save`` (unless just saved there); drain the engine's levels;
+        print the end-of-run summary."""
+        if iteration == self.loaded and self.last_saved is None:
+            self.log(f"> nothing trained since iteration {iteration} was loaded: no new checkpoint")
+            if self.engine is not None:
+                self.engine.close(drain=True)
+            return
+        if self.engine is not None:
+            if self.last_saved == iteration:
+                self.engine.flush_everywhere(iteration)
+            else:
+                self.engine.request(iteration, force_flush=True)
+            self.engine.close(drain=True)
+            self._summary(train_seconds)
+        elif self.cfg.save and self.last_saved != iteration:
+            self.save(iteration)
+
+    def abort(self) -> None:
+        """After an error in training: stop background work without draining (L0 keeps its data)."""
+        if self.engine is not None:
+            self.engine.close(drain=False)
+
+    def _summary(self, train_seconds: float) -> None:
+        """Total stall (worst rank) and its share of training, flushes per level, bytes, slowest level."""
+        stats = self.engine.stats
+        mine = {"rank": self.rank, "stall_seconds": stats.stall_seconds,
+                "stall_by_iteration": {str(k): v for k, v in sorted(stats.stall_by_iteration.items())},
+                "fence_waits": stats.fence_waits, "snapshots": stats.copies,
+                "requests": stats.requests, "request_seconds": stats.request_seconds,
+                "copy_seconds": stats.copy_seconds,
+                "state_bytes": sum(a.numel() * a.element_size() for a in self.state.arrays.values()),
+                "flushes": [vars(f) for f in stats.flushes], "skipped": dict(stats.skipped)}
+        if self.tracer is not None and self.trace_dir:
+            with open(os.path.join(self.trace_dir, f"checkpoint-stats-rank{mine['rank']}.json"), "w") as f:
+                json.dump(mine, f)
+        everyone = gather_from_all(self.group, mine)
+        worst = max(everyone, key=lambda m: m["stall_seconds"])
+        share = 100 * worst["stall_seconds"] / train_seconds if train_seconds else 0.0
+        lines = [f"> checkpointing summary: stall {worst['stall_seconds'] * 1000:.1f} ms in all on the worst rank "
+                 f"({worst['rank']}), {share:.2f}% of {train_seconds:.1f} s of training; "
+                 f"{sum(m['fence_waits'] for m in everyone)} fence waits; {stats.copies} snapshots (L0)"]
+        slowest = None
+        for level in [lv.name for lv in self.engine.levels]:
+            done = [f for m in everyone for f in m["flushes"] if f["level"] == level and f["error"] is None]
+            failed = sum(1 for m in everyone for f in m["flushes"] if f["level"] == level and f["error"])
+            versions = len({f["version"] for f in done})
+            nbytes = sum(f["bytes"] for f in done)
+            seconds = max((f["seconds"] for f in done), default=0.0)
+            rate = nbytes / max(sum(f["seconds"] for f in done), 1e-9) / 1e9 * len(everyone) if done else 0.0
+            lines.append(f"  {level}: {versions} checkpoints, {nbytes / 1e9:.3f} GB written, slowest flush {seconds:.2f} s, "
+                         f"~{rate:.2f} GB/s, {stats.skipped.get(level, 0)} superseded, {failed} failed (rank-flushes)")
+            if done and (slowest is None or rate < slowest[1]):
+                slowest = (level, rate)
+        if slowest:
+            lines.append(f"  slowest level: {slowest[0]} (~{slowest[1]:.2f} GB/s)")
+        for line in lines:
+            self.log(line)
