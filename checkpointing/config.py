@@ -33,6 +33,10 @@ class CheckpointConfig:
     Megatron-LM): iteration 0, data from its beginning, a fresh optimizer and RNG states from
     ``--seed``. Every restart with the flag starts over from the newest checkpoint's weights: save a
     fine-tuning run elsewhere (another ``--save``) and drop the flag to resume it."""
+    trust_pickles: bool = False
+    """Read small objects of checkpoints written before the safe format (format 1 and 2 pickle
+    them) with full unpickling (``--trust-checkpoint-pickles``): only for checkpoints you wrote
+    yourself, in a directory no one else can write; unpickling runs code."""
     async_save: bool = False
     """The asynchronous multi-level engine (``--async-save``)."""
     host_versions: int = 2

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-verify-checkpoint-checksums", dest="verify_checksums", action="store_false")
     c.add_argument("--no-load-optim", dest="load_optim", action="store_false")
     c.add_argument("--no-load-rng", dest="load_rng", action="store_false")
+    c.add_argument("--trust-checkpoint-pickles", dest="trust_pickles", action="store_true",
+                   help="load the pickled small objects of a checkpoint of an older format (runs code from the "
+                        "checkpoint: only for your own checkpoints)")
     c.add_argument("--finetune", action="store_true",
                    help="load the model weights only: iteration 0, data from the start, a fresh optimizer")
     c.add_argument("--async-save", action="store_true", help="asynchronous multi-level checkpointing")
@@ -281,6 +284,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             load_optim=args.load_optim,
             load_rng=args.load_rng,
             finetune=args.finetune,
+            trust_pickles=args.trust_pickles,
             async_save=args.async_save,
             host_versions=args.ckpt_host_versions,
             host_budget_gb=args.ckpt_host_budget_gb,
