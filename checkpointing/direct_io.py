@@ -54,14 +54,18 @@ class DirectFile:
         self.rate = rate
         self._opened = time.perf_counter()
         self._written = 0
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        # A new file, never through a link someone placed under its name; the umask sets its
+        # mode (a shared file system may need group reads).
+        # O_DIRECT is turned on after creation: where the file system refuses it (EINVAL), the
+        # file stays buffered instead of being opened twice.
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         try:
-            self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_DIRECT)
             self.direct = True
         except OSError as error:
             if error.errno != errno.EINVAL:
+                os.close(self.fd)
                 raise
-            self.fd = os.open(path, flags, 0o644)
             self.direct = False
         self._stage = mmap.mmap(-1, staging_bytes)  # page-aligned, as O_DIRECT needs
         self._stage_view = memoryview(self._stage)

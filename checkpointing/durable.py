@@ -26,15 +26,23 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def atomic_write_bytes(path: str, data: bytes, mode: int = 0o666) -> None:
     """Write ``data`` to ``path`` durably and atomically.
 
-    On any error the temporary file is removed and ``path`` is left as it was.
+    The temporary file is created new (``O_EXCL | O_NOFOLLOW``: never through a link someone
+    placed under its name) with ``mode`` (the umask applies). On any error it is removed and
+    ``path`` is left as it was.
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        with open(tmp, "wb") as f:
+        try:
+            fd = os.open(tmp, flags, mode)
+        except FileExistsError:  # left by a killed process of the same pid: remove (unlink follows no link)
+            os.unlink(tmp)
+            fd = os.open(tmp, flags, mode)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

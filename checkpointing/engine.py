@@ -121,6 +121,8 @@ class CheckpointEngine:
         self.log = log
         self.layout = layout or {}
         self.stats = EngineStats(stall_by_shard=[0.0] * len(state.shards))
+        for note in pool.notes:  # files refused while opening the pool
+            log(note)
         self.copy_hook: Callable[[int], None] | None = None
         """Test hook: called by the copy thread before it copies shard ``i``."""
         self.flush_hook: Callable[[Level, int], None] | None = None

@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "CheckpointUntrustedError",
     "CheckpointWriteError",
 ]
 
@@ -27,3 +28,8 @@ class CheckpointMismatchError(CheckpointError):
 
 class CheckpointNotFoundError(CheckpointError):
     """The asked-for step has no committed checkpoint."""
+
+
+class CheckpointUntrustedError(CheckpointError):
+    """A checkpoint file would run code to be read (a pickle naming something other than data);
+    refused unless the user vouches for the checkpoint (``--trust-checkpoint-pickles``)."""

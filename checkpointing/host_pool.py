@@ -1,11 +1,17 @@
 """L0: a pool of host-memory slots backed by shared memory, each holding one version.
 
-Every slot holds one copy of each flat array, laid out back to back in one file under
-``/dev/shm`` (named after the job and rank), mapped shared so that a flusher could read it and
-the last snapshot outlives a killed trainer. Slots are allocated and touched once at start:
-first touch of fresh pages is several times slower than a copy into touched ones. The next run
-of the same job reuses the same names; ``python -m checkpointing.host_pool --list/--remove``
-shows and removes them.
+Every slot holds one copy of each flat array, laid out back to back in one file in this user's
+directory under ``/dev/shm`` (``/dev/shm/gptckpt-<uid>/``, mode 0700; files 0600, named after
+the job and rank), mapped shared so that a flusher could read it and the last snapshot outlives
+a killed trainer. Slots are allocated and touched once at start: first touch of fresh pages is
+several times slower than a copy into touched ones. The next run of the same job reuses the same
+names, after checking that the directory and every file are this user's alone
+(``checkpointing.private_files``); ``python -m checkpointing.host_pool --list/--remove`` shows
+and removes them.
+
+A slot's description (``<slot>.meta``: version, small objects, layout) is the L0 commit. It is
+a ``torch.save`` blob read back with ``weights_only`` (``checkpointing.safe_pickle``): reading
+it cannot run code, whoever wrote it.
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import io
 import os
-import pickle
 from dataclasses import dataclass
 
 import torch
 
+from checkpointing import private_files
 from checkpointing.durable import atomic_write_bytes
+from checkpointing.errors import CheckpointError
+from checkpointing.safe_pickle import load_objects
 
 SHM_DIR = "/dev/shm"
 PREFIX = "gptckpt-"
@@ -45,17 +54,48 @@ def slot_bytes(specs: dict[str, ArraySpec]) -> int:
     return sum(-(-s.nbytes // ALIGN) * ALIGN for s in specs.values())
 
 
+def read_description(meta_path: str) -> dict | None:
+    """A slot's description (version, objects, layout), or None if there is none.
+
+    Raises :class:`private_files.UnsafePathError` if the file is not this user's alone (not
+    read) and :class:`CheckpointError` if it is damaged or would need code to be read."""
+    try:
+        private_files.check(meta_path)
+    except private_files.UnsafePathError:
+        if not os.path.lexists(meta_path):
+            return None
+        raise
+    with open(meta_path, "rb") as f:
+        description, _ = load_objects(f.read(), f"L0 description {meta_path}")
+    if not isinstance(description, dict) or not {"version", "objects", "layout"} <= set(description):
+        raise CheckpointError(f"L0 description {meta_path} does not describe a slot")
+    return description
+
+
 class HostSlot:
     """One version's worth of host memory."""
 
-    def __init__(self, path: str, specs: dict[str, ArraySpec]):
+    def __init__(self, path: str, specs: dict[str, ArraySpec], notes: list[str] | None = None):
+        """``notes``: where to say what was refused (files another user planted, ...)."""
         self.path = path
         self.meta_path = path + ".meta"
+        self.notes = notes if notes is not None else []
         size = slot_bytes(specs)
         self.version: int | None = None
         self.objects: dict | None = None
         self.layout: dict | None = None
-        survived = self._read_description() if os.path.exists(path) and os.path.getsize(path) == size else None
+        for file in (path, self.meta_path):
+            why = private_files.problem(file) if os.path.lexists(file) else None
+            if why is not None:
+                aside = private_files.set_aside(file)
+                self.notes.append(f"WARNING: L0 {file} refused: {why}; moved to {aside}, not read")
+        if not os.path.exists(path):
+            os.close(private_files.create_new(path, 0o600))
+        survived = None
+        if os.path.getsize(path) == size:
+            survived = self._read_description()
+        else:
+            os.truncate(path, size)
         self.memory = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
         if survived is None:
             self.invalidate()
@@ -72,12 +112,11 @@ class HostSlot:
 
     def _read_description(self) -> dict | None:
         try:
-            with open(self.meta_path, "rb") as f:
-                return pickle.load(f)
-        except FileNotFoundError:
+            return read_description(self.meta_path)
+        except (CheckpointError, private_files.UnsafePathError) as error:
+            # Never half-written (atomic rename): damaged or planted. Not used, not run.
+            self.notes.append(f"WARNING: L0 snapshot {self.path} not recovered: {error}")
             return None
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError):
-            return None  # never half-written (atomic rename), so damaged by something else: ignore
 
     def invalidate(self) -> None:
         """Forget what the slot holds, in memory and on disk."""
@@ -96,7 +135,9 @@ class HostSlot:
     def describe(self, version: int, objects: dict, layout: dict) -> None:
         """After the copy: record what the slot holds (the L0 commit)."""
         self.version, self.objects, self.layout = version, objects, layout
-        atomic_write_bytes(self.meta_path, pickle.dumps({"version": version, "objects": objects, "layout": layout}))
+        blob = io.BytesIO()
+        torch.save({"version": version, "objects": objects, "layout": layout}, blob)
+        atomic_write_bytes(self.meta_path, blob.getvalue(), mode=0o600)
 
 
 class HostPool:
@@ -116,21 +157,28 @@ class HostPool:
             num_slots = min(num_slots, fit)
         self.tag = tag
         self.bytes = per_slot * num_slots
-        os.makedirs(directory, exist_ok=True)
-        self.slots = [HostSlot(os.path.join(directory, f"{PREFIX}{tag}-r{rank}-s{i}"), specs) for i in range(num_slots)]
+        self.directory, note = private_files.pool_dir(directory)
+        self.notes: list[str] = [note] if note else []
+        """What was refused while opening the pool (the engine logs them)."""
+        self.slots = [HostSlot(os.path.join(self.directory, f"{PREFIX}{tag}-r{rank}-s{i}"), specs, self.notes)
+                      for i in range(num_slots)]
 
 
 def list_segments(tag: str | None = None, directory: str = SHM_DIR) -> list[str]:
-    """Slots, their descriptions, and temporary files a killed description write left."""
+    """Slots, their descriptions, and temporary files a killed description write left, in this
+    user's pool directories under ``directory``."""
     pattern = f"{PREFIX}{tag or ''}*"
-    return sorted(glob.glob(os.path.join(directory, pattern)) + glob.glob(os.path.join(directory, f".{pattern}.tmp.*")))
+    found = []
+    for own in private_files.own_pool_dirs(directory):
+        found += glob.glob(os.path.join(own, pattern)) + glob.glob(os.path.join(own, f".{pattern}.tmp.*"))
+    return sorted(found)
 
 
 def remove_segments(save_dir: str, directory: str = SHM_DIR) -> int:
     """Remove the pool of the job whose ``--save`` is ``save_dir``; returns the bytes freed."""
     freed = 0
     for path in list_segments(job_tag(save_dir), directory):
-        freed += os.path.getsize(path)
+        freed += os.lstat(path).st_size
         os.unlink(path)
     return freed
 
@@ -144,9 +192,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ckpt-host-dir", default=SHM_DIR, help=f"where the pools are (default {SHM_DIR})")
     args = parser.parse_args(argv)
     tag = job_tag(args.save) if args.save else None
+    usual = os.path.join(args.ckpt_host_dir, f"{private_files.POOL_DIR_PREFIX}{os.getuid()}")
+    why = private_files.problem(usual, directory=True, private=True) if os.path.lexists(usual) else None
+    if why is not None:
+        print(f"WARNING: {usual} refused: {why}; not listed, not removed")
     total = 0
     for path in list_segments(tag, args.ckpt_host_dir):
-        size = os.path.getsize(path)
+        size = os.lstat(path).st_size
         total += size
         print(f"{path}\t{size / 2**20:.1f} MiB")
         if args.remove:

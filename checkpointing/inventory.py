@@ -2,13 +2,13 @@
 
 States: ``committed`` (metadata present, every data file whole; with ``verify`` every checksum
 matches too), ``partial`` (no committed metadata: an interrupted save), ``corrupt`` (committed
-but a file is missing, short, or a checksum differs). L0 versions are ``in memory``.
+but a file is missing, short, or a checksum differs), ``refused`` (its metadata would run code to
+be read: tampered, see ``checkpointing.safe_pickle``). L0 versions are ``in memory``.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 
 import xxhash
@@ -16,7 +16,7 @@ import xxhash
 from checkpointing import host_pool
 from checkpointing.discovery import list_checkpoints
 from checkpointing.durable import read_tracker
-from checkpointing.errors import CheckpointCorruptError
+from checkpointing.errors import CheckpointCorruptError, CheckpointError, CheckpointUntrustedError
 from checkpointing.metadata import read_metadata
 
 
@@ -38,6 +38,8 @@ def check_directory(path: str, verify: bool) -> tuple[str, str]:
         return "partial", "no committed metadata (interrupted save)"
     except CheckpointCorruptError as error:
         return "corrupt", str(error)
+    except CheckpointUntrustedError as error:
+        return "refused", str(error)
     # (file, offset, length) of every blob this directory should hold; a node-local level
     # holds only its node's files (and their replica pieces).
     local = metadata.gpt_ckpt.get("local_files")
@@ -83,10 +85,12 @@ def l0_entries(save_dir: str, host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
         if not path.endswith(".meta"):
             continue
         try:
-            with open(path, "rb") as f:
-                version = pickle.load(f)["version"]
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError):
+            description = host_pool.read_description(path)
+        except (OSError, CheckpointError):  # another user's file, damaged, or code: not listed, not run
             continue
+        if description is None:
+            continue
+        version = description["version"]
         data = path[: -len(".meta")]
         by_version.setdefault(version, []).append(data)
         sizes[version] = sizes.get(version, 0) + (os.path.getsize(data) if os.path.exists(data) else 0)

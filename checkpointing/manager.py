@@ -34,7 +34,12 @@ from checkpointing.agreement import common_to_all, gather_from_all
 from checkpointing.commit import save_and_commit
 from checkpointing.config import CheckpointConfig
 from checkpointing.discovery import StoredCheckpoint, load_candidates
-from checkpointing.errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError
+from checkpointing.errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointUntrustedError,
+)
 from checkpointing.items import CheckpointableState, LoadedParts
 from checkpointing.levels import sync_level
 from checkpointing.peers import directory_peers
@@ -215,7 +220,7 @@ class CheckpointManager:
             outcome, read_bytes, objects = None, 0, {}
             node_local = False
             try:
-                reader = CheckpointReader(candidate.path, verify=cfg.verify_checksums)
+                reader = CheckpointReader(candidate.path, verify=cfg.verify_checksums, trust_pickles=cfg.trust_pickles)
                 node_local = reader.local_files is not None
                 if node_local:
                     read_bytes, objects = self._read_node_local(reader)
@@ -225,6 +230,8 @@ class CheckpointManager:
                 outcome = ("skip", str(why))
             except CheckpointMismatchError as error:
                 outcome = ("mismatch", str(error))
+            except CheckpointUntrustedError as error:
+                outcome = ("untrusted", str(error))
             except (CheckpointCorruptError, OSError) as error:
                 outcome = ("corrupt", str(error))
             outcomes = gather_from_all(self.group, outcome)
@@ -239,6 +246,9 @@ class CheckpointManager:
                 # optimizer state, else the model's weights alone.
                 in_arrays = node_local or cfg.loads_optimizer
                 start = self._after_load(objects, self._loaded_parts(candidate.iteration, level, in_arrays, rng))
+                if any(gather_from_all(self.group, reader.full_unpickling)):
+                    self.log(f"> checkpoint: {candidate.path} was read with full unpickling (--trust-checkpoint-pickles): "
+                             "it holds objects that need it; checkpoints this run writes do not")
                 self.log(f"> loaded iteration {candidate.iteration} from {candidate.path} "
                          f"({read_bytes / 1e6:.1f} MB on the logging rank, {time.perf_counter() - started:.2f} s)")
                 return start, None
@@ -248,6 +258,8 @@ class CheckpointManager:
             message = "; ".join(f"rank {r}: {text}" for r, (_, text) in failures)
             if any(kind == "mismatch" for _, (kind, _) in failures):
                 raise CheckpointMismatchError(message)
+            if any(kind == "untrusted" for _, (kind, _) in failures):
+                raise CheckpointUntrustedError(message)  # never fallen back from: someone must look
             if cfg.ckpt_step is not None:
                 raise CheckpointCorruptError(f"--ckpt-step {cfg.ckpt_step} cannot be loaded: {message}")
             self.log(f"WARNING: checkpoint {candidate.path} is damaged, trying the previous committed one: {message}")

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from checkpointing.durable import atomic_write_bytes
 from checkpointing.errors import CheckpointCorruptError
+from checkpointing.safe_pickle import load_dcp_metadata
 
 METADATA_NAME = ".metadata"
 FORMAT_VERSION = 2
@@ -134,15 +135,19 @@ def write_metadata(directory: str, metadata: Metadata) -> None:
     atomic_write_bytes(os.path.join(directory, METADATA_NAME), pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def read_metadata(directory: str) -> Metadata:
-    """The committed metadata of ``directory``, with our facts checked to be present."""
+def read_metadata(directory: str, trust: bool = False) -> Metadata:
+    """The committed metadata of ``directory``, with our facts checked to be present.
+
+    Read with a restricted unpickler (``checkpointing.safe_pickle``): a ``.metadata`` that names
+    anything but DCP's metadata classes raises ``CheckpointUntrustedError`` without running it,
+    unless ``trust``. ``Metadata.gpt_ckpt_full_unpickling`` says whether ``trust`` was needed."""
     path = os.path.join(directory, METADATA_NAME)
     try:
         with open(path, "rb") as f:
-            metadata = pickle.load(f)
+            metadata, trusted = load_dcp_metadata(f, path, trust)
     except FileNotFoundError:
         raise
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, IndexError) as error:
         raise CheckpointCorruptError(f"{path} cannot be read ({error}); the checkpoint is damaged") from error
     facts = getattr(metadata, "gpt_ckpt", None)
     if not isinstance(facts, dict) or facts.get("format_version") not in READABLE_FORMATS:
@@ -150,4 +155,5 @@ def read_metadata(directory: str) -> Metadata:
             f"{path} is not a gpt-ckpt checkpoint of format {' or '.join(map(str, READABLE_FORMATS))} (no checksums); "
             "convert it or load it with torch.distributed.checkpoint directly"
         )
+    metadata.gpt_ckpt_full_unpickling = trusted
     return metadata

@@ -7,7 +7,6 @@ file order, and verified against its checksum before any of its bytes are used.
 
 from __future__ import annotations
 
-import io
 import os
 from collections import defaultdict
 from typing import Any
@@ -19,6 +18,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from checkpointing.errors import CheckpointCorruptError, CheckpointMismatchError
 from checkpointing.items import TensorPiece
 from checkpointing.metadata import read_metadata
+from checkpointing.safe_pickle import load_objects
 
 
 def _rank_of(file_name: str) -> str:
@@ -29,10 +29,15 @@ def _rank_of(file_name: str) -> str:
 class CheckpointReader:
     """One committed checkpoint directory, opened for reading."""
 
-    def __init__(self, directory: str, verify: bool = True):
+    def __init__(self, directory: str, verify: bool = True, trust_pickles: bool = False):
+        """``trust_pickles``: read pickles that need more than data classes (a checkpoint of an
+        older format, or a tampered one) with full unpickling; see ``checkpointing.safe_pickle``."""
         self.directory = directory
         self.verify = verify
-        self.metadata = read_metadata(directory)
+        self.trust_pickles = trust_pickles
+        self.metadata = read_metadata(directory, trust_pickles)
+        self.full_unpickling: bool = self.metadata.gpt_ckpt_full_unpickling
+        """Whether reading needed full unpickling so far (only with ``trust_pickles``)."""
         self.facts = self.metadata.gpt_ckpt
         self.iteration: int = self.facts["iteration"]
 
@@ -61,12 +66,10 @@ class CheckpointReader:
                 raise CheckpointCorruptError(f"checksum mismatch in {where} at offset {offset}")
         return blob
 
-    @staticmethod
-    def _decode(blob: bytes, where: str):
-        try:
-            return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
-        except Exception as error:  # torch.load raises many types on damaged bytes
-            raise CheckpointCorruptError(f"cannot decode {where}: {error}") from error
+    def _decode(self, blob: bytes, where: str):
+        value, trusted = load_objects(blob, where, self.trust_pickles)
+        self.full_unpickling |= trusted
+        return value
 
     # -- small objects ----------------------------------------------------------------------------
     def has(self, key: str) -> bool:

@@ -102,3 +102,14 @@ def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=No
     logs: list[str] = []
     engine = CheckpointEngine(state, pool, [Level("L2", str(tmp_path / "l2"), interval, None)], group, logs.append)
     return engine, logs
+
+
+class PickleMarker:
+    """Unpickling it creates ``path``: stands for any code a planted pickle would run (the
+    security tests check that the file never appears)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

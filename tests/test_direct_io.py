@@ -72,14 +72,14 @@ def test_round_trip_and_large_chunks_written_from_memory(tmp_path, monkeypatch):
 
 def test_file_system_refusing_o_direct_gets_the_same_content(tmp_path, monkeypatch):
     arrays, pieces, objects = _state()
-    real_open = os.open
+    real_fcntl = direct_io.fcntl.fcntl
 
-    def no_direct(path, flags, *mode):
-        if flags & os.O_DIRECT:
+    def no_direct(fd, command, *arg):
+        if command == direct_io.fcntl.F_SETFL and arg and arg[0] & os.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *mode)
+        return real_fcntl(fd, command, *arg)
 
-    monkeypatch.setattr(direct_io.os, "open", no_direct)
+    monkeypatch.setattr(direct_io.fcntl, "fcntl", no_direct)
     records = write_rank_file(str(tmp_path), 0, arrays, pieces, objects)
     raw = _check_file(tmp_path, arrays, pieces, objects, records)
     assert not DirectFile(str(tmp_path / "probe")).direct
@@ -163,3 +163,15 @@ def test_views_and_transposed_tensors_among_objects_are_saved_as_they_are(tmp_pa
             stock = io.BytesIO()
             torch.save(objects[r.key], stock)
             assert r.length == len(stock.getvalue()), r.key
+
+
+def test_a_link_planted_under_a_data_file_name_is_not_followed(tmp_path):
+    """A data file is created new: a symlink someone placed under its name is refused, and its
+    target is untouched."""
+    arrays, pieces, objects = _state()
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious")
+    os.symlink(target, tmp_path / "__0_0.distcp")
+    with pytest.raises(OSError):
+        write_rank_file(str(tmp_path), 0, arrays, pieces, objects)
+    assert target.read_bytes() == b"precious"

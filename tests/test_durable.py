@@ -37,7 +37,7 @@ def test_permission_denied_is_reported(tmp_path, monkeypatch):
     def denied(path, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
-    monkeypatch.setattr(durable, "open", denied, raising=False)
+    monkeypatch.setattr(durable.os, "open", denied)
     with pytest.raises(durable.CheckpointWriteError, match="could not write .*meta: Permission denied"):
         durable.atomic_write_bytes(str(tmp_path / "meta"), b"x")
     assert os.listdir(tmp_path) == []
@@ -50,3 +50,14 @@ def test_tracker_round_trip_and_damage(tmp_path):
     (tmp_path / durable.TRACKER_NAME).write_text("12x")
     with pytest.raises(ValueError, match="should hold an iteration number"):
         durable.read_tracker(str(tmp_path))
+
+
+def test_a_link_planted_under_the_temporary_name_is_not_followed(tmp_path):
+    """Someone who can write the directory plants a symlink where the temporary file will be:
+    the write must not go through it (it is replaced, the target untouched)."""
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious")
+    os.symlink(target, tmp_path / f".meta.tmp.{os.getpid()}")
+    durable.atomic_write_bytes(str(tmp_path / "meta"), b"new")
+    assert target.read_bytes() == b"precious"
+    assert (tmp_path / "meta").read_bytes() == b"new" and not (tmp_path / "meta").is_symlink()

@@ -2,7 +2,6 @@
 budget and memory, backpressure under a slow disk, failed flushes."""
 
 import os
-import pickle
 import threading
 import time
 
@@ -166,7 +165,7 @@ def test_request_leaves_the_old_description_to_the_copy_thread(tmp_path, single_
     engine.close(drain=True)
     assert meta_at_first_copy == [False], "the old description must be gone before the slot is overwritten"
     assert unlinked_by == ["ckpt-copy"]
-    assert pickle.loads(open(reused.meta_path, "rb").read())["version"] == 3
+    assert host_pool.read_description(reused.meta_path)["version"] == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])

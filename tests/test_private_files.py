@@ -1,0 +1,136 @@
+"""Files other users can plant are refused, never read or run: the L0 pool's directory and slots,
+slot descriptions and a checkpoint's pickles. Another user's files are made with ``chown`` (the
+suite runs as root in CI; without root those tests skip)."""
+
+import io
+import os
+import pickle
+
+import pytest
+import torch
+
+from checkpointing import host_pool, private_files
+from checkpointing.errors import CheckpointUntrustedError
+from checkpointing.host_pool import ArraySpec, HostPool, HostSlot
+from checkpointing.safe_pickle import load_dcp_metadata, load_objects
+from tests.helpers import PickleMarker
+
+NOBODY = 65534
+SPECS = {"a": ArraySpec(1024, torch.float32)}
+as_root = pytest.mark.skipif(os.getuid() != 0, reason="making a file another user's needs root (chown)")
+
+
+def _foreign(path, mode=0o666):
+    os.chmod(path, mode)
+    os.chown(path, NOBODY, NOBODY)
+
+
+def test_the_pool_directory_is_private(tmp_path):
+    directory, note = private_files.pool_dir(str(tmp_path))
+    assert note is None and directory == str(tmp_path / f"gptckpt-{os.getuid()}")
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    slot = HostSlot(os.path.join(directory, "gptckpt-job-r0-s0"), SPECS)
+    slot.describe(3, {"common": {"iteration": 3}}, {"tensor_parallel": 1})
+    for path in (slot.path, slot.meta_path):
+        assert os.stat(path).st_mode & 0o777 == 0o600, path
+    assert private_files.pool_dir(str(tmp_path)) == (directory, None)  # reused when it passes the checks
+
+
+@as_root
+def test_a_directory_another_user_made_first_is_not_used(tmp_path):
+    planted = tmp_path / f"gptckpt-{os.getuid()}"
+    planted.mkdir()
+    (planted / "gptckpt-job-r0-s0.meta").write_bytes(pickle.dumps(PickleMarker(tmp_path / "marker")))
+    _foreign(planted, 0o777)
+    pool = HostPool("job", 0, SPECS, 1, None, str(tmp_path))
+    assert pool.directory != str(planted) and os.stat(pool.directory).st_uid == os.getuid()
+    assert any(f"{planted} refused: it is owned by uid {NOBODY}" in n for n in pool.notes), pool.notes
+    assert pool.slots[0].version is None and not (tmp_path / "marker").exists()
+    assert host_pool.list_segments(directory=str(tmp_path)) == [pool.slots[0].path]
+
+
+def test_a_link_to_the_pool_directory_is_not_used(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    os.symlink(elsewhere, tmp_path / f"gptckpt-{os.getuid()}")
+    directory, note = private_files.pool_dir(str(tmp_path))
+    assert "is a symbolic link" in note and directory != str(tmp_path / f"gptckpt-{os.getuid()}")
+    assert os.listdir(elsewhere) == []
+
+
+@as_root
+def test_planted_slot_files_are_set_aside_unread(tmp_path):
+    """Inside this user's directory: a slot and a description of another owner, and a symlink in
+    place of a slot, are moved aside (nothing deleted) and the slot starts empty."""
+    directory, _ = private_files.pool_dir(str(tmp_path))
+    slot_path = os.path.join(directory, "gptckpt-job-r0-s0")
+    with open(slot_path, "wb") as f:
+        f.write(b"\0" * 4096)
+    with open(slot_path + ".meta", "wb") as f:
+        pickle.dump(PickleMarker(tmp_path / "marker"), f)
+    _foreign(slot_path)
+    _foreign(slot_path + ".meta")
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious")
+    link = os.path.join(directory, "gptckpt-job-r0-s1")
+    os.symlink(target, link)
+    notes: list[str] = []
+    first, second = HostSlot(slot_path, SPECS, notes), HostSlot(link, SPECS, notes)
+    assert first.version is None and second.version is None
+    assert not (tmp_path / "marker").exists() and target.read_bytes() == b"precious"
+    assert sum("refused" in n and "moved to" in n for n in notes) == 3, notes
+    assert any("symbolic link" in n for n in notes) and any(f"owned by uid {NOBODY}" in n for n in notes)
+    assert os.path.exists(slot_path + ".refused-" + str(os.getpid()))
+    assert os.stat(first.path).st_uid == os.getuid() and not os.path.islink(second.path)
+
+
+def test_a_description_that_would_run_code_is_not_recovered(tmp_path):
+    """Even this user's own file: a description is data, read with ``weights_only``."""
+    directory, _ = private_files.pool_dir(str(tmp_path))
+    slot = HostSlot(os.path.join(directory, "gptckpt-job-r0-s0"), SPECS)
+    slot.describe(5, {"common": {"iteration": 5}}, {"tensor_parallel": 1})
+    assert HostSlot(slot.path, SPECS).version == 5  # a real description is recovered
+    with open(slot.meta_path, "wb") as f:
+        pickle.dump({"version": 7, "objects": PickleMarker(tmp_path / "marker"), "layout": {}}, f)
+    notes: list[str] = []
+    assert HostSlot(slot.path, SPECS, notes).version is None
+    assert not (tmp_path / "marker").exists()
+    assert any("not recovered" in n and "full unpickling" in n for n in notes), notes
+
+
+def test_rng_states_and_arguments_load_without_full_unpickling():
+    import random
+
+    import numpy as np
+
+    blob = io.BytesIO()
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "args": {"lr": {"lr": 1e-3}, "name": "x", "dims": (1, 2)}}, blob)
+    value, trusted = load_objects(blob.getvalue(), "test item")
+    assert not trusted and value["args"]["dims"] == (1, 2)
+    np.random.set_state(value["numpy"])
+
+
+def test_a_checkpoint_pickle_naming_code_is_refused_unless_trusted(tmp_path):
+    marker = tmp_path / "marker"
+    saved = io.BytesIO()
+    torch.save({"common": PickleMarker(marker)}, saved)  # a byte item as the writer frames it
+    blob = saved.getvalue()
+    with pytest.raises(CheckpointUntrustedError, match="--trust-checkpoint-pickles"):
+        load_objects(blob, "item common")
+    assert not marker.exists()
+    with pytest.raises(CheckpointUntrustedError, match="names io.open.*nothing in it was run"):
+        load_dcp_metadata(io.BytesIO(pickle.dumps({"metadata": PickleMarker(marker)})), ".metadata")
+    assert not marker.exists()
+    plain = io.BytesIO()
+    torch.save({"n": 1}, plain)
+    value, trusted = load_objects(plain.getvalue(), "item")  # plain data needs no trust
+    assert value == {"n": 1} and not trusted
+    value, trusted = load_objects(blob, "item common", trust=True)  # vouched for: read (and run)
+    assert trusted and marker.exists()
+
+
+def test_host_pool_list_names_a_refused_directory(tmp_path, capsys):
+    os.symlink(tmp_path, tmp_path / f"gptckpt-{os.getuid()}")
+    assert host_pool.main(["--ckpt-host-dir", str(tmp_path)]) == 0
+    assert "refused: it is a symbolic link" in capsys.readouterr().out
