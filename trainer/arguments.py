@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-path", help="prefix of PREFIX.bin/PREFIX.idx (scripts/prepare_data.py)")
     d.add_argument("--split", default="969,30,1", help="train,valid,test weights of --data-path")
     d.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
-                   help="ByteTokenizer for text prepared with it; NullTokenizer with --vocab-size")
+                   help="ByteTokenizer for text prepared with it; NullTokenizer with --vocab-size; "
+                        "GPT2BPETokenizer with --vocab-file and --merge-file")
+    d.add_argument("--vocab-file", help="GPT2BPETokenizer: vocab.json (GPT-2's, or scripts/prepare_data.py --train-tokenizer's)")
+    d.add_argument("--merge-file", help="GPT2BPETokenizer: merges.txt")
 
     lg = p.add_argument_group("logging and evaluation")
     lg.add_argument("--log-interval", type=int, default=100)
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune", action="store_true",
                    help="load the model weights only: iteration 0, data from the start, a fresh optimizer")
     c.add_argument("--async-save", action="store_true", help="asynchronous multi-level checkpointing")
+    c.add_argument("--ckpt-snapshot", dest="snapshot", choices=("auto", "zero-copy", "copy"), default="auto",
+                   help="L0 snapshots: zero-copy (the optimizer step writes into the pool; host fp32 state), "
+                        "copy (copied beside the next step), auto (zero-copy where it can)")
     c.add_argument("--ckpt-host-versions", type=int, default=2, help="L0: versions in the host pool")
     c.add_argument("--ckpt-host-budget-gb", type=float, help="L0: byte budget of the host pool")
     c.add_argument("--ckpt-host-dir", default="/dev/shm", help="L0: tmpfs directory of the host pool (per node)")
@@ -215,7 +221,13 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         tokenizer_type = args.tokenizer_type or ("ByteTokenizer" if args.data_path else "NullTokenizer")
         if args.mock_data and args.vocab_size is None:
             raise ArgumentError("--mock-data needs --vocab-size")
-        tokenizer = build_tokenizer(tokenizer_type, args.vocab_size)
+        if tokenizer_type == "GPT2BPETokenizer" and args.vocab_size is not None:
+            raise ArgumentError("--vocab-size with --tokenizer-type GPT2BPETokenizer: the vocabulary is --vocab-file's; "
+                                "drop --vocab-size")
+        # Absolute paths: the checkpoint records them, and scripts/convert_checkpoint.py finds the
+        # tokenizer files there from any working directory.
+        vocab_file, merge_file = (os.path.abspath(f) if f else None for f in (args.vocab_file, args.merge_file))
+        tokenizer = build_tokenizer(tokenizer_type, args.vocab_size, vocab_file, merge_file)
         if args.vocab_size is not None and args.vocab_size != tokenizer.vocab_size:
             raise ArgumentError(
                 f"--vocab-size {args.vocab_size} disagrees with {tokenizer_type}'s vocabulary of "
@@ -284,6 +296,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             load_optim=args.load_optim,
             load_rng=args.load_rng,
             finetune=args.finetune,
+            snapshot=args.snapshot,
             trust_pickles=args.trust_pickles,
             async_save=args.async_save,
             host_versions=args.ckpt_host_versions,
@@ -299,7 +312,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         raise
     except ValueError as error:  # a component config refused a value
         raise ArgumentError(str(error)) from None
-    return JobConfig(model, dims, data, optimizer, lr, training, tokenizer_type, checkpoint)
+    return JobConfig(model, dims, data, optimizer, lr, training, tokenizer_type, checkpoint,
+                     vocab_file=vocab_file, merge_file=merge_file)
 
 
 def parse_job_config(argv: list[str] | None = None, world_size: int | None = None) -> JobConfig:

@@ -78,4 +78,10 @@ class JobConfig:
     lr: LRScheduleConfig
     training: TrainingConfig
     tokenizer_type: str = "NullTokenizer"
+    """``--tokenizer-type``: ByteTokenizer, NullTokenizer or GPT2BPETokenizer."""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    vocab_file: str | None = None
+    """GPT2BPETokenizer's vocab.json (``--vocab-file``), absolute; recorded in checkpoints so that
+    an export to Hugging Face finds the tokenizer."""
+    merge_file: str | None = None
+    """GPT2BPETokenizer's merges.txt (``--merge-file``), absolute."""

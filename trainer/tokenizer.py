@@ -2,11 +2,27 @@
 
 ``ByteTokenizer`` maps UTF-8 bytes to ids 0-255 and ends documents with id 256 (EOD): any text,
 no vocabulary file. ``NullTokenizer`` is for data that is already token ids (``--vocab-size``).
+``GPT2BPETokenizer`` is Megatron-LM's: a byte-level BPE given by ``--vocab-file`` (vocab.json)
+and ``--merge-file`` (merges.txt), GPT-2's own files or ones trained on your corpus
+(``scripts/prepare_data.py --train-tokenizer``).
+
+Training needs only a tokenizer's vocabulary size and EOD id, which ``GPT2BPETokenizer`` reads
+from vocab.json with the standard library; only encoding and decoding text (data preparation,
+export) loads the ``tokenizers`` library, through ``interop.bpe``. So training never imports it.
 """
 
 from __future__ import annotations
 
-TOKENIZER_TYPES = ("ByteTokenizer", "NullTokenizer")
+import json
+import os
+
+TOKENIZER_TYPES = ("ByteTokenizer", "NullTokenizer", "GPT2BPETokenizer")
+EOD_TOKEN = "<|endoftext|>"
+"""GPT-2's end-of-document token; Megatron-LM's GPT2BPETokenizer takes its id as EOD."""
+
+
+class TokenizerFileError(ValueError):
+    """A vocabulary or merges file is missing or malformed; the message names the file and the fix."""
 
 
 class ByteTokenizer:
@@ -42,11 +58,69 @@ class NullTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-def build_tokenizer(tokenizer_type: str, vocab_size: int | None = None):
+def read_bpe_vocab(vocab_file: str) -> dict[str, int]:
+    """The token -> id table of a GPT-2 style ``vocab.json``, checked to be ids 0..n-1."""
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except FileNotFoundError:
+        raise TokenizerFileError(f"--vocab-file {vocab_file} does not exist") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise TokenizerFileError(f"--vocab-file {vocab_file} is not a GPT-2 vocab.json: {error}") from None
+    if not isinstance(vocab, dict) or not vocab or not all(isinstance(i, int) for i in vocab.values()):
+        raise TokenizerFileError(f"--vocab-file {vocab_file} is not a GPT-2 vocab.json (a token -> id object)")
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        # The model's vocabulary size is the number of entries (Megatron-LM's rule): a gap
+        # would give an id past the embedding table.
+        raise TokenizerFileError(f"--vocab-file {vocab_file}: the ids are not 0..{len(vocab) - 1}")
+    return vocab
+
+
+class GPT2BPETokenizer:
+    """Megatron-LM's ``GPT2BPETokenizer``: byte-level BPE from ``vocab.json`` and ``merges.txt``;
+    EOD is ``<|endoftext|>``'s id; the vocabulary size is the number of entries of vocab.json."""
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        if not vocab_file or not merge_file:
+            raise TokenizerFileError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file "
+                                     "(GPT-2's vocab.json and merges.txt, or train your own with "
+                                     "scripts/prepare_data.py --train-tokenizer)")
+        if not os.path.isfile(merge_file):
+            raise TokenizerFileError(f"--merge-file {merge_file} does not exist")
+        vocab = read_bpe_vocab(vocab_file)
+        if EOD_TOKEN not in vocab:
+            raise TokenizerFileError(f"--vocab-file {vocab_file} has no {EOD_TOKEN} entry (the end-of-document "
+                                     "token); add it, or train the tokenizer with scripts/prepare_data.py")
+        self.vocab_file = vocab_file
+        self.merge_file = merge_file
+        self.vocab_size = len(vocab)
+        self.eod = vocab[EOD_TOKEN]
+        self._bpe = None
+
+    def _encoder(self):
+        if self._bpe is None:
+            from interop.bpe import load_byte_level_bpe  # the `tokenizers` library: only to encode text
+
+            self._bpe = load_byte_level_bpe(self.vocab_file, self.merge_file)
+        return self._bpe
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._encoder().encode(text).ids
+
+    def detokenize(self, ids) -> str:
+        return self._encoder().decode(list(ids))
+
+
+def build_tokenizer(tokenizer_type: str, vocab_size: int | None = None, vocab_file: str | None = None,
+                    merge_file: str | None = None):
+    if tokenizer_type != "GPT2BPETokenizer" and (vocab_file or merge_file):
+        raise ValueError(f"--vocab-file and --merge-file are for --tokenizer-type GPT2BPETokenizer, not {tokenizer_type}")
     if tokenizer_type == "ByteTokenizer":
         return ByteTokenizer()
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None:
             raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size")
         return NullTokenizer(vocab_size)
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(vocab_file, merge_file)
     raise ValueError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got {tokenizer_type!r}")

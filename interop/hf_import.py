@@ -1,0 +1,150 @@
+"""Import a ``transformers`` GPT-2 directory (config.json + safetensors) as one of our checkpoints:
+iteration 0, weights only, which ``--load DIR --finetune`` (or ``--no-load-optim``) reads into
+any layout. The GPT-2 tokenizer files, when present, are copied beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from interop.gpt2_mapping import (
+    HF_BUFFERS,
+    GPT2ConversionError,
+    canonical_hf_name,
+    from_hf,
+    hf_names,
+    model_args_from_hf,
+    shape_of,
+)
+from interop.hf_export import INDEX_FILE, SINGLE_FILE
+from interop.hf_tokenizer_files import MERGES_NAME, VOCAB_NAME
+from interop.weights_checkpoint import weights_only_common, weights_only_layout, write_weights_checkpoint
+from trainer.progress import progress_bar
+from trainer.tokenizer import build_tokenizer
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    checkpoint: str
+    """The ``iter_0000000`` directory written."""
+    model_args: dict
+    tokenizer_args: dict
+    """``tokenizer_type``, ``vocab_file``, ``merge_file`` to train with (empty without tokenizer files)."""
+    dtype: torch.dtype
+    weight_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def trainer_flags(self, load_dir: str) -> list[str]:
+        """The ``pretrain_gpt.py`` flags that build this model and load it."""
+        a = self.model_args
+        flags = ["--num-layers", a["num_layers"], "--hidden-size", a["hidden_size"],
+                 "--num-attention-heads", a["num_attention_heads"], "--ffn-hidden-size", a["ffn_hidden_size"],
+                 "--max-position-embeddings", a["max_position_embeddings"], "--seq-length", a["seq_length"]]
+        if a["untie_embeddings_and_output_weights"]:
+            flags.append("--untie-embeddings-and-output-weights")
+        if self.tokenizer_args:  # the files beside the checkpoint, named as the user named it
+            flags += ["--tokenizer-type", self.tokenizer_args["tokenizer_type"],
+                      "--vocab-file", os.path.join(load_dir, VOCAB_NAME), "--merge-file", os.path.join(load_dir, MERGES_NAME)]
+        else:
+            flags += ["--vocab-size", a["vocab_size"]]
+        return [str(f) for f in flags + ["--load", load_dir, "--finetune"]]
+
+
+def _weight_files(hf_dir: str) -> list[str]:
+    index = os.path.join(hf_dir, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(hf_dir, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    single = os.path.join(hf_dir, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    other = [n for n in os.listdir(hf_dir) if n.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack"))]
+    raise GPT2ConversionError(
+        f"{hf_dir} has no {SINGLE_FILE} or {INDEX_FILE}" + (f" (only {other})" if other else "")
+        + ": save the model with transformers' save_pretrained(dir, safe_serialization=True); "
+          "pickled weight files are not read (they can run code)")
+
+
+def _read_weights(files: list[str], shape, notes: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    ours: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    handles = [safe_open(path, framework="pt") for path in files]
+    total = sum(len(list(h.keys())) for h in handles)
+    with progress_bar(total=total, desc="importing", unit="tensor") as bar:
+        for handle in handles:
+            for name in handle.keys():
+                bar.update(1)
+                if HF_BUFFERS.match(name):
+                    continue
+                name_ = canonical_hf_name(name)
+                seen.add(name_)
+                mapped = from_hf(name_, handle.get_tensor(name), shape)
+                if mapped is None:
+                    notes.append("lm_head.weight is tied to the word embeddings (tie_word_embeddings): not stored twice")
+                    continue
+                ours[mapped[0]] = mapped[1]
+    missing = sorted(hf_names(shape) - seen)
+    if missing:
+        raise GPT2ConversionError(f"the weights lack {missing[:4]} ({len(missing)} in all) for the config's "
+                                  f"{shape.num_layers} layers")
+    return ours
+
+
+def _check_shapes(weights: dict[str, torch.Tensor], args: dict) -> None:
+    expected = {
+        "embedding.word_embeddings.weight": (args["vocab_size"], args["hidden_size"]),
+        "embedding.position_embeddings.weight": (args["max_position_embeddings"], args["hidden_size"]),
+        "decoder.layers.0.mlp.linear_fc1.weight": (args["ffn_hidden_size"], args["hidden_size"]),
+        "decoder.layers.0.self_attention.linear_qkv.weight": (3 * args["hidden_size"], args["hidden_size"]),
+    }
+    for name, want in expected.items():
+        if tuple(weights[name].shape) != want:
+            raise GPT2ConversionError(f"{name} has shape {tuple(weights[name].shape)}, config.json implies {want}")
+
+
+def _copy_tokenizer(hf_dir: str, out_dir: str, vocab_size: int, notes: list[str]) -> dict:
+    vocab, merges = os.path.join(hf_dir, VOCAB_NAME), os.path.join(hf_dir, MERGES_NAME)
+    if not (os.path.isfile(vocab) and os.path.isfile(merges)):
+        notes.append(f"no {VOCAB_NAME}/{MERGES_NAME} in {hf_dir}: train with your own tokenizer of {vocab_size} entries")
+        return {}
+    vocab_out = os.path.abspath(os.path.join(out_dir, VOCAB_NAME))
+    merges_out = os.path.abspath(os.path.join(out_dir, MERGES_NAME))
+    shutil.copyfile(vocab, vocab_out)
+    shutil.copyfile(merges, merges_out)
+    size = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab_out, merge_file=merges_out).vocab_size
+    if size != vocab_size:
+        notes.append(f"{VOCAB_NAME} has {size} entries, the model's vocabulary {vocab_size}: the trainer refuses a "
+                     "checkpoint of another vocabulary size, so train with --vocab-size and ids of your own")
+    return {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": vocab_out, "merge_file": merges_out}
+
+
+def import_from_hf(hf_dir: str, out_dir: str, allow_activation_mismatch: bool = False) -> ImportResult:
+    """Write ``out_dir/iter_0000000`` from the GPT-2 model in ``hf_dir``; raises
+    :class:`GPT2ConversionError` for what this trainer's model cannot express."""
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise GPT2ConversionError(f"{hf_dir} has no config.json: not a transformers model directory")
+    with open(config_path) as f:
+        config = json.load(f)
+    model_args, notes = model_args_from_hf(config, allow_activation_mismatch)
+    shape = shape_of(model_args)
+    weights = _read_weights(_weight_files(hf_dir), shape, notes)
+    _check_shapes(weights, model_args)
+    dtypes = {t.dtype for t in weights.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise GPT2ConversionError(f"{out_dir} is not empty: import into a new checkpoint directory")
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer_args = _copy_tokenizer(hf_dir, out_dir, model_args["vocab_size"], notes)
+    layout = weights_only_layout(model_args["num_layers"], dtype)
+    common = weights_only_common(model_args, layout, dict(tokenizer_args), os.path.abspath(hf_dir))
+    result = write_weights_checkpoint(out_dir, weights, common, layout)
+    return ImportResult(result.path, model_args, tokenizer_args, dtype,
+                        sum(t.numel() * t.element_size() for t in weights.values()), notes)

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Convert between this trainer's checkpoints and Hugging Face ``transformers`` GPT-2.
+
+    # a checkpoint of any layout and level (its newest, or --iteration N) -> a GPT-2 directory
+    python scripts/convert_checkpoint.py --to hf ckpts hf-model [--iteration 100]
+    # a GPT-2 directory (config.json + safetensors) -> a weights-only checkpoint (iteration 0)
+    python scripts/convert_checkpoint.py --from hf hf-model ckpts-from-hf
+    torchrun ... scripts/pretrain_gpt.py <model flags it prints> --load ckpts-from-hf --finetune
+
+Needs the ``hf`` extra (``pip install -e .[hf]``). Every chunk read is checksum-verified.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to", choices=("hf",), help="export CKPT_DIR to the transformers directory OUT_DIR")
+    way.add_argument("--from", dest="from_", choices=("hf",), help="import the transformers directory SRC as checkpoint OUT_DIR")
+    p.add_argument("src", help="--to hf: a checkpoint directory (--save/--load, L1, or one iter_N); --from hf: a model directory")
+    p.add_argument("out", help="the directory to write (new or empty)")
+    p.add_argument("--iteration", type=int, help="--to hf: export this iteration (default: the newest committed)")
+    p.add_argument("--vocab-file", help="--to hf: the run's vocab.json, if it moved since training")
+    p.add_argument("--merge-file", help="--to hf: the run's merges.txt, if it moved since training")
+    p.add_argument("--activation", choices=("gelu", "gelu_new"),
+                   help="--to hf: GPT-2's activation_function (default: what the run computed: gelu, the exact GELU, "
+                        "unless it used --bias-gelu-fusion on CUDA)")
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="--to hf: largest safetensors file")
+    p.add_argument("--no-verify-checkpoint-checksums", dest="verify_checksums", action="store_false")
+    p.add_argument("--trust-checkpoint-pickles", dest="trust_pickles", action="store_true",
+                   help="read the pickled small objects of an older checkpoint format (only your own checkpoints)")
+    p.add_argument("--allow-activation-mismatch", action="store_true",
+                   help="--from hf: import a model with tanh-approximated GELU (gelu_new) although this trainer's "
+                        "MLP computes the exact GELU (except with --bias-gelu-fusion on CUDA)")
+    return p
+
+
+def _export(args) -> None:
+    from interop.checkpoint_tensors import resolve_checkpoint
+    from interop.hf_export import ExportConfig, export_to_hf
+
+    source = resolve_checkpoint(args.src, args.iteration)
+    result = export_to_hf(ExportConfig(
+        checkpoint=source, out_dir=args.out, vocab_file=args.vocab_file, merge_file=args.merge_file,
+        activation=args.activation, max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+        verify=args.verify_checksums, trust_pickles=args.trust_pickles))
+    c, layout = result.config, result.layout
+    where = f"TP{layout.get('tensor_parallel', '?')} x PP{layout.get('pipeline_parallel', '?')}"
+    print(f"> exported iteration {result.iteration} of {source} ({where}) to {args.out}: GPT-2 with {c['n_layer']} "
+          f"layers, hidden {c['n_embd']}, {c['n_head']} heads, vocabulary {c['vocab_size']}, "
+          f"{'tied' if c['tie_word_embeddings'] else 'untied'} output layer, activation {c['activation_function']}, "
+          f"{c['dtype']}; {result.weight_bytes / 1e6:.1f} MB in {', '.join(result.files)}")
+    files = ", ".join(result.tokenizer_files) or "none (the run's data were token ids)"
+    print(f"> tokenizer: {result.tokenizer_type}; files: {files}")
+    for note in result.notes:
+        print(f"> note: {note}")
+    print(f"> load it: transformers.GPT2LMHeadModel.from_pretrained({args.out!r})")
+
+
+def _import(args) -> None:
+    from interop.hf_import import import_from_hf
+
+    result = import_from_hf(args.src, args.out, args.allow_activation_mismatch)
+    a = result.model_args
+    print(f"> imported {args.src} (GPT-2 with {a['num_layers']} layers, hidden {a['hidden_size']}, "
+          f"vocabulary {a['vocab_size']}, {str(result.dtype).removeprefix('torch.')}) into {result.checkpoint}: "
+          f"weights only, {result.weight_bytes / 1e6:.1f} MB")
+    for note in result.notes:
+        print(f"> note: {note}")
+    print("> train from it (iteration 0, a fresh optimizer; --no-load-optim also loads it):")
+    print("  scripts/pretrain_gpt.py " + " ".join(result.trainer_flags(args.out)) + " ...")
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    if args.from_ and (args.iteration is not None or args.vocab_file or args.merge_file or args.activation):
+        print("convert_checkpoint.py: error: --iteration, --vocab-file, --merge-file and --activation are for --to hf",
+              file=sys.stderr)
+        return 2
+    try:
+        from checkpointing.errors import CheckpointError
+        from interop.gpt2_mapping import GPT2ConversionError
+
+        (_export if args.to else _import)(args)
+    except ImportError as error:
+        print(f"convert_checkpoint.py: error: {error}; install the hf extra: pip install -e '.[hf]'", file=sys.stderr)
+        return 2
+    except (GPT2ConversionError, CheckpointError, ValueError, OSError) as error:  # each names the fix
+        print(f"convert_checkpoint.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
