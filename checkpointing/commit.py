@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,7 @@ def save_and_commit(
     layout: dict[str, Any],
     group,
     tracer=None,
+    progress: Callable[[int], None] | None = None,
 ) -> SaveResult:
     """Collectively save one version to ``level.root`` (every rank of ``group`` calls it).
 
@@ -69,7 +70,8 @@ def save_and_commit(
     each node's metadata names the files it holds. The commit stays global: no node writes its
     metadata before every rank of the job has its file durable.
 
-    ``level.write_rate``: this rank writes its data file at most this many bytes per second."""
+    ``level.write_rate``: this rank writes its data file at most this many bytes per second.
+    ``progress(i)``: called once this rank's piece ``i`` is written (``write_rank_file``)."""
     started = time.perf_counter()
     root, retain_last, write_rate = level.root, level.retain_last, level.write_rate
     rank = dist.get_rank(group)
@@ -95,7 +97,7 @@ def save_and_commit(
         faults.reach(f"{level.name}.write", iteration)
         with tracer.span(f"write {level.name}", "ckpt", iteration=iteration):
             records = write_rank_file(directory, dist.get_rank(), arrays, pieces, objects, replicas=node_local,
-                                      write_rate=write_rate)
+                                      write_rate=write_rate, progress=progress)
     except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
         records = str(e)
     gathered = gather_from_all(group, records)

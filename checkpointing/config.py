@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+SNAPSHOT_MODES = ("auto", "zero-copy", "copy")
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     """Where, when and how checkpoints are saved and loaded."""
@@ -39,6 +42,11 @@ class CheckpointConfig:
     yourself, in a directory no one else can write; unpickling runs code."""
     async_save: bool = False
     """The asynchronous multi-level engine (``--async-save``)."""
+    snapshot: str = "auto"
+    """How the engine takes an L0 snapshot (``--ckpt-snapshot``): ``zero-copy`` (the optimizer step
+    writes each version into a pool slot: where the optimizer's state is on the host, in fp32),
+    ``copy`` (copied beside the next step: a GPU's device-to-host copy), ``auto`` (zero-copy where
+    it can)."""
     host_versions: int = 2
     """L0: versions held in the host (shared-memory) pool (``--ckpt-host-versions``)."""
     host_budget_gb: float | None = None
@@ -63,6 +71,8 @@ class CheckpointConfig:
     versions, the newest first (superseded ones are skipped)."""
 
     def __post_init__(self) -> None:
+        if self.snapshot not in SNAPSHOT_MODES:
+            raise ValueError(f"--ckpt-snapshot must be one of {', '.join(SNAPSHOT_MODES)}, got {self.snapshot!r}")
         if self.ckpt_format != "torch_dist":
             raise ValueError(f"--ckpt-format {self.ckpt_format!r} is not supported; use torch_dist")
         for name in ("save_interval", "save_retain_last", "local_interval", "persistent_interval", "host_versions"):

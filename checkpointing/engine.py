@@ -11,6 +11,14 @@ A flush thread then writes selected versions to L1 (node-local) and L2 (``--save
 format's commit protocol; a version that a newer one supersedes before its flush starts is
 skipped. Time waited in fences and for a free slot is the **stall**.
 
+**Zero-copy snapshots** (``zero_copy``: the state lives on the host, as on a CPU). The optimizer
+step itself writes each new version out of place into a pool slot (``begin_step`` /
+``end_step``), so that slot *is* the snapshot: no copy, no copy thread. ``request(N)`` only
+describes the slot step N wrote and queues its flushes. A slot is overwritten only by a later
+step, and the fence then guards the rule literally: before the step writes shard *i* into a slot,
+it waits only if a flush of that slot has not read shard *i* yet (the writer reports, piece by
+piece, how far it has read).
+
 The flush thread runs collectives on a group of its own. Its job list is decided on the main
 thread, identically on every rank; whether to skip a job is agreed by one small all-reduce, so
 every rank flushes the same versions. A slow disk therefore does not hold the pool: when no
@@ -23,6 +31,7 @@ needs) does ``request`` wait (backpressure).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import ctypes
 import os
@@ -84,6 +93,9 @@ class EngineStats:
     claim, backpressure waits included)."""
     copy_seconds: float = 0.0
     last_copy_seconds: float = 0.0
+    bytes_copied: int = 0
+    """Bytes copied into the pool for snapshots (0 with zero-copy snapshots, except a version
+    requested without a step before it, e.g. right after a load)."""
     flushes: list[FlushRecord] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
 
@@ -101,6 +113,11 @@ class _Job:
     """Superseded, and its slot taken by a newer version: every rank will skip it."""
     released: bool = False
     """Its pin on ``slot`` is given back."""
+    objects: dict | None = None
+    """The version's small objects, kept with the job: with zero-copy snapshots a slot may be
+    taken for a newer step before a queued flush of it has started."""
+    shards_read: int = 0
+    """Zero-copy: shards ``0 .. shards_read - 1`` of the slot are written out by this flush."""
 
     def release(self) -> None:
         if not self.released:
@@ -112,7 +129,14 @@ class CheckpointEngine:
     """One rank's engine; every rank of the job creates one with the same configuration."""
 
     def __init__(self, state: CheckpointableState, pool: HostPool, levels: list[Level], group,
-                 log: Callable[[str], None] = print, layout: dict | None = None, tracer=None):
+                 log: Callable[[str], None] = print, layout: dict | None = None, tracer=None,
+                 zero_copy: bool = False):
+        """``zero_copy``: the state's owner writes each step into a pool slot (``begin_step``);
+        needs at least two slots (the current version and the one being written)."""
+        if zero_copy and len(pool.slots) < 2:
+            raise ValueError("zero-copy snapshots need at least 2 host-pool slots (the current version and "
+                             "the next); raise --ckpt-host-versions or --ckpt-host-budget-gb")
+        self.zero_copy = zero_copy
         self.state = state
         self.tracer = tracer or NullTracer()
         self.pool = pool
@@ -127,15 +151,24 @@ class CheckpointEngine:
         """Test hook: called by the copy thread before it copies shard ``i``."""
         self.flush_hook: Callable[[Level, int], None] | None = None
         """Test hook: called by the flush thread before it writes a version."""
+        self.read_hook: Callable[[int], None] | None = None
+        """Test hook (zero-copy): called by the flush thread with the number of leading shards of
+        its slot it has read, each time that number grows."""
         self._lock = threading.Condition()
         self._copy_queue: collections.deque = collections.deque()
         self._flush_queue: collections.deque[_Job] = collections.deque()
         self._landing: set[HostSlot] = set()
         """Slots whose copy is not complete in host memory yet (not reusable, not flushable)."""
         self._land_queue: collections.deque = collections.deque()
-        self.copier = copier_for(state.arrays, len(state.shards))
-        for slot in pool.slots:
-            self.copier.register(slot.memory)
+        self.copier = None if zero_copy else copier_for(state.arrays, len(state.shards))
+        if self.copier is not None:
+            for slot in pool.slots:
+                self.copier.register(slot.memory)
+        self._current: HostSlot | None = None
+        """Zero-copy: the slot the last step wrote (the state's current version), once there is one."""
+        self._target: HostSlot | None = None
+        """Zero-copy: the slot the running step writes."""
+        self._shards_read_after = self._shards_read_after_pieces()
         self._issuing = False
         """The copy thread has not yet started every shard's copy of the newest request."""
         self._flushing = False
@@ -143,35 +176,52 @@ class CheckpointEngine:
         self._iteration = 0
         self._requested = -1
         """The newest version queued for copying."""
+        self._last_objects: tuple[int, dict | None] = (-1, None)
+        """The newest requested version and its small objects (its slot is described later)."""
         self._copy_released = -1
         """Under a ``GPT_CKPT_HOLD`` of ``copy`` (``checkpointing.faults``): versions up to this one
         may be copied."""
         # Read once: unset (every real run), the request path pays one attribute test for them.
         self._hold_copies = faults.holds("copy")
         self._hold_requests = faults.holds("request")
-        if self._hold_copies:
+        self._hold_flushes = zero_copy and faults.holds("flush")
+        self._fence_blocked_on: HostSlot | None = None
+        """Zero-copy: the slot a fence is waiting on (a held flush of it may go on)."""
+        self._draining = False
+        if self._hold_copies and self.copier is not None:
             self.copier.on_block = self._release_copies
-        self._threads = [threading.Thread(target=_named(loop), name=name, daemon=True) for loop, name in
-                         ((self._copy_loop, "ckpt-copy"), (self._land_loop, "ckpt-land"), (self._flush_loop, "ckpt-flush"))]
+        loops = [(self._land_loop, "ckpt-land"), (self._flush_loop, "ckpt-flush")]
+        if not zero_copy:
+            loops.insert(0, (self._copy_loop, "ckpt-copy"))
+        self._threads = [threading.Thread(target=_named(loop), name=name, daemon=True) for loop, name in loops]
         for t in self._threads:
             t.start()
 
     @classmethod
     def for_config(cls, cfg, state: CheckpointableState, group, log, rank: int, layout: dict,
-                   tracer=None, local_peers: list[int] | None = None) -> "CheckpointEngine":
-        """``local_peers``: the ranks sharing this rank's ``--ckpt-local-dir`` (its node)."""
+                   tracer=None, local_peers: list[int] | None = None,
+                   zero_copy_refused: str | None = "the state's owner does not write out of place") -> "CheckpointEngine":
+        """``local_peers``: the ranks sharing this rank's ``--ckpt-local-dir`` (its node).
+        ``zero_copy_refused``: why the state cannot take zero-copy snapshots (None: it can);
+        ``cfg.snapshot`` ``auto`` then takes zero-copy where it can, ``zero-copy`` insists."""
+        zero_copy = cfg.snapshot != "copy" and zero_copy_refused is None
+        if cfg.snapshot == "zero-copy" and not zero_copy:
+            raise ValueError(f"--ckpt-snapshot zero-copy: {zero_copy_refused}; use --ckpt-snapshot copy (or auto)")
         specs = {name: ArraySpec(a.numel(), a.dtype) for name, a in state.arrays.items()}
         budget = int(cfg.host_budget_gb * 2**30) if cfg.host_budget_gb else None
-        pool = HostPool(job_tag(cfg.save), rank, specs, cfg.host_versions, budget, cfg.host_dir)
+        # Zero-copy: one slot more than the versions kept, for the step being written.
+        slots = cfg.host_versions + 1 if zero_copy else cfg.host_versions
+        pool = HostPool(job_tag(cfg.save), rank, specs, slots, budget, cfg.host_dir)
         rate = cfg.write_rate_limit_mb * 1e6 if cfg.write_rate_limit_mb else None
         levels = []
         if cfg.local_dir:
             levels.append(Level("L1", cfg.local_dir, cfg.local_interval, cfg.local_retain_last, local_peers, rate))
         levels.append(Level("L2", cfg.save, cfg.l2_interval, cfg.save_retain_last, None, rate))
-        log(f"> async checkpointing: L0 {len(pool.slots)} versions in shared memory ({pool.bytes / 2**30:.2f} GiB "
-            f"per rank); " + "; ".join(f"{lv.name} {lv.root} every {lv.interval}" for lv in levels)
+        how = "zero-copy: steps write into the pool" if zero_copy else "copied beside the next step"
+        log(f"> async checkpointing: L0 {len(pool.slots)} slots in shared memory ({pool.bytes / 2**30:.2f} GiB "
+            f"per rank; {how}); " + "; ".join(f"{lv.name} {lv.root} every {lv.interval}" for lv in levels)
             + (f"; writes at most {cfg.write_rate_limit_mb:g} MB/s per rank" if rate else ""))
-        return cls(state, pool, levels, group, log, layout, tracer)
+        return cls(state, pool, levels, group, log, layout, tracer, zero_copy)
 
     # -- the training thread -----------------------------------------------------------------------
     def request(self, version: int, force_flush: bool = False) -> None:
@@ -191,29 +241,37 @@ class CheckpointEngine:
                     self._lock.wait()
             self._wait_issued_locked()  # the previous copy started everywhere (its fences passed already)
             due = [level for level in self.levels if force_flush or level.is_due(version)]
-            slot = self._free_slot_locked() or self._reclaim_locked(due, version)
-            if slot is None:
-                self.stats.backpressure_waits += 1
-                while slot is None:
-                    self._lock.wait()
-                    slot = self._free_slot_locked() or self._reclaim_locked(due, version)
-            # What it will hold; described (recoverable) once copied. Its old description is
-            # removed by the copy thread before the copy starts.
-            slot.version, slot.objects, slot.layout = version, None, None
-            self.copier.begin()
-            self._landing.add(slot)
-            self._issuing = True
-            self._requested = version
-            self._copy_queue.append((slot, version, objects))
+            if self.zero_copy:
+                slot = self._current_locked()  # the step already wrote this version there
+                slot.version, slot.objects, slot.layout = version, None, None
+                self._landing.add(slot)  # until described (the L0 commit), by the landing thread
+                self._requested = version
+                self._land_queue.append((slot, version, objects, time.perf_counter(), None))
+            else:
+                slot = self._free_slot_locked() or self._reclaim_locked(due, version)
+                if slot is None:
+                    self.stats.backpressure_waits += 1
+                    while slot is None:
+                        self._lock.wait()
+                        slot = self._free_slot_locked() or self._reclaim_locked(due, version)
+                # What it will hold; described (recoverable) once copied. Its old description is
+                # removed by the copy thread before the copy starts.
+                slot.version, slot.objects, slot.layout = version, None, None
+                self.copier.begin()
+                self._landing.add(slot)
+                self._issuing = True
+                self._requested = version
+                self._copy_queue.append((slot, version, objects))
+            self._last_objects = (version, objects)
             for level in due:
                 slot.pins += 1
-                self._flush_queue.append(_Job(level, version, slot, forced=force_flush))
+                self._flush_queue.append(_Job(level, version, slot, forced=force_flush, objects=objects))
             self._lock.notify_all()
         blocked = time.perf_counter() - started
         self.stats.requests += 1
         self.stats.request_seconds += blocked
         self._add_stall(blocked, version)
-        for index, iteration, seconds in self.copier.device_waits():  # GPU-side fence waits, measured now
+        for index, iteration, seconds in (self.copier.device_waits() if self.copier else ()):  # GPU-side waits
             self.stats.stall_by_shard[index] += seconds
             self._add_stall(seconds, iteration)
         self._iteration = version + 1  # fences from now on hold the step of the next iteration
@@ -226,10 +284,11 @@ class CheckpointEngine:
             slot = next((s for s in self.pool.slots if s.version == version), None)
             if slot is None:
                 raise ValueError(f"iteration {version} is not in the host pool; request it first")
+            objects = self._last_objects[1] if self._last_objects[0] == version else slot.objects
             for level in self.levels:
                 if not level.is_due(version):
                     slot.pins += 1
-                    self._flush_queue.append(_Job(level, version, slot, forced=True))
+                    self._flush_queue.append(_Job(level, version, slot, forced=True, objects=objects))
             self._lock.notify_all()
 
     # -- what L0 holds (the checkpoint manager's view of the pool) ---------------------------------
@@ -260,8 +319,12 @@ class CheckpointEngine:
                     s.invalidate()
 
     def fence(self, shard_index: int) -> None:
-        """Before the optimizer writes shard ``shard_index``: wait for its copy if not done."""
-        waited = self.copier.fence(shard_index, self._iteration)
+        """Before the optimizer writes shard ``shard_index``: wait for its copy if not done
+        (zero-copy: for every flush of the slot being written to have read it)."""
+        if self.zero_copy:
+            waited = self._wait_flushes_read(shard_index)
+        else:
+            waited = self.copier.fence(shard_index, self._iteration)
         if waited is None:  # the common case: no clock read, no lock
             return
         ended_ns = time.perf_counter_ns()
@@ -269,6 +332,89 @@ class CheckpointEngine:
         self.stats.fence_waits += 1
         self.stats.stall_by_shard[shard_index] += waited
         self._add_stall(waited, self._iteration)
+
+    # -- zero-copy: the step writes the next version into a slot ------------------------------------
+    def begin_step(self) -> dict[str, torch.Tensor]:
+        """The arrays the next optimizer step writes (zero-copy): a slot other than the current
+        version's, preferably one no flush reads (never held, else the oldest version); if every
+        other slot is still being flushed, the one flushed longest, and the step's fences wait
+        for its flushes shard by shard. Its old version leaves L0 now."""
+        if not self.zero_copy:
+            raise RuntimeError("begin_step is for zero-copy snapshots; this engine copies")
+        faults.reach("step", self._iteration)  # fault-injection tests kill a rank inside a step here
+        with self._lock:
+            # Not a slot whose description (the L0 commit) is still being written: it would
+            # describe bytes this step overwrites. That write is short; wait for it if need be.
+            while not (others := [s for s in self.pool.slots if s is not self._current and s not in self._landing]):
+                self._lock.wait()
+            target = min(others, key=lambda s: (s.pins > 0, s.version is not None, s.version or 0))
+            target.version = target.objects = target.layout = None
+            self._target = target
+        target.remove_description()  # before its first byte changes: a crash must not recover it
+        return target.arrays
+
+    def end_step(self) -> None:
+        """The step wrote every shard of :meth:`begin_step`'s arrays: they are the current version."""
+        with self._lock:
+            self._current, self._target = self._target, None
+
+    def _current_locked(self) -> HostSlot:
+        """The slot holding the state now. Without a step since the engine started (a request
+        right after a load), the state is copied into a free slot first: the one copy zero-copy
+        snapshots make."""
+        if self._current is None:
+            slot = self._free_slot_locked()
+            while slot is None:
+                self.stats.backpressure_waits += 1
+                self._lock.wait()
+                slot = self._free_slot_locked()
+            slot.remove_description()
+            for name, live in self.state.arrays.items():
+                slot.arrays[name].copy_(live)
+                self.stats.bytes_copied += live.numel() * live.element_size()
+            self._current = slot
+        return self._current
+
+    def _wait_flushes_read(self, shard_index: int) -> float | None:
+        """Zero-copy fence: wait until every flush of the slot being written has read
+        ``shard_index``; the seconds waited, or None without a wait."""
+        target = self._target
+        if target is None or target.pins == 0:  # only this thread adds pins: no flush, no wait
+            return None
+        started = time.perf_counter()
+        waited = False
+        with self._lock:
+            while any(j.slot is target and not j.released and j.shards_read <= shard_index for j in self._flush_queue):
+                waited = True
+                self._fence_blocked_on = target
+                self._lock.notify_all()  # a held flush of it goes on (GPT_CKPT_HOLD=flush)
+                self._lock.wait()
+            self._fence_blocked_on = None
+        return time.perf_counter() - started if waited else None
+
+    def _shards_read_after_pieces(self) -> list[int]:
+        """For each save piece i (in write order), how many leading shards are wholly read once
+        it is written: the lowest shard of any piece still to come (the trainer's pieces come
+        shard by shard, so shard s is read right after its last piece)."""
+        starts = [lo for lo, _ in self.state.shards]
+        shard_of = [bisect.bisect_right(starts, p.start) - 1 for p in self.state.save_pieces]
+        read, lowest_to_come = [0] * len(shard_of), len(starts)
+        for i in range(len(shard_of) - 1, -1, -1):
+            read[i] = lowest_to_come
+            lowest_to_come = min(lowest_to_come, shard_of[i])
+        return read
+
+    def _progress_of(self, job: _Job) -> Callable[[int], None]:
+        def progress(index: int) -> None:
+            read = self._shards_read_after[index]
+            if read > job.shards_read:
+                with self._lock:
+                    job.shards_read = read
+                    self._lock.notify_all()
+                if self.read_hook is not None:
+                    self.read_hook(read)
+
+        return progress
 
     def pool_busy(self) -> int:
         """Slots that cannot take a new version now (being copied or awaiting a flush)."""
@@ -366,7 +512,8 @@ class CheckpointEngine:
         copies are started while this one is still in flight."""
         while (job := self._next(self._land_queue)) is not None:
             slot, version, objects, started, landed = job
-            self.copier.wait_landed(landed)
+            if landed is not None:
+                self.copier.wait_landed(landed)
             slot.describe(version, objects, self.layout)
             with self._lock:
                 self.stats.copies += 1
@@ -392,7 +539,10 @@ class CheckpointEngine:
                 while not job.orphaned and job.slot in self._landing:  # its copy is still running
                     self._lock.wait()
                 job.claimed = True  # from here on, request() cannot orphan it
-                superseded = job.orphaned or not job.forced and any(
+                if self._hold_flushes and faults.holds("flush", job.version):
+                    while self._fence_blocked_on is not job.slot and not self._draining:
+                        self._lock.wait()
+                superseded = job.orphaned or not (job.forced or self._hold_flushes) and any(
                     j.level is job.level and j.version > job.version for j in list(self._flush_queue)[1:])
             # Every rank must agree: skip if any rank already sees a newer version for this level
             # (or took this version's slot for a newer one).
@@ -417,8 +567,9 @@ class CheckpointEngine:
             time.sleep(delay)
         try:
             with self.tracer.span(f"flush {level.name}", "ckpt", iteration=job.version):
-                result = save_and_commit(level, job.version, slot.arrays, self.state.save_pieces, slot.objects,
-                                         self.layout, self.group, self.tracer)
+                result = save_and_commit(level, job.version, slot.arrays, self.state.save_pieces, job.objects,
+                                         self.layout, self.group, self.tracer,
+                                         self._progress_of(job) if self.zero_copy else None)
             self.stats.flushes.append(FlushRecord(level.name, job.version, result.bytes_written, result.seconds))
         except CheckpointWriteError as error:
             self.stats.flushes.append(FlushRecord(level.name, job.version, 0, 0.0, str(error)))
@@ -435,6 +586,8 @@ class CheckpointEngine:
         started = time.perf_counter()
         with self._lock:
             self._release_copies_locked()
+            self._draining = True  # held flushes (GPT_CKPT_HOLD=flush) go on
+            self._lock.notify_all()
             if not drain:  # drop queued flushes; one already running finishes on its own
                 keep = 1 if self._flushing and self._flush_queue else 0
                 for job in list(self._flush_queue)[keep:]:
@@ -464,4 +617,5 @@ class CheckpointEngine:
         if drain:
             for t in self._threads:
                 t.join()
-            self.copier.unregister()
+            if self.copier is not None:
+                self.copier.unregister()

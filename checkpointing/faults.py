@@ -18,6 +18,10 @@ fast a loaded machine runs its threads (no iteration: every version):
 - ``copy``: the copy of version N starts only once the optimizer step of N+1 is blocked in a
   fence (or the next ``request``, or the engine's end, comes first): that step's fence waits,
   every time.
+- ``flush`` (zero-copy snapshots): a flush starts writing a slot only once an optimizer step is
+  blocked in a fence on that slot (or the engine drains), and no queued flush is superseded:
+  with two slots, every step from the third waits at a fence for the flush of the version two
+  steps back, shard by shard, and every version reaches its levels.
 """
 
 from __future__ import annotations

@@ -79,9 +79,11 @@ class CheckpointManager:
     """This rank's checkpointing for one run; every rank of the job makes one, alike."""
 
     def __init__(self, cfg: CheckpointConfig, state: CheckpointableState, log: Callable[[str], None],
-                 tracer=None, trace_dir: str | None = None):
+                 tracer=None, trace_dir: str | None = None,
+                 zero_copy_refused: str | None = "the state's owner does not write out of place"):
         """``log``: prints on the logging rank (a no-op elsewhere); ``trace_dir``: where the
-        end-of-run statistics go beside the tracer's timeline (with ``tracer``)."""
+        end-of-run statistics go beside the tracer's timeline (with ``tracer``);
+        ``zero_copy_refused``: why the state cannot take zero-copy snapshots (None: it can)."""
         self.cfg = cfg
         self.state = state
         self.log = log
@@ -101,7 +103,7 @@ class CheckpointManager:
             from checkpointing.engine import CheckpointEngine
 
             self.engine = CheckpointEngine.for_config(cfg, state, self.group, log, self.rank, state.layout, tracer,
-                                                      self.local_peers)
+                                                      self.local_peers, zero_copy_refused)
 
     def _find_peers(self) -> list[int] | None:
         """Which ranks share this rank's L1 directory (its node); checks that L2 is shared."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -152,11 +152,14 @@ def write_rank_file(
     objects: dict[str, Any],
     replicas: bool = False,
     write_rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[ChunkRecord]:
     """Write this rank's writer pieces and objects to ``directory`` and fsync file and directory.
 
     With ``replicas`` the rank's other pieces are written too, so that this one file restores
-    the rank (node-local levels). ``write_rate`` (bytes/s) paces the writes. ``arrays`` are host
+    the rank (node-local levels). ``write_rate`` (bytes/s) paces the writes. ``progress(i)`` is
+    called once piece ``i`` is written (or passed over): its bytes in ``arrays`` may change from
+    then on (zero-copy snapshots overwrite a slot behind its flush). ``arrays`` are host
     (CPU) arrays. Raises
     :class:`CheckpointWriteError` naming the file.
     """
@@ -168,8 +171,10 @@ def write_rank_file(
             # Two pieces over the same bytes (the fp32 weights are the main weights) share one
             # blob: their records point at the same byte range, as DCP allows.
             written: dict[tuple[str, int, tuple[int, ...]], tuple[int, int, int]] = {}
-            for piece in pieces:
+            for index, piece in enumerate(pieces):
                 if not (piece.is_writer or replicas):
+                    if progress is not None:
+                        progress(index)
                     continue
                 same = (piece.array, piece.start, piece.shape)
                 if same not in written:
@@ -178,6 +183,8 @@ def write_rank_file(
                 records.append(ChunkRecord(piece.key, piece.global_offset, piece.shape, piece.global_shape,
                                            arrays[piece.array].dtype, name, at, length, checksum, rank,
                                            piece.is_writer))
+                if progress is not None:
+                    progress(index)
             for key, value in objects.items():
                 at, length, checksum = _write_chunk(f, value)
                 records.append(ChunkRecord(key, None, None, None, None, name, at, length, checksum, rank))

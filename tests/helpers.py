@@ -72,14 +72,22 @@ class SyntheticState:
 
     def optimizer_step(self, engine=None, on_shard=None):
         """Update shard by shard behind the engine's fences, as the optimizer does (without an
-        engine: no fences)."""
+        engine: no fences). With a zero-copy engine the step writes out of place into the slot
+        the engine gives, which then holds the state."""
+        out = engine.begin_step() if engine is not None and engine.zero_copy else None
         for index, (lo, hi) in enumerate(self.shards):
             if engine is not None:
                 engine.fence(index)
             if on_shard:
                 on_shard(index)
-            for array in self.arrays.values():
-                array[lo:hi].mul_(0.5).add_(1.0)
+            for name, array in self.arrays.items():
+                if out is None:
+                    array[lo:hi].mul_(0.5).add_(1.0)
+                else:
+                    torch.mul(array[lo:hi], 0.5, out=out[name][lo:hi]).add_(1.0)
+        if out is not None:
+            self.arrays = self.load_arrays = out
+            engine.end_step()
 
     @classmethod
     def after_steps(cls, steps: int, **kwargs) -> "SyntheticState":
@@ -90,9 +98,10 @@ class SyntheticState:
         return state
 
 
-def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=None):
+def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=None, zero_copy=False):
     """An engine over ``state`` with one level, L2 in ``tmp_path / "l2"`` every ``interval``
-    versions, and an L0 pool of ``slots`` versions; returns it and the list its log lines go to."""
+    versions, and an L0 pool of ``slots`` slots (``zero_copy``: the state's steps write into
+    them); returns it and the list its log lines go to."""
     from checkpointing.engine import CheckpointEngine
     from checkpointing.levels import Level
     from checkpointing.host_pool import ArraySpec, HostPool
@@ -100,7 +109,8 @@ def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=No
     specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}
     pool = HostPool(tag or f"test-{os.getpid()}-{time.monotonic_ns()}", 0, specs, slots, budget)
     logs: list[str] = []
-    engine = CheckpointEngine(state, pool, [Level("L2", str(tmp_path / "l2"), interval, None)], group, logs.append)
+    engine = CheckpointEngine(state, pool, [Level("L2", str(tmp_path / "l2"), interval, None)], group, logs.append,
+                              zero_copy=zero_copy)
     return engine, logs
 
 

@@ -1,6 +1,7 @@
 """The engine inside training (DP2, distributed optimizer, 2 processes): every version it writes
 equals, bit for bit, what the synchronous path saves at that iteration, and the losses equal those
-of training without checkpoints."""
+of training without checkpoints; with zero-copy snapshots (the default on a CPU: each step writes
+into a pool slot) and with copied ones, fences hit in both."""
 
 import re
 
@@ -34,37 +35,49 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("async")
     run_pretrain(ARGS + ["--tensorboard-dir", str(base / "tb-none")], nproc=2)
     run_pretrain(ARGS + ["--save", str(base / "sync"), "--save-interval", "1", "--tensorboard-dir", str(base / "tb-sync")], nproc=2)
-    # Held (checkpointing/faults.py), so that the outcome does not depend on the machine's speed:
-    # each version's copy starts only once the next optimizer step is blocked in a fence (the
-    # optimizer really waits at fences), and each request waits until the previous version is
-    # flushed (no version is superseded: every one reaches both levels).
-    proc = run_pretrain(ARGS + ["--save", str(base / "async"), "--save-interval", "1", "--async-save",
-                                "--ckpt-local-dir", str(base / "local"), "--ckpt-local-interval", "1",
-                                "--ckpt-local-retain-last", "100",
-                                "--tensorboard-dir", str(base / "tb-async")],
-                        nproc=2, env={"GPT_CKPT_HOLD": "request,copy"})
-    return base, proc.stdout
+    async_args = ARGS + ["--save-interval", "1", "--async-save", "--ckpt-local-interval", "1",
+                         "--ckpt-local-retain-last", "100"]
+    stdout = {}
+    # Held (checkpointing/faults.py), so that the outcome does not depend on the machine's speed.
+    # copy: each version's copy starts only once the next optimizer step is blocked in a fence
+    # (the optimizer really waits at fences), and each request waits until the previous version
+    # is flushed (no version is superseded: every one reaches both levels).
+    # zero-copy, two slots: each flush starts only once a step is blocked in a fence on its slot
+    # (the step two later: it waits shard by shard), and no flush is superseded.
+    for mode, extra, hold in (("copy", [], "request,copy"), ("zero-copy", ["--ckpt-host-versions", "1"], "flush")):
+        proc = run_pretrain(async_args + extra + ["--ckpt-snapshot", mode, "--save", str(base / f"{mode}-l2"),
+                                                  "--ckpt-local-dir", str(base / f"{mode}-l1"),
+                                                  "--tensorboard-dir", str(base / f"tb-{mode}")],
+                            nproc=2, env={"GPT_CKPT_HOLD": hold})
+        stdout[mode] = proc.stdout
+    return base, stdout
 
 
 def test_losses_equal_training_without_checkpoints(runs):
     base, _ = runs
-    assert read_scalars(base / "tb-async", "lm loss") == read_scalars(base / "tb-none", "lm loss")
+    for mode in ("copy", "zero-copy"):
+        assert read_scalars(base / f"tb-{mode}", "lm loss") == read_scalars(base / "tb-none", "lm loss"), mode
     assert read_scalars(base / "tb-sync", "lm loss") == read_scalars(base / "tb-none", "lm loss")
 
 
-def test_every_async_version_equals_the_synchronous_save(runs, tmp_path):
+@pytest.mark.parametrize("mode, min_waits", [("copy", 2 * 7), ("zero-copy", 2 * 6)])
+def test_every_async_version_equals_the_synchronous_save(runs, tmp_path, mode, min_waits):
+    """copy: each rank's steps 2-8 wait for their shard's copy; zero-copy: steps 3-8 wait for the
+    flush of the slot they write (the version two back) to have read each shard."""
     base, stdout = runs
-    waits = re.search(r"(\d+) fence waits", stdout)
-    assert waits and int(waits.group(1)) >= 2 * 7, "each rank's steps 2-8 wait at a fence: " + stdout[-1500:]
-    assert "  L1: 8 checkpoints" in stdout and "  L2: 8 checkpoints" in stdout, stdout[-1500:]  # the engine's record
+    out = stdout[mode]
+    assert ("zero-copy: steps write into the pool" in out) == (mode == "zero-copy")
+    waits = re.search(r"(\d+) fence waits", out)
+    assert waits and int(waits.group(1)) >= min_waits, out[-1500:]
+    assert "  L1: 8 checkpoints" in out and "  L2: 8 checkpoints" in out, out[-1500:]  # the engine's record
     sync = {}
     for it in range(1, 9):
         dcp_to_torch_save(base / "sync" / f"iter_{it:07d}", tmp_path / "s.pt")
         sync[it] = torch.load(tmp_path / "s.pt", weights_only=False)
         sync[it]["common"].pop("args")  # the arguments differ (--async-save): everything else is equal
-    for level in ("local", "async"):
+    for level in ("l1", "l2"):
         for it in range(1, 9):
-            dcp_to_torch_save(base / level / f"iter_{it:07d}", tmp_path / "a.pt")
+            dcp_to_torch_save(base / f"{mode}-{level}" / f"iter_{it:07d}", tmp_path / "a.pt")
             a, s = torch.load(tmp_path / "a.pt", weights_only=False), sync[it]
             a["common"].pop("args")
             assert set(a) == set(s)

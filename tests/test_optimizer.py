@@ -111,3 +111,44 @@ def test_non_finite_gradient_norm_skips_the_update(single_process_group):
     assert math.isnan(opt.step(lr=0.1))
     assert torch.equal(buffers.params, before) and torch.equal(opt.main_params, before)
     assert opt.exp_avg.abs().sum() == 0 and opt.step_count == 0 and opt.skipped_steps == 1
+
+
+class _PingPong:
+    """A version store with two sets of arrays, as the engine's zero-copy pool hands them out."""
+
+    def __init__(self, numel):
+        self.sets = [{k: torch.full((numel,), float("nan")) for k in ("fp32_param", "exp_avg", "exp_avg_sq")}
+                     for _ in range(2)]
+        self.next = 0
+        self.commits = 0
+
+    def begin(self):
+        out = self.sets[self.next]
+        self.next ^= 1
+        return out
+
+    def commit(self):
+        self.commits += 1
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.01])
+def test_an_out_of_place_step_gives_the_in_place_bits(single_process_group, clip):
+    """Zero-copy snapshots write each version into another set of arrays; the arithmetic and so
+    every bit of weights and moments must not change (weight decay on some ranges, clipping)."""
+    cfg = OptimizerConfig(weight_decay=0.1, clip_grad=clip, shard_size_mb=40 / 2**20)
+    models = [small_model(3), small_model(3)]
+    buffers = [FlatParamsAndGrads(m) for m in models]
+    opts = [DistributedAdam(b, cfg, single_process_group, 1, single_process_group) for b in buffers]
+    store = _PingPong(opts[1].main_params.numel())
+    opts[1].versions = store
+    for step in range(4):
+        x = torch.randn(4, 7, generator=torch.Generator().manual_seed(step))
+        for model, b, opt in zip(models, buffers, opts):
+            b.zero_grads()
+            model(x).pow(2).sum().backward()
+            opt.step(1e-2)
+        assert opts[1].main_params.data_ptr() == store.sets[step % 2]["fp32_param"].data_ptr()
+        for name in ("main_params", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(getattr(opts[0], name), getattr(opts[1], name)), (step, name)
+        assert torch.equal(buffers[0].params, buffers[1].params)
+    assert store.commits == 4

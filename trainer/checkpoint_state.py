@@ -61,6 +61,8 @@ def changed_settings(saved_args: dict, current_args: dict) -> list[str]:
     for name in sorted(set(saved) | set(now)):
         if name.startswith("checkpoint."):
             continue  # where to load and save from is expected to change
+        if name not in saved and (name.split(".", 1)[0] not in saved_args or now.get(name) is None):
+            continue  # a section the checkpoint never recorded (an import), or a setting added since, unset
         before, after = saved.get(name, "(not recorded)"), now.get(name, "(not set)")
         if before != after:
             changes.append(f"{name}: {before} -> {after}")
@@ -76,10 +78,6 @@ class TrainerCheckpointState:
         self.rank = trainer.groups.rank
         self.vocab_size = trainer.job.model.vocab_size
         self.bf16 = buffers.params.dtype != torch.float32
-        self.arrays: dict[str, torch.Tensor] = {
-            "fp32_param": opt.main_params, "exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq}
-        if self.bf16:
-            self.arrays["param"] = buffers.params[opt.start : opt.end]
         self.shards = [(s.start - opt.start, s.end - opt.start) for s in opt.shards]
         self.save_pieces: list[TensorPiece] = []
         self.load_pieces: list[TensorPiece] = []
@@ -92,7 +90,6 @@ class TrainerCheckpointState:
                 self.save_pieces.append(state_piece)
                 self.load_pieces.append(state_piece)
             self.save_pieces.append(dataclasses.replace(piece, array="param" if self.bf16 else "fp32_param"))
-        self.load_arrays: dict[str, torch.Tensor] = dict(self.arrays, param=buffers.params)
         for slot in buffers.slots:
             spec = trainer.param_specs[slot.name]
             piece = _true_rows(TensorPiece(key=spec.global_name, array="param", start=slot.start, shape=slot.shape,
@@ -113,6 +110,20 @@ class TrainerCheckpointState:
             "num_layers": trainer.job.model.num_layers,
             "bf16": self.bf16,
         }
+
+    @property
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The optimizer's live arrays (with zero-copy snapshots they move to another slot of the
+        host pool at every step: asked for each time)."""
+        opt = self.trainer.optimizer
+        arrays = {"fp32_param": opt.main_params, "exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq}
+        if self.bf16:
+            arrays["param"] = self.trainer.buffers.params[opt.start : opt.end]
+        return arrays
+
+    @property
+    def load_arrays(self) -> dict[str, torch.Tensor]:
+        return dict(self.arrays, param=self.trainer.buffers.params)
 
     def _padding_regions(self) -> list[tuple[str, int, int]]:
         opt, buffers = self.trainer.optimizer, self.trainer.buffers
@@ -174,8 +185,9 @@ class TrainerCheckpointState:
         common = objects[keys.COMMON]
         self._check_same_model(common)
         with torch.no_grad():
+            live = self.load_arrays
             for array, a, b in self.padding:
-                self.load_arrays[array][a:b].zero_()
+                live[array][a:b].zero_()
             if loaded.weights_in_arrays:
                 opt.publish_main_params()
             if loaded.optimizer:

@@ -7,9 +7,35 @@ the optimizer step, and reports the engine's counters to TensorBoard.
 
 from __future__ import annotations
 
+import torch
+
 from checkpointing.config import CheckpointConfig
 from checkpointing.manager import CheckpointManager
 from trainer.checkpoint_state import TrainerCheckpointState
+
+
+def zero_copy_refusal(trainer) -> str | None:
+    """Why this trainer's optimizer cannot write its steps into the host pool (None: it can)."""
+    main = trainer.optimizer.main_params
+    if main.device.type != "cpu":
+        return (f"the optimizer's state is on {main.device.type}: there the snapshot is a device-to-host copy on a "
+                "copy stream")
+    if trainer.buffers.params.dtype != torch.float32:
+        return "the model's weights are not fp32 (their cast copy is saved too): zero-copy covers fp32 runs"
+    return None
+
+
+class _PoolVersions:
+    """The optimizer's :class:`trainer.optimizer.VersionStore` over the engine's pool."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def begin(self) -> dict[str, torch.Tensor]:
+        return self.engine.begin_step()
+
+    def commit(self) -> None:
+        self.engine.end_step()
 
 
 class Checkpointer:
@@ -19,11 +45,15 @@ class Checkpointer:
         """``telemetry``: report the engine's counters to TensorBoard each iteration (every rank
         must pass the same value: it is a collective)."""
         self.state = TrainerCheckpointState(trainer)
-        self.manager = CheckpointManager(cfg, self.state, logger.info, tracer, trainer.job.training.trace_dir)
+        self.manager = CheckpointManager(cfg, self.state, logger.info, tracer, trainer.job.training.trace_dir,
+                                         zero_copy_refusal(trainer))
         self.engine = self.manager.engine
         if self.engine is not None:
-            # The fence: before the optimizer overwrites a shard, its snapshot copy must be done.
+            # The fence: before the optimizer overwrites a shard, its snapshot copy must be done
+            # (zero-copy: a flush of the slot it writes must have read it).
             trainer.optimizer.before_shard_update.append(lambda shard: self.engine.fence(shard.index))
+            if self.engine.zero_copy:
+                trainer.optimizer.versions = _PoolVersions(self.engine)
         self.telemetry = None
         if self.engine is not None and telemetry:
             import torch.distributed as dist

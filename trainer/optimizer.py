@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -67,6 +67,8 @@ class Shard:
     """Ranges (local to the shard) that get weight decay."""
     norm_segments: tuple[tuple[int, int], ...]
     """Ranges (local to the shard) whose gradients count in the global norm."""
+    plain_segments: tuple[tuple[int, int], ...] = ()
+    """The ranges between ``decay_segments`` (no weight decay): an out-of-place step copies them."""
 
     @property
     def numel(self) -> int:
@@ -100,6 +102,29 @@ def cut_shards(buffers: FlatParamsAndGrads, start: int, end: int, shard_numel: i
 
 
 ShardHook = Callable[[Shard], None]
+
+
+class VersionStore(Protocol):
+    """Where an out-of-place step writes the new version of the state (the checkpoint engine's
+    zero-copy snapshots: each version is written into a slot of the host pool, and that slot *is*
+    the snapshot). ``begin`` returns the arrays to write (``fp32_param``, ``exp_avg``,
+    ``exp_avg_sq``, each the length of the optimizer's range) or None for an in-place step;
+    ``commit`` says the step wrote them all (they hold the current state from now on)."""
+
+    def begin(self) -> dict[str, torch.Tensor] | None: ...
+
+    def commit(self) -> None: ...
+
+
+def _complement(segments: tuple[tuple[int, int], ...], length: int) -> tuple[tuple[int, int], ...]:
+    out, at = [], 0
+    for a, b in segments:
+        if a > at:
+            out.append((at, a))
+        at = b
+    if at < length:
+        out.append((at, length))
+    return tuple(out)
 
 
 class DistributedAdam:
@@ -141,17 +166,21 @@ class DistributedAdam:
         shard_numel = max(1, int(config.shard_size_mb * 2**20) // 4)
         self.shards = [self._make_shard(i, lo, hi) for i, (lo, hi) in enumerate(cut_shards(buffers, self.start, self.end, shard_numel))]
         self.before_shard_update: list[ShardHook] = []
+        self.versions: VersionStore | None = None
+        """Set by the checkpoint engine for zero-copy snapshots: steps then write out of place."""
 
     def _make_shard(self, index: int, lo: int, hi: int) -> Shard:
         def local(segments):
             return tuple((a - lo, b - lo) for a, b in segments)
 
+        decay = local(self.buffers.segments(lo, hi, lambda s: s.weight_decay))
         return Shard(
             index=index,
             start=lo,
             end=hi,
-            decay_segments=local(self.buffers.segments(lo, hi, lambda s: s.weight_decay)),
+            decay_segments=decay,
             norm_segments=local(self.buffers.segments(lo, hi, lambda s: s.counts_in_grad_norm)),
+            plain_segments=_complement(decay, hi - lo),
         )
 
     @property
@@ -194,12 +223,23 @@ class DistributedAdam:
         bias1 = 1.0 - cfg.adam_beta1**self.step_count
         bias2_sqrt = math.sqrt(1.0 - cfg.adam_beta2**self.step_count)
         grads = self._owned_grads()
+        # Out of place (zero-copy snapshots): read the current version, write the next one into
+        # the arrays the store gives; the same arithmetic, so the same bits as in place.
+        out = self.versions.begin() if self.versions is not None else None
+        current = (self.main_params, self.exp_avg, self.exp_avg_sq)
+        new = current if out is None else (out["fp32_param"], out["exp_avg"], out["exp_avg_sq"])
         for shard in self.shards:
             for hook in self.before_shard_update:
                 hook(shard)
             local = slice(shard.start - self.start, shard.end - self.start)
-            self._update(shard, local, grads[local], scale, lr, bias1, bias2_sqrt)
-            self.buffers.params[shard.start : shard.end].copy_(self.main_params[local])
+            if out is None:
+                self._update(shard, local, grads[local], scale, lr, bias1, bias2_sqrt)
+            else:
+                self._update_into(new, shard, local, grads[local], scale, lr, bias1, bias2_sqrt)
+            self.buffers.params[shard.start : shard.end].copy_(new[0][local])
+        if out is not None:
+            self.main_params, self.exp_avg, self.exp_avg_sq = new
+            self.versions.commit()
         self._gather_params()
         return norm
 
@@ -215,6 +255,26 @@ class DistributedAdam:
         """Model parameters from the main parameters (after they were restored from a snapshot)."""
         self.buffers.params[self.start : self.end].copy_(self.main_params)
         self._gather_params()
+
+    def _update_into(self, new, shard: Shard, local: slice, grad, scale, lr, bias1, bias2_sqrt) -> None:
+        """:meth:`_update` reading the current arrays and writing ``new`` (one pass each: the
+        first operation of every line writes its result where it goes)."""
+        cfg = self.config
+        src_p, src_m, src_v = self.main_params[local], self.exp_avg[local], self.exp_avg_sq[local]
+        param, m, v = new[0][local], new[1][local], new[2][local]
+        if scale != 1.0:
+            grad = grad * scale
+        torch.mul(src_m, cfg.adam_beta1, out=m).add_(grad, alpha=1.0 - cfg.adam_beta1)
+        torch.mul(src_v, cfg.adam_beta2, out=v).addcmul_(grad, grad, value=1.0 - cfg.adam_beta2)
+        if cfg.weight_decay > 0:
+            for a, b in shard.decay_segments:
+                torch.mul(src_p[a:b], 1.0 - lr * cfg.weight_decay, out=param[a:b])
+            for a, b in shard.plain_segments:
+                param[a:b].copy_(src_p[a:b])
+        else:
+            param.copy_(src_p)
+        denom = v.sqrt().div_(bias2_sqrt).add_(cfg.adam_eps)  # one temporary, not two
+        param.addcdiv_(m, denom, value=-lr / bias1)
 
     def _update(self, shard: Shard, local: slice, grad, scale, lr, bias1, bias2_sqrt) -> None:
         cfg = self.config

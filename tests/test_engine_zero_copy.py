@@ -1,0 +1,110 @@
+"""Zero-copy snapshots on a synthetic state, in one process: each step writes the next version
+into a pool slot, which is the snapshot. Versions equal the state after their step; a fence waits
+only for the shard a flush has not read; no byte is copied; the pool stays within its budget."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from checkpointing.reader import CheckpointReader
+from tests.helpers import SHARDS, SyntheticState, make_engine, shared_memory_removed_after
+
+
+@pytest.fixture(autouse=True)
+def remove_pools():
+    with shared_memory_removed_after():
+        yield
+
+
+def _stored(tmp_path, version, state):
+    reader = CheckpointReader(str(tmp_path / "l2" / f"iter_{version:07d}"))
+    out = {name: torch.empty_like(a) for name, a in state.arrays.items()}
+    reader.read_pieces(state.save_pieces, out)
+    return out
+
+
+def test_every_version_is_the_state_after_its_step_with_fences_hit(tmp_path, single_process_group, monkeypatch):
+    # Held: a flush writes a slot only once a step is blocked in a fence on it; with two slots
+    # every step from the third waits for the flush of the version two back, shard by shard.
+    monkeypatch.setenv("GPT_CKPT_HOLD", "flush")
+    state = SyntheticState()
+    engine, _ = make_engine(tmp_path, single_process_group, state, slots=2, zero_copy=True)
+    for version in range(1, 7):
+        state.optimizer_step(engine)
+        engine.request(version)
+    engine.close()
+    assert engine.stats.fence_waits >= 4, "steps 3-6 wait for the flush of the version two back"
+    assert engine.stats.bytes_copied == 0, "zero-copy: no byte copied beside the step's own writes"
+    assert sorted(f.version for f in engine.stats.flushes) == [1, 2, 3, 4, 5, 6]
+    for version in range(1, 7):
+        expected = SyntheticState.after_steps(version)
+        for name, values in _stored(tmp_path, version, state).items():
+            assert torch.equal(values, expected.arrays[name]), (version, name)
+
+
+def test_a_fence_waits_only_for_the_shard_a_flush_has_not_read(tmp_path, single_process_group):
+    """The flush of version 1 stops after reading shards 0-1; step 3 writes that slot: shards 0
+    and 1 go on at once, shard 2 waits until the flush has read it."""
+    state = SyntheticState(shards=4)
+    engine, _ = make_engine(tmp_path, single_process_group, state, slots=2, zero_copy=True)
+    paused, go = threading.Event(), threading.Event()
+
+    def read_hook(read: int) -> None:
+        if read == 2:
+            paused.set()
+            assert go.wait(60), "the step never reached shard 2"
+            deadline = time.monotonic() + 60
+            while engine._fence_blocked_on is None:  # shard 2's fence is waiting before we go on
+                assert time.monotonic() < deadline, "no fence waited on the slot"
+                time.sleep(0.005)
+
+    engine.read_hook = read_hook
+    state.optimizer_step(engine)  # version 1 into slot A
+    engine.request(1)
+    state.optimizer_step(engine)  # version 2 into slot B: nothing reads B, no wait
+    assert engine.stats.fence_waits == 0
+    assert paused.wait(60)
+    state.optimizer_step(engine, on_shard=lambda i: go.set() if i == 1 else None)  # version 3 into A
+    engine.close()
+    waited = engine.stats.stall_by_shard
+    assert waited[0] == 0 and waited[1] == 0, waited
+    assert waited[2] > 0 and engine.stats.fence_waits >= 1, waited
+    expected = SyntheticState.after_steps(1, shards=4)
+    for name, values in _stored(tmp_path, 1, state).items():
+        assert torch.equal(values, expected.arrays[name]), name
+
+
+def test_the_pool_stays_within_its_budget_over_200_checkpoints(tmp_path, single_process_group):
+    state = SyntheticState(shard_numel=1 << 12)
+    one_slot = sum(a.numel() * a.element_size() for a in state.arrays.values())
+    engine, _ = make_engine(tmp_path, single_process_group, state, slots=3, interval=50, budget=3 * one_slot + 8192,
+                            zero_copy=True)
+    files = None
+    for version in range(1, 201):
+        state.optimizer_step(engine)
+        engine.request(version)
+        if version == 10:
+            files = len(engine.pool.slots)
+    engine.close()
+    assert len(engine.pool.slots) == files == 3 and engine.pool.bytes <= 3 * one_slot + 8192
+    assert engine.stats.bytes_copied == 0 and engine.stats.copies == 200
+    expected = SyntheticState.after_steps(200, shard_numel=1 << 12)
+    for name, values in _stored(tmp_path, 200, state).items():
+        assert torch.equal(values, expected.arrays[name]), name
+
+
+def test_a_request_without_a_step_copies_once(tmp_path, single_process_group):
+    """Right after a load no step has written a slot yet: the version is copied in, once."""
+    state = SyntheticState()
+    engine, _ = make_engine(tmp_path, single_process_group, state, slots=2, zero_copy=True)
+    engine.request(0, force_flush=True)  # forced: never superseded by version 1
+    state.optimizer_step(engine)
+    engine.request(1)
+    engine.close()
+    assert engine.stats.bytes_copied == sum(a.numel() * a.element_size() for a in state.arrays.values())
+    for version in (0, 1):
+        expected = SyntheticState.after_steps(version)
+        for name, values in _stored(tmp_path, version, state).items():
+            assert torch.equal(values, expected.arrays[name]), (version, name)
