@@ -165,8 +165,11 @@ class CheckpointManager:
         self.loaded = start
         return start
 
-    def _loaded_parts(self, iteration: int, source: str, weights_in_arrays: bool, rng: bool) -> LoadedParts:
-        return LoadedParts(iteration, source, weights_in_arrays=weights_in_arrays, optimizer=self.cfg.loads_optimizer,
+    def _loaded_parts(self, iteration: int, source: str, weights_in_arrays: bool, rng: bool,
+                      optimizer: bool | None = None) -> LoadedParts:
+        """``optimizer``: whether optimizer state was read (default: whether it was asked for)."""
+        return LoadedParts(iteration, source, weights_in_arrays=weights_in_arrays,
+                           optimizer=self.cfg.loads_optimizer if optimizer is None else optimizer,
                            rng=rng, resume=not self.cfg.finetune)
 
     def _after_load(self, objects: dict, loaded: LoadedParts) -> int:
@@ -220,14 +223,14 @@ class CheckpointManager:
             started = time.perf_counter()
             self.log(f"> loading checkpoint from {candidate.path} ({level}) ...")
             outcome, read_bytes, objects = None, 0, {}
-            node_local = False
+            node_local, optimizer_read = False, cfg.loads_optimizer
             try:
                 reader = CheckpointReader(candidate.path, verify=cfg.verify_checksums, trust_pickles=cfg.trust_pickles)
                 node_local = reader.local_files is not None
                 if node_local:
                     read_bytes, objects = self._read_node_local(reader)
                 else:
-                    read_bytes, objects = self._read_shared(reader, wanted_model_keys)
+                    read_bytes, objects, optimizer_read = self._read_shared(reader, wanted_model_keys)
             except _NotHere as why:
                 outcome = ("skip", str(why))
             except CheckpointMismatchError as error:
@@ -246,8 +249,9 @@ class CheckpointManager:
                     self.log("> checkpoint: saved with another layout; RNG states not loaded")
                 # A node-local file holds the main weights; a shared load reads them with the
                 # optimizer state, else the model's weights alone.
-                in_arrays = node_local or cfg.loads_optimizer
-                start = self._after_load(objects, self._loaded_parts(candidate.iteration, level, in_arrays, rng))
+                optimizer_read = all(gather_from_all(self.group, optimizer_read))
+                start = self._after_load(objects, self._loaded_parts(candidate.iteration, level,
+                                                                     node_local or optimizer_read, rng, optimizer_read))
                 if any(gather_from_all(self.group, reader.full_unpickling)):
                     self.log(f"> checkpoint: {candidate.path} was read with full unpickling (--trust-checkpoint-pickles): "
                              "it holds objects that need it; checkpoints this run writes do not")
@@ -269,10 +273,11 @@ class CheckpointManager:
             f"every committed checkpoint in {cfg.load} is damaged (see the warnings above); nothing was deleted. "
             f"Start from scratch with another --load, or repair the files")
 
-    def _read_shared(self, reader: CheckpointReader, wanted_model_keys: set[str]) -> tuple[int, dict]:
+    def _read_shared(self, reader: CheckpointReader, wanted_model_keys: set[str]) -> tuple[int, dict, bool]:
         """Read this rank's pieces in the current layout from whichever chunks hold them: the
-        optimizer's (main weights and moments), or with ``--no-load-optim``/``--finetune`` the
-        model's weights."""
+        optimizer's (main weights and moments), or with ``--no-load-optim``/``--finetune``, or
+        from a weights-only checkpoint (``convert_checkpoint.py --from hf``), the model's weights.
+        Returns (bytes read, small objects, whether optimizer state was read)."""
         extra = sorted(k for k in reader.tensor_keys() - wanted_model_keys if not keys.is_optimizer_key(k))
         if extra:
             raise CheckpointMismatchError(
@@ -280,7 +285,9 @@ class CheckpointManager:
                 f"{' ...' if len(extra) > 4 else ''} ({len(extra)} in all); the saved model was larger "
                 f"(layers {reader.facts['layout'].get('num_layers')}, this model "
                 f"{self.state.layout['num_layers']})")
-        optimizer = self.cfg.loads_optimizer
+        optimizer = self.cfg.loads_optimizer and any(keys.is_optimizer_key(k) for k in reader.tensor_keys())
+        if self.cfg.loads_optimizer and not optimizer:
+            self.log(f"> checkpoint: {reader.directory} holds weights only: the optimizer starts afresh")
         pieces = [p for p in self.state.load_pieces if keys.is_optimizer_key(p.key) == optimizer]
         longer = reader.padded_rows_allowed(self.state.legacy_padded_keys)
         read_bytes = reader.read_pieces(pieces, self.state.load_arrays, longer)
@@ -288,7 +295,7 @@ class CheckpointManager:
         rng = keys.rng_key(self.rank)
         if self.cfg.loads_rng and reader.facts["layout"] == self.state.layout and reader.has(rng):
             objects[rng] = reader.read_object(rng)
-        return read_bytes, objects
+        return read_bytes, objects, optimizer
 
     def _read_node_local(self, reader: CheckpointReader) -> tuple[int, dict]:
         """Restore from a node-local checkpoint: each rank reads back its own file (the pieces it

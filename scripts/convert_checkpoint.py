@@ -74,7 +74,7 @@ def _import(args) -> None:
           f"weights only, {result.weight_bytes / 1e6:.1f} MB")
     for note in result.notes:
         print(f"> note: {note}")
-    print("> train from it (iteration 0, a fresh optimizer; --no-load-optim also loads it):")
+    print("> train from it (iteration 0, a fresh optimizer; a plain --load also reads it, weights only):")
     print("  scripts/pretrain_gpt.py " + " ".join(result.trainer_flags(args.out)) + " ...")
 
 
