@@ -52,6 +52,10 @@ class CheckpointConfig:
     host_budget_gb: float | None = None
     """L0: byte budget of the pool; fewer versions are held if they do not fit
     (``--ckpt-host-budget-gb``)."""
+    keep_host_pool: bool = False
+    """Keep the L0 pool in shared memory after a normal end (``--ckpt-keep-host-pool``). By default
+    it is freed once the final version is committed on every level (it is RAM the next job on the
+    node does not get); after a crash, an error or SIGTERM it is always kept, for recovery."""
     host_dir: str = "/dev/shm"
     """L0: the tmpfs directory the pool's segments live in (``--ckpt-host-dir``); one per node.
     Another directory stands for another node when several launchers share one machine."""

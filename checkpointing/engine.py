@@ -53,6 +53,11 @@ from checkpointing.shard_copy import copier_for
 from checkpointing.trace import NullTracer
 
 
+def _account_cpu(stats: "EngineStats") -> None:
+    """Record the calling engine thread's CPU clock (cheap: one clock read)."""
+    stats.thread_cpu_seconds[threading.current_thread().name] = time.thread_time()
+
+
 def _named(loop: Callable[[], None]) -> Callable[[], None]:
     """``loop`` under its Python thread's name also in the OS (``top -H``, ``/proc/<pid>/task``),
     so the CPU each engine thread takes can be told apart from training's."""
@@ -98,6 +103,14 @@ class EngineStats:
     requested without a step before it, e.g. right after a load)."""
     flushes: list[FlushRecord] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    thread_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    """CPU time each engine thread has used (its thread CPU clock), by thread name: what the
+    engine takes from training on a host with few cores, whether or not training waits."""
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time of all the engine's threads together."""
+        return sum(self.thread_cpu_seconds.values())
 
 
 @dataclass
@@ -416,6 +429,11 @@ class CheckpointEngine:
 
         return progress
 
+    def active(self) -> bool:
+        """Whether any background work (copy, description, flush) is queued or running."""
+        with self._lock:
+            return bool(self._issuing or self._copy_queue or self._landing or self._flush_queue)
+
     def pool_busy(self) -> int:
         """Slots that cannot take a new version now (being copied or awaiting a flush)."""
         with self._lock:
@@ -501,6 +519,7 @@ class CheckpointEngine:
                 self.copier.copy(index, [(slot.arrays[name][lo:hi], live[lo:hi]) for name, live in self.state.arrays.items()])
                 self.tracer.complete(f"copy shard {index}", "ckpt", shard_started, time.perf_counter_ns(), iteration=version)
             landed = self.copier.all_started()
+            _account_cpu(self.stats)
             with self._lock:
                 self._issuing = False  # the next request may go on (on a GPU, before these bytes land)
                 self._land_queue.append((slot, version, objects, started, landed))
@@ -515,6 +534,7 @@ class CheckpointEngine:
             if landed is not None:
                 self.copier.wait_landed(landed)
             slot.describe(version, objects, self.layout)
+            _account_cpu(self.stats)
             with self._lock:
                 self.stats.copies += 1
                 self.stats.last_copy_seconds = time.perf_counter() - started
@@ -552,6 +572,7 @@ class CheckpointEngine:
                 self.stats.skipped[job.level.name] += 1
             else:
                 self._flush(job)
+            _account_cpu(self.stats)
             with self._lock:
                 self._flush_queue.popleft()
                 job.release()

@@ -164,6 +164,20 @@ class HostPool:
                       for i in range(num_slots)]
 
 
+def remove_pool(pool: HostPool) -> int:
+    """Remove ``pool``'s files (slots and descriptions; the mapped memory goes with the last
+    reference to it); returns the bytes freed."""
+    freed = 0
+    for slot in pool.slots:
+        for path in (slot.path, slot.meta_path):
+            try:
+                freed += os.lstat(path).st_size
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    return freed
+
+
 def list_segments(tag: str | None = None, directory: str = SHM_DIR) -> list[str]:
     """Slots, their descriptions, and temporary files a killed description write left, in this
     user's pool directories under ``directory``."""

@@ -9,6 +9,7 @@ be read: tampered, see ``checkpointing.safe_pickle``). L0 versions are ``in memo
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import xxhash
@@ -27,7 +28,10 @@ class Entry:
     state: str
     size_bytes: int
     path: str
+    """Where it is (L0: one pattern for every rank's slot of the version)."""
     detail: str = ""
+    paths: tuple[str, ...] = ()
+    """L0: every rank's slot file of the version on this node."""
 
 
 def check_directory(path: str, verify: bool) -> tuple[str, str]:
@@ -94,8 +98,28 @@ def l0_entries(save_dir: str, host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
         data = path[: -len(".meta")]
         by_version.setdefault(version, []).append(data)
         sizes[version] = sizes.get(version, 0) + (os.path.getsize(data) if os.path.exists(data) else 0)
-    return [Entry("L0", v, "in memory", sizes[v], ", ".join(sorted(paths)), f"{len(paths)} rank slot(s)")
-            for v, paths in sorted(by_version.items())]
+    entries = []
+    for version, paths in sorted(by_version.items()):
+        ranks = sorted({int(m.group(1)) for p in paths if (m := _RANK_SLOT.search(p))})
+        directory = os.path.dirname(paths[0])
+        pattern = os.path.join(directory, f"{host_pool.PREFIX}{host_pool.job_tag(save_dir)}-r*-s*")
+        entries.append(Entry("L0", version, "in memory", sizes[version], pattern,
+                             f"{len(paths)} rank slot(s): ranks {_ranges(ranks)}", tuple(sorted(paths))))
+    return entries
+
+
+_RANK_SLOT = re.compile(r"-r(\d+)-s\d+$")
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``0-3, 6`` for [0, 1, 2, 3, 6]."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
 def all_entries(save_dir: str, local_dir: str | None, verify: bool = False,

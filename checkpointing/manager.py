@@ -98,6 +98,12 @@ class CheckpointManager:
         """The iteration training starts from after :meth:`load` (0: from scratch or fine-tuning);
         nothing new to save while unchanged."""
         self.local_peers = self._find_peers()
+        self._cpu_started = time.process_time()
+        self._last_step_at: float | None = None
+        self._work_since_last_step = False
+        self.iteration_seconds: dict[bool, list[float]] = {True: [], False: []}
+        """Wall time from one ``after_step`` to the next (training, logging and checkpointing
+        together), by whether checkpoint work ran in that time (a save, a copy, a flush)."""
         self.engine = None
         if cfg.async_save:
             from checkpointing.engine import CheckpointEngine
@@ -325,10 +331,17 @@ class CheckpointManager:
     def after_step(self, iteration: int) -> None:
         """Called after the optimizer step of ``iteration``."""
         cfg = self.cfg
-        if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
+        now = time.perf_counter()
+        if self._last_step_at is not None:
+            self.iteration_seconds[self._work_since_last_step].append(now - self._last_step_at)
+        saved = bool(cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0)
+        if saved:
             self.save(iteration)
         if self.engine is not None:
             self.engine.set_iteration(iteration + 1)
+        # The next interval runs beside checkpoint work if this one saved, or the engine is busy.
+        self._work_since_last_step = saved or (self.engine is not None and self.engine.active())
+        self._last_step_at = now if not saved or self.engine is not None else time.perf_counter()
 
     def save(self, iteration: int) -> None:
         if self.engine is not None:
@@ -348,9 +361,11 @@ class CheckpointManager:
         self.log(f"  successfully saved checkpoint at iteration {iteration:7d} to {self.cfg.save} "
                  f"[ {result.seconds * 1000:.0f} ms, {result.bytes_written / 1e6:.1f} MB on the logging rank ]")
 
-    def finish(self, iteration: int, train_seconds: float = 0.0) -> None:
+    def finish(self, iteration: int, train_seconds: float = 0.0, interrupted: bool = False) -> None:
         """Save the final state to ``--save`` (unless just saved there); drain the engine's levels;
-        print the end-of-run summary."""
+        print the end-of-run summary; free the L0 pool once the final version is committed on
+        every level, unless ``interrupted`` (SIGTERM: the job will be resumed, maybe here) or
+        ``--ckpt-keep-host-pool``."""
         if iteration == self.loaded and self.last_saved is None:
             self.log(f"> nothing trained since iteration {iteration} was loaded: no new checkpoint")
             if self.engine is not None:
@@ -363,18 +378,58 @@ class CheckpointManager:
                 self.engine.request(iteration, force_flush=True)
             self.engine.close(drain=True)
             self._summary(train_seconds)
+            self._free_pool(iteration, interrupted)
         elif self.cfg.save and self.last_saved != iteration:
             self.save(iteration)
+
+    def _free_pool(self, iteration: int, interrupted: bool) -> None:
+        """The pool is RAM: free it at a normal end once every rank has the final version on
+        every level; keep it when asked, after SIGTERM, or if a final flush failed anywhere."""
+        done = {f.level for f in self.engine.stats.flushes if f.version == iteration and f.error is None}
+        committed = all(gather_from_all(self.group, done >= {lv.name for lv in self.engine.levels}))
+        if self.cfg.keep_host_pool or interrupted or not committed:
+            why = ("--ckpt-keep-host-pool" if self.cfg.keep_host_pool else "stopped by a signal" if interrupted
+                   else f"iteration {iteration} is not on every level")
+            self.log(f"> L0 pool kept in shared memory ({why}): python -m checkpointing.host_pool --list shows it")
+            return
+        from checkpointing.host_pool import remove_pool
+
+        freed = remove_pool(self.engine.pool)
+        self.log(f"> L0 pool freed ({freed / 2**20:.1f} MiB of shared memory on the logging rank; "
+                 "--ckpt-keep-host-pool keeps it)")
 
     def abort(self) -> None:
         """After an error in training: stop background work without draining (L0 keeps its data)."""
         if self.engine is not None:
             self.engine.close(drain=False)
 
+    @staticmethod
+    def _cost_lines(everyone: list[dict]) -> list[str]:
+        """What checkpointing cost training, beyond the time it blocked it: the CPU its threads
+        took (on a host with few cores that is time training does not get), and iteration time
+        beside checkpoint work against iterations without any, where the run has both."""
+        cpu = max(everyone, key=lambda m: m["engine_cpu_seconds"])
+        share = 100 * cpu["engine_cpu_seconds"] / max(cpu["process_cpu_seconds"], 1e-9)
+        lines = [f"  engine threads: {cpu['engine_cpu_seconds']:.2f} s of CPU on rank {cpu['rank']}, {share:.1f}% of "
+                 f"the {cpu['process_cpu_seconds']:.1f} s of CPU its process used"]
+        logging = everyone[0]["iteration_seconds"]  # the logging rank's clock
+        beside, alone = sorted(logging["True"]), sorted(logging["False"])
+        if beside and len(alone) >= 3:
+            median_beside, median_alone = beside[len(beside) // 2], alone[len(alone) // 2]
+            lines.append(f"  iteration time: median {median_beside * 1000:.1f} ms beside checkpoint work ({len(beside)} "
+                         f"iterations) against {median_alone * 1000:.1f} ms without ({len(alone)}): "
+                         f"{100 * (median_beside / median_alone - 1):+.1f}%")
+        elif beside:
+            lines.append(f"  iteration time: all {len(beside)} iterations ran beside checkpoint work; what it costs "
+                         "shows against a run without --async-save (scripts/bench_checkpoint.py measures both)")
+        return lines
+
     def _summary(self, train_seconds: float) -> None:
         """Total stall (worst rank) and its share of training, flushes per level, bytes, slowest level."""
         stats = self.engine.stats
         mine = {"rank": self.rank, "stall_seconds": stats.stall_seconds,
+                "engine_cpu_seconds": stats.cpu_seconds, "process_cpu_seconds": time.process_time() - self._cpu_started,
+                "iteration_seconds": {str(k): v for k, v in self.iteration_seconds.items()},
                 "stall_by_iteration": {str(k): v for k, v in sorted(stats.stall_by_iteration.items())},
                 "fence_waits": stats.fence_waits, "snapshots": stats.copies,
                 "requests": stats.requests, "request_seconds": stats.request_seconds,
@@ -387,9 +442,11 @@ class CheckpointManager:
         everyone = gather_from_all(self.group, mine)
         worst = max(everyone, key=lambda m: m["stall_seconds"])
         share = 100 * worst["stall_seconds"] / train_seconds if train_seconds else 0.0
-        lines = [f"> checkpointing summary: stall {worst['stall_seconds'] * 1000:.1f} ms in all on the worst rank "
-                 f"({worst['rank']}), {share:.2f}% of {train_seconds:.1f} s of training; "
-                 f"{sum(m['fence_waits'] for m in everyone)} fence waits; {stats.copies} snapshots (L0)"]
+        lines = [f"> checkpointing summary: training blocked {worst['stall_seconds'] * 1000:.1f} ms in all on the "
+                 f"worst rank ({worst['rank']}), {share:.2f}% of {train_seconds:.1f} s of training; "
+                 f"{sum(m['fence_waits'] for m in everyone)} fence waits; {stats.copies} snapshots (L0, "
+                 f"{'zero-copy' if self.engine.zero_copy else 'copied'}: {stats.bytes_copied / 1e9:.3f} GB copied)"]
+        lines += self._cost_lines(everyone)
         slowest = None
         for level in [lv.name for lv in self.engine.levels]:
             done = [f for m in everyone for f in m["flushes"] if f["level"] == level and f["error"] is None]

@@ -69,7 +69,7 @@ def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
                             f"(moved to {target})", ("tracker-aside", root, target)))
     for entry in l0_entries(save_dir, host_dir):
         if entry.iteration > step:
-            for data in entry.path.split(", "):
+            for data in entry.paths:
                 actions.append((f"L0: version {entry.iteration} set aside ({data}.meta -> .meta.{branch})",
                                 ("l0", data + ".meta", f"{data}.meta.{branch}")))
     return actions

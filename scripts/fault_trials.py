@@ -2,7 +2,8 @@
 """Fault-injection trials of the checkpoint engine: kill or damage, resume, check.
 
 Each trial trains a tiny GPT (1 process, async engine: L0 every iteration, L1 every 2nd, L2
-every 4th) and either kills it at a point on the checkpoint path (the snapshot copy, each level's
+every 4th) and either kills it at a point on the checkpoint path (inside an optimizer step, which
+writes the snapshot into the pool with zero-copy snapshots; each level's
 data write, metadata write and tracker update, or between iterations) or lets it finish and then
 damages its checkpoints (flipped bits, truncation, a deleted rank file, a full disk or a
 read-only directory while saving, lost node-local data). It then resumes and checks that
@@ -42,7 +43,7 @@ ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2",
                "--lr", "3e-3", "--lr-decay-iters", "20", "--log-interval", "100", "--async-save", "--save-interval", "1",
                "--ckpt-local-interval", "2", "--ckpt-local-retain-last", "3", "--ckpt-persistent-interval", "4",
                "--save-retain-last", "3"]
-KILL_POINTS = ["copy", "L1.write", "L1.metadata", "L1.tracker", "L2.write", "L2.metadata", "L2.tracker", "iteration"]
+KILL_POINTS = ["step", "L1.write", "L1.metadata", "L1.tracker", "L2.write", "L2.metadata", "L2.tracker", "iteration"]
 DAMAGES = ["flip", "truncate", "delete-rank-file", "delete-metadata", "full-disk", "read-only", "lose-node-local"]
 # A fault on a level's write fires only if that version is flushed; without the hold, a version
 # superseded before its flush started is skipped (by design) and the fault is never reached, as
@@ -189,7 +190,7 @@ def run_trials(trials: int, seed: int, workdir: str, progress=print, parallel: i
     """``parallel`` trials at a time: each launch is mostly single-threaded start-up."""
     reference = reference_losses(workdir)
     finished = os.path.join(workdir, "finished")
-    run_pretrain(_args(finished, TRAIN))
+    run_pretrain(_args(finished, TRAIN) + ["--ckpt-keep-host-pool"])  # its L0 is copied into trials
     started = time.perf_counter()
     results: list[TrialResult] = [None] * trials  # type: ignore[list-item]
     try:

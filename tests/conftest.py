@@ -9,7 +9,7 @@ import torch.distributed as dist
 # module says so with @pytest.mark.slow.
 SLOW_MODULES = frozenset({
     "test_async_checkpoint_e2e", "test_checkpoint_errors", "test_checkpoint_resume", "test_fault_exit",
-    "test_fault_trials", "test_hf_interop", "test_load_paths", "test_parallel_equivalence", "test_recovery", "test_rollback", "test_security", "test_state_layout",
+    "test_fault_trials", "test_hf_interop", "test_load_paths", "test_parallel_equivalence", "test_pool_life", "test_recovery", "test_rollback", "test_security", "test_state_layout",
     "test_telemetry", "test_training_e2e", "test_two_nodes",
 })
 

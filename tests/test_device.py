@@ -236,4 +236,4 @@ def test_setup_pins_torch_and_never_needs_transformer_engine(tmp_path, gpu):
 
 def test_setup_installs_transformer_engine_only_when_asked(tmp_path):
     installs = _fake_setup(tmp_path, True, "--with-te")
-    assert any(".[dev,gpu]" in line for line in installs), installs
+    assert any(".[dev,hf,gpu]" in line for line in installs), installs

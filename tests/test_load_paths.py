@@ -118,7 +118,7 @@ def test_no_load_optim_from_host_memory_equals_from_disk(tp2_run, tmp_path):
     snapshot (shared memory, kept from the previous run) gives the losses of resuming from L2."""
     ckpt = tmp_path / "ckpt"
     engine = TP2 + ["--train-iters", "12", "--save", str(ckpt), "--async-save", "--save-interval", "5"]
-    run_pretrain(COMMON + engine + ["--exit-interval", "10"], nproc=2)
+    run_pretrain(COMMON + engine + ["--exit-interval", "10", "--ckpt-keep-host-pool"], nproc=2)
     from_memory = run_pretrain(COMMON + engine + ["--load", str(ckpt), "--no-load-optim",
                                                   "--tensorboard-dir", str(tmp_path / "tb-l0")], nproc=2)
     assert "loaded iteration 10 from L0" in from_memory.stdout

@@ -46,7 +46,9 @@ def test_resume_after_rollback_replays_the_original_run(tmp_path, data_args):
     try:
         # Held (GPT_CKPT_HOLD=request): every due version reaches its level however loaded the
         # machine; without it, a version superseded before its flush started is skipped, by design.
-        first = run_pretrain(args + ["--tensorboard-dir", str(tmp_path / "tb1")], env={"GPT_CKPT_HOLD": "request"}).stdout
+        # L0 kept (--ckpt-keep-host-pool): the rollback sets its later versions aside too.
+        first = run_pretrain(args + ["--tensorboard-dir", str(tmp_path / "tb1"), "--ckpt-keep-host-pool"],
+                             env={"GPT_CKPT_HOLD": "request"}).stdout
         assert "  L1: 8 checkpoints" in first and "  L2: 4 checkpoints" in first, first[-1500:]  # the engine's record
         refused = rollback(23, "--save", save, "--local-dir", local, check=False)
         assert refused.returncode == 2 and "no committed checkpoint of iteration 23" in refused.stderr

@@ -28,11 +28,13 @@ def run(tmp_path_factory):
     """Held (checkpointing/faults.py), so that what is checked does not depend on the machine's
     speed: each version's copy starts only once the next step is blocked in a fence (every rank
     stalls at fences), and each request waits until the versions before it are flushed (L2's 5 and
-    10 are reported by TensorBoard before training ends; the last version, 12, is flushed after)."""
+    10 are reported by TensorBoard before training ends; the last version, 12, is flushed after).
+    Copied snapshots (``--ckpt-snapshot copy``): the trace then shows each shard's copy too."""
     base = tmp_path_factory.mktemp("telemetry")
     proc = run_pretrain(ARGS + ["--save", str(base / "ckpt"), "--tensorboard-dir", str(base / "tb"),
                                 "--ckpt-local-dir", str(base / "local"), "--ckpt-local-interval", "2",
-                                "--trace-dir", str(base / "trace")], nproc=2, env={"GPT_CKPT_HOLD": "request,copy"})
+                                "--trace-dir", str(base / "trace"), "--ckpt-snapshot", "copy"],
+                        nproc=2, env={"GPT_CKPT_HOLD": "request,copy"})
     yield base, proc.stdout
     host_pool.remove_segments(str(base / "ckpt"))
 
@@ -87,7 +89,11 @@ def test_trace_has_training_and_checkpoint_phases_on_one_clock(run):
 
 def test_end_of_run_summary(run):
     _, stdout = run
-    assert "checkpointing summary: stall" in stdout and "% of" in stdout
+    assert "checkpointing summary: training blocked" in stdout and "% of" in stdout
+    assert "copied: 0." in stdout, "copied snapshots count their bytes"
+    # What checkpointing cost beyond blocking: its threads' CPU, and iteration time beside it.
+    assert "  engine threads: " in stdout and "s of CPU" in stdout
+    assert "  iteration time: " in stdout
     assert "  L1: " in stdout and "  L2: " in stdout and "slowest level:" in stdout
 
 

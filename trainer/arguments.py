@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune", action="store_true",
                    help="load the model weights only: iteration 0, data from the start, a fresh optimizer")
     c.add_argument("--async-save", action="store_true", help="asynchronous multi-level checkpointing")
+    c.add_argument("--ckpt-keep-host-pool", dest="keep_host_pool", action="store_true",
+                   help="keep the L0 pool in shared memory after a normal end (freed by default)")
     c.add_argument("--ckpt-snapshot", dest="snapshot", choices=("auto", "zero-copy", "copy"), default="auto",
                    help="L0 snapshots: zero-copy (the optimizer step writes into the pool; host fp32 state), "
                         "copy (copied beside the next step), auto (zero-copy where it can)")
@@ -297,6 +299,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             load_rng=args.load_rng,
             finetune=args.finetune,
             snapshot=args.snapshot,
+            keep_host_pool=args.keep_host_pool,
             trust_pickles=args.trust_pickles,
             async_save=args.async_save,
             host_versions=args.ckpt_host_versions,

@@ -1,7 +1,8 @@
 """The checkpoint engine's counters in TensorBoard, per iteration, over all ranks.
 
 Each iteration every rank contributes one small vector (stall, fence waits, copy time, pool
-occupancy, bytes and seconds of the flushes finished since the last iteration, stall per shard);
+occupancy, the CPU time the engine's threads used since the last iteration, bytes and seconds of
+the flushes finished since the last iteration, stall per shard);
 one all-gather on a gloo group of its own brings them to the logging rank, which writes the
 maximum stall and the rank it came from, sums of bytes, bandwidth per level and a histogram of
 stall per shard, grouped on one page by a custom-scalars layout.
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 LEVELS = ("L1", "L2")
-FIXED = 4 + 2 * len(LEVELS)  # stall, fence waits, copy ms, busy slots, (bytes, seconds) per level
+FIXED = 5 + 2 * len(LEVELS)  # stall, fence waits, copy ms, busy slots, engine CPU ms, (bytes, seconds) per level
 
 LAYOUT = {
     "Checkpoint": {
@@ -22,6 +23,7 @@ LAYOUT = {
         "fence waits": ["Multiline", ["checkpoint/fence-waits"]],
         "snapshot copy (ms)": ["Multiline", ["checkpoint/snapshot-copy-ms"]],
         "host pool occupancy": ["Multiline", ["checkpoint/pool-occupancy"]],
+        "engine threads' CPU (ms, max over ranks)": ["Multiline", ["checkpoint/engine-cpu-ms"]],
         "flush bandwidth (GB/s)": ["Multiline", [f"checkpoint/flush-GBps-{lv}" for lv in LEVELS]],
         "flush time (s)": ["Multiline", [f"checkpoint/flush-seconds-{lv}" for lv in LEVELS]],
         "bytes flushed": ["Multiline", [f"checkpoint/bytes-{lv}" for lv in LEVELS]],
@@ -51,6 +53,7 @@ class CheckpointTelemetry:
         self.max_shards = int(max(c.item() for c in counts))
         self._flush_cursor = 0
         self._stall_seen = 0.0
+        self._cpu_seen = 0.0
         self._fences_seen = 0
         self._shard_seen = [0.0] * self.shards
         if writer is not None:
@@ -63,11 +66,14 @@ class CheckpointTelemetry:
         vector[1] = s.fence_waits - self._fences_seen
         vector[2] = 1000 * s.last_copy_seconds
         vector[3] = self.engine.pool_busy() / len(self.engine.pool.slots)
+        cpu = s.cpu_seconds
+        vector[4] = 1000 * (cpu - self._cpu_seen)
+        self._cpu_seen = cpu
         flushes = s.flushes[self._flush_cursor :]
         for i, level in enumerate(LEVELS):
             done = [f for f in flushes if f.level == level and f.error is None]
-            vector[4 + 2 * i] = sum(f.bytes for f in done)
-            vector[5 + 2 * i] = sum(f.seconds for f in done)
+            vector[5 + 2 * i] = sum(f.bytes for f in done)
+            vector[6 + 2 * i] = sum(f.seconds for f in done)
         for k in range(self.shards):
             vector[FIXED + k] = 1000 * (s.stall_by_shard[k] - self._shard_seen[k])
         self._flush_cursor += len(flushes)
@@ -90,8 +96,9 @@ class CheckpointTelemetry:
         w.add_scalar("checkpoint/fence-waits", table[:, 1].sum().item(), iteration)
         w.add_scalar("checkpoint/snapshot-copy-ms", table[:, 2].max().item(), iteration)
         w.add_scalar("checkpoint/pool-occupancy", table[:, 3].max().item(), iteration)
+        w.add_scalar("checkpoint/engine-cpu-ms", table[:, 4].max().item(), iteration)
         for i, level in enumerate(LEVELS):
-            nbytes, seconds = table[:, 4 + 2 * i].sum().item(), table[:, 5 + 2 * i].max().item()
+            nbytes, seconds = table[:, 5 + 2 * i].sum().item(), table[:, 6 + 2 * i].max().item()
             if nbytes > 0:
                 w.add_scalar(f"checkpoint/bytes-{level}", nbytes, iteration)
                 w.add_scalar(f"checkpoint/flush-seconds-{level}", seconds, iteration)

@@ -72,8 +72,8 @@ class Checkpointer:
         if self.telemetry is not None:
             self.telemetry.after_step(iteration)
 
-    def finish(self, iteration: int, train_seconds: float = 0.0) -> None:
-        self.manager.finish(iteration, train_seconds)
+    def finish(self, iteration: int, train_seconds: float = 0.0, interrupted: bool = False) -> None:
+        self.manager.finish(iteration, train_seconds, interrupted)
 
     def abort(self) -> None:
         self.manager.abort()

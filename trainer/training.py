@@ -243,7 +243,7 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
                 logger.info(f"> exiting at iteration {it} (--exit-interval {tcfg.exit_interval})")
                 break
         if checkpointer is not None:
-            checkpointer.finish(trainer.iteration, sum(result.iteration_times))
+            checkpointer.finish(trainer.iteration, sum(result.iteration_times), interrupted=bool(stop.requested))
             checkpointer = None
         if tracer is not None:
             tracer.write(os.path.join(tcfg.trace_dir, f"rank{groups.rank}.json"))
