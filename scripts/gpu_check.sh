@@ -101,7 +101,7 @@ fi
 "$PY" -W ignore -c 'import megatron.core as m; print("megatron-core", m.__version__, "from", m.__file__)' 2>&1 | tee -a "$OUT/machine.txt"
 
 # 2. The engine's CUDA tests (~25 s).
-timeout -k 10 120 "$PY" -m pytest -q -s -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine.py tests/test_attention.py tests/test_device.py 2>&1 | tee "$OUT/gpu_tests.log"
+timeout -k 10 120 "$PY" -m pytest -q -s -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine.py tests/test_engine_zero_copy.py tests/test_optimizer.py tests/test_attention.py tests/test_device.py 2>&1 | tee "$OUT/gpu_tests.log"
 tests=${PIPESTATUS[0]}
 
 # 3. The trainer on the GPU (~4 minutes; the bench skips what no longer fits in its budget).

@@ -57,6 +57,8 @@ def test_finetune_is_megatrons_flag():
         (["--split", "1,2"], 1, "--split"),
         (["--optimizer-shard-size-mb", "0"], 1, "--optimizer-shard-size-mb must be > 0"),
         (["--finetune"], 1, "--finetune needs --load"),
+        (["--optimizer-cpu-offload", "--bf16", "--save", "c", "--async-save"], 1,
+         "--optimizer-cpu-offload with --bf16 and --async-save is not supported yet"),
     ],
 )
 def test_refused_with_a_clear_message(extra, world, message):

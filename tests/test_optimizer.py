@@ -1,5 +1,6 @@
 """The flat buffers and ZeRO-1 Adam: geometry of ranges and shards, and the update itself."""
 
+import dataclasses
 import math
 
 import pytest
@@ -152,3 +153,40 @@ def test_an_out_of_place_step_gives_the_in_place_bits(single_process_group, clip
             assert torch.equal(getattr(opts[0], name), getattr(opts[1], name)), (step, name)
         assert torch.equal(buffers[0].params, buffers[1].params)
     assert store.commits == 4
+
+
+def _offload_pair(single_process_group, device):
+    cfg = OptimizerConfig(weight_decay=0.1, clip_grad=1.0, shard_size_mb=40 / 2**20)
+    models = [small_model(5).to(device), small_model(5).to(device)]
+    buffers = [FlatParamsAndGrads(m) for m in models]
+    opts = [DistributedAdam(b, c, single_process_group, 1, single_process_group)
+            for b, c in zip(buffers, (cfg, dataclasses.replace(cfg, cpu_offload=True)))]
+    return models, buffers, opts
+
+
+def test_cpu_offload_keeps_the_optimizer_state_on_the_host(single_process_group):
+    """``--optimizer-cpu-offload``: main weights and moments in host memory. On a CPU run that is
+    where they are anyway: the steps are the same, bit for bit (the GPU case runs in
+    tests/test_engine_cuda.py on a GPU machine)."""
+    models, buffers, opts = _offload_pair(single_process_group, "cpu")
+    assert opts[1].main_params.device.type == "cpu" and not opts[1]._grads_come_down
+    for step in range(3):
+        x = torch.randn(4, 7, generator=torch.Generator().manual_seed(step))
+        for model, b, opt in zip(models, buffers, opts):
+            b.zero_grads()
+            model(x).pow(2).sum().backward()
+            opt.step(1e-2)
+    assert torch.equal(buffers[0].params, buffers[1].params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_offload_on_a_gpu_steps_on_the_host(single_process_group):
+    models, buffers, opts = _offload_pair(single_process_group, "cuda")
+    assert opts[1].main_params.device.type == "cpu" and opts[1].main_params.is_pinned() and opts[1]._grads_come_down
+    for step in range(3):
+        x = torch.randn(4, 7, generator=torch.Generator().manual_seed(step)).cuda()
+        for model, b, opt in zip(models, buffers, opts):
+            b.zero_grads()
+            model(x).pow(2).sum().backward()
+            opt.step(1e-2)
+    torch.testing.assert_close(buffers[0].params, buffers[1].params, rtol=1e-5, atol=1e-6)

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     par.add_argument("--use-distributed-optimizer", action="store_true", help="ZeRO-1 over DP ranks")
+    par.add_argument("--optimizer-cpu-offload", action="store_true",
+                     help="fp32 main weights and Adam moments in host memory, the Adam step on the host")
     par.add_argument("--optimizer-shard-size-mb", type=float, default=64.0,
                      help="optimizer-state shard size (the unit of checkpoint fences)")
 
@@ -263,6 +265,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             clip_grad=args.clip_grad,
             use_distributed_optimizer=args.use_distributed_optimizer,
             shard_size_mb=args.optimizer_shard_size_mb,
+            cpu_offload=args.optimizer_cpu_offload,
         )
         training = TrainingConfig(
             train_iters=args.train_iters,
@@ -311,6 +314,10 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             persistent_interval=args.ckpt_persistent_interval,
             write_rate_limit_mb=args.ckpt_write_rate_limit,
         )
+        if optimizer.cpu_offload and training.bf16 and checkpoint.async_save:
+            raise ArgumentError("--optimizer-cpu-offload with --bf16 and --async-save is not supported yet: the "
+                                "snapshot would hold host main weights and device bf16 weights; drop one of them "
+                                "(fp32 with offload takes zero-copy snapshots)")
     except ArgumentError:
         raise
     except ValueError as error:  # a component config refused a value

@@ -37,6 +37,12 @@ class OptimizerConfig:
     """Shard optimizer state over data-parallel ranks (``--use-distributed-optimizer``)."""
     shard_size_mb: float = 64.0
     """Target size of one optimizer-state shard in MiB (fp32); the unit of checkpoint fences."""
+    cpu_offload: bool = False
+    """Keep the fp32 main weights and Adam moments in host memory and run the Adam step there
+    (``--optimizer-cpu-offload``, Megatron-LM's flag): device memory holds no optimizer state;
+    each shard's gradients come down and its updated weights go up. With ``--async-save`` the
+    step then writes each version straight into the host pool (zero-copy snapshots). On a CPU
+    run it changes nothing."""
 
     def __post_init__(self) -> None:
         if self.weight_decay < 0:
@@ -157,10 +163,14 @@ class DistributedAdam:
             self.dp_rank = 0
         self.start, self.end = self.ranges[self.dp_rank]
         owned = slice(self.start, self.end)
-        # fp32 main parameters and moments of the owned range.
-        self.main_params = buffers.params[owned].detach().to(torch.float32).clone()
+        # fp32 main parameters and moments of the owned range (on the host with CPU offload).
+        home = torch.device("cpu") if config.cpu_offload else buffers.params.device
+        self.main_params = buffers.params[owned].detach().to(device=home, dtype=torch.float32).clone()
+        if home != buffers.params.device and torch.cuda.is_available():
+            self.main_params = self.main_params.pin_memory()  # page-locked: the weights go up by DMA
         self.exp_avg = torch.zeros_like(self.main_params)
         self.exp_avg_sq = torch.zeros_like(self.main_params)
+        self._grads_come_down = home != buffers.params.device
         self.step_count = 0
         self.skipped_steps = 0
         shard_numel = max(1, int(config.shard_size_mb * 2**20) // 4)
@@ -232,10 +242,13 @@ class DistributedAdam:
             for hook in self.before_shard_update:
                 hook(shard)
             local = slice(shard.start - self.start, shard.end - self.start)
+            grad = grads[local]
+            if self._grads_come_down:  # CPU offload: this shard's gradients to the host
+                grad = grad.to(self.main_params.device)
             if out is None:
-                self._update(shard, local, grads[local], scale, lr, bias1, bias2_sqrt)
+                self._update(shard, local, grad, scale, lr, bias1, bias2_sqrt)
             else:
-                self._update_into(new, shard, local, grads[local], scale, lr, bias1, bias2_sqrt)
+                self._update_into(new, shard, local, grad, scale, lr, bias1, bias2_sqrt)
             self.buffers.params[shard.start : shard.end].copy_(new[0][local])
         if out is not None:
             self.main_params, self.exp_avg, self.exp_avg_sq = new
