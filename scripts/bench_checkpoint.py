@@ -6,6 +6,12 @@ about 1 GB. Two parts:
 
 - ``format``: one synchronous save (``checkpointing.commit``) and one load (resharding reader,
   checksums verified) next to the machine's raw write+fsync and cold read of the same bytes.
+- ``restore``: a resume's read of one committed checkpoint (issue 18), as a user's resume does it:
+  in a fresh process whose trainer is built (its live arrays allocated and initialised), the
+  optimizer state read through ``CheckpointReader`` (checksums verified) straight into them; next
+  to a raw sequential ``O_DIRECT`` read of the same data files (as ``dd iflag=direct bs=64M``),
+  the page cache dropped before each, in interleaved rounds. ``--reader-file`` adds the
+  ``CheckpointReader`` of another file (e.g. the one before issue 18) to each round.
 - ``overhead``: interleaved rounds of K iterations per method, checkpointing every iteration:
   none; this engine with L0 every iteration + L1 every 10th; this engine every iteration to
   disk (L2), as fast as the disk goes and with ``--ckpt-write-rate-limit``; torch.save + fsync;
@@ -18,7 +24,8 @@ Each method of a round runs in a process of its own, so that each can have its o
 policy (``method@passive``): ``pretrain_gpt.py --async-save`` makes OpenMP wait passively
 (``trainer/cpu_threads.py``), and overheads are against ``none`` with OpenMP's default.
 
-    python scripts/bench_checkpoint.py [--part format|overhead|all] [--rounds 2] [--iters 6] [--methods ...]
+    python scripts/bench_checkpoint.py [--part format|restore|overhead|all] [--rounds 2] [--iters 6] [--methods ...]
+        [--reader-file FILE]
 """
 
 from __future__ import annotations
@@ -125,6 +132,202 @@ def part_format(trainer, workdir: str) -> None:
     shutil.rmtree(root)
 
 
+RAW_READ_BYTES = 64 << 20
+"""Bytes per read of the raw sequential reads (``dd iflag=direct bs=64M``)."""
+
+
+def raw_direct_read(paths: list[str], huge_pages: bool) -> tuple[int, float]:
+    """(bytes, seconds) of reading ``paths`` front to back with ``O_DIRECT`` in 64 MiB reads into
+    one reused buffer: what the disk gives a reader that does nothing with the bytes. With
+    ``huge_pages`` the buffer is in 2 MiB pages (``MADV_HUGEPAGE``), as the reader's are: on the
+    2-core VM an ``O_DIRECT`` read into them went about 2.5 times as fast as into 4 KiB pages,
+    which is what ``dd``'s buffer is in."""
+    import mmap
+
+    buffer = mmap.mmap(-1, RAW_READ_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages:
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    else:
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    buffer.write(bytes(RAW_READ_BYTES))  # fault it in before the clock starts
+    total = 0
+    started = time.perf_counter()
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:  # a file system without O_DIRECT: through the page cache (dropped before)
+            fd = os.open(path, os.O_RDONLY)
+        try:
+            offset = 0
+            while True:
+                n = os.preadv(fd, [buffer], offset)
+                offset += n
+                if n < RAW_READ_BYTES:
+                    break
+        finally:
+            os.close(fd)
+        total += offset
+    seconds = time.perf_counter() - started
+    buffer.close()
+    return total, seconds
+
+
+def dd_read(paths: list[str]) -> tuple[int, float] | None:
+    """(bytes, seconds) of ``dd iflag=direct bs=64M`` over ``paths`` (None without ``dd``)."""
+    import subprocess
+
+    if shutil.which("dd") is None:
+        return None
+    started = time.perf_counter()
+    for path in paths:
+        subprocess.run(["dd", f"if={path}", "of=/dev/null", "iflag=direct", "bs=64M"], check=True,
+                       capture_output=True)
+    return sum(os.path.getsize(p) for p in paths), time.perf_counter() - started
+
+
+def optimizer_pieces(state):
+    from checkpointing import keys
+
+    return [p for p in state.load_pieces if keys.is_optimizer_key(p.key)]
+
+
+def pieces_digest(pieces, arrays) -> int:
+    """xxh3-64 over the bytes of ``pieces`` of ``arrays``, in order: the restored state equals the
+    saved one."""
+    import torch
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    for piece in pieces:
+        digest.update(piece.view(arrays).contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.intdigest()
+
+
+def child_restore(directory: str, reader_file: str | None) -> None:
+    """A resume's read of ``directory`` in this fresh process: build the trainer (its arrays
+    allocated and initialised, as a resume finds them), then time the reader over the optimizer
+    state (main weights, both moments) and the ``common`` item, checksums verified; print JSON.
+    ``gc``: seconds of garbage collection during the read (a full pass over the trainer's heap
+    costs about 0.2 s here; the allocations of the read often trigger one that is due)."""
+    import gc
+    import json
+
+    from checkpointing import keys
+    from trainer.checkpoint_state import TrainerCheckpointState
+
+    if reader_file:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_reader_under_test", reader_file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        reader_class = module.CheckpointReader
+    else:
+        from checkpointing.reader import CheckpointReader as reader_class
+    trainer = build_trainer()
+    state = TrainerCheckpointState(trainer)
+    pieces = optimizer_pieces(state)
+    arrays = state.load_arrays
+    gc_seconds = [0.0, 0.0]  # total, start of the collection under way
+
+    def collection(phase, info):
+        if phase == "start":
+            gc_seconds[1] = time.perf_counter()
+        else:
+            gc_seconds[0] += time.perf_counter() - gc_seconds[1]
+
+    cpu_before = time.process_time()
+    started = time.perf_counter()
+    gc.callbacks.append(collection)
+    reader = reader_class(directory)
+    nbytes = reader.read_pieces(pieces, arrays, reader.padded_rows_allowed(state.legacy_padded_keys))
+    reader.read_object(keys.COMMON)
+    gc.callbacks.remove(collection)
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu_before
+    print(json.dumps({"bytes": nbytes, "seconds": seconds, "cpu": cpu, "gc": gc_seconds[0],
+                      "digest": pieces_digest(pieces, arrays)}), flush=True)
+
+
+def run_restore_child(directory: str, reader_file: str | None) -> dict:
+    import json
+    import subprocess
+
+    env = dict(os.environ)
+    for variable in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a job of its own
+        env.pop(variable, None)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-restore", directory]
+    if reader_file:
+        cmd += ["--reader-file", reader_file]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"restore child failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def part_restore(trainer, workdir: str, rounds: int, reader_file: str | None) -> None:
+    """Save ``trainer``'s state once; then ``rounds`` interleaved rounds of raw ``O_DIRECT`` reads
+    of its data files (``dd``, and into huge pages) and a resume's read through the reader (each
+    in a fresh process), the page cache dropped before each. Ratios: the reader's GB/s over each
+    raw read's of the same round."""
+    import torch.distributed as dist
+
+    from checkpointing.commit import save_and_commit
+    from checkpointing.discovery import iteration_dir
+    from checkpointing.levels import sync_level
+    from trainer.checkpoint_state import TrainerCheckpointState
+
+    state = TrainerCheckpointState(trainer)
+    root = os.path.join(workdir, "restore")
+    save_and_commit(sync_level(root), 1, state.arrays, state.save_pieces, state.capture_objects(1), state.layout,
+                    dist.new_group(backend="gloo"))
+    expected = pieces_digest(optimizer_pieces(state), state.load_arrays)
+    directory = iteration_dir(root, 1)
+    files = sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".distcp"))
+    raws = {"dd": "dd iflag=direct bs=64M (buffer in 4 KiB pages)",
+            "huge": "O_DIRECT, 64 MiB reads into a buffer in huge pages (the fastest raw read here)"}
+    readers = {"this reader": None}
+    if reader_file:
+        readers[f"the reader of {reader_file}"] = reader_file
+    rates: dict[str, list[float]] = {name: [] for name in [*raws, *readers]}
+    details: dict[str, list[tuple[float, float, float]]] = {name: [] for name in readers}
+    for r in range(rounds):
+        order = [*raws, *readers]
+        for what in (order if r % 2 == 0 else order[::-1]):
+            drop_cache(directory)
+            if what in raws:
+                result = dd_read(files) if what == "dd" else raw_direct_read(files, huge_pages=True)
+                rates[what].append(result[0] / result[1] / 1e9 if result else float("nan"))
+                continue
+            out = run_restore_child(directory, readers[what])
+            if out["digest"] != expected:
+                raise RuntimeError(f"{what}: the restored state differs from the saved one")
+            rates[what].append(out["bytes"] / out["seconds"] / 1e9)
+            details[what].append((out["seconds"], out["cpu"], out["gc"]))
+        print(f"  round {r + 1}: " + "; ".join(
+            f"{name} {rates[name][-1]:.2f} GB/s" + (f" ({details[name][-1][0]:.2f} s, {details[name][-1][1]:.2f} s CPU, "
+                                                   f"{details[name][-1][2]:.2f} s GC)" if name in details else "")
+            for name in order), flush=True)
+    nbytes = sum(os.path.getsize(f) for f in files)
+    print(f"\n## Restore: a resume's read of {nbytes / 1e9:.2f} GB ({len(files)} data file{'s' if len(files) > 1 else ''}), "
+          f"1 process, {rounds} interleaved rounds, page cache dropped before each read\n")
+    print("| what | median GB/s | median s | median CPU s | median GC s | ratio to dd, per round | "
+          "ratio to the huge-page read, per round | median ratio to dd / to huge-page read |\n|---|---|---|---|---|---|---|---|")
+    for name, label in raws.items():
+        rate = statistics.median(rates[name])
+        print(f"| raw: {label} | {rate:.2f} | {nbytes / 1e9 / rate:.2f} | - | - | - | - | - |")
+    for name, values in details.items():
+        to_dd = [a / b for a, b in zip(rates[name], rates["dd"])]
+        to_huge = [a / b for a, b in zip(rates[name], rates["huge"])]
+        print(f"| restore through {name} (fresh process, checksums verified, into the live arrays) | "
+              f"{statistics.median(rates[name]):.2f} | {statistics.median(v[0] for v in values):.2f} | "
+              f"{statistics.median(v[1] for v in values):.2f} | {statistics.median(v[2] for v in values):.2f} | "
+              f"{' '.join(f'{x:.2f}' for x in to_dd)} | {' '.join(f'{x:.2f}' for x in to_huge)} | "
+              f"{statistics.median(to_dd):.2f} / {statistics.median(to_huge):.2f} |")
+    shutil.rmtree(root)
+
+
 class Method:
     """One way of checkpointing every iteration; ``checkpoint(it)`` runs after the step."""
 
@@ -145,7 +348,9 @@ class Method:
 
 
 class EngineMethod(Method):
-    def __init__(self, trainer, workdir, name, l1_interval, l2_interval, slots, write_rate=None):
+    def __init__(self, trainer, workdir, name, l1_interval, l2_interval, slots, write_rate=None, zero_copy=False):
+        """``zero_copy``: the optimizer step writes each version into a pool slot (``slots``
+        counts the one being written too)."""
         super().__init__(trainer, workdir)
         import torch.distributed as dist
 
@@ -162,11 +367,16 @@ class EngineMethod(Method):
         if l1_interval:
             levels.append(Level("L1", os.path.join(workdir, name.replace(" ", "_"), "l1"), l1_interval, 1))
         levels.append(Level("L2", os.path.join(workdir, name.replace(" ", "_"), "l2"), l2_interval, 1, None, write_rate))
-        self.engine = CheckpointEngine(state, pool, levels, dist.new_group(backend="gloo"), lambda m: None, state.layout)
+        self.engine = CheckpointEngine(state, pool, levels, dist.new_group(backend="gloo"), lambda m: None, state.layout,
+                                       zero_copy=zero_copy)
 
     def start(self):
         self._in_fences = 0.0
         self.trainer.optimizer.before_shard_update[:] = [self._fence]
+        if self.engine.zero_copy:
+            from trainer.checkpointer import _PoolVersions
+
+            self.trainer.optimizer.versions = _PoolVersions(self.engine)
 
     def _fence(self, shard):
         started = time.perf_counter()
@@ -185,6 +395,7 @@ class EngineMethod(Method):
         self.engine.wait_idle(drain=True)
         self.trainer.optimizer.before_shard_update[:] = []
         self.persisted = sum(f.error is None for f in self.engine.stats.flushes)
+        self.bytes_copied = self.engine.stats.bytes_copied
 
     def close(self):
         self.engine.close(drain=True)
@@ -192,6 +403,79 @@ class EngineMethod(Method):
             for path in (slot.path, slot.meta_path):
                 if os.path.exists(path):
                     os.unlink(path)
+
+
+class CheckFreqStyle(Method):
+    """The simple design the engine generalises (CheckFreq's): after the step, one thread copies
+    the whole state into a pre-touched host buffer and writes it raw (``O_DIRECT``, no framing, no
+    checksums, no commit); one global fence: the next step waits until the copy is done."""
+
+    name = "CheckFreq-style: copy thread + raw O_DIRECT write, one global fence"
+
+    def start(self):
+        import threading
+
+        import torch
+
+        import mmap
+
+        state = flat_state(self.trainer)
+        total = sum(a.numel() for a in state.values())
+        self._memory = mmap.mmap(-1, -(-total * 4 // 4096) * 4096)  # page-aligned, as O_DIRECT needs
+        self.buffer = torch.frombuffer(self._memory, dtype=torch.float32, count=total)
+        self.buffer.fill_(0)  # touched once, now
+        self.copied = threading.Event()
+        self.copied.set()
+        self.written = threading.Event()
+        self.written.set()
+        self.thread = None
+        self._in_fence = 0.0
+        self.trainer.optimizer.before_shard_update[:] = [self._fence]
+
+    def _fence(self, shard):
+        if shard.index == 0 and not self.copied.is_set():
+            started = time.perf_counter()
+            self.copied.wait()
+            self._in_fence += time.perf_counter() - started
+
+    def _work(self):
+        import mmap
+
+        at = 0
+        for array in flat_state(self.trainer).values():
+            self.buffer[at : at + array.numel()].copy_(array)
+            at += array.numel()
+        self.copied.set()
+        raw = memoryview(self.buffer.numpy()).cast("B")
+        path = os.path.join(self.workdir, "checkfreq.bin")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        try:
+            body = len(raw) // 4096 * 4096
+            os.write(fd, raw[:body])
+            if len(raw) > body:
+                tail = mmap.mmap(-1, 4096)
+                tail[: len(raw) - body] = raw[body:]
+                os.write(fd, tail)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.written.set()
+
+    def checkpoint(self, iteration):
+        import threading
+
+        started = time.perf_counter()
+        self.written.wait()  # one version in flight
+        self.copied.clear()
+        self.written.clear()
+        self.thread = threading.Thread(target=self._work, name="ckpt-checkfreq", daemon=True)
+        self.thread.start()
+        self.blocked.append(time.perf_counter() - started + self._in_fence)
+        self._in_fence = 0.0
+
+    def stop(self):
+        self.written.wait()
+        self.trainer.optimizer.before_shard_update[:] = []
 
 
 def flat_state(trainer):
@@ -302,6 +586,9 @@ METHODS = {
     "engine-disk": lambda t, w: EngineMethod(t, w, "engine every it to disk (L2, 3 slots)", None, 1, 3),
     "engine-disk-limited": lambda t, w: EngineMethod(t, w, "engine every it to disk, limited", None, 1, 3,
                                                      WRITE_RATE_LIMIT_MB * 1e6),
+    "engine-zc-l0": lambda t, w: EngineMethod(t, w, "engine zero-copy L0 + L1 every 10th", 10, 10**9, 3, zero_copy=True),
+    "engine-zc-disk": lambda t, w: EngineMethod(t, w, "engine zero-copy every it to disk", None, 1, 3, zero_copy=True),
+    "checkfreq": lambda t, w: CheckFreqStyle(t, w),
     "torch-save": lambda t, w: TorchSave(t, w),
     "dcp": lambda t, w: DcpSave(t, w),
     "dcp-async-thread": lambda t, w: DcpAsync(t, w, "thread"),
@@ -326,6 +613,9 @@ LABELS = {
     "engine-l0": "engine L0 every it + L1 every 10th",
     "engine-disk": "engine every it to disk (L2, 3 slots)",
     "engine-disk-limited": f"engine every it to disk (L2, 3 slots), writes <= {WRITE_RATE_LIMIT_MB} MB/s",
+    "engine-zc-l0": "engine, zero-copy: L0 every it + L1 every 10th (3 slots)",
+    "engine-zc-disk": "engine, zero-copy: every it to disk (L2, 3 slots)",
+    "checkfreq": CheckFreqStyle.name,
     "torch-save": "torch.save + fsync",
     "dcp": "DCP save",
     "dcp-async-thread": "DCP async_save (thread)",
@@ -381,7 +671,8 @@ def child(name: str, iters: int, warmup: int, workdir: str) -> None:
               "steal": machine[7] / max(sum(machine), 1), "idle": (machine[3] + machine[4]) / max(sum(machine), 1)}
     result.update(blocked=sum(m.blocked[-iters:]))
     if isinstance(m, EngineMethod):
-        result.update(persisted=m.persisted, superseded=sum(m.engine.stats.skipped.values()))
+        result.update(persisted=m.persisted, superseded=sum(m.engine.stats.skipped.values()),
+                      copied_gb=m.bytes_copied / 1e9)
         m.close()
     else:
         result.update(persisted=len(m.blocked), superseded=0)
@@ -429,7 +720,7 @@ def part_overhead(workdir, rounds, iters, specs, warmup=2) -> None:
             persisted[spec][1] += warmup + iters
             print(f"  round {r + 1}: {label(spec)}: median {statistics.median(out['times']):.3f} s/it "
                   f"({' '.join(f'{t:.2f}' for t in out['times'])}); {out['persisted']} versions on disk, "
-                  f"{out['superseded']} superseded; machine CPU steal {100 * out['steal']:.1f}%, idle "
+                  f"{out['superseded']} superseded, {out.get('copied_gb', 0):.2f} GB copied by the engine; machine CPU steal {100 * out['steal']:.1f}%, idle "
                   f"{100 * out['idle']:.1f}%; CPU s/it by thread: "
                   f"{', '.join(f'{k} {v:.2f}' for k, v in sorted(out['cpu'].items(), key=lambda kv: -kv[1]))}", flush=True)
     base = statistics.median(times["none"])
@@ -448,13 +739,13 @@ def part_overhead(workdir, rounds, iters, specs, warmup=2) -> None:
               f"{ms / (nbytes / 1e9):.2f} | {disk} |")
 
 
-DEFAULT_METHODS = ("none,none@passive,engine-l0@passive,engine-disk@passive,engine-disk-limited@passive,torch-save,dcp,"
-                   "dcp-async-thread,dcp-async-thread@passive,dcp-async-staged@passive,dcp-async-process")
+DEFAULT_METHODS = ("none,none@passive,engine-l0,engine-l0@passive,engine-zc-l0,engine-zc-l0@passive,engine-disk,"
+                   "engine-zc-disk,engine-zc-disk@passive,checkfreq,dcp-async-staged,dcp-async-thread")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("format", "overhead", "all"), default="all")
+    parser.add_argument("--part", choices=("format", "restore", "overhead", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
@@ -462,10 +753,16 @@ def main() -> int:
                         help=f"comma-separated, of {', '.join(METHODS)}, each with an optional @passive or @active "
                              "(OMP_WAIT_POLICY of its process; pretrain_gpt.py uses passive with --async-save)")
     parser.add_argument("--workdir", help="where checkpoints go (default: a temporary directory)")
+    parser.add_argument("--reader-file", help="restore: also time the CheckpointReader defined in this file, e.g. the "
+                        "one before issue 18 (git show 2ffe828:checkpointing/reader.py > /tmp/reader_before.py)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-restore", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.iters, args.warmup, args.workdir)
+        return 0
+    if args.child_restore:
+        child_restore(args.child_restore, args.reader_file)
         return 0
     specs = ["none", *(m for m in args.methods.split(",") if m and m != "none")]
     for spec in specs:
@@ -473,13 +770,16 @@ def main() -> int:
             parser.error(f"unknown method {spec!r}; choose from {', '.join(METHODS)}")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-ckpt-", dir="/tmp")
     try:
-        if args.part in ("format", "all"):
+        if args.part in ("format", "restore", "all"):
             trainer = build_trainer()
             print(f"> model: {trainer.job.model.num_parameters(1) / 1e6:.1f}M parameters, "
                   f"{state_bytes(trainer) / 1e9:.2f} GB checkpointed state", flush=True)
             for _ in range(2):
                 trainer.train_step()
-            part_format(trainer, workdir)
+            if args.part in ("format", "all"):
+                part_format(trainer, workdir)
+            if args.part in ("restore", "all"):
+                part_restore(trainer, workdir, args.rounds, args.reader_file)
             del trainer
         if args.part in ("overhead", "all"):
             part_overhead(workdir, args.rounds, args.iters, specs, args.warmup)

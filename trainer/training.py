@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import math
 import os
 import random
@@ -199,6 +200,11 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
     checkpointer = None
     try:
         trainer = Trainer(job, device_ctx, groups)
+        # The model, its optimizer and megatron-core's modules are built once and live for the
+        # run: move them out of the collector's reach, or a full collection pass over them
+        # (0.2-0.25 s at 12 x 768) lands in a checkpoint restore or the first steps.
+        gc.collect()
+        gc.freeze()
         logger.info(describe_job(job, trainer))
         for refusal in trainer.fusions.refused:
             logger.info(f"> {refusal}")
