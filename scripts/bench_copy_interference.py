@@ -10,7 +10,10 @@ thread does, interleaved:
 - ``copy``: the engine's copier as it is (one ``memmove`` per array and shard, one thread);
 - ``copy-two-threads``: ``Tensor.copy_`` with an intra-op pool of 2 (the copier before);
 - ``spin``: no copy, the copy thread only burns as much CPU time as ``copy`` took (median),
-  with no memory traffic: what the CPU alone costs, as a control.
+  with no memory traffic: what the CPU alone costs, as a control;
+- ``zero-copy``: no copy at all: that iteration's optimizer step writes the version out of place
+  into a slot of a zero-copy engine's pool, and the request after it only describes the slot
+  (``--ckpt-snapshot zero-copy``), against the in-place step of the iterations without.
 
 Slowdown = median of the iterations after a request / median of those without - 1.
 
@@ -32,9 +35,9 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from trainer.cpu_threads import prefer_passive_omp_waits  # noqa: E402  (imports no torch)
 
-prefer_passive_omp_waits(["--async-save"])  # as pretrain_gpt.py --async-save runs, unless OMP_WAIT_POLICY is set
+prefer_passive_omp_waits(["--async-save", "--ckpt-snapshot", "copy"])  # as pretrain_gpt.py runs copied snapshots, unless OMP_WAIT_POLICY is set
 
-VARIANTS = ("copy", "copy-two-threads", "spin")
+VARIANTS = ("copy", "copy-two-threads", "spin", "zero-copy")
 
 
 def main() -> int:
@@ -89,18 +92,32 @@ def main() -> int:
         copier._done[index].set()
 
     copier.copy = copy
+    zero_copy = None
+    if "zero-copy" in variants:
+        from trainer.checkpointer import _PoolVersions
+
+        zero_copy = bench.EngineMethod(trainer, tempfile.mkdtemp(prefix="bench-zc-"), "zero-copy interference", None,
+                                       10**9, 3, zero_copy=True)
+    copy_fence = list(trainer.optimizer.before_shard_update)
     variants.sort(key=lambda v: v != "copy")  # copy first: spin burns the CPU time copy took
     order = [x for v in variants for x in ("off", v)] * args.pairs
     times: dict[str, list[float]] = {v: [] for v in ["off", *variants]}
     steal: dict[str, list[float]] = {v: [] for v in times}
     print(f"> OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {len(order)} iterations, {len(variants)} variants interleaved with iterations without a copy", flush=True)
     for i, variant in enumerate(order):
-        if variant != "off":
+        if variant == "zero-copy":  # this step writes into the pool: the snapshot, with no copy
+            trainer.optimizer.versions = _PoolVersions(zero_copy.engine)
+            trainer.optimizer.before_shard_update[:] = [lambda shard: zero_copy.engine.fence(shard.index)]
+        elif variant != "off":
             current["variant"] = variant
             engine.request(trainer.iteration)
         ticks = bench.machine_cpu_ticks()
         started = time.perf_counter()
         trainer.train_step()
+        if variant == "zero-copy":
+            zero_copy.engine.request(trainer.iteration)  # describes the slot the step wrote
+            trainer.optimizer.versions = None
+            trainer.optimizer.before_shard_update[:] = copy_fence
         times[variant].append(time.perf_counter() - started)
         delta = [b - a for a, b in zip(ticks, bench.machine_cpu_ticks())]
         steal[variant].append(delta[7] / max(sum(delta), 1))
@@ -109,6 +126,8 @@ def main() -> int:
             print(f"  {i + 1}/{len(order)} iterations", flush=True)
     method.stop()
     method.close()
+    if zero_copy is not None:
+        zero_copy.close()
     base = statistics.median(times["off"])
     print(f"\n| what the copy thread does beside the next iteration | iterations | median s/it | slowdown (median) | "
           f"slowdown (mean) | machine CPU steal |\n|---|---|---|---|---|---|")

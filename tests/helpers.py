@@ -23,6 +23,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+JOB_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun (or the ``single_process_group`` fixture) sets for a job: a process started as a
+job of its own must not inherit them (it would try to bind the test process's port)."""
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment for a 1-process job started by a test: this one, without another job's
+    rendezvous variables, with one OpenMP thread and the CPU forced."""
+    env = {k: v for k, v in os.environ.items() if k not in JOB_VARIABLES}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GPT_FORCE_CPU": "1"})
+    env.update(extra)
+    return env
+
+
 @contextlib.contextmanager
 def shared_memory_removed_after() -> Iterator[None]:
     """Remove, on exit, every checkpoint shared-memory segment (``/dev/shm/gptckpt-*``: L0 pools

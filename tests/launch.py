@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import free_port  # noqa: F401  (tests/conftest.py imports it from here)
+from tests.helpers import JOB_VARIABLES, free_port, job_env  # noqa: F401  (tests/conftest.py imports free_port from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = ROOT / "scripts" / "pretrain_gpt.py"
@@ -30,8 +30,7 @@ def run_pretrain(args: list[str], nproc: int = 1, timeout: int = 300, check: boo
     1-process job, and the launch is seconds faster."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GPT_FORCE_CPU="1", **(env or {}))
     if nproc == 1 and not torchrun_args:
-        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(name, None)
+        env = job_env(**{k: v for k, v in env.items() if k not in JOB_VARIABLES})
         cmd = [sys.executable, str(script), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

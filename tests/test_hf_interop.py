@@ -6,7 +6,6 @@ ByteTokenizer exports as well."""
 
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from tests.helpers import job_env
 from tests.launch import ROOT, read_scalars, run_pretrain
 
 MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "256",
@@ -26,7 +26,7 @@ NEW_TOKENS = 20
 
 def script(name: str, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          cwd=ROOT, timeout=300, env=job_env())
     assert proc.returncode == 0, f"{name} {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -45,7 +45,7 @@ def our_outputs(d, flags: list[str], load: str, ids: list[int]) -> dict:
                            ",".join(map(str, ids)), str(NEW_TOKENS), *flags, "--train-iters", "1", "--load", load,
                            "--finetune"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", GPT_FORCE_CPU="1"))
+                          env=job_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return dict(torch.load(out), ids=ids)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from checkpointing import host_pool
+from tests.helpers import job_env
 from tests.launch import PRETRAIN, ROOT, TINY, run_pretrain
 
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -38,7 +39,7 @@ def test_freed_at_a_normal_end_kept_when_asked_and_listed_once_per_version(tmp_p
 
 def test_kept_after_sigterm(tmp_path):
     save = tmp_path / "ckpt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GPT_FORCE_CPU="1")
+    env = job_env()
     cmd = [sys.executable, str(PRETRAIN), *ARGS, "--train-iters", "100000", "--save", str(save)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     try:
