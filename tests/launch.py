@@ -35,13 +35,29 @@ def run_pretrain(args: list[str], nproc: int = 1, timeout: int = 300, check: boo
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                *torchrun_args, str(script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    proc = _run_group(cmd, timeout, env)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"pretrain_gpt.py failed ({proc.returncode}) with {nproc} processes: {' '.join(args)}\n"
             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def _run_group(cmd: list[str], timeout: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a session of its own: on a timeout the whole job goes (torchrun and
+    its workers), not only torchrun, whose workers would otherwise go on, hung, beside later tests."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def read_scalars(logdir: str | Path, tag: str) -> dict[int, float]:
