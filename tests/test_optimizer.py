@@ -132,6 +132,15 @@ class _PingPong:
         self.commits += 1
 
 
+def _step_all(models, buffers, opts, step, device="cpu"):
+    """One identical training step of every (model, buffers, optimizer) triple."""
+    x = torch.randn(4, 7, generator=torch.Generator().manual_seed(step)).to(device)
+    for model, b, opt in zip(models, buffers, opts):
+        b.zero_grads()
+        model(x).pow(2).sum().backward()
+        opt.step(1e-2)
+
+
 @pytest.mark.parametrize("clip", [0.0, 0.01])
 def test_an_out_of_place_step_gives_the_in_place_bits(single_process_group, clip):
     """Zero-copy snapshots write each version into another set of arrays; the arithmetic and so
@@ -143,11 +152,7 @@ def test_an_out_of_place_step_gives_the_in_place_bits(single_process_group, clip
     store = _PingPong(opts[1].main_params.numel())
     opts[1].versions = store
     for step in range(4):
-        x = torch.randn(4, 7, generator=torch.Generator().manual_seed(step))
-        for model, b, opt in zip(models, buffers, opts):
-            b.zero_grads()
-            model(x).pow(2).sum().backward()
-            opt.step(1e-2)
+        _step_all(models, buffers, opts, step)
         assert opts[1].main_params.data_ptr() == store.sets[step % 2]["fp32_param"].data_ptr()
         for name in ("main_params", "exp_avg", "exp_avg_sq"):
             assert torch.equal(getattr(opts[0], name), getattr(opts[1], name)), (step, name)
@@ -167,15 +172,11 @@ def _offload_pair(single_process_group, device):
 def test_cpu_offload_keeps_the_optimizer_state_on_the_host(single_process_group):
     """``--optimizer-cpu-offload``: main weights and moments in host memory. On a CPU run that is
     where they are anyway: the steps are the same, bit for bit (the GPU case runs in
-    tests/test_engine_cuda.py on a GPU machine)."""
+    test below, on a GPU machine)."""
     models, buffers, opts = _offload_pair(single_process_group, "cpu")
     assert opts[1].main_params.device.type == "cpu" and not opts[1]._grads_come_down
     for step in range(3):
-        x = torch.randn(4, 7, generator=torch.Generator().manual_seed(step))
-        for model, b, opt in zip(models, buffers, opts):
-            b.zero_grads()
-            model(x).pow(2).sum().backward()
-            opt.step(1e-2)
+        _step_all(models, buffers, opts, step)
     assert torch.equal(buffers[0].params, buffers[1].params)
 
 
@@ -184,9 +185,5 @@ def test_cpu_offload_on_a_gpu_steps_on_the_host(single_process_group):
     models, buffers, opts = _offload_pair(single_process_group, "cuda")
     assert opts[1].main_params.device.type == "cpu" and opts[1].main_params.is_pinned() and opts[1]._grads_come_down
     for step in range(3):
-        x = torch.randn(4, 7, generator=torch.Generator().manual_seed(step)).cuda()
-        for model, b, opt in zip(models, buffers, opts):
-            b.zero_grads()
-            model(x).pow(2).sum().backward()
-            opt.step(1e-2)
+        _step_all(models, buffers, opts, step, "cuda")
     torch.testing.assert_close(buffers[0].params, buffers[1].params, rtol=1e-5, atol=1e-6)
