@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trainer.flat_buffers import FlatParamsAndGrads
-from trainer.optimizer import DistributedAdam, OptimizerConfig, cut_shards, partition_rows
+import trainer.optimizer as optimizer_module
+from trainer.optimizer import DistributedAdam, OptimizerConfig, cut_blocks, cut_shards, partition_rows
 
 
 def small_model(seed=0):
@@ -141,10 +142,23 @@ def _step_all(models, buffers, opts, step, device="cpu"):
         opt.step(1e-2)
 
 
+def test_blocks_cover_the_shard_in_order_and_split_where_weight_decay_changes():
+    decay = ((0, 10), (14, 30))
+    blocks = cut_blocks(decay, 33, 8)
+    pieces = [p for block in blocks for p in block]
+    assert [(a, b) for a, b, _ in pieces] == [(0, 8), (8, 10), (10, 14), (14, 16), (16, 24), (24, 30), (30, 32), (32, 33)]
+    assert [d for _, _, d in pieces] == [True, True, False, True, True, True, False, False]
+    assert all(sum(b - a for a, b, _ in block) <= 8 for block in blocks)
+    assert cut_blocks((), 5, 8) == (((0, 5, False),),)
+
+
 @pytest.mark.parametrize("clip", [0.0, 0.01])
-def test_an_out_of_place_step_gives_the_in_place_bits(single_process_group, clip):
+@pytest.mark.parametrize("block_numel", [1 << 20, 7])
+def test_an_out_of_place_step_gives_the_in_place_bits(single_process_group, clip, block_numel, monkeypatch):
     """Zero-copy snapshots write each version into another set of arrays; the arithmetic and so
-    every bit of weights and moments must not change (weight decay on some ranges, clipping)."""
+    every bit of weights and moments must not change (weight decay on some ranges, clipping;
+    blocks of 7 elements: many blocks per shard, cut inside parameters and decay ranges)."""
+    monkeypatch.setattr(optimizer_module, "_HOST_BLOCK_NUMEL", block_numel)
     cfg = OptimizerConfig(weight_decay=0.1, clip_grad=clip, shard_size_mb=40 / 2**20)
     models = [small_model(3), small_model(3)]
     buffers = [FlatParamsAndGrads(m) for m in models]
@@ -158,6 +172,7 @@ def test_an_out_of_place_step_gives_the_in_place_bits(single_process_group, clip
             assert torch.equal(getattr(opts[0], name), getattr(opts[1], name)), (step, name)
         assert torch.equal(buffers[0].params, buffers[1].params)
     assert store.commits == 4
+    assert max(len(shard.blocks) for shard in opts[1].shards) == (1 if block_numel > 40 else 2)
 
 
 def _offload_pair(single_process_group, device):
