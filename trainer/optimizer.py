@@ -258,14 +258,14 @@ class DistributedAdam:
             grad = grads[local]
             if self._grads_come_down:  # CPU offload: this shard's gradients to the host
                 grad = grad.to(home)
-            if out is None:
-                self._adamw(shard.blocks, [a[local] for a in current], grad, lr, step, unscale)
-            else:
-                for block in shard.blocks:  # each block copied, then updated while in cache
-                    lo, hi = block[0][0], block[-1][1]
-                    torch._foreach_copy_([a[local][lo:hi] for a in new], [a[local][lo:hi] for a in current])
-                    self._adamw((block,), [a[local] for a in new], grad, lr, step, unscale)
-            self.buffers.params[shard.start : shard.end].copy_(new[0][local])
+            arrays, sources = [a[local] for a in new], [a[local] for a in current]
+            params = self.buffers.params[shard.start : shard.end]
+            for block in shard.blocks:  # each block copied (out of place), updated, published while in cache
+                lo, hi = block[0][0], block[-1][1]
+                if out is not None:
+                    torch._foreach_copy_([a[lo:hi] for a in arrays], [a[lo:hi] for a in sources])
+                self._adamw(block, arrays, grad, lr, step, unscale)
+                params[lo:hi].copy_(arrays[0][lo:hi])
         if out is not None:
             self.main_params, self.exp_avg, self.exp_avg_sq = new
             self.versions.commit()
@@ -285,15 +285,15 @@ class DistributedAdam:
         self.buffers.params[self.start : self.end].copy_(self.main_params)
         self._gather_params()
 
-    def _adamw(self, blocks, arrays, grad, lr: float, step: torch.Tensor, unscale) -> None:
-        """AdamW on ``blocks`` of one shard, in place in ``arrays`` (param, exp_avg, exp_avg_sq,
+    def _adamw(self, block, arrays, grad, lr: float, step: torch.Tensor, unscale) -> None:
+        """AdamW on one ``block`` of a shard, in place in ``arrays`` (param, exp_avg, exp_avg_sq,
         shard-local), with PyTorch's fused kernel (``torch.optim.AdamW(fused=True)``'s): one pass
         over each element instead of one per operation, 6x faster here than the same step
         written as tensor operations (84 M parameters: 0.20 s -> 0.032 s)."""
         cfg = self.config
         param, m, v = arrays
         for decayed, weight_decay in ((True, cfg.weight_decay), (False, 0.0)):
-            pieces = [(a, b) for block in blocks for a, b, d in block if d == decayed]
+            pieces = [(a, b) for a, b, d in block if d == decayed]
             if pieces:
                 torch._fused_adamw_(
                     [param[a:b] for a, b in pieces], [grad[a:b] for a, b in pieces],
