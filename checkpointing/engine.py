@@ -347,15 +347,24 @@ class CheckpointEngine:
         self._add_stall(waited, self._iteration)
 
     # -- zero-copy: the step writes the next version into a slot ------------------------------------
-    def begin_step(self) -> dict[str, torch.Tensor]:
-        """The arrays the next optimizer step writes (zero-copy): a slot other than the current
-        version's, preferably one no flush reads (never held, else the oldest version); if every
-        other slot is still being flushed, the one flushed longest, and the step's fences wait
-        for its flushes shard by shard. Its old version leaves L0 now."""
+    def begin_step(self) -> dict[str, torch.Tensor] | None:
+        """The arrays the next optimizer step writes (zero-copy), or None: the step may update the
+        current slot in place, because it holds no version (none was requested since the step
+        that wrote it: with ``--save-interval`` > 1 only the step after a request writes out of
+        place, the others cost what an in-place step costs).
+
+        Otherwise a slot other than the current version's, preferably one no flush reads (never
+        held, else the oldest version); if every other slot is still being flushed, the one
+        flushed longest, and the step's fences wait for its flushes shard by shard. Its old
+        version leaves L0 now."""
         if not self.zero_copy:
             raise RuntimeError("begin_step is for zero-copy snapshots; this engine copies")
         faults.reach("step", self._iteration)  # fault-injection tests kill a rank inside a step here
         with self._lock:
+            current = self._current
+            if current is not None and current.version is None:  # scratch: no version, nothing reads it
+                self._target = current
+                return None
             # Not a slot whose description (the L0 commit) is still being written: it would
             # describe bytes this step overwrites. That write is short; wait for it if need be.
             while not (others := [s for s in self.pool.slots if s is not self._current and s not in self._landing]):
@@ -367,7 +376,8 @@ class CheckpointEngine:
         return target.arrays
 
     def end_step(self) -> None:
-        """The step wrote every shard of :meth:`begin_step`'s arrays: they are the current version."""
+        """The step wrote every shard of :meth:`begin_step`'s arrays (or the current slot's, in
+        place): they are the current version."""
         with self._lock:
             self._current, self._target = self._target, None
 

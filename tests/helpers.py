@@ -101,6 +101,7 @@ class SyntheticState:
                     torch.mul(array[lo:hi], 0.5, out=out[name][lo:hi]).add_(1.0)
         if out is not None:
             self.arrays = self.load_arrays = out
+        if engine is not None and engine.zero_copy:
             engine.end_step()
 
     @classmethod

@@ -52,7 +52,7 @@ def test_a_fence_waits_only_for_the_shard_a_flush_has_not_read(tmp_path, single_
     paused, go = threading.Event(), threading.Event()
 
     def read_hook(read: int) -> None:
-        if read == 2:
+        if read == 2 and not paused.is_set():  # version 1's flush only (version 2's reads B later)
             paused.set()
             assert go.wait(60), "the step never reached shard 2"
             deadline = time.monotonic() + 60
@@ -63,9 +63,10 @@ def test_a_fence_waits_only_for_the_shard_a_flush_has_not_read(tmp_path, single_
     engine.read_hook = read_hook
     state.optimizer_step(engine)  # version 1 into slot A
     engine.request(1)
+    assert paused.wait(60)  # version 1's flush started (before request 2: it is not superseded)
     state.optimizer_step(engine)  # version 2 into slot B: nothing reads B, no wait
+    engine.request(2)  # B holds a version now: step 3 writes out of place, into A
     assert engine.stats.fence_waits == 0
-    assert paused.wait(60)
     state.optimizer_step(engine, on_shard=lambda i: go.set() if i == 1 else None)  # version 3 into A
     engine.close()
     waited = engine.stats.stall_by_shard
@@ -74,6 +75,32 @@ def test_a_fence_waits_only_for_the_shard_a_flush_has_not_read(tmp_path, single_
     expected = SyntheticState.after_steps(1, shards=4)
     for name, values in _stored(tmp_path, 1, state).items():
         assert torch.equal(values, expected.arrays[name]), name
+
+
+def test_steps_between_requests_update_in_place_and_versions_stay_exact(tmp_path, single_process_group):
+    """--save-interval 3: only the step after a request writes out of place (into another slot);
+    the two after it update that slot in place, since no version lives there. Every requested
+    version is still the state of its step, bit for bit, in L0 and on disk."""
+    state = SyntheticState(shards=3)
+    engine, _ = make_engine(tmp_path, single_process_group, state, slots=3, interval=3, zero_copy=True)
+    in_place, begin_step = [], engine.begin_step
+    engine.begin_step = lambda: in_place.append(out := begin_step()) or out
+    for version in range(1, 10):
+        state.optimizer_step(engine)
+        if version % 3 == 0:
+            engine.request(version, force_flush=True)  # each one to disk (none superseded)
+            held = [s for s in engine.pool.slots if s.version == version]
+            assert len(held) == 1 and all(held[0].arrays[k].data_ptr() == a.data_ptr() for k, a in state.arrays.items())
+    engine.close()
+    assert [out is None for out in in_place] == [False, True, True, False, True, True, False, True, True]
+    assert engine.stats.bytes_copied == 0
+    for version in (3, 6, 9):
+        expected = SyntheticState.after_steps(version, shards=3)
+        for name, values in _stored(tmp_path, version, state).items():
+            assert torch.equal(values, expected.arrays[name]), (version, name)
+    slot = next(s for s in engine.pool.slots if s.version == 9)
+    for name, values in slot.arrays.items():
+        assert torch.equal(values, SyntheticState.after_steps(9, shards=3).arrays[name]), name
 
 
 def test_the_pool_stays_within_its_budget_over_200_checkpoints(tmp_path, single_process_group):

@@ -116,8 +116,9 @@ class VersionStore(Protocol):
     """Where an out-of-place step writes the new version of the state (the checkpoint engine's
     zero-copy snapshots: each version is written into a slot of the host pool, and that slot *is*
     the snapshot). ``begin`` returns the arrays to write (``fp32_param``, ``exp_avg``,
-    ``exp_avg_sq``, each the length of the optimizer's range) or None for an in-place step;
-    ``commit`` says the step wrote them all (they hold the current state from now on)."""
+    ``exp_avg_sq``, each the length of the optimizer's range) or None for an in-place step (the
+    current arrays hold no version anyone reads); ``commit`` says the step is done (what it wrote
+    holds the current state from now on)."""
 
     def begin(self) -> dict[str, torch.Tensor] | None: ...
 
@@ -268,6 +269,7 @@ class DistributedAdam:
                 params[lo:hi].copy_(arrays[0][lo:hi])
         if out is not None:
             self.main_params, self.exp_avg, self.exp_avg_sq = new
+        if self.versions is not None:
             self.versions.commit()
         self._gather_params()
         return norm
