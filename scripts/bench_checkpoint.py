@@ -6,6 +6,9 @@ about 1 GB. Two parts:
 
 - ``format``: one synchronous save (``checkpointing.commit``) and one load (resharding reader,
   checksums verified) next to the machine's raw write+fsync and cold read of the same bytes.
+- ``flush-cost``: the CPU and wall time of one flush of the state against the raw ``O_DIRECT``
+  write the CheckFreq-style row makes, and of the xxh3 checksums alone: what the engine's extra
+  work per version costs.
 - ``restore``: a resume's read of one committed checkpoint (issue 18), as a user's resume does it:
   in a fresh process whose trainer is built (its live arrays allocated and initialised), the
   optimizer state read through ``CheckpointReader`` (checksums verified) straight into them; next
@@ -24,7 +27,7 @@ Each method of a round runs in a process of its own, so that each can have its o
 policy (``method@passive``): ``pretrain_gpt.py --async-save`` makes OpenMP wait passively
 (``trainer/cpu_threads.py``), and overheads are against ``none`` with OpenMP's default.
 
-    python scripts/bench_checkpoint.py [--part format|restore|overhead|all] [--rounds 2] [--iters 6] [--methods ...]
+    python scripts/bench_checkpoint.py [--part format|flush-cost|restore|overhead|all] [--rounds 2] [--iters 6] [--methods ...]
         [--reader-file FILE]
 """
 
@@ -130,6 +133,71 @@ def part_format(trainer, workdir: str) -> None:
     print(f"| our load (cold, checksums verified, resharding reader) | {load_s:.2f} | {nbytes / 1e9 / load_s:.2f} | "
           f"{(nbytes / 1e9 / load_s) / read_bw:.2f} |")
     shutil.rmtree(root)
+
+
+def part_flush_cost(trainer, workdir: str, rounds: int) -> None:
+    """What one flush of the state costs the CPU, against the raw write the CheckFreq-style row
+    makes (one ``O_DIRECT`` write of page-aligned memory, fsync): the engine's extra work per
+    version (xxh3 checksums, per-piece framing, the commit's metadata and fsyncs), timed on this
+    thread (thread CPU clock) and by the wall clock, in interleaved rounds, medians."""
+    import mmap
+
+    import torch
+    import torch.distributed as dist
+    import xxhash
+
+    from checkpointing.commit import save_and_commit
+    from checkpointing.levels import sync_level
+    from trainer.checkpoint_state import TrainerCheckpointState
+
+    state = TrainerCheckpointState(trainer)
+    group = dist.new_group(backend="gloo")
+    nbytes = state_bytes(trainer)
+    memory = mmap.mmap(-1, -(-nbytes // 4096) * 4096)  # page-aligned, as O_DIRECT needs
+    flat = torch.frombuffer(memory, dtype=torch.uint8, count=nbytes)
+    at = 0
+    for array in flat_state(trainer).values():
+        flat[at : at + array.numel() * 4].copy_(array.view(torch.uint8))
+        at += array.numel() * 4
+    raw = memoryview(memory)[: nbytes // 4096 * 4096]
+
+    def checksums():
+        xxhash.xxh3_64(raw).intdigest()
+
+    def raw_write():
+        fd = os.open(os.path.join(workdir, "raw-direct.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        try:
+            os.write(fd, raw)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def our_save(version=[0]):
+        version[0] += 1
+        root = os.path.join(workdir, "flush-cost")
+        save_and_commit(sync_level(root, 1), version[0], state.arrays, state.save_pieces,
+                        state.capture_objects(version[0]), state.layout, group)
+
+    steps = {"xxh3-64 checksums of the state (no I/O)": checksums, "raw O_DIRECT write + fsync (CheckFreq-style)": raw_write,
+             "our flush: serialise, checksum, O_DIRECT write, fsync, commit": our_save}
+    cpu = {k: [] for k in steps}
+    wall = {k: [] for k in steps}
+    for r in range(rounds):
+        for name, fn in (steps.items() if r % 2 == 0 else reversed(steps.items())):
+            c, w = time.thread_time(), time.perf_counter()
+            fn()
+            cpu[name].append(time.thread_time() - c)
+            wall[name].append(time.perf_counter() - w)
+    print(f"\n## Flush cost: {nbytes / 1e9:.2f} GB of state, {rounds} interleaved rounds, medians\n")
+    print("| what | CPU s (this thread) | wall s | CPU s per GB |\n|---|---|---|---|")
+    for name in steps:
+        c, w = statistics.median(cpu[name]), statistics.median(wall[name])
+        print(f"| {name} | {c:.3f} | {w:.2f} | {c / (nbytes / 1e9):.3f} |")
+    extra = statistics.median(cpu[list(steps)[2]]) - statistics.median(cpu[list(steps)[1]])
+    print(f"\nThe engine's extra CPU per version over the raw write: {extra:.3f} s, of which checksums "
+          f"{statistics.median(cpu[list(steps)[0]]):.3f} s.")
+    os.unlink(os.path.join(workdir, "raw-direct.bin"))
+    shutil.rmtree(os.path.join(workdir, "flush-cost"))
 
 
 RAW_READ_BYTES = 64 << 20
@@ -773,7 +841,7 @@ DEFAULT_METHODS = ("none,none@passive,engine-l0,engine-l0@passive,engine-zc-l0,e
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("format", "restore", "overhead", "all"), default="all")
+    parser.add_argument("--part", choices=("format", "flush-cost", "restore", "overhead", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
@@ -798,7 +866,7 @@ def main() -> int:
             parser.error(f"unknown method {spec!r}; choose from {', '.join(METHODS)}")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-ckpt-", dir="/tmp")
     try:
-        if args.part in ("format", "restore", "all"):
+        if args.part in ("format", "flush-cost", "restore", "all"):
             trainer = build_trainer()
             print(f"> model: {trainer.job.model.num_parameters(1) / 1e6:.1f}M parameters, "
                   f"{state_bytes(trainer) / 1e9:.2f} GB checkpointed state", flush=True)
@@ -806,6 +874,8 @@ def main() -> int:
                 trainer.train_step()
             if args.part in ("format", "all"):
                 part_format(trainer, workdir)
+            if args.part in ("flush-cost", "all"):
+                part_flush_cost(trainer, workdir, max(args.rounds, 3))
             if args.part in ("restore", "all"):
                 part_restore(trainer, workdir, args.rounds, args.reader_file)
             del trainer

@@ -57,17 +57,22 @@ def test_torchrun_restarts_after_one_rank_is_killed(reference, ckpt, tmp_path):
     assert max(resumed) == 20
 
 
-@pytest.mark.parametrize("fault", ["step:kill:14", "L2.write:kill:10"], ids=["inside-a-step", "inside-a-flush"])
-def test_sigkill_inside_a_zero_copy_step_or_a_flush_resumes_from_shared_memory(reference, ckpt, tmp_path, fault):
+@pytest.mark.parametrize("fault, extra, first", [("step:kill:14", [], (13, 14)), ("L2.write:kill:10", [], (11, 12)),
+                                                  ("step:kill:14", ["--save-interval", "3"], (13,))],
+                         ids=["inside-a-step", "inside-a-flush", "inside-an-in-place-step"])
+def test_sigkill_inside_a_zero_copy_step_or_a_flush_resumes_from_shared_memory(reference, ckpt, tmp_path, fault,
+                                                                               extra, first):
     """Zero-copy snapshots (each step writes the next version into a pool slot): killed while a
     step writes a slot, or while the flush of version 10 writes it to L2, every rank resumes from
-    a whole version in shared memory and replays the uninterrupted run bit for bit."""
-    common = ARGS + ["--save", str(ckpt), "--load", str(ckpt), "--ckpt-snapshot", "zero-copy"]
+    a whole version in shared memory and replays the uninterrupted run bit for bit. With
+    --save-interval 3, step 13 writes out of place (12 was requested) and step 14 updates that
+    slot in place: killed there, the resume starts from version 12, untouched."""
+    common = ARGS + ["--save", str(ckpt), "--load", str(ckpt), "--ckpt-snapshot", "zero-copy"] + extra
     killed = run_pretrain(common, nproc=2, check=False, env={"GPT_CKPT_FAULT": fault, **HOLD})
     assert killed.returncode != 0
     proc = run_pretrain(common + ["--tensorboard-dir", str(tmp_path / "tb")], nproc=2)
     assert "from L0 (shared memory" in proc.stdout, proc.stdout[-2000:]
     resumed = read_scalars(tmp_path / "tb", "lm loss")
-    assert min(resumed) in ((13, 14) if fault.startswith("step") else (11, 12)), sorted(resumed)
+    assert min(resumed) in first, sorted(resumed)
     for it in resumed:
         assert resumed[it] == reference[it], it
