@@ -317,8 +317,21 @@ def child_restore(directory: str, reader_file: str | None) -> None:
                       "digest": pieces_digest(pieces, arrays)}), flush=True)
 
 
-def run_restore_child(directory: str, reader_file: str | None) -> dict:
+def _child_result(proc, what: str) -> dict:
+    """The JSON line a bench child printed last. A child that measured, then died on its way out
+    (once: "terminate called without an active exception" at exit) keeps its numbers, said."""
     import json
+
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no message"
+        print(f"  ({what} exited with {proc.returncode} after printing its result: {last})", flush=True)
+    return json.loads(lines[-1])
+
+
+def run_restore_child(directory: str, reader_file: str | None) -> dict:
     import subprocess
 
     env = dict(os.environ)
@@ -327,14 +340,7 @@ def run_restore_child(directory: str, reader_file: str | None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child-restore", directory]
     if reader_file:
         cmd += ["--reader-file", reader_file]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 and lines:  # measured, then died on the way out: keep the numbers, say so
-        print(f"  (bench child {spec} exited with {proc.returncode} after printing its result: "
-              f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no message'})", flush=True)
-    if not lines:
-        raise RuntimeError(f"restore child failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return _child_result(subprocess.run(cmd, env=env, capture_output=True, text=True), "restore child")
 
 
 def part_restore(trainer, workdir: str, rounds: int, reader_file: str | None) -> None:
@@ -719,7 +725,6 @@ LABELS = {
 
 def run_child(spec: str, iters: int, warmup: int, workdir: str) -> dict:
     """One method in a fresh process: OpenMP reads its wait policy once, at load."""
-    import json
     import subprocess
 
     name, policy = _split(spec)
@@ -730,14 +735,7 @@ def run_child(spec: str, iters: int, warmup: int, workdir: str) -> dict:
         env["OMP_WAIT_POLICY"] = policy
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--iters", str(iters), "--warmup", str(warmup),
            "--workdir", workdir]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 and lines:  # measured, then died on the way out: keep the numbers, say so
-        print(f"  (bench child {spec} exited with {proc.returncode} after printing its result: "
-              f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no message'})", flush=True)
-    if not lines:
-        raise RuntimeError(f"bench child {spec} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return _child_result(subprocess.run(cmd, env=env, capture_output=True, text=True), f"bench child {spec}")
 
 
 def child(name: str, iters: int, warmup: int, workdir: str) -> None:
