@@ -73,6 +73,10 @@ class CheckpointConfig:
     (``--ckpt-write-rate-limit``); None: as fast as the disk goes. Bounds how much flushing
     interferes with training (and shares a parallel file system); a slower flush persists fewer
     versions, the newest first (superseded ones are skipped)."""
+    flusher_timeout: float = 300.0
+    """Seconds this rank's flusher process may go without a sign of life, or, while training waits
+    on it, without progress, before training stops with an error naming it
+    (``--ckpt-flusher-timeout``)."""
 
     def __post_init__(self) -> None:
         if self.snapshot not in SNAPSHOT_MODES:
@@ -91,6 +95,8 @@ class CheckpointConfig:
             raise ValueError(f"--ckpt-write-rate-limit must be > 0 MB/s, got {self.write_rate_limit_mb}")
         if self.write_rate_limit_mb is not None and not self.async_save:
             raise ValueError("--ckpt-write-rate-limit needs --async-save (it paces the engine's flushes)")
+        if self.flusher_timeout <= 0:
+            raise ValueError(f"--ckpt-flusher-timeout must be > 0 seconds, got {self.flusher_timeout}")
         if self.host_budget_gb is not None and self.host_budget_gb <= 0:
             raise ValueError(f"--ckpt-host-budget-gb must be > 0, got {self.host_budget_gb}")
         if self.save_interval is not None and self.save is None:

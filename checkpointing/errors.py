@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointUntrustedError",
     "CheckpointWriteError",
+    "FlusherError",
 ]
 
 
@@ -33,3 +34,8 @@ class CheckpointNotFoundError(CheckpointError):
 class CheckpointUntrustedError(CheckpointError):
     """A checkpoint file would run code to be read (a pickle naming something other than data);
     refused unless the user vouches for the checkpoint (``--trust-checkpoint-pickles``)."""
+
+
+class FlusherError(CheckpointError):
+    """This rank's flusher process died, stopped answering, or failed: checkpointing cannot go
+    on, so training stops (the L0 pool is kept for the restart)."""

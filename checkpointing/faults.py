@@ -15,13 +15,17 @@ fast a loaded machine runs its threads (no iteration: every version):
   before it has finished. No version is then superseded (every version due on a level reaches
   it), and when training passes iteration N, L0 holds N-1 and every level its due versions up to
   N-1. Training then waits on the disk, which the engine otherwise never does: for tests only.
-- ``copy``: the copy of version N starts only once the optimizer step of N+1 is blocked in a
-  fence (or the next ``request``, or the engine's end, comes first): that step's fence waits,
-  every time.
 - ``flush`` (zero-copy snapshots): a flush starts writing a slot only once an optimizer step is
   blocked in a fence on that slot (or the engine drains), and no queued flush is superseded:
   with two slots, every step from the third waits at a fence for the flush of the version two
   steps back, shard by shard, and every version reaches its levels.
+- ``read:N`` (zero-copy snapshots): a flush stops once it has read N shards of its slot, until an
+  optimizer step is blocked in a fence on that slot (or the engine drains).
+
+``GPT_CKPT_DISK_GATE=<path>``: every flush waits until ``<path>`` exists (``{rank}`` in it becomes
+the rank): a stuck disk that a test frees by creating the file.
+
+The holds are read by ``checkpointing.pacing``: the engine's rules do not look at them.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ ENV = "GPT_CKPT_FAULT"
 ONCE_ENV = "GPT_CKPT_FAULT_ONCE"
 DELAY_ENV = "GPT_CKPT_DELAY"
 HOLD_ENV = "GPT_CKPT_HOLD"
+DISK_GATE_ENV = "GPT_CKPT_DISK_GATE"
 
 
 def reach(point: str, iteration: int | None = None) -> None:
@@ -81,3 +86,15 @@ def holds(point: str, iteration: int | None = None) -> bool:
         if name == point and (not at or iteration is None or int(at) == iteration):
             return True
     return False
+
+
+def hold_value(point: str) -> int | None:
+    """The number of ``GPT_CKPT_HOLD``'s ``<point>:<N>`` (None: the point is not held)."""
+    spec = os.environ.get(HOLD_ENV)
+    if not spec:
+        return None
+    for item in spec.split(","):
+        name, _, at = item.strip().partition(":")
+        if name == point:
+            return int(at)
+    return None

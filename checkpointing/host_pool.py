@@ -72,6 +72,23 @@ def read_description(meta_path: str) -> dict | None:
     return description
 
 
+def write_description(meta_path: str, version: int, objects: dict, layout: dict) -> None:
+    """The L0 commit of a slot: what it holds, written atomically (by the flusher process)."""
+    blob = io.BytesIO()
+    torch.save({"version": version, "objects": objects, "layout": layout}, blob)
+    atomic_write_bytes(meta_path, blob.getvalue(), mode=0o600)
+
+
+def map_arrays(path: str, specs: dict[str, ArraySpec]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A slot's file mapped shared, and its arrays as views of it (no copy, no touch)."""
+    memory = torch.from_file(path, shared=True, size=slot_bytes(specs), dtype=torch.uint8)
+    arrays, offset = {}, 0
+    for name, spec in specs.items():
+        arrays[name] = memory[offset : offset + spec.nbytes].view(spec.dtype)
+        offset += -(-spec.nbytes // ALIGN) * ALIGN
+    return memory, arrays
+
+
 class HostSlot:
     """One version's worth of host memory."""
 
@@ -96,19 +113,12 @@ class HostSlot:
             survived = self._read_description()
         else:
             os.truncate(path, size)
-        self.memory = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        self.memory, self.arrays = map_arrays(path, specs)
         if survived is None:
             self.invalidate()
             self.memory.fill_(0)  # touch every page once, now, not during the first copy
         else:  # a previous run's snapshot (e.g. the trainer was killed): keep it for recovery
             self.version, self.objects, self.layout = survived["version"], survived["objects"], survived["layout"]
-        self.arrays: dict[str, torch.Tensor] = {}
-        offset = 0
-        for name, spec in specs.items():
-            self.arrays[name] = self.memory[offset : offset + spec.nbytes].view(spec.dtype)
-            offset += -(-spec.nbytes // ALIGN) * ALIGN
-        self.pins = 0
-        """Flush jobs not finished that read this slot; a pinned slot is never reused."""
 
     def _read_description(self) -> dict | None:
         try:
@@ -125,19 +135,17 @@ class HostSlot:
 
     def remove_description(self) -> None:
         """Before the first byte is overwritten: a crash mid-copy must not leave the old
-        description pointing here. (The copy thread calls it, so that the unlink is not on the
-        training thread; until then the slot still holds what the description says.)"""
+        description pointing here (one unlink on the training thread, at the step or request
+        that overwrites the slot)."""
         try:
             os.unlink(self.meta_path)
         except FileNotFoundError:
             pass
 
     def describe(self, version: int, objects: dict, layout: dict) -> None:
-        """After the copy: record what the slot holds (the L0 commit)."""
+        """After the copy: record what the slot holds (the L0 commit), from this process."""
         self.version, self.objects, self.layout = version, objects, layout
-        blob = io.BytesIO()
-        torch.save({"version": version, "objects": objects, "layout": layout}, blob)
-        atomic_write_bytes(self.meta_path, blob.getvalue(), mode=0o600)
+        write_description(self.meta_path, version, objects, layout)
 
 
 class HostPool:
@@ -160,21 +168,23 @@ class HostPool:
         self.directory, note = private_files.pool_dir(directory)
         self.notes: list[str] = [note] if note else []
         """What was refused while opening the pool (the engine logs them)."""
+        self.specs = dict(specs)
         self.slots = [HostSlot(os.path.join(self.directory, f"{PREFIX}{tag}-r{rank}-s{i}"), specs, self.notes)
                       for i in range(num_slots)]
+        self.control_path = os.path.join(self.directory, f"{PREFIX}{tag}-r{rank}.ctl")
+        """The words this rank's trainer and flusher share (``checkpointing.control_block``)."""
 
 
 def remove_pool(pool: HostPool) -> int:
-    """Remove ``pool``'s files (slots and descriptions; the mapped memory goes with the last
+    """Remove ``pool``'s files (slots, descriptions, the control block; the mapped memory goes with the last
     reference to it); returns the bytes freed."""
     freed = 0
-    for slot in pool.slots:
-        for path in (slot.path, slot.meta_path):
-            try:
-                freed += os.lstat(path).st_size
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+    for path in [p for slot in pool.slots for p in (slot.path, slot.meta_path)] + [pool.control_path]:
+        try:
+            freed += os.lstat(path).st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
     return freed
 
 

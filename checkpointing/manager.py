@@ -34,6 +34,7 @@ from checkpointing.agreement import common_to_all, gather_from_all
 from checkpointing.commit import save_and_commit
 from checkpointing.config import CheckpointConfig
 from checkpointing.discovery import StoredCheckpoint, load_candidates
+from checkpointing.engine_stats import idle_and_steal, machine_cpu_times
 from checkpointing.errors import (
     CheckpointCorruptError,
     CheckpointMismatchError,
@@ -90,8 +91,8 @@ class CheckpointManager:
         self.tracer = tracer
         self.trace_dir = trace_dir
         self.rank = dist.get_rank()
-        # A gloo group of its own: checkpoint metadata are CPU objects, and the async engine's
-        # background thread must not share a communicator with training.
+        # A gloo group of its own: checkpoint metadata are CPU objects (the engine's flusher
+        # processes have a group of their own).
         self.group = dist.new_group(backend="gloo")
         self.last_saved: int | None = None
         self.loaded: int | None = None
@@ -99,6 +100,7 @@ class CheckpointManager:
         nothing new to save while unchanged."""
         self.local_peers = self._find_peers()
         self._cpu_started = time.process_time()
+        self._machine_started = machine_cpu_times()
         self._last_step_at: float | None = None
         self._work_since_last_step = False
         self.iteration_seconds: dict[bool, list[float]] = {True: [], False: []}
@@ -403,15 +405,26 @@ class CheckpointManager:
         if self.engine is not None:
             self.engine.close(drain=False)
 
-    @staticmethod
-    def _cost_lines(everyone: list[dict]) -> list[str]:
-        """What checkpointing cost training, beyond the time it blocked it: the CPU its threads
-        took (on a host with few cores that is time training does not get), and iteration time
-        beside checkpoint work against iterations without any, where the run has both."""
-        cpu = max(everyone, key=lambda m: m["engine_cpu_seconds"])
-        share = 100 * cpu["engine_cpu_seconds"] / max(cpu["process_cpu_seconds"], 1e-9)
-        lines = [f"  engine threads: {cpu['engine_cpu_seconds']:.2f} s of CPU on rank {cpu['rank']}, {share:.1f}% of "
-                 f"the {cpu['process_cpu_seconds']:.1f} s of CPU its process used"]
+    def _cost_lines(self, everyone: list[dict], train_seconds: float) -> list[str]:
+        """What checkpointing cost training, beyond the time it blocked it: the training thread's
+        time in the engine (the training process runs no checkpoint thread), the flusher
+        processes' CPU, the machine's idle and steal share, and iteration time beside checkpoint
+        work against iterations without any, where the run has both."""
+        mine = max(everyone, key=lambda m: m["training_thread_seconds"])
+        share = 100 * mine["training_thread_seconds"] / max(mine["process_cpu_seconds"], 1e-9)
+        lines = [f"  training process: {mine['training_thread_seconds'] * 1000:.1f} ms in request and fences on rank "
+                 f"{mine['rank']} ({share:.2f}% of the {mine['process_cpu_seconds']:.1f} s of CPU its process used), "
+                 "no checkpoint thread"]
+        flusher = max(everyone, key=lambda m: m["flusher_cpu_seconds"])
+        per_it = 1000 * flusher["flusher_cpu_seconds"] / max(flusher["requests"], 1)
+        start = max(m["flusher_start_seconds"] for m in everyone)
+        rss = max(m["flusher_rss_bytes"] for m in everyone)
+        lines.append(f"  flusher processes: {flusher['flusher_cpu_seconds']:.2f} s of CPU on rank {flusher['rank']} "
+                     f"({per_it:.1f} ms per request); up in {start:.1f} s, {rss / 2**20:.0f} MiB resident (worst rank)")
+        machine = idle_and_steal(self._machine_started, machine_cpu_times())
+        if machine is not None:
+            lines.append(f"  machine: {100 * machine[0]:.1f}% idle, {100 * machine[1]:.1f}% stolen by the hypervisor "
+                         f"over the run ({os.cpu_count()} CPUs; what the flushers took is idle the machine no longer had)")
         logging = everyone[0]["iteration_seconds"]  # the logging rank's clock
         beside, alone = sorted(logging["True"]), sorted(logging["False"])
         if beside and len(alone) >= 3:
@@ -428,7 +441,10 @@ class CheckpointManager:
         """Total stall (worst rank) and its share of training, flushes per level, bytes, slowest level."""
         stats = self.engine.stats
         mine = {"rank": self.rank, "stall_seconds": stats.stall_seconds,
-                "engine_cpu_seconds": stats.cpu_seconds, "process_cpu_seconds": time.process_time() - self._cpu_started,
+                "training_thread_seconds": stats.training_thread_seconds, "flusher_cpu_seconds": stats.flusher_cpu_seconds,
+                "flusher_start_seconds": stats.flusher_start_seconds, "flusher_rss_bytes": stats.flusher_rss_bytes,
+                "fence_seconds": stats.fence_seconds,
+                "process_cpu_seconds": time.process_time() - self._cpu_started,
                 "iteration_seconds": {str(k): v for k, v in self.iteration_seconds.items()},
                 "stall_by_iteration": {str(k): v for k, v in sorted(stats.stall_by_iteration.items())},
                 "fence_waits": stats.fence_waits, "snapshots": stats.copies,
@@ -446,7 +462,7 @@ class CheckpointManager:
                  f"worst rank ({worst['rank']}), {share:.2f}% of {train_seconds:.1f} s of training; "
                  f"{sum(m['fence_waits'] for m in everyone)} fence waits; {stats.copies} snapshots (L0, "
                  f"{'zero-copy' if self.engine.zero_copy else 'copied'}: {stats.bytes_copied / 1e9:.3f} GB copied)"]
-        lines += self._cost_lines(everyone)
+        lines += self._cost_lines(everyone, train_seconds)
         slowest = None
         for level in [lv.name for lv in self.engine.levels]:
             done = [f for m in everyone for f in m["flushes"] if f["level"] == level and f["error"] is None]

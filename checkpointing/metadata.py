@@ -15,16 +15,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 from checkpointing.durable import atomic_write_bytes
 from checkpointing.errors import CheckpointCorruptError
@@ -92,7 +88,19 @@ def build_metadata(records: list[ChunkRecord], iteration: int, layout: dict[str,
         else:
             replicas[(r.relative_path, r.key, tuple(r.offsets))] = (r.offset, r.length)
     state_dict_metadata: dict[str, Any] = {}
-    storage_data: dict[MetadataIndex, _StorageInfo] = {}
+    # DCP's classes, imported here: importing torch.distributed.checkpoint takes ~1 s, which the
+    # flusher process would pay at every start; only a commit needs them.
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    storage_data: dict = {}
     checksums: dict[tuple[str, int], int] = {}
     for key, chunks in sorted(by_key.items()):
         first = chunks[0]

@@ -1,8 +1,8 @@
 """A per-rank timeline of training and checkpoint phases in Chrome trace format (Perfetto).
 
 Spans are complete events (``"ph": "X"``) on one clock (``time.perf_counter_ns``), tagged with
-the thread that ran them, so the copy and flush threads show as their own tracks beside the
-training thread. Memory is bounded: the newest ``max_events`` spans are kept.
+the thread that ran them; the flusher process's spans (sent back with each flush) show on a
+track of their own beside the training thread's. Memory is bounded: the newest ``max_events`` spans are kept.
 """
 
 from __future__ import annotations
@@ -41,6 +41,16 @@ class Tracer:
             event["args"] = args
         self.events.append(event)
 
+    def complete_on(self, track: str, name: str, category: str, start_ns: int, end_ns: int, **args) -> None:
+        """A span another process ran (the flusher), on a track of its own named ``track``."""
+        tid = 1_000_000 + sum(track.encode()) % 1000  # not a thread id of this process
+        self._thread_names.setdefault(tid, track)
+        event = {"name": name, "cat": category, "ph": "X", "ts": start_ns / 1000, "dur": (end_ns - start_ns) / 1000,
+                 "pid": self.rank, "tid": tid}
+        if args:
+            event["args"] = args
+        self.events.append(event)
+
     def phase_hook(self, category: str = "train"):
         """A ``phase(name)`` context-manager factory for the training loop and pipeline schedule."""
         return lambda name: self.span(name, category)
@@ -62,4 +72,7 @@ class NullTracer:
         yield
 
     def complete(self, *args, **kwargs) -> None:
+        pass
+
+    def complete_on(self, *args, **kwargs) -> None:
         pass

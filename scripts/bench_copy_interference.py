@@ -33,10 +33,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from trainer.cpu_threads import prefer_passive_omp_waits  # noqa: E402  (imports no torch)
-
-prefer_passive_omp_waits(["--async-save", "--ckpt-snapshot", "copy"])  # as pretrain_gpt.py runs copied snapshots, unless OMP_WAIT_POLICY is set
-
 VARIANTS = ("copy", "copy-two-threads", "spin", "zero-copy")
 
 

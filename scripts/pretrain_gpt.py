@@ -16,9 +16,6 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer.cpu_threads import prefer_passive_omp_waits  # noqa: E402  (imports no torch)
-
-prefer_passive_omp_waits(sys.argv)  # before torch loads OpenMP
 from trainer.arguments import ArgumentError, parse_job_config  # noqa: E402
 
 

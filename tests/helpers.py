@@ -113,7 +113,8 @@ class SyntheticState:
         return state
 
 
-def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=None, zero_copy=False):
+def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=None, zero_copy=False,
+                flusher_timeout=60.0):
     """An engine over ``state`` with one level, L2 in ``tmp_path / "l2"`` every ``interval``
     versions, and an L0 pool of ``slots`` slots (``zero_copy``: the state's steps write into
     them); returns it and the list its log lines go to."""
@@ -125,7 +126,7 @@ def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=No
     pool = HostPool(tag or f"test-{os.getpid()}-{time.monotonic_ns()}", 0, specs, slots, budget)
     logs: list[str] = []
     engine = CheckpointEngine(state, pool, [Level("L2", str(tmp_path / "l2"), interval, None)], group, logs.append,
-                              zero_copy=zero_copy)
+                              zero_copy=zero_copy, flusher_timeout=flusher_timeout)
     return engine, logs
 
 

@@ -18,74 +18,25 @@ from checkpointing.shard_copy import HostShardCopier
 from tests.helpers import SHARDS, SyntheticState, make_engine, shared_memory_removed_after
 
 
-class _ObservedEvent(threading.Event):
-    """A shard's completion flag that also says when a fence has started waiting on it."""
-
-    def __init__(self):
-        super().__init__()
-        self.waited_on = threading.Event()
-
-    def wait(self, timeout=None):
-        self.waited_on.set()
-        return super().wait(timeout)
-
-
-class HoldCopies:
-    """A copy hook that holds the copy of each shard in ``shards`` until the training thread is
-    blocked in that shard's fence: the fence then waits, every time, however loaded the machine
-    (a sleep in the hook only makes a wait likely). ``after`` (shard -> threading.Event) holds a
-    shard's copy also until that event is set. ``release()`` lets every held copy go."""
-
-    def __init__(self, engine, shards, after=None):
-        self.shards, self.after = set(shards), after or {}
-        self.released = threading.Event()
-        self.done = engine.copier._done
-        for index in self.shards:
-            self.done[index] = _ObservedEvent()
-            self.done[index].set()
-        self.started: list[int] = []
-
-    def __call__(self, index: int) -> None:
-        if index in self.after:
-            assert self._wait(self.after[index]), f"shard {index}: what its copy waits for never happened"
-        if index in self.shards:
-            assert self._wait(self.done[index].waited_on), f"no fence waited for shard {index}"
-            self.done[index].waited_on.clear()
-        self.started.append(index)
-
-    def _wait(self, event: threading.Event) -> bool:
-        deadline = time.monotonic() + 60
-        while not event.wait(0.05):
-            if self.released.is_set():
-                return True
-            if time.monotonic() > deadline:
-                return False
-        return True
-
-    def release(self) -> None:
-        self.released.set()
-
-
 @pytest.fixture(autouse=True)
 def remove_pools():
     with shared_memory_removed_after():
         yield
 
 
-def test_every_version_is_the_state_after_its_step_despite_slow_copies(tmp_path, single_process_group):
+def test_copied_snapshots_are_the_state_after_their_step_and_fences_never_wait(tmp_path, single_process_group):
+    """On the host a copied snapshot is taken at ``request``, on the training thread (no copy
+    thread): every version is the state after its step, bit for bit, and no fence waits."""
     state = SyntheticState()
     engine, _ = make_engine(tmp_path, single_process_group, state)
-    # Every shard's copy starts only once the next step is blocked in that shard's fence: the
-    # optimizer and the copy interleave shard by shard, the hardest case for consistency.
-    hold = engine.copy_hook = HoldCopies(engine, range(SHARDS))
     expected = {}
     for it in range(1, 7):
         state.optimizer_step(engine)
         expected[it] = {k: v.clone() for k, v in state.arrays.items()}
         engine.request(it, force_flush=True)  # forced: never superseded, so every version is checked
-    hold.release()  # no step follows the last request
     engine.close(drain=True)
-    assert engine.stats.fence_waits == 5 * SHARDS, "every fence of steps 2-6 must have waited for its copy"
+    assert engine.stats.fence_waits == 0 and engine.stats.bytes_copied == 6 * sum(
+        a.numel() * a.element_size() for a in state.arrays.values())
     flushed = [f.version for f in engine.stats.flushes if f.error is None]
     assert flushed == [1, 2, 3, 4, 5, 6]
     for it in flushed:
@@ -98,45 +49,9 @@ def test_every_version_is_the_state_after_its_step_despite_slow_copies(tmp_path,
         assert reader.read_object("common") == {"iteration": it}
 
 
-def test_fence_waits_only_for_the_shard_whose_copy_is_late(tmp_path, single_process_group):
-    state = SyntheticState()
-    engine, _ = make_engine(tmp_path, single_process_group, state, interval=10**6)
-    delayed = 2
-    # The late shard's copy starts only after the step has updated the shard before it, and is
-    # blocked in the late shard's fence: a fence over all shards would never get there (the hook
-    # then fails after 60 s instead of the test hanging).
-    updated_before_late = threading.Event()
-    hold = engine.copy_hook = HoldCopies(engine, [delayed], after={delayed: updated_before_late})
-    state.optimizer_step(engine)
-    before = {k: v.clone() for k, v in state.arrays.items()}
-    engine.request(1)
-    for index in range(delayed):  # the copies before the late one are done before the step
-        assert engine.copier._done[index].wait(60)
-    updated = []
-
-    def on_shard(index):
-        updated.append((index, list(hold.started)))
-        if index == delayed - 1:
-            updated_before_late.set()
-
-    state.optimizer_step(engine, on_shard=on_shard)
-    stall = engine.stats.stall_by_shard
-    assert stall[:delayed] == [0.0] * delayed and stall[delayed] > 0, stall
-    # The shards after the late one are copied after it: their fences may wait too (on a loaded
-    # machine the step can reach shard 3 before the copy thread does), those before it never.
-    assert 1 <= engine.stats.fence_waits <= SHARDS - delayed
-    assert [(i, delayed in started) for i, started in updated] == [(0, False), (1, False), (2, True), (3, True)], \
-        "shards before the late one are updated while its copy has not started; the late one after it"
-    hold.release()
-    engine.close(drain=True)
-    slot = next(s for s in engine.pool.slots if s.version == 1)
-    for k in before:
-        assert torch.equal(slot.arrays[k], before[k]), "the snapshot is the state before the next step"
-
-
-def test_request_leaves_the_old_description_to_the_copy_thread(tmp_path, single_process_group, monkeypatch):
-    """The training thread does no file-system work in ``request``; the reused slot's old
-    description stays valid until the copy thread removes it, before the first byte is copied."""
+def test_a_reused_slot_loses_its_old_description_before_its_first_byte_changes(tmp_path, single_process_group):
+    """The old description of a reused slot is removed before the copy starts (a crash mid-copy
+    must not recover it); the flusher process writes the new one (the L0 commit)."""
     state = SyntheticState()
     engine, _ = make_engine(tmp_path, single_process_group, state, slots=2, interval=10**6)  # L0 only
     for it in (1, 2):
@@ -144,28 +59,16 @@ def test_request_leaves_the_old_description_to_the_copy_thread(tmp_path, single_
         engine.request(it)
         engine.wait_idle()
     reused = next(s for s in engine.pool.slots if s.version == 1)
-    assert os.path.exists(reused.meta_path)
-    unlinked_by, real_unlink = [], os.unlink
-    monkeypatch.setattr(os, "unlink", lambda path: (unlinked_by.append(threading.current_thread().name), real_unlink(path)))
-    started, go_on = threading.Event(), threading.Event()
-    meta_at_first_copy = []
-
-    def hold_first_shard(index):
-        if index == 0:
-            meta_at_first_copy.append(os.path.exists(reused.meta_path))
-            started.set()
-            go_on.wait(10)
-
-    engine.copy_hook = hold_first_shard
+    assert host_pool.read_description(reused.meta_path)["version"] == 1
+    meta_at_copy, start = [], engine.snapshots.start
+    engine.snapshots.start = lambda live, slot, version: (meta_at_copy.append(os.path.exists(reused.meta_path)),
+                                                          start(live, slot, version))[1]
     state.optimizer_step(engine)
     engine.request(3)
-    assert reused.version == 3 and unlinked_by == [], "request must not touch the file system"
-    assert started.wait(10)
-    go_on.set()
     engine.close(drain=True)
-    assert meta_at_first_copy == [False], "the old description must be gone before the slot is overwritten"
-    assert unlinked_by == ["ckpt-copy"]
+    assert meta_at_copy == [False], "the old description must be gone before the slot is overwritten"
     assert host_pool.read_description(reused.meta_path)["version"] == 3
+    assert reused.version == 3 and reused.objects == {"common": {"iteration": 3}}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
@@ -197,48 +100,49 @@ def test_pool_stays_in_budget_and_memory_does_not_grow_over_200_checkpoints(tmp_
             rss[it] = process.memory_info().rss
     engine.close(drain=True)
     assert engine.stats.copies == 200
-    assert len(host_pool.list_segments(engine.pool.tag)) == 4  # 2 slots and their descriptions, reused
+    assert len(host_pool.list_segments(engine.pool.tag)) == 5  # 2 slots, their descriptions, the control block
     assert rss[200] - rss[20] < 16 * 2**20, f"memory grew by {(rss[200] - rss[20]) / 2**20:.1f} MiB"
 
 
-def test_slow_disk_skips_superseded_versions_instead_of_stalling(tmp_path, single_process_group):
+def test_slow_disk_skips_superseded_versions_instead_of_stalling(tmp_path, single_process_group, monkeypatch):
+    gate = tmp_path / "disk-free"
+    monkeypatch.setenv("GPT_CKPT_DISK_GATE", str(gate))  # the flusher's disk is stuck until the file exists
     state = SyntheticState()
     engine, _ = make_engine(tmp_path, single_process_group, state, slots=3, interval=1)
-    # The disk is stuck until every version is requested: with 3 slots, training could not go
-    # past the 3rd request unless superseded versions gave their slots up (the loop would hang).
-    disk = threading.Event()
-    engine.flush_hook = lambda level, version: disk.wait(60)
+    # With 3 slots, training could not go past the 3rd request unless superseded versions gave
+    # their slots up (the loop would hang).
     expected = {}
     for it in range(1, 9):
         state.optimizer_step(engine)
         expected[it] = {k: v.clone() for k, v in state.arrays.items()}
         engine.request(it)
-    disk.set()
+    gate.touch()
     engine.close(drain=True)
     flushed = [f.version for f in engine.stats.flushes if f.error is None]
-    # The flush thread holds at most one version at the stuck disk: the first it claimed (which
-    # one depends on when its copy landed); it is written once the disk frees up. Every other
-    # version before 8 was superseded.
+    # The flusher holds at most one version at the stuck disk: the first it claimed (which one
+    # depends on when it took it); it is written once the disk frees up. Every other version
+    # before 8 was superseded.
     assert flushed[-1] == 8 and len(flushed) <= 2, flushed
     assert engine.stats.skipped["L2"] == 8 - len(flushed), (flushed, engine.stats.skipped)
+    assert engine.stats.backpressure_waits == 0
     for it in flushed:  # a slot taken from a superseded version never leaks into a flushed one
         loaded = {k: torch.empty_like(v) for k, v in expected[it].items()}
         CheckpointReader(str(tmp_path / "l2" / f"iter_{it:07d}")).read_pieces(state.save_pieces, loaded)
         assert all(torch.equal(loaded[k], expected[it][k]) for k in loaded), f"version {it}"
 
 
-def test_slow_disk_stalls_only_once_the_pool_is_full(tmp_path, single_process_group):
+def test_slow_disk_stalls_only_once_the_pool_is_full(tmp_path, single_process_group, monkeypatch):
     """Forced flushes (every version must reach the disk) are never superseded: a slow disk
     fills the pool, and then the request waits, counted as stall."""
+    gate = tmp_path / "disk-free"
+    monkeypatch.setenv("GPT_CKPT_DISK_GATE", str(gate))
     state = SyntheticState()
     engine, _ = make_engine(tmp_path, single_process_group, state, slots=3, interval=1)
-    disk = threading.Event()
-    engine.flush_hook = lambda level, version: disk.wait(60)
 
     def free_the_disk_once_a_request_waits():
         while engine.stats.backpressure_waits == 0:
             time.sleep(0.01)
-        disk.set()
+        gate.touch()
 
     threading.Thread(target=free_the_disk_once_a_request_waits, daemon=True).start()
     waits_after = {}
@@ -277,14 +181,12 @@ def test_two_ranks_skip_the_same_superseded_versions(tmp_path):
 
 
 def test_failed_flush_is_reported_training_goes_on_and_next_version_is_tried(tmp_path, single_process_group, monkeypatch):
+    monkeypatch.setenv("GPT_CKPT_FAULT", "L2.write:fail:1")  # the flusher's disk is full for version 1
     state = SyntheticState()
     engine, logs = make_engine(tmp_path, single_process_group, state, interval=1)
-    monkeypatch.setenv("GPT_CKPT_FAULT", "L2.write:fail")
     state.optimizer_step(engine)
     engine.request(1)
-    while not engine.stats.flushes:
-        time.sleep(0.01)
-    monkeypatch.delenv("GPT_CKPT_FAULT")
+    engine.wait_idle()
     state.optimizer_step(engine)
     engine.request(2)
     engine.close(drain=True)

@@ -2,7 +2,6 @@
 into a pool slot, which is the snapshot. Versions equal the state after their step; a fence waits
 only for the shard a flush has not read; no byte is copied; the pool stays within its budget."""
 
-import threading
 import time
 
 import pytest
@@ -44,30 +43,24 @@ def test_every_version_is_the_state_after_its_step_with_fences_hit(tmp_path, sin
             assert torch.equal(values, expected.arrays[name]), (version, name)
 
 
-def test_a_fence_waits_only_for_the_shard_a_flush_has_not_read(tmp_path, single_process_group):
-    """The flush of version 1 stops after reading shards 0-1; step 3 writes that slot: shards 0
-    and 1 go on at once, shard 2 waits until the flush has read it."""
+def test_a_fence_waits_only_for_the_shard_a_flush_has_not_read(tmp_path, single_process_group, monkeypatch):
+    """The flush of version 1 (in the flusher process) stops after reading shards 0-1 until a
+    fence waits on its slot (``GPT_CKPT_HOLD=read:2``); step 3 writes that slot: shards 0 and 1 go
+    on at once, shard 2 waits until the flush has read it."""
+    monkeypatch.setenv("GPT_CKPT_HOLD", "read:2")
     state = SyntheticState(shards=4)
     engine, _ = make_engine(tmp_path, single_process_group, state, slots=2, zero_copy=True)
-    paused, go = threading.Event(), threading.Event()
-
-    def read_hook(read: int) -> None:
-        if read == 2 and not paused.is_set():  # version 1's flush only (version 2's reads B later)
-            paused.set()
-            assert go.wait(60), "the step never reached shard 2"
-            deadline = time.monotonic() + 60
-            while engine._fence_blocked_on is None:  # shard 2's fence is waiting before we go on
-                assert time.monotonic() < deadline, "no fence waited on the slot"
-                time.sleep(0.005)
-
-    engine.read_hook = read_hook
     state.optimizer_step(engine)  # version 1 into slot A
     engine.request(1)
-    assert paused.wait(60)  # version 1's flush started (before request 2: it is not superseded)
+    deadline = time.monotonic() + 60
+    while engine.flush_progress() != (1, 2):  # version 1's flush (job 1) started and paused: not superseded
+        assert time.monotonic() < deadline, f"the flush never paused at 2 shards: {engine.flush_progress()}"
+        engine.active()
+        time.sleep(0.005)
     state.optimizer_step(engine)  # version 2 into slot B: nothing reads B, no wait
     engine.request(2)  # B holds a version now: step 3 writes out of place, into A
     assert engine.stats.fence_waits == 0
-    state.optimizer_step(engine, on_shard=lambda i: go.set() if i == 1 else None)  # version 3 into A
+    state.optimizer_step(engine)  # version 3 into A
     engine.close()
     waited = engine.stats.stall_by_shard
     assert waited[0] == 0 and waited[1] == 0, waited

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ckpt-write-rate-limit", type=float, metavar="MB_PER_S",
                    help="L1/L2: write at most this many MB/s per rank (fewer versions persist, training is "
                         "disturbed less); default: no limit")
+    c.add_argument("--ckpt-flusher-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="stop training with an error when this rank's checkpoint flusher process shows no sign "
+                        "of life (or, while training waits on it, no progress) for this long")
     return p
 
 
@@ -313,6 +316,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             local_retain_last=args.ckpt_local_retain_last,
             persistent_interval=args.ckpt_persistent_interval,
             write_rate_limit_mb=args.ckpt_write_rate_limit,
+            flusher_timeout=args.ckpt_flusher_timeout,
         )
         if optimizer.cpu_offload and training.bf16 and checkpoint.async_save:
             raise ArgumentError("--optimizer-cpu-offload with --bf16 and --async-save is not supported yet: the "

@@ -1,7 +1,8 @@
 """The checkpoint engine's counters in TensorBoard, per iteration, over all ranks.
 
 Each iteration every rank contributes one small vector (stall, fence waits, copy time, pool
-occupancy, the CPU time the engine's threads used since the last iteration, bytes and seconds of
+occupancy, the CPU time the flusher process used and the time the training thread spent in the
+engine's request and fences since the last iteration, bytes and seconds of
 the flushes finished since the last iteration, stall per shard);
 one all-gather on a gloo group of its own brings them to the logging rank, which writes the
 maximum stall and the rank it came from, sums of bytes, bandwidth per level and a histogram of
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 LEVELS = ("L1", "L2")
-FIXED = 5 + 2 * len(LEVELS)  # stall, fence waits, copy ms, busy slots, engine CPU ms, (bytes, seconds) per level
+FIXED = 6 + 2 * len(LEVELS)  # stall, fence waits, copy ms, busy slots, flusher CPU ms, (bytes, seconds) per level, training-thread ms
 
 LAYOUT = {
     "Checkpoint": {
@@ -23,7 +24,8 @@ LAYOUT = {
         "fence waits": ["Multiline", ["checkpoint/fence-waits"]],
         "snapshot copy (ms)": ["Multiline", ["checkpoint/snapshot-copy-ms"]],
         "host pool occupancy": ["Multiline", ["checkpoint/pool-occupancy"]],
-        "engine threads' CPU (ms, max over ranks)": ["Multiline", ["checkpoint/engine-cpu-ms"]],
+        "flusher processes' CPU (ms, max over ranks)": ["Multiline", ["checkpoint/flusher-cpu-ms"]],
+        "training thread in request and fences (ms, max over ranks)": ["Multiline", ["checkpoint/training-thread-ms"]],
         "flush bandwidth (GB/s)": ["Multiline", [f"checkpoint/flush-GBps-{lv}" for lv in LEVELS]],
         "flush time (s)": ["Multiline", [f"checkpoint/flush-seconds-{lv}" for lv in LEVELS]],
         "bytes flushed": ["Multiline", [f"checkpoint/bytes-{lv}" for lv in LEVELS]],
@@ -54,6 +56,7 @@ class CheckpointTelemetry:
         self._flush_cursor = 0
         self._stall_seen = 0.0
         self._cpu_seen = 0.0
+        self._own_seen = 0.0
         self._fences_seen = 0
         self._shard_seen = [0.0] * self.shards
         if writer is not None:
@@ -69,6 +72,9 @@ class CheckpointTelemetry:
         cpu = s.cpu_seconds
         vector[4] = 1000 * (cpu - self._cpu_seen)
         self._cpu_seen = cpu
+        own = s.training_thread_seconds
+        vector[FIXED - 1] = 1000 * (own - self._own_seen)
+        self._own_seen = own
         flushes = s.flushes[self._flush_cursor :]
         for i, level in enumerate(LEVELS):
             done = [f for f in flushes if f.level == level and f.error is None]
@@ -96,7 +102,8 @@ class CheckpointTelemetry:
         w.add_scalar("checkpoint/fence-waits", table[:, 1].sum().item(), iteration)
         w.add_scalar("checkpoint/snapshot-copy-ms", table[:, 2].max().item(), iteration)
         w.add_scalar("checkpoint/pool-occupancy", table[:, 3].max().item(), iteration)
-        w.add_scalar("checkpoint/engine-cpu-ms", table[:, 4].max().item(), iteration)
+        w.add_scalar("checkpoint/flusher-cpu-ms", table[:, 4].max().item(), iteration)
+        w.add_scalar("checkpoint/training-thread-ms", table[:, FIXED - 1].max().item(), iteration)
         for i, level in enumerate(LEVELS):
             nbytes, seconds = table[:, 5 + 2 * i].sum().item(), table[:, 6 + 2 * i].max().item()
             if nbytes > 0:
