@@ -139,6 +139,15 @@ class Flusher:
 
     # -- the receiving thread: descriptions at once, jobs into the queue --------------------------
     def receive(self) -> None:
+        try:
+            self._receive()
+        except BaseException:  # noqa: BLE001 - reported to the trainer whole; this process then ends
+            try:
+                self.send(("fatal", traceback.format_exc()))
+            finally:
+                os._exit(1)
+
+    def _receive(self) -> None:
         while True:
             self.beat()
             try:
@@ -175,7 +184,7 @@ class Flusher:
 
     # -- the flush loop (this process's main thread) ---------------------------------------------
     def run(self) -> None:
-        threading.Thread(target=self.receive, name="ckpt-flusher-recv", daemon=True).start()
+        threading.Thread(target=self.receive, name="ckpt-flusher-recv", daemon=True).start()  # its process's only other thread
         while True:
             with self.cond:
                 while not self.queue and not self.stopping:

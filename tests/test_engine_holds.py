@@ -1,17 +1,16 @@
 """``GPT_CKPT_HOLD`` (``checkpointing.faults``): the holds that make the outcome of a trainer test
 independent of the machine's speed. ``request`` makes every due version reach its level (nothing
-is superseded) and fixes what L0 and the levels hold when training passes an iteration; ``copy``
-makes the step after each request wait at a fence. Both are checked here against the engine's
-own record, with a disk slower than the steps (which, without the hold, supersedes versions)."""
-
-import time
+is superseded) and fixes what L0 and the levels hold when training passes an iteration: checked
+against the engine's own record, with a disk slower than the steps (which, without the hold,
+supersedes versions). The holds live in ``checkpointing.pacing``, not in the engine's rules."""
 
 import pytest
 import torch
 
-from checkpointing import faults
+from checkpointing import faults, pacing
+from checkpointing.control_block import ControlBlock
 from checkpointing.reader import CheckpointReader
-from tests.helpers import SHARDS, SyntheticState, make_engine, shared_memory_removed_after
+from tests.helpers import SyntheticState, make_engine, shared_memory_removed_after
 
 
 @pytest.fixture(autouse=True)
@@ -31,9 +30,9 @@ def test_hold_spec_names_points_and_iterations(monkeypatch):
 
 def test_request_hold_flushes_every_version_before_the_next_request(tmp_path, single_process_group, monkeypatch):
     monkeypatch.setenv(faults.HOLD_ENV, "request")
+    monkeypatch.setenv(faults.DELAY_ENV, "flush:50")  # a disk slower than the steps
     state = SyntheticState()
     engine, _ = make_engine(tmp_path, single_process_group, state, slots=2, interval=1)
-    engine.flush_hook = lambda level, version: time.sleep(0.05)  # a disk slower than the steps
     expected, seen = {}, {}
     for it in range(1, 7):
         state.optimizer_step(engine)
@@ -52,42 +51,18 @@ def test_request_hold_flushes_every_version_before_the_next_request(tmp_path, si
         assert all(torch.equal(loaded[k], arrays[k]) for k in arrays), f"version {it}"
 
 
-def test_copy_hold_makes_every_step_after_a_request_wait_at_a_fence(tmp_path, single_process_group, monkeypatch):
-    monkeypatch.setenv(faults.HOLD_ENV, "copy")
-    state = SyntheticState()
-    engine, _ = make_engine(tmp_path, single_process_group, state, slots=2, interval=10**6)  # L0 only
-    for it in range(1, 7):
-        state.optimizer_step(engine)
-        engine.request(it)
-    engine.close(drain=True)  # the last version's copy, which no step waits for, goes on at the end
-    assert engine.stats.copies == 6
-    # the first shard's fence of steps 2-6 waited every time (later shards only if they caught up)
-    assert engine.stats.stall_by_shard[0] > 0 and engine.stats.fence_waits >= 5
-    assert all(engine.stats.stall_by_iteration.get(it, 0) > 0 for it in range(2, 7)), engine.stats.stall_by_iteration
-    (slot,) = [s for s in engine.pool.slots if s.version == 6]
-    assert all(torch.equal(slot.arrays[k], v) for k, v in state.arrays.items()), "the last version, copied at close"
-
-
-def test_copy_hold_at_one_iteration_holds_only_that_version(tmp_path, single_process_group, monkeypatch):
-    monkeypatch.setenv(faults.HOLD_ENV, "copy:3")
-    state = SyntheticState()
-    engine, _ = make_engine(tmp_path, single_process_group, state, slots=2, interval=10**6)
-    waits_in = {}
-    for it in range(1, 6):
-        before = engine.stats.fence_waits
-        state.optimizer_step(engine)
-        waits_in[it] = engine.stats.fence_waits - before
-        engine.request(it)
-        if it != 3:  # every other version is copied before the next step
-            engine.wait_idle(drain=False)
-    engine.close(drain=True)
-    assert waits_in == {1: 0, 2: 0, 3: 0, 4: waits_in[4], 5: 0} and waits_in[4] >= 1, waits_in
-    assert len(engine.stats.stall_by_shard) == SHARDS
-
-
-def test_without_a_hold_no_fence_calls_back(tmp_path, single_process_group, monkeypatch):
-    monkeypatch.delenv(faults.HOLD_ENV, raising=False)
-    state = SyntheticState()
-    engine, _ = make_engine(tmp_path, single_process_group, state)
-    assert engine.copier.on_block is None
-    engine.close(drain=True)
+def test_without_a_hold_the_pacing_does_nothing(monkeypatch, tmp_path):
+    """Production pacing: requests never wait for background work, flushes never wait and are
+    superseded as the rules say; only the environment of a test arms a hold."""
+    for name in (faults.HOLD_ENV, faults.DISK_GATE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert type(pacing.training_pacing()) is pacing.TrainingPacing
+    block = ControlBlock(str(tmp_path / "ctl"), create=True)
+    production = pacing.flusher_pacing(block, 0)
+    assert type(production) is pacing.FlusherPacing and production.may_supersede
+    monkeypatch.setenv(faults.HOLD_ENV, "flush")
+    held = pacing.flusher_pacing(block, 0)
+    assert not held.may_supersede
+    monkeypatch.setenv(faults.HOLD_ENV, "read:2")
+    assert pacing.flusher_pacing(block, 0).read_pause == 2 and faults.hold_value("read") == 2
+    block.close()

@@ -2,21 +2,20 @@
 
     torchrun --nproc-per-node 2 tests/workers/engine_skip_worker.py OUT_DIR
 
-Each rank's disk holds its first flush until that rank has requested three more versions, and
-every later flush is slower than its iterations, so ``request`` takes the slots of superseded
+Each rank's disk (its flusher's: ``GPT_CKPT_DISK_GATE``) is stuck until that rank has requested
+four versions, and every flush is slower than its iterations (``GPT_CKPT_DELAY``), so ``request`` takes the slots of superseded
 queued versions (orphaning their jobs) at moments that differ between the ranks. Rank 0 then
 checks, from both engines' records, that both ranks flushed and skipped the same versions, that
 some were skipped, that no request waited, and that every committed version holds, bit for bit,
 both ranks' state after that step. Prints ``OK``.
 
-Nothing here depends on the machine's speed: the held first flush makes skipping certain (three
-requests find its slot pinned and a slot free only by superseding a queued version), and each
+Nothing here depends on the machine's speed: the stuck disk makes skipping certain (the fourth
+request finds every slot pinned and a slot free only by superseding a queued version), and each
 request is made once the previous version is in L0 (a copy still landing is not a slow disk).
 """
 
 import os
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -38,33 +37,23 @@ def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    gate = os.path.join(out, f"disk-free-r{rank}")
+    os.environ["GPT_CKPT_DISK_GATE"] = gate  # read by this rank's flusher process, started below
+    os.environ["GPT_CKPT_DELAY"] = "flush:300"
     shape = {"shard_numel": SHARD_NUMEL, "world_size": 2}
     state = SyntheticState(rank=rank, **shape)
     specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}
     pool = HostPool(f"test-skip-{os.path.basename(out)}", rank, specs, SLOTS, None)
     engine = CheckpointEngine(state, pool, [Level("L2", os.path.join(out, "l2"), 1, None)],
                               dist.new_group(backend="gloo"), print)
-    requested = [0]
-    more_requested = threading.Condition()
-    first_flush = []
-
-    def slow_disk(level, version):
-        if not first_flush:  # held until this rank requested 3 more versions (all slots then taken)
-            first_flush.append(version)
-            with more_requested:
-                more_requested.wait_for(lambda: requested[0] >= min(version + SLOTS, VERSIONS), timeout=60)
-        else:
-            time.sleep(0.3)
-
-    engine.flush_hook = slow_disk
     for it in range(1, VERSIONS + 1):
         state.optimizer_step(engine)
-        while engine.stats.copies < it - 1:  # the previous version has landed in L0
+        while engine.stats.copies < it - 1:  # the previous version is in L0
+            engine.active()
             time.sleep(0.001)
         engine.request(it)
-        with more_requested:
-            requested[0] = it
-            more_requested.notify_all()
+        if it == SLOTS + 1:
+            open(gate, "w").close()
         time.sleep(0.03 if rank == 0 else 0.08)  # the ranks reach each request at other times
     engine.close(drain=True)
     flushed = [f.version for f in engine.stats.flushes if f.error is None]
