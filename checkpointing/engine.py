@@ -49,6 +49,7 @@ from checkpointing import control_block as cb
 from checkpointing import faults, flush_rules
 from checkpointing.engine_stats import EngineStats, FlushRecord
 from checkpointing.errors import FlusherError
+from checkpointing import flusher
 from checkpointing.flusher import FlusherSpec
 from checkpointing.host_pool import ArraySpec, HostPool, job_tag
 from checkpointing.items import CheckpointableState
@@ -197,10 +198,10 @@ class CheckpointEngine:
                                       pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._conn.send(spec)
+        flusher.send(self._conn, spec)
         while True:  # its group forms once every rank's flusher is up
             if self._conn.poll(0.05):
-                message = self._conn.recv()
+                message = flusher.receive(self._conn)
                 if message[0] == "ready":
                     break
                 self._handle(message)
@@ -252,7 +253,7 @@ class CheckpointEngine:
         """Read every answer the flusher has sent (no wait)."""
         try:
             while self._conn.poll(0):
-                self._handle(self._conn.recv())
+                self._handle(flusher.receive(self._conn))
         except (EOFError, OSError):
             if self._cpu_final is not None:
                 return  # it said it stopped, then closed its end
@@ -274,7 +275,7 @@ class CheckpointEngine:
         if code is not None or self._error:
             try:
                 while self._conn.poll(0):
-                    self._handle(self._conn.recv())
+                    self._handle(flusher.receive(self._conn))
             except (EOFError, OSError):
                 pass
             what = f"{_status(code)}" if code is not None else "failed"
@@ -312,7 +313,7 @@ class CheckpointEngine:
 
     def _send(self, message) -> None:
         try:
-            self._conn.send(message)
+            flusher.send(self._conn, message)
         except OSError:
             self._check_flusher()
             raise

@@ -29,6 +29,7 @@ import collections
 import ctypes
 import gc
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -51,6 +52,18 @@ from checkpointing.levels import Level
 from checkpointing.pacing import flusher_pacing
 
 HEARTBEAT_SECONDS = 0.5
+
+
+def send(conn: Connection, message) -> None:
+    """Plain pickle over the socket: ``Connection.send`` pickles tensors by handing out shared
+    memory through a multiprocessing server that this (not multiprocessing-started) process
+    cannot authenticate to; the bytes themselves are what crosses."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def receive(conn: Connection):
+    """A message of :func:`send` (from this job's own process, over a private socket pair)."""
+    return pickle.loads(conn.recv_bytes())
 
 
 @dataclass(frozen=True)
@@ -131,7 +144,7 @@ class Flusher:
 
     def send(self, message) -> None:
         with self.send_lock:
-            self.conn.send(message)
+            send(self.conn, message)
 
     def beat(self) -> None:
         self.block[cb.HEARTBEAT_NS] = time.monotonic_ns()
@@ -153,7 +166,7 @@ class Flusher:
             try:
                 if not self.conn.poll(HEARTBEAT_SECONDS):
                     continue
-                message = self.conn.recv()
+                message = receive(self.conn)
             except (EOFError, OSError):
                 os._exit(3)  # the trainer is gone: so is this job's checkpointing (nothing half-written is committed)
             kind = message[0]
@@ -216,6 +229,7 @@ class Flusher:
                 for seq in [s for s in self.objects if s not in needed]:
                     del self.objects[seq]
             self.send(("done", job.id, record, self.tracer.take() if self.tracer else []))
+            faults.reach("flusher.idle", job.version)  # fault trials kill the flusher between jobs here
 
     def flush(self, job: _Job, level: Level) -> tuple:
         """Write one version to one level; returns (bytes, seconds, error)."""
@@ -253,7 +267,11 @@ class Flusher:
 
 
 def _die_with_parent(parent: int) -> None:
-    """SIGKILL this process when the trainer dies (Linux ``PR_SET_PDEATHSIG``)."""
+    """SIGKILL this process when the trainer dies (Linux ``PR_SET_PDEATHSIG``). SIGTERM and SIGINT
+    are ignored: a launcher (torchrun, Slurm) signals the trainer's whole process group, and the
+    trainer answers a SIGTERM by draining its flushes through this process, then stopping it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (AttributeError, OSError):
@@ -290,7 +308,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     conn = Connection(fd)
     try:
-        spec: FlusherSpec = conn.recv()
+        spec: FlusherSpec = receive(conn)
     except EOFError:
         return 3
     _lower_priority()
@@ -309,14 +327,14 @@ def main(argv: list[str]) -> int:
         flusher = Flusher(spec, conn, block, dist.group.WORLD)
         gc.collect()
         gc.freeze()  # what start-up allocated is never scanned again: the loop's garbage is small
-        conn.send(("ready", time.monotonic() - started, _resident_bytes()))
+        send(conn, ("ready", time.monotonic() - started, _resident_bytes()))
         flusher.run()
         dist.destroy_process_group()
-        conn.send(("stopped", time.process_time()))
+        send(conn, ("stopped", time.process_time()))
         return 0
     except BaseException:  # noqa: BLE001 - reported to the trainer whole, then this process ends
         try:
-            conn.send(("fatal", traceback.format_exc()))
+            send(conn, ("fatal", traceback.format_exc()))
         except OSError:
             pass
         raise

@@ -21,13 +21,17 @@ about 1 GB. Two parts:
   DCP save; DCP async_save with a thread and with a process. Overhead = median iteration time /
   median without checkpointing - 1; blocked = time the training thread spent in checkpoint calls
   and fences, per checkpoint. Each round's line also gives the CPU seconds per iteration of
-  each thread (training, OpenMP workers, the engine's ``ckpt-copy`` and ``ckpt-flush``).
+  each thread of the training process (training, OpenMP workers) and the flusher process's CPU.
+
+- ``host-bound``: the product CLI (``pretrain_gpt.py``) on a model whose iteration is Python and op
+  dispatch (16 layers x 128, seq 64, 8 micro-batches of 1), one OpenMP thread, so the second core
+  is free for the flusher process: none, L0 every iteration + L1 every 10th, every iteration to
+  disk; interleaved rounds, time between consecutive iteration lines, with the run's summary.
 
 Each method of a round runs in a process of its own, so that each can have its own OpenMP wait
-policy (``method@passive``): ``pretrain_gpt.py --async-save`` makes OpenMP wait passively
-(``trainer/cpu_threads.py``), and overheads are against ``none`` with OpenMP's default.
+policy (``method@passive``); overheads are against ``none`` with OpenMP's default.
 
-    python scripts/bench_checkpoint.py [--part format|flush-cost|restore|overhead|all] [--rounds 2] [--iters 6] [--methods ...]
+    python scripts/bench_checkpoint.py [--part format|flush-cost|restore|overhead|host-bound|all] [--rounds 2] [--iters 6] [--methods ...]
         [--reader-file FILE]
 """
 
@@ -752,15 +756,19 @@ def child(name: str, iters: int, warmup: int, workdir: str) -> None:
         if i == warmup:
             cpu_before = thread_cpu_seconds()
             machine_before = machine_cpu_ticks()
+            flusher_before = _flusher_cpu(m)
         started = time.perf_counter()
         trainer.train_step()
         m.checkpoint(trainer.iteration)
         if i >= warmup:
             times.append(time.perf_counter() - started)
     cpu_after = thread_cpu_seconds()
+    flusher_after = _flusher_cpu(m)
     machine = [b - a for a, b in zip(machine_before, machine_cpu_ticks())]
     m.stop()
     cpu = {name: (cpu_after[name] - cpu_before.get(name, 0.0)) / iters for name in cpu_after}
+    if flusher_after is not None:
+        cpu["flusher process"] = (flusher_after - flusher_before) / iters
     result = {"times": times, "bytes": state_bytes(trainer), "cpu": {k: v for k, v in cpu.items() if v >= 0.005},
               "steal": machine[7] / max(sum(machine), 1), "idle": (machine[3] + machine[4]) / max(sum(machine), 1)}
     result.update(blocked=sum(m.blocked[-iters:]))
@@ -771,6 +779,15 @@ def child(name: str, iters: int, warmup: int, workdir: str) -> None:
     else:
         result.update(persisted=0 if isinstance(m, CopyFloor) else len(m.blocked), superseded=0)
     print(json.dumps(result), flush=True)
+
+
+def _flusher_cpu(method) -> float | None:
+    """The engine's flusher process's CPU seconds so far (its clock, from the control block)."""
+    if not isinstance(method, EngineMethod):
+        return None
+    from checkpointing import control_block
+
+    return method.engine.block[control_block.CPU_NS] / 1e9
 
 
 def thread_cpu_seconds() -> dict[str, float]:
@@ -833,19 +850,85 @@ def part_overhead(workdir, rounds, iters, specs, warmup=2) -> None:
               f"{ms / (nbytes / 1e9):.2f} | {disk} |")
 
 
+HOST_BOUND_MODEL = ("--num-layers 16 --hidden-size 128 --num-attention-heads 4 --seq-length 64 --max-position-embeddings 64 "
+                    "--vocab-size 1024 --mock-data --micro-batch-size 1 --global-batch-size 8 --lr 1e-4 "
+                    "--hidden-dropout 0 --attention-dropout 0 --use-distributed-optimizer --log-interval 1").split()
+HOST_BOUND_ROWS = {
+    "none": [],
+    "L0 every it + L1 every 10th": ["--async-save", "--save-interval", "1", "--ckpt-local-interval", "10",
+                                    "--ckpt-persistent-interval", "1000000"],
+    "every it to disk (L2)": ["--async-save", "--save-interval", "1"],
+}
+
+
+def run_host_bound(row: str, iters: int, warmup: int, workdir: str) -> dict:
+    """``pretrain_gpt.py`` as a user runs it, one OpenMP thread; the time between consecutive
+    console lines (one per iteration, printed right after the step) is what an iteration costs
+    with everything around it (the checkpoint request included), read as the lines arrive."""
+    import re
+    import subprocess
+
+    base = os.path.join(workdir, "host-bound", row.split()[0].replace(" ", "_"))
+    shutil.rmtree(base, ignore_errors=True)
+    extra = list(HOST_BOUND_ROWS[row])
+    if extra:
+        extra += ["--save", os.path.join(base, "l2")]
+        if "--ckpt-local-interval" in extra:
+            extra += ["--ckpt-local-dir", os.path.join(base, "l1")]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", GPT_FORCE_CPU="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           os.path.join(ROOT, "scripts", "pretrain_gpt.py"), *HOST_BOUND_MODEL, "--train-iters", str(warmup + iters), *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    arrivals, lines = [], []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.match(r"\s*iteration\s+\d+/", line):
+            arrivals.append(time.perf_counter())
+    if proc.wait() != 0:
+        raise RuntimeError(f"host-bound {row}: pretrain_gpt.py failed:\n{''.join(lines[-30:])}")
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])][warmup:]
+    summary = [line.rstrip() for line in lines if line.startswith(("> checkpointing summary", "  training process",
+                                                                   "  flusher processes", "  machine:", "> async checkpointing"))]
+    shutil.rmtree(base, ignore_errors=True)
+    return {"times": gaps, "summary": summary}
+
+
+def part_host_bound(workdir: str, rounds: int, iters: int, warmup: int = 3) -> None:
+    """A host-bound loop with a core to spare (issue 24): a model whose iteration is Python and op
+    dispatch, one OpenMP thread; interleaved rounds of the product CLI per row."""
+    times = {row: [] for row in HOST_BOUND_ROWS}
+    summaries = {}
+    for r in range(rounds):
+        for row in (list(HOST_BOUND_ROWS) if r % 2 == 0 else list(HOST_BOUND_ROWS)[::-1]):
+            out = run_host_bound(row, iters, warmup, workdir)
+            times[row] += out["times"]
+            summaries[row] = out["summary"]
+            print(f"  round {r + 1}: {row}: median {1000 * statistics.median(out['times']):.1f} ms/it", flush=True)
+            for line in out["summary"]:
+                print(f"      {line}", flush=True)
+    base = statistics.median(times["none"])
+    print(f"\n## Host-bound: 16 layers x 128, seq 64, 8 micro-batches of 1, OMP_NUM_THREADS=1, {rounds} interleaved "
+          f"rounds of {iters} iterations (after {warmup})\n")
+    print("| --async-save setting | median ms/iteration | vs none |\n|---|---|---|")
+    for row, values in times.items():
+        med = statistics.median(values)
+        print(f"| {row} | {1000 * med:.1f} | {100 * (med / base - 1):+.1f}% |")
+
+
 DEFAULT_METHODS = ("none,none@passive,engine-l0,engine-l0@passive,engine-zc-l0,engine-zc-l0@passive,engine-disk,"
                    "engine-zc-disk,engine-zc-disk@passive,checkfreq,dcp-async-staged,dcp-async-thread")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("format", "flush-cost", "restore", "overhead", "all"), default="all")
+    parser.add_argument("--part", choices=("format", "flush-cost", "restore", "overhead", "host-bound", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help=f"comma-separated, of {', '.join(METHODS)}, each with an optional @passive or @active "
-                             "(OMP_WAIT_POLICY of its process; pretrain_gpt.py uses passive with --async-save)")
+                             "(OMP_WAIT_POLICY of its process)")
     parser.add_argument("--workdir", help="where checkpoints go (default: a temporary directory)")
     parser.add_argument("--reader-file", help="restore: also time the CheckpointReader defined in this file, e.g. the "
                         "one before issue 18 (git show 2ffe828:checkpointing/reader.py > /tmp/reader_before.py)")
@@ -879,6 +962,8 @@ def main() -> int:
             del trainer
         if args.part in ("overhead", "all"):
             part_overhead(workdir, args.rounds, args.iters, specs, args.warmup)
+        if args.part in ("host-bound", "all"):
+            part_host_bound(workdir, args.rounds, args.iters)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

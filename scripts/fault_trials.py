@@ -2,9 +2,10 @@
 """Fault-injection trials of the checkpoint engine: kill or damage, resume, check.
 
 Each trial trains a tiny GPT (1 process, async engine: L0 every iteration, L1 every 2nd, L2
-every 4th) and either kills it at a point on the checkpoint path (inside an optimizer step, which
-writes the snapshot into the pool with zero-copy snapshots; each level's
-data write, metadata write and tracker update, or between iterations) or lets it finish and then
+every 4th) and either kills it at a point on the checkpoint path (the trainer inside an optimizer
+step, which writes the snapshot into the pool with zero-copy snapshots, or between iterations,
+also while its flusher is in a flush; the flusher process in each level's data write, metadata
+write and tracker update, in an L0 description, or idle) or lets it finish and then
 damages its checkpoints (flipped bits, truncation, a deleted rank file, a full disk or a
 read-only directory while saving, lost node-local data). It then resumes and checks that
 
@@ -43,7 +44,13 @@ ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2",
                "--lr", "3e-3", "--lr-decay-iters", "20", "--log-interval", "100", "--async-save", "--save-interval", "1",
                "--ckpt-local-interval", "2", "--ckpt-local-retain-last", "3", "--ckpt-persistent-interval", "4",
                "--save-retain-last", "3"]
-KILL_POINTS = ["step", "L1.write", "L1.metadata", "L1.tracker", "L2.write", "L2.metadata", "L2.tracker", "iteration"]
+KILL_POINTS = ["step", "L1.write", "L1.metadata", "L1.tracker", "L2.write", "L2.metadata", "L2.tracker", "iteration",
+               "describe", "flusher.idle", "trainer-in-flush"]
+"""Where a SIGKILL lands. The trainer: ``step`` (inside an optimizer step), ``iteration`` (between
+iterations), ``trainer-in-flush`` (between iterations while its flusher is in a slowed flush: the
+flusher must go with it). The flusher process: ``L*.write``/``L*.metadata``/``L*.tracker`` (in a
+flush or its commit), ``describe`` (writing an L0 description), ``flusher.idle`` (after a job,
+waiting for the next); the trainer must then stop with an error, and the restart resume."""
 DAMAGES = ["flip", "truncate", "delete-rank-file", "delete-metadata", "full-disk", "read-only", "lose-node-local"]
 # A fault on a level's write fires only if that version is flushed; without the hold, a version
 # superseded before its flush started is skipped (by design) and the fault is never reached, as
@@ -141,11 +148,15 @@ def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], 
         if rng.random() < 0.5:
             kind = "kill"
             point = rng.choice(KILL_POINTS)
-            flush_iters = {"L1": [2, 4, 6, 8, 10], "L2": [4, 8]}
+            flush_iters = {"L1": [2, 4, 6, 8, 10], "L2": [4, 8], "flusher": [2, 4, 6, 8, 10]}
             iteration = rng.choice(flush_iters.get(point.split(".")[0], list(range(2, TRAIN))))
             detail = f"SIGKILL at {point}, iteration {iteration}"
-            hold = HOLD if point.startswith("L") else {}
-            proc = run_pretrain(_args(base, TRAIN), check=False, env={"GPT_CKPT_FAULT": f"{point}:kill:{iteration}", **hold})
+            env = {"GPT_CKPT_FAULT": f"{point}:kill:{iteration}"}
+            if point.startswith(("L", "flusher")):
+                env.update(HOLD)
+            if point == "trainer-in-flush":
+                env = {"GPT_CKPT_FAULT": f"iteration:kill:{iteration}", "GPT_CKPT_DELAY": "flush:400"}
+            proc = run_pretrain(_args(base, TRAIN), check=False, env=env)
             if proc.returncode == 0:
                 return TrialResult(kind, detail, -1, None, False, "the fault point was never reached")
         else:

@@ -39,12 +39,12 @@ def runs(tmp_path_factory):
                          "--ckpt-local-retain-last", "100"]
     stdout = {}
     # Held (checkpointing/faults.py), so that the outcome does not depend on the machine's speed.
-    # copy: each version's copy starts only once the next optimizer step is blocked in a fence
-    # (the optimizer really waits at fences), and each request waits until the previous version
-    # is flushed (no version is superseded: every one reaches both levels).
+    # copy: the version is copied at its request (on the host: no fence waits), and each request
+    # waits until the previous version is flushed (no version is superseded: every one reaches
+    # both levels).
     # zero-copy, two slots: each flush starts only once a step is blocked in a fence on its slot
     # (the step two later: it waits shard by shard), and no flush is superseded.
-    for mode, extra, hold in (("copy", [], "request,copy"), ("zero-copy", ["--ckpt-host-versions", "1"], "flush")):
+    for mode, extra, hold in (("copy", [], "request"), ("zero-copy", ["--ckpt-host-versions", "1"], "flush")):
         proc = run_pretrain(async_args + extra + ["--ckpt-snapshot", mode, "--save", str(base / f"{mode}-l2"),
                                                   "--ckpt-local-dir", str(base / f"{mode}-l1"),
                                                   "--tensorboard-dir", str(base / f"tb-{mode}")],
@@ -60,15 +60,16 @@ def test_losses_equal_training_without_checkpoints(runs):
     assert read_scalars(base / "tb-sync", "lm loss") == read_scalars(base / "tb-none", "lm loss")
 
 
-@pytest.mark.parametrize("mode, min_waits", [("copy", 2 * 7), ("zero-copy", 2 * 6)])
+@pytest.mark.parametrize("mode, min_waits", [("copy", 0), ("zero-copy", 2 * 6)])
 def test_every_async_version_equals_the_synchronous_save(runs, tmp_path, mode, min_waits):
-    """copy: each rank's steps 2-8 wait for their shard's copy; zero-copy: steps 3-8 wait for the
+    """copy: copied at each request, no fence waits on the host; zero-copy: steps 3-8 wait for the
     flush of the slot they write (the version two back) to have read each shard."""
     base, stdout = runs
     out = stdout[mode]
     assert ("zero-copy: steps write into the pool" in out) == (mode == "zero-copy")
     waits = re.search(r"(\d+) fence waits", out)
     assert waits and int(waits.group(1)) >= min_waits, out[-1500:]
+    assert mode == "zero-copy" or int(waits.group(1)) == 0, "a copied snapshot on the host never makes a fence wait"
     assert "  L1: 8 checkpoints" in out and "  L2: 8 checkpoints" in out, out[-1500:]  # the engine's record
     sync = {}
     for it in range(1, 9):
