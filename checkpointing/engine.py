@@ -208,6 +208,7 @@ class CheckpointEngine:
             self._check_flusher(waited_since=started)
         self.stats.flusher_start_seconds = time.monotonic() - started
         self.stats.flusher_rss_bytes = message[2]
+        self.stats.flusher_start_cpu_seconds = message[3]
 
     def _handle(self, message) -> None:
         kind = message[0]
@@ -259,7 +260,11 @@ class CheckpointEngine:
                 return  # it said it stopped, then closed its end
             self._check_flusher()
             raise FlusherError(f"rank {self.rank}: the checkpoint flusher's socket closed; {self._committed_line()}")
-        self.stats.flusher_cpu_seconds = self.block[cb.CPU_NS] / 1e9
+        self.stats.flusher_cpu_seconds = self._flusher_cpu(self.block[cb.CPU_NS] / 1e9)
+
+    def _flusher_cpu(self, clock: float) -> float:
+        """The flusher's CPU since it was ready (its start-up, mostly importing torch, apart)."""
+        return max(0.0, clock - self.stats.flusher_start_cpu_seconds)
 
     def _committed_line(self) -> str:
         held = sorted(s.version for s in self.pool.slots if s.version is not None and s.objects is not None)
@@ -656,7 +661,7 @@ class CheckpointEngine:
             if self._cpu_final is not None:
                 self.stats.flusher_cpu_seconds = self._cpu_final
             else:
-                self.stats.flusher_cpu_seconds = self.block[cb.CPU_NS] / 1e9
+                self.stats.flusher_cpu_seconds = self._flusher_cpu(self.block[cb.CPU_NS] / 1e9)
             self._conn.close()
             if self.snapshots is not None:
                 self.snapshots.close()

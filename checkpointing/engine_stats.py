@@ -45,7 +45,10 @@ class EngineStats:
     flushes: list[FlushRecord] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
     flusher_cpu_seconds: float = 0.0
-    """CPU time of the flusher process (its process clock, from the shared control block)."""
+    """CPU time of the flusher process since it was ready (its process clock, from the shared
+    control block); its start-up is :attr:`flusher_start_cpu_seconds`."""
+    flusher_start_cpu_seconds: float = 0.0
+    """CPU time the flusher took to start (interpreter, torch, its group)."""
     flusher_start_seconds: float = 0.0
     """From starting the flusher process to its group being up."""
     flusher_rss_bytes: int = 0

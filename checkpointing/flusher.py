@@ -19,7 +19,7 @@ outlives its job, and a trainer killed mid-flush leaves only an uncommitted dire
 
 Messages (pickled by this job's own processes over a socket pair no one else holds):
 trainer -> flusher ``("describe", seq, slot, version, objects)``, ``("job", id, level, version,
-slot, seq, forced)``, ``("stop",)`` (after the last job), ``("abort",)`` (drop the queue, exit); flusher -> trainer ``("ready", seconds, rss)``,
+slot, seq, forced)``, ``("stop",)`` (after the last job), ``("abort",)`` (drop the queue, exit); flusher -> trainer ``("ready", seconds, rss, cpu)``,
 ``("described", seq, error)``, ``("done", id, record, spans)``, ``("fatal", text)``.
 """
 
@@ -327,7 +327,7 @@ def main(argv: list[str]) -> int:
         flusher = Flusher(spec, conn, block, dist.group.WORLD)
         gc.collect()
         gc.freeze()  # what start-up allocated is never scanned again: the loop's garbage is small
-        send(conn, ("ready", time.monotonic() - started, _resident_bytes()))
+        send(conn, ("ready", time.monotonic() - started, _resident_bytes(), time.process_time()))
         flusher.run()
         dist.destroy_process_group()
         send(conn, ("stopped", time.process_time()))

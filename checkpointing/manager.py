@@ -418,9 +418,11 @@ class CheckpointManager:
         flusher = max(everyone, key=lambda m: m["flusher_cpu_seconds"])
         per_it = 1000 * flusher["flusher_cpu_seconds"] / max(flusher["requests"], 1)
         start = max(m["flusher_start_seconds"] for m in everyone)
+        start_cpu = max(m["flusher_start_cpu_seconds"] for m in everyone)
         rss = max(m["flusher_rss_bytes"] for m in everyone)
         lines.append(f"  flusher processes: {flusher['flusher_cpu_seconds']:.2f} s of CPU on rank {flusher['rank']} "
-                     f"({per_it:.1f} ms per request); up in {start:.1f} s, {rss / 2**20:.0f} MiB resident (worst rank)")
+                     f"({per_it:.1f} ms per request, the final save included); up in {start:.1f} s "
+                     f"({start_cpu:.1f} s of CPU), {rss / 2**20:.0f} MiB resident (worst rank)")
         machine = idle_and_steal(self._machine_started, machine_cpu_times())
         if machine is not None:
             lines.append(f"  machine: {100 * machine[0]:.1f}% idle, {100 * machine[1]:.1f}% stolen by the hypervisor "
@@ -443,6 +445,7 @@ class CheckpointManager:
         mine = {"rank": self.rank, "stall_seconds": stats.stall_seconds,
                 "training_thread_seconds": stats.training_thread_seconds, "flusher_cpu_seconds": stats.flusher_cpu_seconds,
                 "flusher_start_seconds": stats.flusher_start_seconds, "flusher_rss_bytes": stats.flusher_rss_bytes,
+                "flusher_start_cpu_seconds": stats.flusher_start_cpu_seconds,
                 "fence_seconds": stats.fence_seconds,
                 "process_cpu_seconds": time.process_time() - self._cpu_started,
                 "iteration_seconds": {str(k): v for k, v in self.iteration_seconds.items()},
