@@ -155,6 +155,7 @@ TRAINER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a trainer process of its own per case
 @pytest.mark.parametrize("ending", ["time.sleep(600)", "raise RuntimeError('training failed')", "sys.exit(0)"])
 def test_the_flusher_never_outlives_its_trainer(tmp_path, ending):
     """SIGKILL of the trainer, an uncaught error, an exit without closing the engine: the
