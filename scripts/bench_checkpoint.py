@@ -479,11 +479,10 @@ class EngineMethod(Method):
         self.bytes_copied = self.engine.stats.bytes_copied
 
     def close(self):
+        from checkpointing.host_pool import remove_pool
+
         self.engine.close(drain=True)
-        for slot in self.engine.pool.slots:
-            for path in (slot.path, slot.meta_path):
-                if os.path.exists(path):
-                    os.unlink(path)
+        remove_pool(self.engine.pool)  # slots, descriptions and the control block
 
 
 class CheckFreqStyle(Method):

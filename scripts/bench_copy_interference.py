@@ -4,8 +4,11 @@
 The bench model of ``bench_checkpoint.py`` (1.01 GB of checkpointed state) trains with the
 engine (L0 only). A request is made after every other iteration, so iterations that carry a
 background copy alternate with iterations that do not, minutes apart at most: the machine's
-drift, which makes separate processes differ by 10% here, cancels. Variants of what the copy
-thread does, interleaved:
+drift, which makes separate processes differ by 10% here, cancels. Since the flusher process
+(issue 24) a copied snapshot on the host is taken inside ``request`` on the training thread, so
+the copy variants now measure that synchronous copy (the measurements in ``results/`` before
+2026-12-02 were of a copy thread beside the next step). Variants of what the copy does,
+interleaved:
 
 - ``copy``: the engine's copier as it is (one ``memmove`` per array and shard, one thread);
 - ``copy-two-threads``: ``Tensor.copy_`` with an intra-op pool of 2 (the copier before);
@@ -60,7 +63,7 @@ def main() -> int:
     method = bench.EngineMethod(trainer, tempfile.mkdtemp(prefix="bench-copy-"), "copy interference", None, 10**9, 2)
     method.start()
     engine = method.engine
-    copier = engine.copier
+    copier = engine.snapshots.copier  # since issue 24 the copy runs inside request, on the training thread
     current = {"variant": "copy"}
     copy_cpu: list[float] = []  # CPU seconds of one whole copy (all shards), variant copy
     this_copy = {"cpu": 0.0}
