@@ -1,20 +1,19 @@
 """How the engine copies one shard into the host pool, and how a fence waits for it: per device.
 
-The engine's copy thread calls :meth:`copy` shard by shard; the training thread calls
-:meth:`fence` before the optimizer overwrites a shard. The device of the live arrays picks the
-implementation (:func:`copier_for`), in this one place:
+The training thread calls :meth:`copy` shard by shard inside ``request``
+(``checkpointing.snapshots``) and :meth:`fence` before the optimizer overwrites a shard; no
+thread of the training process copies. The device of the live arrays picks the implementation
+(:func:`copier_for`), in this one place:
 
-- **CPU** (:class:`HostShardCopier`): the copy thread copies with one ``memmove`` per array and
-  shard (one thread, the GIL released) and sets one ``threading.Event`` per shard; a fence
-  blocks the training thread until that event is set.
+- **CPU** (:class:`HostShardCopier`): one ``memmove`` per array and shard (the GIL released),
+  done when ``request`` returns; its per-shard flags are set at once, so a fence never waits.
 - **CUDA** (:class:`CudaShardCopier`): the pool's shared memory is registered with CUDA
-  (page-locked, so copies are DMA, not staged); the copy thread enqueues each shard's
-  device-to-host copy on a dedicated stream, after an event recorded on the training stream at
-  ``request`` (so it copies the state after step N, not a later one), and records one CUDA event
-  per shard. A fence makes the training stream wait for that event: the host never blocks, the
-  GPU waits only if the copy is still running. The engine's landing thread waits for the last
-  event before the slot is described (committed to L0) and flushed, so the next ``request``
-  need not wait for the bytes to land.
+  (page-locked, so copies are DMA, not staged); each shard's device-to-host copy is enqueued on
+  a dedicated stream, after an event recorded on the training stream at ``request`` (so it
+  copies the state after step N, not a later one), with one CUDA event per shard. A fence makes
+  the training stream wait for that event: the host never blocks, the GPU waits only if the copy
+  is still running. The engine queries the last event at fences and requests; once it has
+  completed, the slot is described (committed to L0) and flushed by the flusher process.
 """
 
 from __future__ import annotations
@@ -37,10 +36,11 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 class HostShardCopier:
-    """CPU arrays: copies on the copy thread, fences wait on a per-shard flag."""
+    """CPU arrays: copies on the calling (training) thread; a fence waits on a per-shard flag,
+    set by the time ``request`` returns."""
 
     on_block: Callable[[], None] | None = None
-    """Called by a fence that is about to wait (the engine's ``GPT_CKPT_HOLD=copy``)."""
+    """Called by a fence that is about to wait."""
 
     def __init__(self, num_shards: int):
         self._done = [threading.Event() for _ in range(num_shards)]
@@ -59,7 +59,7 @@ class HostShardCopier:
             event.clear()
 
     def copy(self, index: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """On the copy thread: copy ``(destination, source)`` pairs of shard ``index``.
+        """Copy ``(destination, source)`` pairs of shard ``index`` (on the calling thread).
 
         One thread: the copy is bound by memory bandwidth, and ``Tensor.copy_`` with the
         intra-op pool's second thread took 0.22 machine CPU-s per GB against 0.12 for this copy,
@@ -70,7 +70,7 @@ class HostShardCopier:
         self._done[index].set()
 
     def all_started(self):
-        """On the copy thread, after the last shard: a handle to wait for the bytes to land."""
+        """After the last shard: a handle to wait for the bytes to land."""
         return None
 
     def wait_landed(self, handle) -> None:
@@ -105,7 +105,7 @@ class CudaShardCopier:
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self._copied = [torch.cuda.Event() for _ in range(num_shards)]
-        # The copy thread enqueues a shard's copy and records its event; a fence must not look at
+        # request enqueues a shard's copy and records its event; a fence must not look at
         # the event before that, or it would see the previous version's (completed) event.
         self._issued = [threading.Event() for _ in range(num_shards)]
         for event in self._issued:
