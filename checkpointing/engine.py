@@ -258,6 +258,10 @@ class CheckpointEngine:
         except (EOFError, OSError):
             if self._cpu_final is not None:
                 return  # it said it stopped, then closed its end
+            try:  # its end closes as it exits: wait for the exit, so that its status can be named
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
             self._check_flusher()
             raise FlusherError(f"rank {self.rank}: the checkpoint flusher's socket closed; {self._committed_line()}")
         self.stats.flusher_cpu_seconds = self._flusher_cpu(self.block[cb.CPU_NS] / 1e9)
@@ -319,9 +323,14 @@ class CheckpointEngine:
     def _send(self, message) -> None:
         try:
             flusher.send(self._conn, message)
-        except OSError:
+        except OSError as error:
+            try:  # its end closed as it exited: wait for the exit, so that its status can be named
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
             self._check_flusher()
-            raise
+            raise FlusherError(f"rank {self.rank}: cannot reach the checkpoint flusher ({error}); "
+                               f"{self._committed_line()}") from error
 
     # -- the training thread -----------------------------------------------------------------------
     def request(self, version: int, force_flush: bool = False) -> None:
