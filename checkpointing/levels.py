@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Level:
-    """A storage level written by the flush thread."""
+    """A storage level written by the flusher process (or, for ``sync``, by the training process)."""
 
     name: str
     """``L1``, ``L2`` or ``sync`` (names its fault points and trace spans)."""

@@ -147,8 +147,8 @@ class CudaShardCopier:
         self._issued[index].set()
 
     def all_started(self) -> torch.cuda.Event:
-        # Blocking: the landing thread sleeps in synchronize() instead of spinning a core for the
-        # whole copy (a default event's synchronize busy-waits).
+        # Blocking: wait_landed (draining, at the end) sleeps in synchronize() instead of spinning
+        # a core for the whole copy (a default event's synchronize busy-waits).
         landed = torch.cuda.Event(blocking=True)
         landed.record(self.stream)
         return landed
@@ -160,7 +160,7 @@ class CudaShardCopier:
         started = time.perf_counter()
         if self.on_block is not None and not self._issued[index].is_set():
             self.on_block()
-        self._issued[index].wait()  # the copy thread enqueues every shard within microseconds
+        self._issued[index].wait()  # set: request enqueued every shard before this step began
         waited = time.perf_counter() - started
         event = self._copied[index]
         if event.query():

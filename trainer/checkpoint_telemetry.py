@@ -38,8 +38,8 @@ class CheckpointTelemetry:
     """Collects the engine's per-iteration counters on every rank; writes on the logging rank.
 
     ``group``: a gloo group over every rank, used by nothing else. The counters are CPU tensors:
-    on GPUs the default group is NCCL, which cannot gather them, and the engine's own gloo group
-    is used by its flush thread, whose collectives must not interleave with these.
+    on GPUs the default group is NCCL, which cannot gather them, and the checkpoint manager's gloo
+    group serves its own agreements (the flusher processes have a group of their own).
     """
 
     def __init__(self, engine, writer, group):
