@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--log-interval", type=int, default=100)
     lg.add_argument("--tensorboard-dir")
     lg.add_argument("--trace-dir", help="write a Chrome trace (Perfetto) per rank of training and checkpoint phases")
+    lg.add_argument("--metrics-file", help="rank 0 appends a JSON object per logged iteration and one for the summary here")
     lg.add_argument("--eval-interval", type=int)
     lg.add_argument("--eval-iters", type=int, default=10)
 
@@ -278,6 +279,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             eval_iters=args.eval_iters,
             tensorboard_dir=args.tensorboard_dir,
             trace_dir=args.trace_dir,
+            metrics_file=args.metrics_file,
             seed=args.seed,
             bf16=args.bf16,
             transformer_impl=args.transformer_impl,

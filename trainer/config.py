@@ -32,6 +32,9 @@ class TrainingConfig:
     """Where TensorBoard event files go (``--tensorboard-dir``)."""
     trace_dir: str | None = None
     """A Chrome trace (Perfetto) per rank of training and checkpoint phases goes here (``--trace-dir``)."""
+    metrics_file: str | None = None
+    """Rank 0 appends one JSON object per logged iteration and one for the end-of-run summary to this
+    file (``--metrics-file``): what benchmarks and tools read instead of the console."""
     seed: int = 1234
     """Seeds weights, dropout and the data order (``--seed``)."""
     bf16: bool = False
