@@ -111,3 +111,19 @@ def preset_config(name: str, **overrides) -> GPTModelConfig:
         raise ValueError(f"unknown GPTModelConfig fields {sorted(unknown)}")
     values.update(overrides)
     return GPTModelConfig(**values)
+
+
+def model_flops_per_iteration(config: GPTModelConfig, tokens: int) -> float:
+    """Model FLOPs of one training iteration over ``tokens`` tokens (forward + backward, no
+    recomputation counted): ``6 * tokens * (non-embedding parameters + output-layer parameters)``
+    for the matrix products, plus ``12 * layers * hidden * seq * tokens`` for attention's scores
+    and weighted sum (PaLM, Chowdhery et al. 2022, appendix B; the causal mask is not discounted).
+    The output layer is counted although its weight may be tied to the word embeddings: its
+    product is done either way."""
+    h, vocab = config.hidden_size, config.padded_vocab_size(1)
+    embeddings = vocab * h + config.max_position_embeddings * h
+    output = vocab * h if config.untie_embeddings_and_output_weights else 0
+    non_embedding = config.num_parameters(1) - embeddings - output
+    dense = 6.0 * tokens * (non_embedding + vocab * h)
+    attention = 12.0 * config.num_layers * h * config.seq_length * tokens
+    return dense + attention
