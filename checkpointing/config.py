@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cli.flags import flag, flag_name
+
 
 SNAPSHOT_MODES = ("auto", "zero-copy", "copy")
 
@@ -12,71 +14,69 @@ SNAPSHOT_MODES = ("auto", "zero-copy", "copy")
 class CheckpointConfig:
     """Where, when and how checkpoints are saved and loaded."""
 
-    save: str | None = None
-    """L2, the persistent directory (``--save``); also where a synchronous save goes."""
-    save_interval: int | None = None
-    """Checkpoint every this many iterations (``--save-interval``); with ``--async-save`` this
-    is the L0 (host memory) interval."""
-    load: str | None = None
-    """Directory to resume from (``--load``); missing or empty starts from scratch."""
-    ckpt_step: int | None = None
-    """Load exactly this iteration (``--ckpt-step``); an error if it is damaged or absent."""
-    ckpt_format: str = "torch_dist"
+    save: str | None = flag("--save", None)
+    """L2, the persistent checkpoint directory; also where a synchronous save goes."""
+    save_interval: int | None = flag("--save-interval", None)
+    """Checkpoint every this many iterations; with ``--async-save`` this is the L0 (host memory)
+    interval."""
+    load: str | None = flag("--load", None)
+    """Resume from the newest committed checkpoint in this directory; missing or empty starts
+    from scratch."""
+    ckpt_step: int | None = flag("--ckpt-step", None)
+    """Load exactly this iteration; an error if it is damaged or absent."""
+    ckpt_format: str = flag("--ckpt-format", "torch_dist", choices=("torch_dist",))
     """``torch_dist``: a DCP checkpoint stock ``torch.distributed.checkpoint`` reads."""
-    save_retain_last: int | None = None
-    """Keep only the newest N committed checkpoints in ``--save`` (``--save-retain-last``)."""
-    verify_checksums: bool = True
-    """Verify every chunk's checksum when loading (``--no-verify-checkpoint-checksums``)."""
-    load_optim: bool = True
-    """Load optimizer state (``--no-load-optim`` turns it off)."""
-    load_rng: bool = True
-    """Load RNG states (``--no-load-rng`` turns it off)."""
-    finetune: bool = False
-    """Load the model's weights only and start a new run from them (``--finetune``, as in
-    Megatron-LM): iteration 0, data from its beginning, a fresh optimizer and RNG states from
+    save_retain_last: int | None = flag("--save-retain-last", None)
+    """Keep only the newest N committed checkpoints in ``--save``."""
+    verify_checksums: bool = flag("--no-verify-checkpoint-checksums", True)
+    """Verify every chunk's checksum when loading; ``--no-verify-checkpoint-checksums`` skips it."""
+    load_optim: bool = flag("--no-load-optim", True)
+    """Load the optimizer state; ``--no-load-optim`` starts a fresh optimizer instead."""
+    load_rng: bool = flag("--no-load-rng", True)
+    """Load the RNG states; ``--no-load-rng`` seeds them from ``--seed`` instead."""
+    finetune: bool = flag("--finetune", False)
+    """Load the model's weights only and start a new run from them (as in Megatron-LM): iteration 0, data from its beginning, a fresh optimizer and RNG states from
     ``--seed``. Every restart with the flag starts over from the newest checkpoint's weights: save a
     fine-tuning run elsewhere (another ``--save``) and drop the flag to resume it."""
-    trust_pickles: bool = False
-    """Read small objects of checkpoints written before the safe format (format 1 and 2 pickle
-    them) with full unpickling (``--trust-checkpoint-pickles``): only for checkpoints you wrote
+    trust_pickles: bool = flag("--trust-checkpoint-pickles", False)
+    """Read the small state of checkpoints written before the safe format (formats 1 and 2 pickle
+    it) with full unpickling: only for checkpoints you wrote
     yourself, in a directory no one else can write; unpickling runs code."""
-    async_save: bool = False
-    """The asynchronous multi-level engine (``--async-save``)."""
-    snapshot: str = "auto"
-    """How the engine takes an L0 snapshot (``--ckpt-snapshot``): ``zero-copy`` (the optimizer step
+    async_save: bool = flag("--async-save", False)
+    """Asynchronous multi-level checkpointing: host memory (L0), ``--ckpt-local-dir`` (L1) and
+    ``--save`` (L2)."""
+    snapshot: str = flag("--ckpt-snapshot", "auto", choices=SNAPSHOT_MODES)
+    """How the engine takes an L0 snapshot: ``zero-copy`` (the optimizer step
     writes each version into a pool slot: where the optimizer's state is on the host, in fp32),
     ``copy`` (copied beside the next step: a GPU's device-to-host copy), ``auto`` (zero-copy where
     it can)."""
-    host_versions: int = 2
-    """L0: versions held in the host (shared-memory) pool (``--ckpt-host-versions``)."""
-    host_budget_gb: float | None = None
-    """L0: byte budget of the pool; fewer versions are held if they do not fit
-    (``--ckpt-host-budget-gb``)."""
-    keep_host_pool: bool = False
-    """Keep the L0 pool in shared memory after a normal end (``--ckpt-keep-host-pool``). By default
+    host_versions: int = flag("--ckpt-host-versions", 2)
+    """L0: versions held in the host (shared-memory) pool."""
+    host_budget_gb: float | None = flag("--ckpt-host-budget-gb", None)
+    """L0: byte budget of the pool in GB; fewer versions are held if they do not fit."""
+    keep_host_pool: bool = flag("--ckpt-keep-host-pool", False)
+    """Keep the L0 pool in shared memory after a normal end. By default
     it is freed once the final version is committed on every level (it is RAM the next job on the
     node does not get); after a crash, an error or SIGTERM it is always kept, for recovery."""
-    host_dir: str = "/dev/shm"
-    """L0: the tmpfs directory the pool's segments live in (``--ckpt-host-dir``); one per node.
+    host_dir: str = flag("--ckpt-host-dir", "/dev/shm")
+    """L0: the tmpfs directory the pool's segments live in; one per node.
     Another directory stands for another node when several launchers share one machine."""
-    local_dir: str | None = None
-    """L1: node-local directory (``--ckpt-local-dir``)."""
-    local_interval: int | None = None
-    """L1: flush every this many iterations (``--ckpt-local-interval``)."""
-    local_retain_last: int = 2
-    """L1: committed checkpoints kept (``--ckpt-local-retain-last``)."""
-    persistent_interval: int | None = None
-    """L2: flush to ``--save`` every this many iterations (``--ckpt-persistent-interval``;
-    default ``--save-interval``)."""
-    write_rate_limit_mb: float | None = None
-    """L1 and L2: each rank writes at most this many MB (10^6 bytes) per second on average
-    (``--ckpt-write-rate-limit``); None: as fast as the disk goes. Bounds how much flushing
+    local_dir: str | None = flag("--ckpt-local-dir", None)
+    """L1: the node-local checkpoint directory."""
+    local_interval: int | None = flag("--ckpt-local-interval", None)
+    """L1: flush every this many iterations."""
+    local_retain_last: int = flag("--ckpt-local-retain-last", 2)
+    """L1: committed checkpoints kept."""
+    persistent_interval: int | None = flag("--ckpt-persistent-interval", None, derived="--save-interval")
+    """L2: flush to ``--save`` every this many iterations."""
+    write_rate_limit_mb: float | None = flag("--ckpt-write-rate-limit", None, metavar="MB_PER_S")
+    """L1 and L2: each rank writes at most this many MB (10^6 bytes) per second on average;
+    not given: as fast as the disk goes. Bounds how much flushing
     interferes with training (and shares a parallel file system); a slower flush persists fewer
     versions, the newest first (superseded ones are skipped)."""
-    flusher_timeout: float = 300.0
-    """Seconds this rank's flusher process may go without a sign of life, or, while training waits
-    on it, without progress, before training stops with an error naming it
-    (``--ckpt-flusher-timeout``)."""
+    flusher_timeout: float = flag("--ckpt-flusher-timeout", 300.0, metavar="SECONDS")
+    """Seconds this rank's checkpoint flusher process may go without a sign of life, or, while
+    training waits on it, without progress, before training stops with an error naming it."""
 
     def __post_init__(self) -> None:
         if self.snapshot not in SNAPSHOT_MODES:
@@ -86,7 +86,7 @@ class CheckpointConfig:
         for name in ("save_interval", "save_retain_last", "local_interval", "persistent_interval", "host_versions"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{_flag(name)} must be >= 1, got {value}")
+                raise ValueError(f"{flag_name(self, name)} must be >= 1, got {value}")
         if self.ckpt_step is not None and self.ckpt_step < 0:
             raise ValueError(f"--ckpt-step must be >= 0, got {self.ckpt_step}")
         if self.local_retain_last < 1:
@@ -126,7 +126,3 @@ class CheckpointConfig:
         """Whether a load restores RNG states (not with ``--no-load-rng`` or ``--finetune``)."""
         return self.load_rng and not self.finetune
 
-
-def _flag(name: str) -> str:
-    return {"host_versions": "ckpt-host-versions", "local_interval": "ckpt-local-interval",
-            "persistent_interval": "ckpt-persistent-interval"}.get(name, name.replace("_", "-"))

@@ -5,34 +5,38 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from cli.flags import flag, flag_name
+
 
 @dataclass(frozen=True)
 class GPTModelConfig:
     """Shape of a GPT model, independent of how it is parallelised."""
 
-    num_layers: int
-    """Number of transformer layers (``--num-layers``)."""
-    hidden_size: int
-    """Width of the residual stream (``--hidden-size``)."""
-    num_attention_heads: int
-    """Attention heads per layer (``--num-attention-heads``)."""
-    ffn_hidden_size: int
-    """Width of the MLP (``--ffn-hidden-size``; Megatron's default is 4 x hidden)."""
-    seq_length: int
-    """Tokens per sample (``--seq-length``)."""
-    max_position_embeddings: int
-    """Size of the learned position table (``--max-position-embeddings``), >= seq_length."""
-    vocab_size: int
-    """Vocabulary size before padding (``--vocab-size`` or the tokenizer's)."""
-    make_vocab_size_divisible_by: int = 128
+    num_layers: int = flag("--num-layers", derived="--model-size")
+    """Number of transformer layers."""
+    hidden_size: int = flag("--hidden-size", derived="--model-size")
+    """Width of the residual stream."""
+    num_attention_heads: int = flag("--num-attention-heads", derived="--model-size")
+    """Attention heads per layer."""
+    ffn_hidden_size: int = flag("--ffn-hidden-size", derived="--model-size, else 4 x --hidden-size")
+    """Width of the MLP."""
+    seq_length: int = flag("--seq-length", derived="--model-size")
+    """Tokens per sample."""
+    max_position_embeddings: int = flag("--max-position-embeddings",
+                                        derived="--seq-length, or --model-size's table if longer")
+    """Size of the learned position table, at least ``--seq-length``."""
+    vocab_size: int = flag("--vocab-size", derived="the tokenizer's")
+    """Vocabulary size before padding: of ``--mock-data`` and NullTokenizer (the other tokenizers
+    bring their own)."""
+    make_vocab_size_divisible_by: int = flag("--make-vocab-size-divisible-by", 128)
     """Pad the vocabulary to a multiple of this times the TP degree (Megatron's rule)."""
-    hidden_dropout: float = 0.1
-    """Dropout after attention and MLP (``--hidden-dropout``)."""
-    attention_dropout: float = 0.1
-    """Dropout on attention probabilities (``--attention-dropout``)."""
-    init_method_std: float = 0.02
-    """Std of the normal initialisation of weights (``--init-method-std``)."""
-    untie_embeddings_and_output_weights: bool = False
+    hidden_dropout: float = flag("--hidden-dropout", 0.1)
+    """Dropout after attention and MLP."""
+    attention_dropout: float = flag("--attention-dropout", 0.1)
+    """Dropout on attention probabilities."""
+    init_method_std: float = flag("--init-method-std", 0.02)
+    """Standard deviation of the normal initialisation of weights."""
+    untie_embeddings_and_output_weights: bool = flag("--untie-embeddings-and-output-weights", False)
     """Keep a separate output projection instead of reusing the word embeddings."""
 
     def __post_init__(self) -> None:
@@ -48,7 +52,7 @@ class GPTModelConfig:
         }
         for name, value in positive.items():
             if value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+                raise ValueError(f"{flag_name(self, name)} must be positive, got {value}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"--hidden-size {self.hidden_size} is not divisible by "
@@ -62,7 +66,7 @@ class GPTModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+                raise ValueError(f"{flag_name(self, name)} must be in [0, 1), got {value}")
 
     def padded_vocab_size(self, tensor_parallel_size: int) -> int:
         """Vocabulary padded as Megatron-LM pads it, so each TP rank gets an equal slice."""

@@ -23,20 +23,22 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cli.flags import flag
+
 
 @dataclass(frozen=True)
 class KernelFusions:
     """Fusions the user asks for; :func:`resolve_fusions` grants those whose kernel works."""
 
-    bias_gelu: bool = False
-    """Fused bias + GELU in the MLP (``--bias-gelu-fusion``). Megatron's kernel is the *tanh
-    approximation* of GELU, so this changes the model's function; off by default."""
-    bias_dropout: bool = True
-    """Fused bias + dropout + residual add (on by default where ``torch.compile`` works on the
-    device; ``--no-bias-dropout-fusion`` turns it off). The same function as unfused."""
-    masked_softmax: bool = True
-    """Apex's fused scale-mask-softmax kernels in megatron's local attention (on by default
-    where ``scaled_masked_softmax_cuda`` imports; ``--no-masked-softmax-fusion`` turns it off).
+    bias_gelu: bool = flag("--bias-gelu-fusion", False, off="--no-bias-gelu-fusion")
+    """Fused bias + GELU in the MLP. Megatron's kernel is the *tanh approximation* of GELU, so this
+    changes the model's function: off by default, unlike Megatron-LM."""
+    bias_dropout: bool = flag("--no-bias-dropout-fusion", True)
+    """Fused bias + dropout + residual add, where ``torch.compile`` works on the device
+    (``--no-bias-dropout-fusion`` turns it off). The same function as unfused."""
+    masked_softmax: bool = flag("--no-masked-softmax-fusion", True)
+    """Apex's fused scale-mask-softmax kernels in megatron's local attention, where
+    ``scaled_masked_softmax_cuda`` imports (``--no-masked-softmax-fusion`` turns them off).
     The same function as unfused; the SDPA attention backend does not use it."""
 
 

@@ -2,13 +2,13 @@
 
 import torch
 
+from tokenization.tokenizer import ByteTokenizer
 from trainer.data import BatchSource, DataConfig, IndexedGPTDataset, MockGPTDataset
 from trainer.prepare import build_indexed_dataset, iter_documents
-from trainer.tokenizer import ByteTokenizer
 
 
 def mock_config(**kw):
-    values = dict(seq_length=16, micro_batch_size=2, global_batch_size=8, mock_data=True, seed=3)
+    values = dict(seq_length=16, micro_batch_size=2, global_batch_size=8, mock_data=True)
     values.update(kw)
     return DataConfig(**values)
 

@@ -16,25 +16,37 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from cli.flags import flag
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """``--split 969,30,1`` (or ``969/30/1``) as three weights."""
+    try:
+        parts = tuple(float(x) for x in text.replace("/", ",").split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise ValueError(f"--split {text!r}: expected three numbers such as 969,30,1")
+    return parts  # type: ignore[return-value]
+
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where samples come from and how they are batched."""
 
     seq_length: int
-    """Tokens per sample (``--seq-length``)."""
-    micro_batch_size: int
-    """Samples per micro-batch on one rank (``--micro-batch-size``)."""
-    global_batch_size: int
-    """Samples per iteration over all data-parallel ranks (``--global-batch-size``)."""
-    seed: int = 1234
-    """Seeds the sample order (``--seed``)."""
-    mock_data: bool = False
-    """Synthetic, learnable token sequences (``--mock-data``)."""
-    data_path: str | None = None
-    """Prefix of an indexed dataset: ``PREFIX.bin`` and ``PREFIX.idx`` (``--data-path``)."""
-    split: tuple[float, float, float] = (969.0, 30.0, 1.0)
-    """Train/validation/test weights of the real data's samples (``--split``)."""
+    """Tokens per sample: the model's ``--seq-length``."""
+    global_batch_size: int = flag("--global-batch-size", derived="--micro-batch-size x data-parallel size")
+    """Samples per iteration over all data-parallel ranks."""
+    micro_batch_size: int = flag("--micro-batch-size", 1)
+    """Samples per micro-batch on one rank."""
+    mock_data: bool = flag("--mock-data", False)
+    """Deterministic synthetic, learnable token sequences."""
+    data_path: str | None = flag("--data-path", None)
+    """Prefix of an indexed dataset, ``PREFIX.bin`` and ``PREFIX.idx`` (``scripts/prepare_data.py``
+    makes them)."""
+    split: tuple[float, float, float] = flag("--split", (969.0, 30.0, 1.0), parse=parse_split, metavar="TRAIN,VALID,TEST")
+    """Train, validation and test weights of ``--data-path``'s samples."""
 
     def __post_init__(self) -> None:
         if self.mock_data == (self.data_path is not None):
@@ -164,7 +176,8 @@ class BatchSource:
             )
 
 
-def build_dataset(cfg: DataConfig, split: str, vocab_size: int):
+def build_dataset(cfg: DataConfig, split: str, vocab_size: int, seed: int):
+    """The ``split`` ("train", "valid") of the configured data; ``seed`` (``--seed``) orders it."""
     if cfg.mock_data:
-        return MockGPTDataset(cfg.seq_length, vocab_size, cfg.seed, split)
-    return IndexedGPTDataset(cfg.data_path, cfg.seq_length, cfg.seed, split, cfg.split)
+        return MockGPTDataset(cfg.seq_length, vocab_size, seed, split)
+    return IndexedGPTDataset(cfg.data_path, cfg.seq_length, seed, split, cfg.split)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from cli.flags import flag
+
 DECAY_STYLES = ("constant", "linear", "cosine")
 
 
@@ -12,16 +14,16 @@ DECAY_STYLES = ("constant", "linear", "cosine")
 class LRScheduleConfig:
     """Megatron-LM's LR schedule, in iterations."""
 
-    lr: float
-    """Peak learning rate (``--lr``)."""
-    min_lr: float = 0.0
-    """Floor after decay (``--min-lr``)."""
-    warmup_iters: int = 0
-    """Iterations of linear warmup from 0 to ``lr`` (``--lr-warmup-iters``)."""
-    decay_iters: int = 1
-    """Iteration at which decay reaches ``min_lr`` (``--lr-decay-iters``, default train iters)."""
-    decay_style: str = "cosine"
-    """``constant``, ``linear`` or ``cosine`` (``--lr-decay-style``)."""
+    lr: float = flag("--lr", required=True)
+    """Peak learning rate."""
+    min_lr: float = flag("--min-lr", 0.0)
+    """Floor of the learning rate after decay."""
+    warmup_iters: int = flag("--lr-warmup-iters", 0)
+    """Iterations of linear warmup from 0 to ``--lr``."""
+    decay_iters: int = flag("--lr-decay-iters", 1, derived="--train-iters")
+    """Iteration at which decay reaches ``--min-lr``."""
+    decay_style: str = flag("--lr-decay-style", "linear", choices=DECAY_STYLES)
+    """How the learning rate decays after warmup: ``constant``, ``linear`` or ``cosine``."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

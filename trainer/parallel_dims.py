@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from cli.flags import flag
+
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -18,10 +20,10 @@ class ParallelDims:
 
     world_size: int
     """Number of processes in the job."""
-    tensor_parallel: int = 1
-    """``--tensor-model-parallel-size``."""
-    pipeline_parallel: int = 1
-    """``--pipeline-model-parallel-size``."""
+    tensor_parallel: int = flag("--tensor-model-parallel-size", 1)
+    """Tensor-parallel degree: each layer's weights split over this many ranks."""
+    pipeline_parallel: int = flag("--pipeline-model-parallel-size", 1)
+    """Pipeline-parallel degree: the layers cut into this many stages."""
 
     def __post_init__(self) -> None:
         for name, value in (

@@ -1,0 +1,1 @@
+"""Command-line declarations shared by every layer (imports nothing from the project)."""

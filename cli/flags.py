@@ -1,0 +1,169 @@
+"""Dataclass fields that declare their command-line flag, and the parser built from them.
+
+A config field is written once: its name, type and default in the dataclass, its Megatron-LM flag
+name in :func:`flag`, and its help as the docstring under it (the attribute docstring convention
+that Sphinx and torchtitan's ``job_config.py`` use). :func:`add_flags` turns the fields of a
+config class into argparse arguments, and :func:`flag_values` reads them back as the keyword
+arguments of that class, so the parser, the config and ``--help`` cannot drift apart.
+
+This module imports nothing from the project: every layer may declare flags with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import re
+import textwrap
+from dataclasses import dataclass
+from typing import Any, Callable
+
+_METADATA_KEY = "cli_flag"
+
+
+class FlagDeclarationError(TypeError):
+    """A config class declares a flag that cannot work (a programming error, not a user's)."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one config field appears on the command line."""
+
+    name: str
+    """The flag, e.g. ``--save-interval`` (Megatron-LM's name where it has one)."""
+    choices: tuple[Any, ...] | None = None
+    """The values accepted, if only some are."""
+    parse: Callable[[str], Any] | None = None
+    """Turns the command-line text into the field's value; default: the field's type."""
+    metavar: str | None = None
+    """Placeholder for the value in ``--help``."""
+    required: bool = False
+    """The command line must give it (fields without a default that nothing derives)."""
+    derived: str | None = None
+    """When the flag is not given, the value is derived from others (in ``trainer/arguments.py``);
+    this says from what, for ``--help`` (e.g. ``"--seq-length"``). The command line then leaves
+    the value as ``None``."""
+    off: str | None = None
+    """For a boolean field that defaults to False: a second flag that sets it False again
+    (``--no-bias-gelu-fusion``), accepted for Megatron-LM command lines."""
+
+
+def flag(name: str, default: Any = dataclasses.MISSING, **options: Any) -> Any:
+    """A dataclass field whose command-line flag is ``name`` (see :class:`Flag` for ``options``).
+
+    A boolean field is a switch: defaulting to False, ``name`` turns it on; defaulting to True,
+    ``name`` must start with ``--no-`` and turns it off.
+    """
+    spec = Flag(name=name, **options)
+    if not name.startswith("--"):
+        raise FlagDeclarationError(f"flag {name!r} must start with '--'")
+    return dataclasses.field(default=default, metadata={_METADATA_KEY: spec})
+
+
+def flag_of(config_class: type, field_name: str) -> Flag:
+    """The :class:`Flag` of a field (for error messages that name it)."""
+    for f in dataclasses.fields(config_class):
+        if f.name == field_name and _METADATA_KEY in f.metadata:
+            return f.metadata[_METADATA_KEY]
+    raise FlagDeclarationError(f"{config_class.__name__}.{field_name} declares no flag")
+
+
+def flag_name(config: Any, field_name: str) -> str:
+    """``--the-flag`` of ``field_name`` on a config object or class."""
+    return flag_of(config if isinstance(config, type) else type(config), field_name).name
+
+
+def flagged_fields(config_class: type) -> list[tuple[dataclasses.Field, Flag]]:
+    """The fields of ``config_class`` that declare a flag, in declaration order."""
+    return [(f, f.metadata[_METADATA_KEY]) for f in dataclasses.fields(config_class) if _METADATA_KEY in f.metadata]
+
+
+def add_flags(group: argparse._ActionsContainer, config_class: type) -> None:
+    """Add an argument to ``group`` for every flagged field of ``config_class``; its ``dest`` is the
+    field's name, its help the field's docstring."""
+    docs = field_docstrings(config_class)
+    for f, spec in flagged_fields(config_class):
+        help_text = _help(docs.get(f.name), f, spec, config_class)
+        kwargs: dict[str, Any] = dict(dest=f.name, help=help_text)
+        if _is_bool(f):
+            if f.default is True:
+                if not spec.name.startswith("--no-"):
+                    raise FlagDeclarationError(
+                        f"{config_class.__name__}.{f.name} defaults to True: its flag must be a --no- switch, "
+                        f"not {spec.name}")
+                group.add_argument(spec.name, action="store_false", default=True, **kwargs)
+            else:
+                group.add_argument(spec.name, action="store_true", default=False, **kwargs)
+            if spec.off:
+                group.add_argument(spec.off, dest=f.name, action="store_false",
+                                   help=f"the default: {spec.name} off (accepted for Megatron-LM command lines)")
+            continue
+        default = None if spec.derived is not None or f.default is dataclasses.MISSING else f.default
+        kwargs.update(default=default, type=spec.parse or _scalar_type(f, config_class), required=spec.required)
+        if spec.choices is not None:
+            kwargs["choices"] = spec.choices
+        # The value's placeholder in --help and usage follows the flag, not the field's name.
+        if spec.metavar is not None or spec.choices is None:
+            kwargs["metavar"] = spec.metavar or spec.name[2:].upper().replace("-", "_")
+        group.add_argument(spec.name, **kwargs)
+
+
+def flag_values(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
+    """The keyword arguments of ``config_class`` that the command line gave; a flag left out whose
+    value is derived (or that has no default) is omitted, for the caller to supply."""
+    values = {}
+    for f, spec in flagged_fields(config_class):
+        value = getattr(args, f.name)
+        if value is None and (spec.derived is not None or f.default is dataclasses.MISSING):
+            continue
+        values[f.name] = value
+    return values
+
+
+@functools.lru_cache(maxsize=None)
+def field_docstrings(config_class: type) -> dict[str, str]:
+    """Each field's docstring (the string literal right under it in the class body)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(config_class.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # the ClassDef
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _help(doc: str | None, f: dataclasses.Field, spec: Flag, config_class: type) -> str:
+    if not doc:
+        raise FlagDeclarationError(
+            f"{config_class.__name__}.{f.name} ({spec.name}) has no docstring: it is the flag's --help")
+    text = " ".join(doc.replace("``", "").split())
+    if spec.derived is not None:
+        text += f" (default: {spec.derived})"
+    elif not _is_bool(f) and f.default not in (dataclasses.MISSING, None):
+        text += f" (default: {f.default})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _is_bool(f: dataclasses.Field) -> bool:
+    return f.type in (bool, "bool")
+
+
+_SCALARS = {"int": int, "float": float, "str": str}
+
+
+def _scalar_type(f: dataclasses.Field, config_class: type) -> Callable[[str], Any]:
+    """int, float or str from the field's annotation (``int | None`` is int)."""
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    names = [part.strip() for part in re.split(r"\|", annotation) if part.strip() != "None"]
+    if len(names) == 1 and names[0] in _SCALARS:
+        return _SCALARS[names[0]]
+    raise FlagDeclarationError(
+        f"{config_class.__name__}.{f.name}: cannot parse a {annotation} from the command line; give parse=")
