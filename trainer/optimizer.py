@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 
+from cli.flags import flag, flag_name
 from trainer.flat_buffers import FlatParamsAndGrads
 
 
@@ -23,23 +24,23 @@ from trainer.flat_buffers import FlatParamsAndGrads
 class OptimizerConfig:
     """Adam with decoupled weight decay, gradient clipping and ZeRO-1 sharding."""
 
-    weight_decay: float = 0.01
-    """Decoupled weight decay on matrices and embeddings (``--weight-decay``)."""
-    adam_beta1: float = 0.9
-    """First-moment decay (``--adam-beta1``)."""
-    adam_beta2: float = 0.999
-    """Second-moment decay (``--adam-beta2``)."""
-    adam_eps: float = 1e-8
-    """Denominator epsilon (``--adam-eps``)."""
-    clip_grad: float = 1.0
-    """Clip gradients to this global L2 norm; 0 disables clipping (``--clip-grad``)."""
-    use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks (``--use-distributed-optimizer``)."""
-    shard_size_mb: float = 64.0
-    """Target size of one optimizer-state shard in MiB (fp32); the unit of checkpoint fences."""
-    cpu_offload: bool = False
-    """Keep the fp32 main weights and Adam moments in host memory and run the Adam step there
-    (``--optimizer-cpu-offload``, Megatron-LM's flag): device memory holds no optimizer state;
+    weight_decay: float = flag("--weight-decay", 0.01)
+    """Decoupled weight decay on matrices and embeddings."""
+    adam_beta1: float = flag("--adam-beta1", 0.9)
+    """Adam's first-moment decay."""
+    adam_beta2: float = flag("--adam-beta2", 0.999)
+    """Adam's second-moment decay."""
+    adam_eps: float = flag("--adam-eps", 1e-8)
+    """Adam's denominator epsilon."""
+    clip_grad: float = flag("--clip-grad", 1.0)
+    """Clip gradients to this global L2 norm; 0 disables clipping."""
+    use_distributed_optimizer: bool = flag("--use-distributed-optimizer", False)
+    """ZeRO-1: shard the optimizer state over data-parallel ranks."""
+    shard_size_mb: float = flag("--optimizer-shard-size-mb", 64.0)
+    """Target size of one optimizer-state shard in MiB (fp32): the unit of checkpoint fences."""
+    cpu_offload: bool = flag("--optimizer-cpu-offload", False)
+    """Keep the fp32 main weights and Adam moments in host memory and run the Adam step there:
+    device memory holds no optimizer state;
     each shard's gradients come down and its updated weights go up. With ``--async-save`` the
     step then writes each version straight into the host pool (zero-copy snapshots). On a CPU
     run it changes nothing."""
@@ -50,7 +51,7 @@ class OptimizerConfig:
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+                raise ValueError(f"{flag_name(self, name)} must be in [0, 1), got {value}")
         if self.adam_eps <= 0:
             raise ValueError(f"--adam-eps must be > 0, got {self.adam_eps}")
         if self.clip_grad < 0:

@@ -125,12 +125,12 @@ class Trainer:
             self.buffers, job.optimizer, groups.dp_group, dims.data_parallel, groups.model_parallel_group
         )
         self.train_data = BatchSource(
-            build_dataset(job.data, "train", job.model.vocab_size), job.data, groups.dp_rank, dims.data_parallel, device_ctx.device
+            build_dataset(job.data, "train", job.model.vocab_size, tcfg.seed), job.data, groups.dp_rank, dims.data_parallel, device_ctx.device
         )
         self.valid_data = None
         if tcfg.eval_interval and tcfg.eval_iters > 0:
             self.valid_data = BatchSource(
-                build_dataset(job.data, "valid", job.model.vocab_size), job.data, groups.dp_rank, dims.data_parallel, device_ctx.device
+                build_dataset(job.data, "valid", job.model.vocab_size, tcfg.seed), job.data, groups.dp_rank, dims.data_parallel, device_ctx.device
             )
         self.shape = PipelineShape(
             activation_shape=(job.model.seq_length, job.data.micro_batch_size, job.model.hidden_size),
