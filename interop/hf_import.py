@@ -24,8 +24,8 @@ from interop.gpt2_mapping import (
 from interop.hf_export import INDEX_FILE, SINGLE_FILE
 from interop.hf_tokenizer_files import MERGES_NAME, VOCAB_NAME
 from interop.weights_checkpoint import weights_only_common, weights_only_layout, write_weights_checkpoint
+from tokenization.tokenizer import build_tokenizer
 from trainer.progress import progress_bar
-from trainer.tokenizer import build_tokenizer
 
 
 @dataclass(frozen=True)

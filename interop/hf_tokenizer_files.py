@@ -4,7 +4,7 @@ files around them (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``).
 - ``GPT2BPETokenizer``: the run's ``--vocab-file``/``--merge-file`` (recorded in the checkpoint;
   the converter's own flags override them when the files have moved).
 - ``ByteTokenizer``: a byte-level BPE without merges whose ids are the bytes and ``<|endoftext|>``
-  256 (``interop.bpe.write_byte_vocabulary``): ``transformers``' GPT-2 tokenizer then encodes
+  256 (``tokenization.gpt2_files.write_byte_vocabulary``): ``transformers``' GPT-2 tokenizer then encodes
   exactly as ``ByteTokenizer`` does.
 - ``NullTokenizer``: the data were token ids; there is no tokenizer to export.
 """
@@ -16,9 +16,9 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from interop.bpe import write_byte_vocabulary
 from interop.gpt2_mapping import GPT2ConversionError
-from trainer.tokenizer import EOD_TOKEN, build_tokenizer
+from tokenization.gpt2_files import EOD_TOKEN, write_byte_vocabulary
+from tokenization.tokenizer import build_tokenizer
 
 VOCAB_NAME = "vocab.json"
 MERGES_NAME = "merges.txt"

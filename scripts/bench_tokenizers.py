@@ -49,7 +49,7 @@ def token_bytes(flags: list[str]) -> list[int]:
     """UTF-8 bytes of each token id (the end-of-document token has none)."""
     if flags[1] == "ByteTokenizer":
         return [1] * 256 + [0]
-    from trainer.tokenizer import EOD_TOKEN, read_bpe_vocab
+    from tokenization.gpt2_files import EOD_TOKEN, read_bpe_vocab
 
     # A byte-level token is spelled with one character per byte (GPT-2's byte-to-unicode map).
     vocab = read_bpe_vocab(flags[flags.index("--vocab-file") + 1])

@@ -20,8 +20,8 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tokenization.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 from trainer.prepare import build_indexed_dataset, iter_documents, shakespeare_documents  # noqa: E402
-from trainer.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def main() -> int:
             return shakespeare_documents(args.cache_dir) if args.shakespeare else iter_documents(args.input, args.json_key)
 
         if args.train_tokenizer:
-            from interop.bpe import train_byte_level_bpe
+            from tokenization.bpe import train_byte_level_bpe
 
             print(f"> training a byte-level BPE of {args.vocab_size} entries on the input", flush=True)
             reached = train_byte_level_bpe(documents(), args.vocab_size, args.vocab_file, args.merge_file)

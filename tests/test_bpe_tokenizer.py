@@ -1,20 +1,18 @@
 """GPT2BPETokenizer (Megatron-LM's flags: --tokenizer-type GPT2BPETokenizer --vocab-file
 --merge-file): a byte-level BPE trained on a corpus with the `tokenizers` library, the byte
-vocabulary that makes it ByteTokenizer, the refused arguments, and training that never imports
-the Hugging Face libraries."""
+vocabulary that makes it ByteTokenizer, and the refused arguments. That training never imports
+the Hugging Face libraries is tests/test_training_without_hugging_face.py's (a process of its own)."""
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 
-from interop.bpe import train_byte_level_bpe, write_byte_vocabulary
+from tokenization.bpe import train_byte_level_bpe
+from tokenization.gpt2_files import EOD_TOKEN, TokenizerFileError, write_byte_vocabulary
+from tokenization.tokenizer import ByteTokenizer, GPT2BPETokenizer, build_tokenizer
 from trainer.arguments import ArgumentError, parse_job_config
-from trainer.tokenizer import EOD_TOKEN, ByteTokenizer, GPT2BPETokenizer, TokenizerFileError, build_tokenizer
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 WORDS = "the king queen lord lady speak shall thou thee thy good night sweet prince love death".split()
 
 
@@ -93,18 +91,3 @@ def test_a_vocabulary_smaller_than_the_bytes_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at least 257"):
         train_byte_level_bpe(corpus(2), 100, str(tmp_path / "v.json"), str(tmp_path / "m.txt"))
 
-
-@pytest.mark.slow
-def test_training_never_imports_the_hugging_face_libraries(tmp_path, bpe_files):
-    """The trainer and its arguments with GPT2BPETokenizer: vocab.json is read with json alone."""
-    vocab, merges, _ = bpe_files
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "import trainer.training, trainer.checkpointer, checkpointing.manager\n"
-        "from trainer.arguments import parse_job_config\n"
-        "parse_job_config(sys.argv[2:], world_size=1)\n"
-        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'safetensors', 'tokenizers', 'interop'))\n"
-        "print(loaded); sys.exit(1 if loaded else 0)\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), *_data(tmp_path), "--tokenizer-type", "GPT2BPETokenizer",
-                           "--vocab-file", vocab, "--merge-file", merges], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr

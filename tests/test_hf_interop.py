@@ -88,7 +88,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def original(run) -> dict:
-    from trainer.tokenizer import GPT2BPETokenizer
+    from tokenization.tokenizer import GPT2BPETokenizer
 
     d, data = run
     ids = GPT2BPETokenizer(str(d / "data-vocab.json"), str(d / "data-merges.txt")).tokenize(PROMPT)
@@ -112,7 +112,7 @@ def test_transformers_computes_what_we_compute(original, exported):
 def test_untied_byte_tokenizer_run_exports_too(tmp_path):
     """One process, --untie-embeddings-and-output-weights, ByteTokenizer: the export's tokenizer
     files make transformers' GPT-2 tokenizer encode bytes as ByteTokenizer does."""
-    from trainer.tokenizer import ByteTokenizer
+    from tokenization.tokenizer import ByteTokenizer
 
     script("prepare_data.py", "--input", corpus(tmp_path), "--output-prefix", str(tmp_path / "data"))
     flags = MODEL + ["--data-path", str(tmp_path / "data"), "--tokenizer-type", "ByteTokenizer",

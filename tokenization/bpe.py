@@ -1,21 +1,17 @@
-"""Byte-level BPE through the ``tokenizers`` library: train one on a corpus, load GPT-2 style
-files, and write the files that make a byte-level BPE equal to ``ByteTokenizer``.
-
-The files are GPT-2's format (``vocab.json``: token -> id over the byte-to-unicode alphabet;
-``merges.txt``: one merge per line), which Megatron-LM's ``GPT2BPETokenizer``, ``transformers``'
-``GPT2Tokenizer`` and this trainer (``--vocab-file/--merge-file``) all read.
+"""Byte-level BPE through the ``tokenizers`` library: train one on a corpus and load GPT-2 style
+files (``tokenization.gpt2_files``). Each function imports the library when called: a training
+run, which needs only the vocabulary's size and EOD id, never loads it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 import tempfile
 from typing import Iterable
 
-from trainer.tokenizer import EOD_TOKEN, TokenizerFileError
+from tokenization.gpt2_files import EOD_TOKEN, TokenizerFileError
 
 MIN_VOCAB = 257
 """256 byte tokens and the end-of-document token: the least a byte-level BPE holds."""
@@ -55,28 +51,3 @@ def train_byte_level_bpe(documents: Iterable[str], vocab_size: int, vocab_file: 
         shutil.move(written_merges, merge_file)
     return bpe.get_vocab_size()
 
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map of the 256 bytes to printable characters (openai/gpt-2, encoder.py):
-    printable Latin-1 bytes map to themselves, the others to characters from U+0100 on."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
-def write_byte_vocabulary(vocab_file: str, merge_file: str) -> None:
-    """Files of the byte-level BPE without merges whose ids are ``ByteTokenizer``'s: byte b is
-    id b, ``<|endoftext|>`` is 256. A run trained with ``ByteTokenizer`` is exported with them."""
-    table = bytes_to_unicode()
-    vocab = {table[b]: b for b in range(256)}
-    vocab[EOD_TOKEN] = 256
-    with open(vocab_file, "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(merge_file, "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")

@@ -8,21 +8,16 @@ and ``--merge-file`` (merges.txt), GPT-2's own files or ones trained on your cor
 
 Training needs only a tokenizer's vocabulary size and EOD id, which ``GPT2BPETokenizer`` reads
 from vocab.json with the standard library; only encoding and decoding text (data preparation,
-export) loads the ``tokenizers`` library, through ``interop.bpe``. So training never imports it.
+export) loads the ``tokenizers`` library, through ``tokenization.bpe``. So training never imports it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
+from tokenization.gpt2_files import EOD_TOKEN, TokenizerFileError, read_bpe_vocab
+
 TOKENIZER_TYPES = ("ByteTokenizer", "NullTokenizer", "GPT2BPETokenizer")
-EOD_TOKEN = "<|endoftext|>"
-"""GPT-2's end-of-document token; Megatron-LM's GPT2BPETokenizer takes its id as EOD."""
-
-
-class TokenizerFileError(ValueError):
-    """A vocabulary or merges file is missing or malformed; the message names the file and the fix."""
 
 
 class ByteTokenizer:
@@ -58,24 +53,6 @@ class NullTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-def read_bpe_vocab(vocab_file: str) -> dict[str, int]:
-    """The token -> id table of a GPT-2 style ``vocab.json``, checked to be ids 0..n-1."""
-    try:
-        with open(vocab_file, encoding="utf-8") as f:
-            vocab = json.load(f)
-    except FileNotFoundError:
-        raise TokenizerFileError(f"--vocab-file {vocab_file} does not exist") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise TokenizerFileError(f"--vocab-file {vocab_file} is not a GPT-2 vocab.json: {error}") from None
-    if not isinstance(vocab, dict) or not vocab or not all(isinstance(i, int) for i in vocab.values()):
-        raise TokenizerFileError(f"--vocab-file {vocab_file} is not a GPT-2 vocab.json (a token -> id object)")
-    if sorted(vocab.values()) != list(range(len(vocab))):
-        # The model's vocabulary size is the number of entries (Megatron-LM's rule): a gap
-        # would give an id past the embedding table.
-        raise TokenizerFileError(f"--vocab-file {vocab_file}: the ids are not 0..{len(vocab) - 1}")
-    return vocab
-
-
 class GPT2BPETokenizer:
     """Megatron-LM's ``GPT2BPETokenizer``: byte-level BPE from ``vocab.json`` and ``merges.txt``;
     EOD is ``<|endoftext|>``'s id; the vocabulary size is the number of entries of vocab.json."""
@@ -99,7 +76,7 @@ class GPT2BPETokenizer:
 
     def _encoder(self):
         if self._bpe is None:
-            from interop.bpe import load_byte_level_bpe  # the `tokenizers` library: only to encode text
+            from tokenization.bpe import load_byte_level_bpe  # the `tokenizers` library: only to encode text
 
             self._bpe = load_byte_level_bpe(self.vocab_file, self.merge_file)
         return self._bpe
