@@ -28,6 +28,7 @@ from checkpointing.durable import CheckpointWriteError, write_tracker
 from checkpointing.items import TensorPiece
 from checkpointing.levels import Level
 from checkpointing.metadata import METADATA_NAME, build_metadata, write_metadata
+from checkpointing.parallel_layout import ParallelLayout
 from checkpointing.trace import NullTracer
 from checkpointing.writer import data_file_name, write_rank_file
 
@@ -53,7 +54,7 @@ def save_and_commit(
     arrays: dict[str, torch.Tensor],
     pieces: list[TensorPiece],
     objects: dict[str, Any],
-    layout: dict[str, Any],
+    layout: ParallelLayout,
     group,
     tracer=None,
     progress: Callable[[int], None] | None = None,

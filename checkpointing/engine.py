@@ -96,8 +96,8 @@ class CheckpointEngine:
     """One rank's engine; every rank of the job creates one with the same configuration."""
 
     def __init__(self, state: CheckpointableState, pool: HostPool, levels: list[Level], group,
-                 log: Callable[[str], None] = print, layout: dict | None = None, tracer=None,
-                 zero_copy: bool = False, flusher_timeout: float = 300.0):
+                 log: Callable[[str], None] = print, tracer=None, zero_copy: bool = False,
+                 flusher_timeout: float = 300.0):
         """``zero_copy``: the state's owner writes each step into a pool slot (``begin_step``);
         needs at least two slots (the current version and the one being written).
         ``flusher_timeout``: seconds the flusher may go without a sign of life (a heartbeat; while
@@ -114,7 +114,8 @@ class CheckpointEngine:
         self.levels = levels
         self.group = group
         self.log = log
-        self.layout = layout or {}
+        self.layout = state.layout
+        """The state's layout: the one its L0 snapshots restore into."""
         self.flusher_timeout = flusher_timeout
         self.rank = dist.get_rank(group)
         self.stats = EngineStats(stall_by_shard=[0.0] * len(state.shards))
@@ -147,32 +148,32 @@ class CheckpointEngine:
         self._start_flusher()
 
     @classmethod
-    def for_config(cls, cfg, state: CheckpointableState, group, log, rank: int, layout: dict,
-                   tracer=None, local_peers: list[int] | None = None,
-                   zero_copy_refused: str | None = "the state's owner does not write out of place") -> "CheckpointEngine":
+    def for_config(cls, cfg, state: CheckpointableState, group, log, tracer=None,
+                   local_peers: list[int] | None = None) -> "CheckpointEngine":
         """``local_peers``: the ranks sharing this rank's ``--ckpt-local-dir`` (its node).
-        ``zero_copy_refused``: why the state cannot take zero-copy snapshots (None: it can);
-        ``cfg.snapshot`` ``auto`` then takes zero-copy where it can, ``zero-copy`` insists."""
-        zero_copy = cfg.snapshot != "copy" and zero_copy_refused is None
+        ``cfg.snapshot`` ``auto`` takes zero-copy snapshots where the state can
+        (``state.zero_copy_refusal`` is None), ``zero-copy`` insists."""
+        refusal = state.zero_copy_refusal
+        zero_copy = cfg.snapshot != "copy" and refusal is None
         if cfg.snapshot == "zero-copy" and not zero_copy:
-            raise ValueError(f"--ckpt-snapshot zero-copy: {zero_copy_refused}; use --ckpt-snapshot copy (or auto)")
+            raise ValueError(f"--ckpt-snapshot zero-copy: {refusal}; use --ckpt-snapshot copy (or auto)")
         specs = {name: ArraySpec(a.numel(), a.dtype) for name, a in state.arrays.items()}
         budget = int(cfg.host_budget_gb * 2**30) if cfg.host_budget_gb else None
         # Zero-copy: one slot more than the versions kept, for the step being written.
         slots = cfg.host_versions + 1 if zero_copy else cfg.host_versions
-        pool = HostPool(job_tag(cfg.save), rank, specs, slots, budget, cfg.host_dir)
+        pool = HostPool(job_tag(cfg.save), dist.get_rank(group), specs, slots, budget, cfg.host_dir)
         rate = cfg.write_rate_limit_mb * 1e6 if cfg.write_rate_limit_mb else None
         levels = []
         if cfg.local_dir:
             levels.append(Level("L1", cfg.local_dir, cfg.local_interval, cfg.local_retain_last, local_peers, rate))
         levels.append(Level("L2", cfg.save, cfg.l2_interval, cfg.save_retain_last, None, rate))
-        engine = cls(state, pool, levels, group, log, layout, tracer, zero_copy, cfg.flusher_timeout)
+        engine = cls(state, pool, levels, group, log, tracer, zero_copy, cfg.flusher_timeout)
         how = "zero-copy: steps write into the pool" if zero_copy else "copied at each request"
         log(f"> async checkpointing: L0 {len(pool.slots)} slots in shared memory ({pool.bytes / 2**30:.2f} GiB "
             f"per rank; {how}); " + "; ".join(f"{lv.name} {lv.root} every {lv.interval}" for lv in levels)
             + (f"; writes at most {cfg.write_rate_limit_mb:g} MB/s per rank" if rate else "")
             + f"; flusher process up in {engine.stats.flusher_start_seconds:.1f} s "
-              f"({engine.stats.flusher_rss_bytes / 2**20:.0f} MiB resident on rank {rank})")
+              f"({engine.stats.flusher_rss_bytes / 2**20:.0f} MiB resident on rank {engine.rank})")
         return engine
 
     # -- the flusher process -------------------------------------------------------------------------
@@ -464,12 +465,12 @@ class CheckpointEngine:
                 self._send(message)
 
     # -- what L0 holds (the checkpoint manager's view of the pool) ---------------------------------
-    def held_versions(self, layout: dict) -> list[int]:
-        """Versions this rank holds in L0, committed (copied and described) in ``layout``; a
-        previous run's snapshots that survived in shared memory are among them."""
+    def held_versions(self) -> list[int]:
+        """Versions this rank holds in L0, committed (copied and described) in the state's
+        layout; a previous run's snapshots that survived in shared memory are among them."""
         self._poll()
         return sorted(s.version for s in self.pool.slots
-                      if s.version is not None and s.objects is not None and s.layout == layout)
+                      if s.version is not None and s.objects is not None and s.layout == self.layout)
 
     def restore(self, version: int) -> dict:
         """Copy L0 ``version`` into the state's live arrays; returns its small objects (the

@@ -28,7 +28,8 @@ class CheckpointMismatchError(CheckpointError):
 
 
 class CheckpointNotFoundError(CheckpointError):
-    """The asked-for step has no committed checkpoint."""
+    """No committed checkpoint this run can load: the asked-for step (``--ckpt-step``) has none,
+    or none fits this run (a node-local one saved in another layout)."""
 
 
 class CheckpointUntrustedError(CheckpointError):

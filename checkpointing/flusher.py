@@ -50,6 +50,7 @@ from checkpointing.host_pool import ArraySpec, map_arrays, write_description
 from checkpointing.items import TensorPiece
 from checkpointing.levels import Level
 from checkpointing.pacing import flusher_pacing
+from checkpointing.parallel_layout import ParallelLayout
 
 HEARTBEAT_SECONDS = 0.5
 
@@ -84,7 +85,7 @@ class FlusherSpec:
     shards: list[tuple[int, int]]
     pieces: list[TensorPiece]
     levels: list[Level]
-    layout: dict
+    layout: ParallelLayout
     trace: bool
 
 

@@ -28,6 +28,7 @@ import torch
 from checkpointing import private_files
 from checkpointing.durable import atomic_write_bytes
 from checkpointing.errors import CheckpointError
+from checkpointing.parallel_layout import ParallelLayout
 from checkpointing.safe_pickle import load_objects
 
 SHM_DIR = "/dev/shm"
@@ -72,10 +73,10 @@ def read_description(meta_path: str) -> dict | None:
     return description
 
 
-def write_description(meta_path: str, version: int, objects: dict, layout: dict) -> None:
+def write_description(meta_path: str, version: int, objects: dict, layout: ParallelLayout) -> None:
     """The L0 commit of a slot: what it holds, written atomically (by the flusher process)."""
     blob = io.BytesIO()
-    torch.save({"version": version, "objects": objects, "layout": layout}, blob)
+    torch.save({"version": version, "objects": objects, "layout": layout.to_dict()}, blob)
     atomic_write_bytes(meta_path, blob.getvalue(), mode=0o600)
 
 
@@ -100,7 +101,8 @@ class HostSlot:
         size = slot_bytes(specs)
         self.version: int | None = None
         self.objects: dict | None = None
-        self.layout: dict | None = None
+        self.layout: ParallelLayout | None = None
+        """The layout of the state whose version the slot holds (None: none, or unrecorded)."""
         for file in (path, self.meta_path):
             why = private_files.problem(file) if os.path.lexists(file) else None
             if why is not None:
@@ -118,7 +120,8 @@ class HostSlot:
             self.invalidate()
             self.memory.fill_(0)  # touch every page once, now, not during the first copy
         else:  # a previous run's snapshot (e.g. the trainer was killed): keep it for recovery
-            self.version, self.objects, self.layout = survived["version"], survived["objects"], survived["layout"]
+            self.version, self.objects = survived["version"], survived["objects"]
+            self.layout = ParallelLayout.from_dict(survived["layout"])
 
     def _read_description(self) -> dict | None:
         try:
@@ -142,7 +145,7 @@ class HostSlot:
         except FileNotFoundError:
             pass
 
-    def describe(self, version: int, objects: dict, layout: dict) -> None:
+    def describe(self, version: int, objects: dict, layout: ParallelLayout) -> None:
         """After the copy: record what the slot holds (the L0 commit), from this process."""
         self.version, self.objects, self.layout = version, objects, layout
         write_description(self.meta_path, version, objects, layout)

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
+from checkpointing.parallel_layout import ParallelLayout
+
 
 @dataclass(frozen=True)
 class TensorPiece:
@@ -86,9 +88,12 @@ class CheckpointableState(Protocol):
     load_pieces: list[TensorPiece]
     """Pieces of ``load_arrays`` this rank reads: the model's (every local parameter, replicas
     included) and the optimizer's (keys under ``checkpointing.keys.OPTIMIZER_PREFIX``)."""
-    layout: dict[str, Any]
-    """The parallel layout and what else decides which bytes a rank holds; a snapshot restores
-    only into the layout that took it."""
+    layout: ParallelLayout
+    """How the state is split over the ranks; a rank's own bytes (an L0 snapshot, a node-local
+    file) restore only into the layout that took them."""
+    zero_copy_refusal: str | None
+    """Why the state's owner cannot write each step into a host-pool slot (zero-copy snapshots:
+    ``CheckpointEngine.begin_step``); None: it can."""
     legacy_padded_keys: frozenset[str]
     """Global tensors a format-1 checkpoint may store with more rows than ``global_shape[0]``
     (Megatron's vocabulary padding); their first rows are the true ones."""

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+L0 = "L0"
+"""The host pool: snapshots in shared memory (``checkpointing.host_pool``)."""
+L1 = "L1"
+"""The node-local directory (``--ckpt-local-dir``)."""
+L2 = "L2"
+"""The shared, persistent directory (``--save``; ``--load`` is read as this level)."""
+SYNC = "sync"
+"""The synchronous save to ``--save`` without the engine (written by the training process)."""
+DISK_LEVELS = (L1, L2)
+"""The directory levels the engine flushes to, fastest first."""
+
 
 @dataclass(frozen=True)
 class Level:
     """A storage level written by the flusher process (or, for ``sync``, by the training process)."""
 
     name: str
-    """``L1``, ``L2`` or ``sync`` (names its fault points and trace spans)."""
+    """:data:`L1`, :data:`L2` or :data:`SYNC` (names its fault points and trace spans)."""
     root: str
     interval: int | None
     """Flush every this many iterations; None: only forced flushes (end of training)."""
@@ -32,4 +43,4 @@ class Level:
 
 def sync_level(root: str, retain_last: int | None = None) -> Level:
     """The synchronous save to ``--save`` (no engine): written when asked, every rank shares it."""
-    return Level("sync", root, None, retain_last)
+    return Level(SYNC, root, None, retain_last)

@@ -1,17 +1,8 @@
 """The checkpoint manager: one rank's load and save policy for one run.
 
-What to resume from, and how:
-
-- **Candidates** across levels: L0 (a snapshot in host memory that survived the previous run),
-  L1 (node-local directory), L2 (``--load``), newest first; at equal step the faster level. Only
-  versions every rank holds are candidates, so every rank tries the same list in the same order.
-- **Reading** a candidate: an L0 snapshot or a node-local file restores this rank's own bytes in
-  the layout that took them; the shared level reads each piece of the current layout from
-  whichever stored chunks overlap it (resharding).
-- **Fall-back**: a damaged candidate is reported and the next one tried (nothing is deleted);
-  one of another model stops the run. Ranks agree on every outcome before acting on it.
-- **One re-sync**: whatever the path, the state's ``after_load`` hook puts the small objects
-  back and makes the trainer's copies of the weights one state (``checkpointing.items.LoadedParts``).
+What to resume from, and how: :class:`checkpointing.loading.CheckpointLoader` (candidates across
+levels, one loop over them, a refusal that names its reason). The manager drops the L0 versions
+the load did not keep.
 
 When to save: at ``--save-interval`` (through the engine with ``--async-save``, else a
 synchronous save), and once at the end of the run; then a summary of what checkpointing cost.
@@ -29,23 +20,14 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from checkpointing import keys
-from checkpointing.agreement import common_to_all, gather_from_all
+from checkpointing.agreement import gather_from_all
 from checkpointing.commit import save_and_commit
 from checkpointing.config import CheckpointConfig
-from checkpointing.discovery import StoredCheckpoint, load_candidates
 from checkpointing.engine_stats import idle_and_steal, machine_cpu_times
-from checkpointing.errors import (
-    CheckpointCorruptError,
-    CheckpointMismatchError,
-    CheckpointNotFoundError,
-    CheckpointUntrustedError,
-)
-from checkpointing.items import CheckpointableState, LoadedParts
+from checkpointing.items import CheckpointableState
 from checkpointing.levels import sync_level
+from checkpointing.loading import CheckpointLoader
 from checkpointing.peers import directory_peers
-from checkpointing.reader import CheckpointReader
-from checkpointing.writer import data_file_name
 
 
 class SaveDirError(OSError):
@@ -72,19 +54,13 @@ def check_checkpoint_dirs(cfg: CheckpointConfig, rank: int) -> None:
             probe_writable(directory, rank)
 
 
-class _NotHere(Exception):
-    """This candidate cannot be used in this run (not an error: the next one is tried)."""
-
-
 class CheckpointManager:
     """This rank's checkpointing for one run; every rank of the job makes one, alike."""
 
     def __init__(self, cfg: CheckpointConfig, state: CheckpointableState, log: Callable[[str], None],
-                 tracer=None, trace_dir: str | None = None,
-                 zero_copy_refused: str | None = "the state's owner does not write out of place"):
+                 tracer=None, trace_dir: str | None = None):
         """``log``: prints on the logging rank (a no-op elsewhere); ``trace_dir``: where the
-        end-of-run statistics go beside the tracer's timeline (with ``tracer``);
-        ``zero_copy_refused``: why the state cannot take zero-copy snapshots (None: it can)."""
+        end-of-run statistics go beside the tracer's timeline (with ``tracer``)."""
         self.cfg = cfg
         self.state = state
         self.log = log
@@ -110,8 +86,7 @@ class CheckpointManager:
         if cfg.async_save:
             from checkpointing.engine import CheckpointEngine
 
-            self.engine = CheckpointEngine.for_config(cfg, state, self.group, log, self.rank, state.layout, tracer,
-                                                      self.local_peers, zero_copy_refused)
+            self.engine = CheckpointEngine.for_config(cfg, state, self.group, log, tracer, self.local_peers)
 
     def _find_peers(self) -> list[int] | None:
         """Which ranks share this rank's L1 directory (its node); checks that L2 is shared."""
@@ -132,33 +107,9 @@ class CheckpointManager:
         return peers
 
     # -- load ---------------------------------------------------------------------------------------
-    def candidates(self) -> list[tuple[str, StoredCheckpoint]]:
-        """(level, checkpoint) on disk to try, newest first; at equal step the faster level first.
-
-        Only checkpoints every rank sees committed are candidates: a node-local level (L1) on
-        one node may hold versions another node lost (a replaced node), and every rank must try
-        the same list in the same order."""
-        found: list[tuple[int, int, str, StoredCheckpoint]] = []
-        levels = [("L1", self.cfg.local_dir), ("L2", self.cfg.load)]
-        for speed, (level, root) in enumerate(levels):
-            if not root:
-                continue
-            stored, notes = load_candidates(root, self.cfg.ckpt_step)
-            for note in notes:
-                self.log(f"> checkpoint: {note}")
-            seen = gather_from_all(self.group, [c.iteration for c in stored])
-            everywhere = set.intersection(*[set(s) for s in seen])
-            for c in stored:
-                if c.iteration not in everywhere:
-                    missing = [r for r, s in enumerate(seen) if c.iteration not in s]
-                    self.log(f"> checkpoint: {level} iteration {c.iteration} is not committed on ranks "
-                             f"{missing[:8]}{' ...' if len(missing) > 8 else ''} (their node lost it); not loaded")
-            found += [(-c.iteration, speed, level, c) for c in stored if c.iteration in everywhere]
-        return [(level, c) for _, _, level, c in sorted(found, key=lambda t: t[:2])]
-
     def load(self) -> int:
-        """Load the newest valid committed checkpoint; returns the iteration training goes on
-        from (0: from scratch, or ``--finetune``).
+        """Load the newest committed checkpoint this run can use (``checkpointing.loading``);
+        returns the iteration training goes on from (0: from scratch, or ``--finetune``).
 
         With the engine, a version in host memory (L0) that survived the previous run is taken
         when it is at least as new as anything on disk; every other L0 version is dropped then
@@ -166,168 +117,12 @@ class CheckpointManager:
         """
         kept = None
         try:
-            start, kept = self._load()
+            start, kept = CheckpointLoader(self.cfg, self.state, self.group, self.log, self.engine).load()
         finally:
             if self.engine is not None:
                 self.engine.keep_only(kept)
         self.loaded = start
         return start
-
-    def _loaded_parts(self, iteration: int, source: str, weights_in_arrays: bool, rng: bool,
-                      optimizer: bool | None = None) -> LoadedParts:
-        """``optimizer``: whether optimizer state was read (default: whether it was asked for)."""
-        return LoadedParts(iteration, source, weights_in_arrays=weights_in_arrays,
-                           optimizer=self.cfg.loads_optimizer if optimizer is None else optimizer,
-                           rng=rng, resume=not self.cfg.finetune)
-
-    def _after_load(self, objects: dict, loaded: LoadedParts) -> int:
-        """The one re-sync of every load path; returns the iteration training goes on from."""
-        for note in self.state.after_load(objects, loaded):
-            self.log(f"> {note}")
-        if not loaded.resume:
-            self.log(f"> --finetune: the weights of iteration {loaded.iteration}; training starts at iteration 0 "
-                     "with a fresh optimizer, data from the beginning")
-        return loaded.iteration if loaded.resume else 0
-
-    def _l0_candidate(self) -> int | None:
-        """The newest snapshot every rank holds in shared memory, in this layout, or None."""
-        shared = common_to_all(self.group, self.engine.held_versions(self.state.layout))
-        if self.cfg.ckpt_step is not None:
-            shared &= {self.cfg.ckpt_step}
-        return max(shared) if shared else None
-
-    def _load_from_l0(self, version: int) -> int:
-        started = time.perf_counter()
-        held = self.engine.restore(version)
-        common = gather_from_all(self.group, held.get(keys.COMMON))[0]  # rank 0 captured it
-        objects = {keys.COMMON: common}
-        if self.cfg.loads_rng:
-            objects.update({k: v for k, v in held.items() if keys.is_rng_key(k)})
-        start = self._after_load(objects, self._loaded_parts(version, "L0", True, self.cfg.loads_rng))
-        self.log(f"> loaded iteration {version} from L0 (shared memory, kept from the previous run; "
-                 f"{time.perf_counter() - started:.2f} s)")
-        return start
-
-    def _load(self) -> tuple[int, int | None]:
-        """(iteration training goes on from, the L0 version to keep)."""
-        cfg = self.cfg
-        if not cfg.load:
-            return 0, None
-        candidates = self.candidates()
-        l0 = self._l0_candidate() if self.engine is not None else None
-        if l0 is not None and (not candidates or l0 >= candidates[0][1].iteration):
-            return self._load_from_l0(l0), (None if cfg.finetune else l0)
-        if not candidates:
-            if cfg.ckpt_step is not None:
-                raise CheckpointNotFoundError(
-                    f"--ckpt-step {cfg.ckpt_step}: no committed checkpoint of that iteration in {cfg.load}")
-            if cfg.finetune:
-                raise CheckpointNotFoundError(f"--finetune: no committed checkpoint in {cfg.load} to start from")
-            self.log(f"> no committed checkpoint in {cfg.load}: training starts from scratch")
-            return 0, None
-        wanted_model_keys = set().union(*gather_from_all(self.group, sorted(
-            {p.key for p in self.state.load_pieces if not keys.is_optimizer_key(p.key)})))
-        for level, candidate in candidates:
-            started = time.perf_counter()
-            self.log(f"> loading checkpoint from {candidate.path} ({level}) ...")
-            outcome, read_bytes, objects = None, 0, {}
-            node_local, optimizer_read = False, cfg.loads_optimizer
-            try:
-                reader = CheckpointReader(candidate.path, verify=cfg.verify_checksums, trust_pickles=cfg.trust_pickles)
-                node_local = reader.local_files is not None
-                if node_local:
-                    read_bytes, objects = self._read_node_local(reader)
-                else:
-                    read_bytes, objects, optimizer_read = self._read_shared(reader, wanted_model_keys)
-            except _NotHere as why:
-                outcome = ("skip", str(why))
-            except CheckpointMismatchError as error:
-                outcome = ("mismatch", str(error))
-            except CheckpointUntrustedError as error:
-                outcome = ("untrusted", str(error))
-            except (CheckpointCorruptError, OSError) as error:
-                outcome = ("corrupt", str(error))
-            outcomes = gather_from_all(self.group, outcome)
-            failures = [(r, o) for r, o in enumerate(outcomes) if o is not None]
-            if not failures:
-                if node_local:
-                    self._share_common(objects)
-                rng = keys.rng_key(self.rank) in objects
-                if cfg.loads_rng and not rng:
-                    self.log("> checkpoint: saved with another layout; RNG states not loaded")
-                # A node-local file holds the main weights; a shared load reads them with the
-                # optimizer state, else the model's weights alone.
-                optimizer_read = all(gather_from_all(self.group, optimizer_read))
-                start = self._after_load(objects, self._loaded_parts(candidate.iteration, level,
-                                                                     node_local or optimizer_read, rng, optimizer_read))
-                if any(gather_from_all(self.group, reader.full_unpickling)):
-                    self.log(f"> checkpoint: {candidate.path} was read with full unpickling (--trust-checkpoint-pickles): "
-                             "it holds objects that need it; checkpoints this run writes do not")
-                self.log(f"> loaded iteration {candidate.iteration} from {candidate.path} "
-                         f"({read_bytes / 1e6:.1f} MB on the logging rank, {time.perf_counter() - started:.2f} s)")
-                return start, None
-            if all(kind == "skip" for _, (kind, _) in failures):
-                self.log(f"> checkpoint: {candidate.path} ({level}) passed over: {failures[0][1][1]}")
-                continue
-            message = "; ".join(f"rank {r}: {text}" for r, (_, text) in failures)
-            if any(kind == "mismatch" for _, (kind, _) in failures):
-                raise CheckpointMismatchError(message)
-            if any(kind == "untrusted" for _, (kind, _) in failures):
-                raise CheckpointUntrustedError(message)  # never fallen back from: someone must look
-            if cfg.ckpt_step is not None:
-                raise CheckpointCorruptError(f"--ckpt-step {cfg.ckpt_step} cannot be loaded: {message}")
-            self.log(f"WARNING: checkpoint {candidate.path} is damaged, trying the previous committed one: {message}")
-        raise CheckpointCorruptError(
-            f"every committed checkpoint in {cfg.load} is damaged (see the warnings above); nothing was deleted. "
-            f"Start from scratch with another --load, or repair the files")
-
-    def _read_shared(self, reader: CheckpointReader, wanted_model_keys: set[str]) -> tuple[int, dict, bool]:
-        """Read this rank's pieces in the current layout from whichever chunks hold them: the
-        optimizer's (main weights and moments), or with ``--no-load-optim``/``--finetune``, or
-        from a weights-only checkpoint (``convert_checkpoint.py --from hf``), the model's weights.
-        Returns (bytes read, small objects, whether optimizer state was read)."""
-        extra = sorted(k for k in reader.tensor_keys() - wanted_model_keys if not keys.is_optimizer_key(k))
-        if extra:
-            raise CheckpointMismatchError(
-                f"{reader.directory} holds tensors this model has no place for: {extra[:4]}"
-                f"{' ...' if len(extra) > 4 else ''} ({len(extra)} in all); the saved model was larger "
-                f"(layers {reader.facts['layout'].get('num_layers')}, this model "
-                f"{self.state.layout['num_layers']})")
-        optimizer = self.cfg.loads_optimizer and any(keys.is_optimizer_key(k) for k in reader.tensor_keys())
-        if self.cfg.loads_optimizer and not optimizer:
-            self.log(f"> checkpoint: {reader.directory} holds weights only: the optimizer starts afresh")
-        pieces = [p for p in self.state.load_pieces if keys.is_optimizer_key(p.key) == optimizer]
-        longer = reader.padded_rows_allowed(self.state.legacy_padded_keys)
-        read_bytes = reader.read_pieces(pieces, self.state.load_arrays, longer)
-        objects = {keys.COMMON: reader.read_object(keys.COMMON)}
-        rng = keys.rng_key(self.rank)
-        if self.cfg.loads_rng and reader.facts["layout"] == self.state.layout and reader.has(rng):
-            objects[rng] = reader.read_object(rng)
-        return read_bytes, objects, optimizer
-
-    def _read_node_local(self, reader: CheckpointReader) -> tuple[int, dict]:
-        """Restore from a node-local checkpoint: each rank reads back its own file (the pieces it
-        saved, replicas included)."""
-        if reader.facts["layout"] != self.state.layout:
-            raise _NotHere("it is node-local and was saved in another layout; a node holds only its own "
-                           "ranks' files, so it restores only into the same layout")
-        if not self.cfg.loads_optimizer:
-            raise _NotHere("it is node-local, which restores the optimizer state; --no-load-optim and --finetune "
-                           "read the weights from the shared level instead")
-        pieces = [p for p in self.state.save_pieces if keys.is_optimizer_key(p.key)]
-        longer = reader.padded_rows_allowed(self.state.legacy_padded_keys)
-        read_bytes = reader.read_own_pieces(data_file_name(self.rank), pieces, self.state.arrays, longer)
-        # ``common`` is in the file of the rank that captured it, on its node only: shared after
-        # every rank succeeded (``_share_common``).
-        wanted = [keys.COMMON] + ([keys.rng_key(self.rank)] if self.cfg.loads_rng else [])
-        return read_bytes, {key: reader.read_object(key) for key in wanted
-                            if reader.object_file(key) in reader.local_files}
-
-    def _share_common(self, objects: dict) -> None:
-        held = [c for c in gather_from_all(self.group, objects.get(keys.COMMON)) if c is not None]
-        if not held:
-            raise CheckpointCorruptError("no node holds the checkpoint's common state")
-        objects[keys.COMMON] = held[0]
 
     # -- save ---------------------------------------------------------------------------------------
     def after_step(self, iteration: int) -> None:

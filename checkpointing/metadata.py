@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 from checkpointing.durable import atomic_write_bytes
 from checkpointing.errors import CheckpointCorruptError
+from checkpointing.parallel_layout import ParallelLayout
 from checkpointing.safe_pickle import load_dcp_metadata
 
 METADATA_NAME = ".metadata"
@@ -71,7 +72,7 @@ def _check_tiling(key: str, global_shape: tuple[int, ...], chunks: list[ChunkRec
         raise TilingError(f"{key}: chunks cover {total} of {math.prod(global_shape)} elements")
 
 
-def build_metadata(records: list[ChunkRecord], iteration: int, layout: dict[str, Any],
+def build_metadata(records: list[ChunkRecord], iteration: int, layout: ParallelLayout,
                    local_files: list[str] | None = None) -> Metadata:
     """DCP metadata of every chunk of every rank; checks that chunks tile each tensor once.
 
@@ -129,7 +130,7 @@ def build_metadata(records: list[ChunkRecord], iteration: int, layout: dict[str,
     metadata.gpt_ckpt = {
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
-        "layout": dict(layout),
+        "layout": layout.to_dict(),
         "checksums": checksums,
         "total_bytes": sum(r.length for r in blobs.values()),
         "replicas": replicas,

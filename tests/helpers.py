@@ -59,6 +59,14 @@ def shared_memory_removed_after() -> Iterator[None]:
                 os.unlink(path)
 
 
+def synthetic_layout(data_parallel: int = 1, tensor_parallel: int = 1):
+    """The layout a synthetic state records (data parallel over its ranks), or another one."""
+    from checkpointing.parallel_layout import ParallelLayout
+
+    return ParallelLayout(tensor_parallel=tensor_parallel, pipeline_parallel=1, data_parallel=data_parallel,
+                          distributed_optimizer=False, num_layers=1, bf16=False)
+
+
 class SyntheticState:
     """A checkpointable state for engine tests: two flat arrays ``a`` and ``b`` in ``shards``
     shards of ``shard_numel`` elements, one piece per array and shard.
@@ -80,6 +88,8 @@ class SyntheticState:
         self.save_pieces = [TensorPiece(name, name, lo, (hi - lo,), (world_size * n,), (rank * n + lo,))
                             for name in self.arrays for lo, hi in self.shards]
         self.load_arrays, self.load_pieces = self.arrays, self.save_pieces
+        self.layout = synthetic_layout(world_size)
+        self.zero_copy_refusal = None  # its step can write out of place (``optimizer_step``)
 
     def capture_objects(self, iteration):
         return {"common": {"iteration": iteration}} if self.rank == 0 else {f"rank{self.rank}": iteration}

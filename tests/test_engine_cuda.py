@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpointing.shard_copy import CudaShardCopier, HostShardCopier, copier_for
-from tests.helpers import make_engine
+from tests.helpers import make_engine, synthetic_layout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -32,6 +32,8 @@ class CudaState:
         self.shards = [(i * shard_numel, (i + 1) * shard_numel) for i in range(SHARDS)]
         self.save_pieces = [TensorPiece(k, k, lo, (hi - lo,), (n,), (lo,)) for k in self.arrays for lo, hi in self.shards]
         self.load_arrays, self.load_pieces = self.arrays, self.save_pieces
+        self.layout = synthetic_layout()
+        self.zero_copy_refusal = "its arrays are on the GPU"
 
     def capture_objects(self, iteration):
         return {"common": {"iteration": iteration}}

@@ -13,7 +13,7 @@ from checkpointing import host_pool, private_files
 from checkpointing.errors import CheckpointUntrustedError
 from checkpointing.host_pool import ArraySpec, HostPool, HostSlot
 from checkpointing.safe_pickle import load_dcp_metadata, load_objects
-from tests.helpers import PickleMarker
+from tests.helpers import PickleMarker, synthetic_layout
 
 NOBODY = 65534
 SPECS = {"a": ArraySpec(1024, torch.float32)}
@@ -30,7 +30,7 @@ def test_the_pool_directory_is_private(tmp_path):
     assert note is None and directory == str(tmp_path / f"gptckpt-{os.getuid()}")
     assert os.stat(directory).st_mode & 0o777 == 0o700
     slot = HostSlot(os.path.join(directory, "gptckpt-job-r0-s0"), SPECS)
-    slot.describe(3, {"common": {"iteration": 3}}, {"tensor_parallel": 1})
+    slot.describe(3, {"common": {"iteration": 3}}, synthetic_layout())
     for path in (slot.path, slot.meta_path):
         assert os.stat(path).st_mode & 0o777 == 0o600, path
     assert private_files.pool_dir(str(tmp_path)) == (directory, None)  # reused when it passes the checks
@@ -88,7 +88,7 @@ def test_a_description_that_would_run_code_is_not_recovered(tmp_path):
     """Even this user's own file: a description is data, read with ``weights_only``."""
     directory, _ = private_files.pool_dir(str(tmp_path))
     slot = HostSlot(os.path.join(directory, "gptckpt-job-r0-s0"), SPECS)
-    slot.describe(5, {"common": {"iteration": 5}}, {"tensor_parallel": 1})
+    slot.describe(5, {"common": {"iteration": 5}}, synthetic_layout())
     assert HostSlot(slot.path, SPECS).version == 5  # a real description is recovered
     with open(slot.meta_path, "wb") as f:
         pickle.dump({"version": 7, "objects": PickleMarker(tmp_path / "marker"), "layout": {}}, f)

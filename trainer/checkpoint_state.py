@@ -25,6 +25,7 @@ import torch
 from checkpointing import keys
 from checkpointing.errors import CheckpointMismatchError
 from checkpointing.items import LoadedParts, TensorPiece
+from checkpointing.parallel_layout import ParallelLayout
 from models.vocab import VOCAB_PARAMS, true_vocab_rows
 from trainer.state_layout import optimizer_state_pieces
 
@@ -102,14 +103,25 @@ class TrainerCheckpointState:
         self.legacy_padded_keys = frozenset(
             k for name in VOCAB_PARAMS for k in (name, *(keys.optimizer_key(a, name) for a in OPTIMIZER_ARRAYS)))
         self._job_dict = dataclasses.asdict(trainer.job)  # frozen: converted once, not at every request
-        self.layout = {
-            "tensor_parallel": trainer.job.parallel.tensor_parallel,
-            "pipeline_parallel": trainer.job.parallel.pipeline_parallel,
-            "data_parallel": trainer.job.parallel.data_parallel,
-            "distributed_optimizer": opt.distributed,
-            "num_layers": trainer.job.model.num_layers,
-            "bf16": self.bf16,
-        }
+        self.layout = ParallelLayout(
+            tensor_parallel=trainer.job.parallel.tensor_parallel,
+            pipeline_parallel=trainer.job.parallel.pipeline_parallel,
+            data_parallel=trainer.job.parallel.data_parallel,
+            distributed_optimizer=opt.distributed,
+            num_layers=trainer.job.model.num_layers,
+            bf16=self.bf16,
+        )
+
+    @property
+    def zero_copy_refusal(self) -> str | None:
+        """Why the optimizer cannot write its steps into the host pool (None: it can)."""
+        main = self.trainer.optimizer.main_params
+        if main.device.type != "cpu":
+            return (f"the optimizer's state is on {main.device.type}: there the snapshot is a device-to-host copy on a "
+                    "copy stream")
+        if self.bf16:
+            return "the model's weights are not fp32 (their cast copy is saved too): zero-copy covers fp32 runs"
+        return None
 
     @property
     def arrays(self) -> dict[str, torch.Tensor]:
@@ -164,7 +176,7 @@ class TrainerCheckpointState:
                 "consumed_samples": iteration * t.job.data.global_batch_size,
                 "optimizer_step": t.optimizer.step_count,
                 "skipped_steps": t.optimizer.skipped_steps,
-                "layout": self.layout,
+                "layout": self.layout.to_dict(),
                 "device": t.device_ctx.device.type,
                 "args": self._job_dict,
             }
@@ -198,7 +210,6 @@ class TrainerCheckpointState:
                 opt.exp_avg.zero_()
                 opt.exp_avg_sq.zero_()
                 opt.step_count = opt.skipped_steps = 0
-        t.iteration = common["iteration"] if loaded.resume else 0
         notes = []
         changes = changed_settings(common.get("args", {}), self._job_dict) if "args" in common else []
         if changes:

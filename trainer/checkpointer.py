@@ -14,17 +14,6 @@ from checkpointing.manager import CheckpointManager
 from trainer.checkpoint_state import TrainerCheckpointState
 
 
-def zero_copy_refusal(trainer) -> str | None:
-    """Why this trainer's optimizer cannot write its steps into the host pool (None: it can)."""
-    main = trainer.optimizer.main_params
-    if main.device.type != "cpu":
-        return (f"the optimizer's state is on {main.device.type}: there the snapshot is a device-to-host copy on a "
-                "copy stream")
-    if trainer.buffers.params.dtype != torch.float32:
-        return "the model's weights are not fp32 (their cast copy is saved too): zero-copy covers fp32 runs"
-    return None
-
-
 class _PoolVersions:
     """The optimizer's :class:`trainer.optimizer.VersionStore` over the engine's pool."""
 
@@ -45,8 +34,7 @@ class Checkpointer:
         """``telemetry``: report the engine's counters to TensorBoard each iteration (every rank
         must pass the same value: it is a collective)."""
         self.state = TrainerCheckpointState(trainer)
-        self.manager = CheckpointManager(cfg, self.state, logger.info, tracer, trainer.job.training.trace_dir,
-                                         zero_copy_refusal(trainer))
+        self.manager = CheckpointManager(cfg, self.state, logger.info, tracer, trainer.job.training.trace_dir)
         self.engine = self.manager.engine
         if self.engine is not None:
             # The fence: before the optimizer overwrites a shard, its snapshot copy must be done
