@@ -53,7 +53,7 @@ from checkpointing import flusher
 from checkpointing.flusher import FlusherSpec
 from checkpointing.host_pool import ArraySpec, HostPool, job_tag
 from checkpointing.items import CheckpointableState
-from checkpointing.levels import Level
+from checkpointing.levels import L1, L2, Level
 from checkpointing.pacing import training_pacing
 from checkpointing.snapshots import CopiedSnapshots
 from checkpointing.trace import NullTracer
@@ -165,8 +165,8 @@ class CheckpointEngine:
         rate = cfg.write_rate_limit_mb * 1e6 if cfg.write_rate_limit_mb else None
         levels = []
         if cfg.local_dir:
-            levels.append(Level("L1", cfg.local_dir, cfg.local_interval, cfg.local_retain_last, local_peers, rate))
-        levels.append(Level("L2", cfg.save, cfg.l2_interval, cfg.save_retain_last, None, rate))
+            levels.append(Level(L1, cfg.local_dir, cfg.local_interval, cfg.local_retain_last, local_peers, rate))
+        levels.append(Level(L2, cfg.save, cfg.l2_interval, cfg.save_retain_last, None, rate))
         engine = cls(state, pool, levels, group, log, tracer, zero_copy, cfg.flusher_timeout)
         how = "zero-copy: steps write into the pool" if zero_copy else "copied at each request"
         log(f"> async checkpointing: L0 {len(pool.slots)} slots in shared memory ({pool.bytes / 2**30:.2f} GiB "

@@ -18,6 +18,7 @@ from checkpointing import host_pool
 from checkpointing.discovery import list_checkpoints
 from checkpointing.durable import read_tracker
 from checkpointing.errors import CheckpointCorruptError, CheckpointError, CheckpointUntrustedError
+from checkpointing.levels import L0, L1, L2
 from checkpointing.metadata import read_metadata
 
 
@@ -103,7 +104,7 @@ def l0_entries(save_dir: str, host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
         ranks = sorted({int(m.group(1)) for p in paths if (m := _RANK_SLOT.search(p))})
         directory = os.path.dirname(paths[0])
         pattern = os.path.join(directory, f"{host_pool.PREFIX}{host_pool.job_tag(save_dir)}-r*-s*")
-        entries.append(Entry("L0", version, "in memory", sizes[version], pattern,
+        entries.append(Entry(L0, version, "in memory", sizes[version], pattern,
                              f"{len(paths)} rank slot(s): ranks {_ranges(ranks)}", tuple(sorted(paths))))
     return entries
 
@@ -124,8 +125,8 @@ def _ranges(numbers: list[int]) -> str:
 
 def all_entries(save_dir: str, local_dir: str | None, verify: bool = False,
                 host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
-    return (l0_entries(save_dir, host_dir) + level_entries("L1", local_dir, verify)
-            + level_entries("L2", save_dir, verify))
+    return (l0_entries(save_dir, host_dir) + level_entries(L1, local_dir, verify)
+            + level_entries(L2, save_dir, verify))
 
 
 def format_table(entries: list[Entry], save_dir: str, local_dir: str | None) -> str:
@@ -133,7 +134,7 @@ def format_table(entries: list[Entry], save_dir: str, local_dir: str | None) -> 
     for e in sorted(entries, key=lambda e: (e.level, e.iteration)):
         detail = f"  ({e.detail})" if e.detail else ""
         lines.append(f"{e.level:<6}{e.iteration:>10}  {e.state:<10}{e.size_bytes / 2**20:>9.1f} MiB  {e.path}{detail}")
-    for level, root in (("L1", local_dir), ("L2", save_dir)):
+    for level, root in ((L1, local_dir), (L2, save_dir)):
         if root:
             lines.append(f"{level} tracker ({root}): {read_tracker(root) if os.path.isdir(root) else None}")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from checkpointing import host_pool
 from checkpointing.discovery import list_checkpoints
 from checkpointing.durable import TRACKER_NAME, fsync_directory, read_tracker, write_tracker
 from checkpointing.inventory import all_entries, check_directory, format_table, l0_entries
+from checkpointing.levels import L1, L2
 
 
 class RollbackRefused(ValueError):
@@ -38,7 +39,7 @@ class RollbackRefused(ValueError):
 def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
          host_dir: str = host_pool.SHM_DIR) -> list[tuple[str, str]]:
     """(description, action) pairs; nothing is changed here."""
-    levels = [("L1", local_dir), ("L2", save_dir)] if local_dir else [("L2", save_dir)]
+    levels = [(L1, local_dir), (L2, save_dir)] if local_dir else [(L2, save_dir)]
     held = {}
     for level, root in levels:
         committed = [c for c in list_checkpoints(root) if c.committed and check_directory(c.path, False)[0] == "committed"]

@@ -6,7 +6,7 @@ engine's request and fences since the last iteration, bytes and seconds of
 the flushes finished since the last iteration, stall per shard);
 one all-gather on a gloo group of its own brings them to the logging rank, which writes the
 maximum stall and the rank it came from, sums of bytes, bandwidth per level and a histogram of
-stall per shard, grouped on one page by a custom-scalars layout.
+stall per shard, grouped on one page by TensorBoard's custom scalars (:data:`CUSTOM_SCALARS`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-LEVELS = ("L1", "L2")
-FIXED = 6 + 2 * len(LEVELS)  # stall, fence waits, copy ms, busy slots, flusher CPU ms, (bytes, seconds) per level, training-thread ms
+from checkpointing.levels import DISK_LEVELS
 
-LAYOUT = {
+FIXED = 6 + 2 * len(DISK_LEVELS)  # stall, fence waits, copy ms, busy slots, flusher CPU ms, (bytes, seconds) per level, training-thread ms
+
+CUSTOM_SCALARS = {
     "Checkpoint": {
         "stall (ms, max over ranks)": ["Multiline", ["checkpoint/stall-ms"]],
         "rank with the max stall": ["Multiline", ["checkpoint/stall-rank"]],
@@ -26,9 +27,9 @@ LAYOUT = {
         "host pool occupancy": ["Multiline", ["checkpoint/pool-occupancy"]],
         "flusher processes' CPU (ms, max over ranks)": ["Multiline", ["checkpoint/flusher-cpu-ms"]],
         "training thread in request and fences (ms, max over ranks)": ["Multiline", ["checkpoint/training-thread-ms"]],
-        "flush bandwidth (GB/s)": ["Multiline", [f"checkpoint/flush-GBps-{lv}" for lv in LEVELS]],
-        "flush time (s)": ["Multiline", [f"checkpoint/flush-seconds-{lv}" for lv in LEVELS]],
-        "bytes flushed": ["Multiline", [f"checkpoint/bytes-{lv}" for lv in LEVELS]],
+        "flush bandwidth (GB/s)": ["Multiline", [f"checkpoint/flush-GBps-{lv}" for lv in DISK_LEVELS]],
+        "flush time (s)": ["Multiline", [f"checkpoint/flush-seconds-{lv}" for lv in DISK_LEVELS]],
+        "bytes flushed": ["Multiline", [f"checkpoint/bytes-{lv}" for lv in DISK_LEVELS]],
         "iteration time (s)": ["Multiline", ["iteration-time"]],
     }
 }
@@ -60,7 +61,7 @@ class CheckpointTelemetry:
         self._fences_seen = 0
         self._shard_seen = [0.0] * self.shards
         if writer is not None:
-            writer.add_custom_scalars(LAYOUT)
+            writer.add_custom_scalars(CUSTOM_SCALARS)
 
     def local_vector(self) -> torch.Tensor:
         s = self.engine.stats
@@ -76,7 +77,7 @@ class CheckpointTelemetry:
         vector[FIXED - 1] = 1000 * (own - self._own_seen)
         self._own_seen = own
         flushes = s.flushes[self._flush_cursor :]
-        for i, level in enumerate(LEVELS):
+        for i, level in enumerate(DISK_LEVELS):
             done = [f for f in flushes if f.level == level and f.error is None]
             vector[5 + 2 * i] = sum(f.bytes for f in done)
             vector[6 + 2 * i] = sum(f.seconds for f in done)
@@ -104,7 +105,7 @@ class CheckpointTelemetry:
         w.add_scalar("checkpoint/pool-occupancy", table[:, 3].max().item(), iteration)
         w.add_scalar("checkpoint/flusher-cpu-ms", table[:, 4].max().item(), iteration)
         w.add_scalar("checkpoint/training-thread-ms", table[:, FIXED - 1].max().item(), iteration)
-        for i, level in enumerate(LEVELS):
+        for i, level in enumerate(DISK_LEVELS):
             nbytes, seconds = table[:, 5 + 2 * i].sum().item(), table[:, 6 + 2 * i].max().item()
             if nbytes > 0:
                 w.add_scalar(f"checkpoint/bytes-{level}", nbytes, iteration)
