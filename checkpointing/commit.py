@@ -53,7 +53,7 @@ def save_and_commit(
     iteration: int,
     arrays: dict[str, torch.Tensor],
     pieces: list[TensorPiece],
-    objects: dict[str, Any],
+    small_state: dict[str, Any],
     layout: ParallelLayout,
     group,
     tracer=None,
@@ -97,7 +97,7 @@ def save_and_commit(
     try:
         faults.reach(f"{level.name}.write", iteration)
         with tracer.span(f"write {level.name}", "ckpt", iteration=iteration):
-            records = write_rank_file(directory, dist.get_rank(), arrays, pieces, objects, replicas=node_local,
+            records = write_rank_file(directory, dist.get_rank(), arrays, pieces, small_state, replicas=node_local,
                                       write_rate=write_rate, progress=progress)
     except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
         records = str(e)

@@ -6,7 +6,7 @@ the training thread:
 
 - ``request(N)`` after optimizer step N: the version's bytes go into an L0 slot (zero-copy: the
   step already wrote them there; copied: a CPU copy now, or CUDA copies enqueued), and the
-  version's small objects and its flush jobs go to this rank's **flusher process**
+  version's small state and its flush jobs go to this rank's **flusher process**
   (``checkpointing.flusher``) over a socket. The flusher writes the slot's description (the L0
   commit) and flushes the versions due on L1/L2, skipping any a newer one supersedes.
 - ``fence(shard)`` before the optimizer writes a shard: zero-copy, it waits only if a flush of
@@ -82,7 +82,7 @@ class _Pending:
 
     slot: flush_rules.SlotState
     version: int
-    objects: dict
+    small_state: dict
     requested: float
     handle: object
     """A copy in flight (CUDA), or None."""
@@ -121,7 +121,7 @@ class CheckpointEngine:
         self.stats = EngineStats(stall_by_shard=[0.0] * len(state.shards))
         for note in pool.notes:  # files refused while opening the pool
             log(note)
-        self.slots = [flush_rules.SlotState(i, s.version if s.objects is not None else None)
+        self.slots = [flush_rules.SlotState(i, s.version if s.small_state is not None else None)
                       for i, s in enumerate(pool.slots)]
         self._jobs: dict[int, flush_rules.JobState] = {}
         """Flush jobs sent and not finished (orphaned ones until the flusher has passed them)."""
@@ -216,11 +216,11 @@ class CheckpointEngine:
         if kind == "described":
             _, seq, error = message
             pending = self._landing.pop(seq)
-            slot, version, objects, requested = pending.slot, pending.version, pending.objects, pending.requested
+            slot, version, small_state, requested = pending.slot, pending.version, pending.small_state, pending.requested
             slot.landing = False
             host = self.pool.slots[slot.index]
             if error is None and slot.version == version:
-                host.version, host.objects, host.layout = version, objects, self.layout
+                host.version, host.small_state, host.layout = version, small_state, self.layout
                 self.stats.copies += 1
                 self.stats.last_copy_seconds = time.perf_counter() - requested
                 self.stats.copy_seconds += self.stats.last_copy_seconds
@@ -272,7 +272,7 @@ class CheckpointEngine:
         return max(0.0, clock - self.stats.flusher_start_cpu_seconds)
 
     def _committed_line(self) -> str:
-        held = sorted(s.version for s in self.pool.slots if s.version is not None and s.objects is not None)
+        held = sorted(s.version for s in self.pool.slots if s.version is not None and s.small_state is not None)
         done = ", ".join(f"{name} iteration {v}" for name, v in sorted(self._last_committed.items())) or "nothing on disk"
         return (f"last committed by this rank's flusher: {done}; L0 holds {held or 'no version'} in {self.pool.directory}, "
                 "kept for the restart (the next run resumes from the newest committed version)")
@@ -342,7 +342,7 @@ class CheckpointEngine:
         """
         started_ns = time.perf_counter_ns()
         started = time.perf_counter()
-        objects = self.state.capture_objects(version)  # small: copied now, on this thread
+        small_state = self.state.capture_small_state(version)  # small: copied now, on this thread
         self._poll()
         self._check_flusher()
         self._land()
@@ -360,7 +360,7 @@ class CheckpointEngine:
             handle = self.snapshots.start(self.state.arrays, self.pool.slots[slot.index].arrays, version)
             self.stats.bytes_copied += sum(a.numel() * a.element_size() for a in self.state.arrays.values())
         host = self.pool.slots[slot.index]
-        host.version, host.objects, host.layout = version, None, None
+        host.version, host.small_state, host.layout = version, None, None
         slot.version, slot.landing = version, True
         jobs = []
         for level in due:
@@ -368,7 +368,7 @@ class CheckpointEngine:
             slot.pins += 1
             self._jobs[job.id] = job
             jobs.append(("job", job.id, self.levels.index(level), version, slot.index, seq, force_flush))
-        self._landing[seq] = _Pending(slot, version, objects, started, handle, jobs)
+        self._landing[seq] = _Pending(slot, version, small_state, started, handle, jobs)
         self._last_request = {version: seq}
         self._land()
         blocked = time.perf_counter() - started
@@ -392,7 +392,7 @@ class CheckpointEngine:
                     self.snapshots.wait_landed(pending.handle)
                 elif not self.snapshots.landed(pending.handle):
                     return  # later versions land after this one
-            self._send(("describe", seq, pending.slot.index, pending.version, pending.objects))
+            self._send(("describe", seq, pending.slot.index, pending.version, pending.small_state))
             for message in pending.jobs:
                 self._send(message)
             pending.sent, pending.jobs = True, []
@@ -460,7 +460,7 @@ class CheckpointEngine:
         pending = self._landing.get(seq)
         if pending is not None and not pending.sent:
             pending.jobs += messages
-        else:  # the flusher keeps the newest request's objects: the jobs can name it
+        else:  # the flusher keeps the newest request's small state: the jobs can name it
             for message in messages:
                 self._send(message)
 
@@ -470,17 +470,17 @@ class CheckpointEngine:
         layout; a previous run's snapshots that survived in shared memory are among them."""
         self._poll()
         return sorted(s.version for s in self.pool.slots
-                      if s.version is not None and s.objects is not None and s.layout == self.layout)
+                      if s.version is not None and s.small_state is not None and s.layout == self.layout)
 
     def restore(self, version: int) -> dict:
-        """Copy L0 ``version`` into the state's live arrays; returns its small objects (the
+        """Copy L0 ``version`` into the state's live arrays; returns its small state (the
         ``common`` item is in rank 0's only). Call before training starts."""
-        slot = next((s for s in self.pool.slots if s.version == version and s.objects is not None), None)
+        slot = next((s for s in self.pool.slots if s.version == version and s.small_state is not None), None)
         if slot is None:
             raise ValueError(f"iteration {version} is not held in L0 on this rank")
         for name, live in self.state.arrays.items():
             live.copy_(slot.arrays[name])
-        return dict(slot.objects)
+        return dict(slot.small_state)
 
     def keep_only(self, version: int | None) -> None:
         """Forget every L0 version but ``version`` (after a load: older runs' snapshots are stale,
@@ -555,7 +555,7 @@ class CheckpointEngine:
             target = found[-1]
         target.version = None
         host = self.pool.slots[target.index]
-        host.version = host.objects = host.layout = None
+        host.version = host.small_state = host.layout = None
         host.remove_description()  # before its first byte changes: a crash must not recover it
         self._target = target
         return host.arrays

@@ -18,7 +18,7 @@ torch. It dies with its trainer (``PR_SET_PDEATHSIG``, and the end of the socket
 outlives its job, and a trainer killed mid-flush leaves only an uncommitted directory.
 
 Messages (pickled by this job's own processes over a socket pair no one else holds):
-trainer -> flusher ``("describe", seq, slot, version, objects)``, ``("job", id, level, version,
+trainer -> flusher ``("describe", seq, slot, version, small_state)``, ``("job", id, level, version,
 slot, seq, forced)``, ``("stop",)`` (after the last job), ``("abort",)`` (drop the queue, exit); flusher -> trainer ``("ready", seconds, rss, cpu)``,
 ``("described", seq, error)``, ``("done", id, record, spans)``, ``("fatal", text)``.
 """
@@ -136,8 +136,8 @@ class Flusher:
         self.pacing = flusher_pacing(block, spec.rank)
         self.tracer = _RecordingTracer() if spec.trace else None
         self.queue: collections.deque[_Job] = collections.deque()
-        self.objects: dict[int, dict] = {}
-        """Each request's small objects, kept while a queued job or the newest request needs them."""
+        self.small_states: dict[int, dict] = {}
+        """Each request's small state, kept while a queued job or the newest request needs it."""
         self.newest_seq = 0
         self.stopping = False
         self.cond = threading.Condition()
@@ -172,15 +172,15 @@ class Flusher:
                 os._exit(3)  # the trainer is gone: so is this job's checkpointing (nothing half-written is committed)
             kind = message[0]
             if kind == "describe":
-                _, seq, slot, version, objects = message
+                _, seq, slot, version, small_state = message
                 faults.reach("describe", version)
                 error = None
                 try:
-                    write_description(self.spec.meta_paths[slot], version, objects, self.spec.layout)
+                    write_description(self.spec.meta_paths[slot], version, small_state, self.spec.layout)
                 except CheckpointWriteError as e:
                     error = str(e)
                 with self.cond:
-                    self.objects[seq] = objects
+                    self.small_states[seq] = small_state
                     self.newest_seq = max(self.newest_seq, seq)
                 self.block[cb.DESCRIBED] = seq
                 self.send(("described", seq, error))
@@ -227,8 +227,8 @@ class Flusher:
             with self.cond:
                 self.queue.popleft()
                 needed = {j.seq for j in self.queue} | {self.newest_seq}
-                for seq in [s for s in self.objects if s not in needed]:
-                    del self.objects[seq]
+                for seq in [s for s in self.small_states if s not in needed]:
+                    del self.small_states[seq]
             self.send(("done", job.id, record, self.tracer.take() if self.tracer else []))
             faults.reach("flusher.idle", job.version)  # fault trials kill the flusher between jobs here
 
@@ -239,12 +239,12 @@ class Flusher:
         if delay:
             time.sleep(delay)
         with self.cond:
-            objects = self.objects[job.seq]
+            small_state = self.small_states[job.seq]
         progress = self._progress(job)
         try:
             tracer = self.tracer
             started = time.perf_counter_ns()
-            result = save_and_commit(level, job.version, self.slots[job.slot], self.spec.pieces, objects,
+            result = save_and_commit(level, job.version, self.slots[job.slot], self.spec.pieces, small_state,
                                      self.spec.layout, self.group, tracer, progress)
             if tracer is not None:
                 tracer.complete(f"flush {level.name}", "ckpt", started, time.perf_counter_ns(), iteration=job.version)

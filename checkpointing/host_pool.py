@@ -9,7 +9,7 @@ names, after checking that the directory and every file are this user's alone
 (``checkpointing.private_files``); ``python -m checkpointing.host_pool --list/--remove`` shows
 and removes them.
 
-A slot's description (``<slot>.meta``: version, small objects, layout) is the L0 commit. It is
+A slot's description (``<slot>.meta``: version, small state, layout) is the L0 commit. It is
 a ``torch.save`` blob read back with ``weights_only`` (``checkpointing.safe_pickle``): reading
 it cannot run code, whoever wrote it.
 """
@@ -56,7 +56,8 @@ def slot_bytes(specs: dict[str, ArraySpec]) -> int:
 
 
 def read_description(meta_path: str) -> dict | None:
-    """A slot's description (version, objects, layout), or None if there is none.
+    """A slot's description (``version``, ``objects``: the small state, ``layout``), or None if
+    there is none.
 
     Raises :class:`private_files.UnsafePathError` if the file is not this user's alone (not
     read) and :class:`CheckpointError` if it is damaged or would need code to be read."""
@@ -73,10 +74,11 @@ def read_description(meta_path: str) -> dict | None:
     return description
 
 
-def write_description(meta_path: str, version: int, objects: dict, layout: ParallelLayout) -> None:
-    """The L0 commit of a slot: what it holds, written atomically (by the flusher process)."""
+def write_description(meta_path: str, version: int, small_state: dict, layout: ParallelLayout) -> None:
+    """The L0 commit of a slot: what it holds, written atomically (by the flusher process). The
+    small state is stored under ``objects``, the key every description has had."""
     blob = io.BytesIO()
-    torch.save({"version": version, "objects": objects, "layout": layout.to_dict()}, blob)
+    torch.save({"version": version, "objects": small_state, "layout": layout.to_dict()}, blob)
     atomic_write_bytes(meta_path, blob.getvalue(), mode=0o600)
 
 
@@ -100,7 +102,8 @@ class HostSlot:
         self.notes = notes if notes is not None else []
         size = slot_bytes(specs)
         self.version: int | None = None
-        self.objects: dict | None = None
+        self.small_state: dict | None = None
+        """The small state of the version the slot holds, once described (None: not committed)."""
         self.layout: ParallelLayout | None = None
         """The layout of the state whose version the slot holds (None: none, or unrecorded)."""
         for file in (path, self.meta_path):
@@ -120,7 +123,7 @@ class HostSlot:
             self.invalidate()
             self.memory.fill_(0)  # touch every page once, now, not during the first copy
         else:  # a previous run's snapshot (e.g. the trainer was killed): keep it for recovery
-            self.version, self.objects = survived["version"], survived["objects"]
+            self.version, self.small_state = survived["version"], survived["objects"]
             self.layout = ParallelLayout.from_dict(survived["layout"])
 
     def _read_description(self) -> dict | None:
@@ -133,7 +136,7 @@ class HostSlot:
 
     def invalidate(self) -> None:
         """Forget what the slot holds, in memory and on disk."""
-        self.version = self.objects = self.layout = None
+        self.version = self.small_state = self.layout = None
         self.remove_description()
 
     def remove_description(self) -> None:
@@ -145,10 +148,10 @@ class HostSlot:
         except FileNotFoundError:
             pass
 
-    def describe(self, version: int, objects: dict, layout: ParallelLayout) -> None:
+    def describe(self, version: int, small_state: dict, layout: ParallelLayout) -> None:
         """After the copy: record what the slot holds (the L0 commit), from this process."""
-        self.version, self.objects, self.layout = version, objects, layout
-        write_description(self.meta_path, version, objects, layout)
+        self.version, self.small_state, self.layout = version, small_state, layout
+        write_description(self.meta_path, version, small_state, layout)
 
 
 class HostPool:

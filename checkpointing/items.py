@@ -1,4 +1,4 @@
-"""What a rank hands to the checkpoint layer: flat arrays, their pieces, and small objects.
+"""What a rank hands to the checkpoint layer: flat arrays, their pieces, and its small state.
 
 The checkpoint layer never sees a model or an optimizer. A rank describes its state as
 
@@ -6,7 +6,9 @@ The checkpoint layer never sees a model or an optimizer. A rank describes its st
   ranges, identical for every array): the unit the async engine copies and fences on;
 - :class:`TensorPiece` records, each a rectangle of a global tensor stored contiguously in one
   of those arrays: the basis of the reshardable format;
-- a dict of small picklable objects (iteration, RNG states, arguments) stored as byte items.
+- its **small state**: a dict of small picklable items (``checkpointing.keys``: the ``common``
+  item every rank shares, with the iteration and the run's arguments, and each rank's RNG states),
+  each stored as a byte item.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class LoadedParts:
     """The optimizer state (moments, step counts) was restored; False: it starts afresh
     (``--no-load-optim``, ``--finetune``)."""
     rng: bool
-    """Restore the RNG states among the objects (same layout, not ``--no-load-rng``/``--finetune``)."""
+    """Restore the RNG states of the small state (same layout, not ``--no-load-rng``/``--finetune``)."""
     resume: bool = True
     """Continue the saved run (its iteration and data position); False: start at iteration 0
     with the loaded weights (``--finetune``)."""
@@ -98,10 +100,10 @@ class CheckpointableState(Protocol):
     """Global tensors a format-1 checkpoint may store with more rows than ``global_shape[0]``
     (Megatron's vocabulary padding); their first rows are the true ones."""
 
-    def capture_objects(self, iteration: int) -> dict[str, Any]:
-        """Small objects of the state after ``iteration`` (copied at once, they are small)."""
+    def capture_small_state(self, iteration: int) -> dict[str, Any]:
+        """The small state after ``iteration`` (copied at once: it is small)."""
 
-    def after_load(self, objects: dict[str, Any], loaded: LoadedParts) -> list[str]:
-        """Put the small objects back and re-sync the trainer after any load; returns notes for
+    def after_load(self, small_state: dict[str, Any], loaded: LoadedParts) -> list[str]:
+        """Put the small state back and re-sync the trainer after any load; returns notes for
         the user (what was not restored, which settings differ from the saved run's). Raises
         ``CheckpointMismatchError`` if the checkpoint is of another model."""

@@ -1,8 +1,8 @@
 """Names of the items in a checkpoint, in one place (the writer, the loaders and the trainer's
 state agree on them; stock ``torch.distributed.checkpoint`` readers see the same names).
 
-- ``common``: the small state every rank shares (iteration, optimizer step, layout, device, the
-  run's arguments); captured by rank 0.
+- ``common``: the item of the small state every rank shares (iteration, optimizer step, layout,
+  device, the run's arguments); captured by rank 0.
 - ``rng_state.rank_<r>``: rank r's RNG states (one per rank: they differ across TP and PP).
 - ``optimizer.state.<array>.<param>``: the optimizer's fp32 main weights and Adam moments, as
   global tensors of each parameter.

@@ -153,7 +153,7 @@ class CheckpointManager:
         self.log(f"> saving checkpoint at iteration {iteration:7d} to {self.cfg.save}")
         arrays = {name: a.detach().cpu() for name, a in self.state.arrays.items()}
         result = save_and_commit(sync_level(self.cfg.save, self.cfg.save_retain_last), iteration, arrays,
-                                 self.state.save_pieces, self.state.capture_objects(iteration), self.state.layout,
+                                 self.state.save_pieces, self.state.capture_small_state(iteration), self.state.layout,
                                  self.group)
         self.log(f"  successfully saved checkpoint at iteration {iteration:7d} to {self.cfg.save} "
                  f"[ {result.seconds * 1000:.0f} ms, {result.bytes_written / 1e6:.1f} MB on the logging rank ]")

@@ -107,7 +107,7 @@ class CheckpointReader:
         self.full_unpickling |= trusted
         return value
 
-    # -- small objects ----------------------------------------------------------------------------
+    # -- the small state's items ------------------------------------------------------------------
     def has(self, key: str) -> bool:
         return key in self.metadata.state_dict_metadata
 

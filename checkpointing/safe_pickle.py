@@ -3,7 +3,7 @@
 Unpickling calls whatever global the pickle names: a checkpoint file is code. Everything this
 project reads back goes through one of two restricted loaders:
 
-- tensors and small objects (iteration, arguments, RNG states): ``torch.load(weights_only=True)``,
+- tensors and the small state (iteration, arguments, RNG states): ``torch.load(weights_only=True)``,
   which admits tensors, builtin containers and scalars, plus numpy's array reconstruction (numpy's
   RNG state is a uint32 array; torch's documentation names these globals as safe to allow);
 - DCP's ``.metadata``: a stock pickle (stock readers need it), read by an unpickler that admits

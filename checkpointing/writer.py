@@ -149,12 +149,13 @@ def write_rank_file(
     rank: int,
     arrays: dict[str, torch.Tensor],
     pieces: list[TensorPiece],
-    objects: dict[str, Any],
+    small_state: dict[str, Any],
     replicas: bool = False,
     write_rate: float | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[ChunkRecord]:
-    """Write this rank's writer pieces and objects to ``directory`` and fsync file and directory.
+    """Write this rank's writer pieces and its small state (each item a byte item) to
+    ``directory`` and fsync file and directory.
 
     With ``replicas`` the rank's other pieces are written too, so that this one file restores
     the rank (node-local levels). ``write_rate`` (bytes/s) paces the writes. ``progress(i)`` is
@@ -185,7 +186,7 @@ def write_rank_file(
                                            piece.is_writer))
                 if progress is not None:
                     progress(index)
-            for key, value in objects.items():
+            for key, value in small_state.items():
                 at, length, checksum = _write_chunk(f, value)
                 records.append(ChunkRecord(key, None, None, None, None, name, at, length, checksum, rank))
         fsync_directory(directory)

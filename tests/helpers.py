@@ -91,7 +91,7 @@ class SyntheticState:
         self.layout = synthetic_layout(world_size)
         self.zero_copy_refusal = None  # its step can write out of place (``optimizer_step``)
 
-    def capture_objects(self, iteration):
+    def capture_small_state(self, iteration):
         return {"common": {"iteration": iteration}} if self.rank == 0 else {f"rank{self.rank}": iteration}
 
     def optimizer_step(self, engine=None, on_shard=None):

@@ -68,7 +68,7 @@ def test_a_reused_slot_loses_its_old_description_before_its_first_byte_changes(t
     engine.close(drain=True)
     assert meta_at_copy == [False], "the old description must be gone before the slot is overwritten"
     assert host_pool.read_description(reused.meta_path)["version"] == 3
-    assert reused.version == 3 and reused.objects == {"common": {"iteration": 3}}
+    assert reused.version == 3 and reused.small_state == {"common": {"iteration": 3}}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])

@@ -35,7 +35,7 @@ class CudaState:
         self.layout = synthetic_layout()
         self.zero_copy_refusal = "its arrays are on the GPU"
 
-    def capture_objects(self, iteration):
+    def capture_small_state(self, iteration):
         return {"common": {"iteration": iteration}}
 
     def optimizer_step(self, engine):

@@ -81,7 +81,7 @@ def test_a_killed_idle_flusher_stops_training_at_the_next_request(tmp_path, sing
     assert "L2 iteration 1" in message and "kept for the restart" in message, message
     engine.close(drain=False)  # the error path: must neither hang nor raise
     assert all(os.path.exists(slot.path) for slot in engine.pool.slots), "the L0 pool is kept"
-    assert any(slot.version == 1 and slot.objects for slot in engine.pool.slots)
+    assert any(slot.version == 1 and slot.small_state for slot in engine.pool.slots)
 
 
 @pytest.mark.parametrize("point", ["L2.write", "L2.metadata"])
@@ -101,7 +101,7 @@ def test_a_flusher_killed_in_a_flush_leaves_it_uncommitted_and_training_stops(tm
     assert not (tmp_path / "l2" / "iter_0000002" / ".metadata").exists(), "a killed flush is never committed"
     assert (tmp_path / "l2" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     engine.close(drain=False)
-    assert sorted(s.version for s in engine.pool.slots if s.objects) == [1, 2], "both versions stay in L0"
+    assert sorted(s.version for s in engine.pool.slots if s.small_state) == [1, 2], "both versions stay in L0"
 
 
 def test_a_hung_flusher_stops_training_within_its_timeout(tmp_path, single_process_group):

@@ -102,7 +102,7 @@ def _save(root, iteration, state, layout, group, node_local=False):
     from checkpointing.metadata import read_metadata, write_metadata
 
     result = save_and_commit(Level("L1" if node_local else "L2", str(root), None, None), iteration, state.arrays,
-                             state.save_pieces, state.capture_objects(iteration), layout, group)
+                             state.save_pieces, state.capture_small_state(iteration), layout, group)
     if node_local:
         metadata = read_metadata(result.path)
         del metadata.gpt_ckpt_full_unpickling

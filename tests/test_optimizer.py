@@ -18,8 +18,8 @@ def small_model(seed=0):
 
 def row_boundaries(buffers):
     bounds = set()
-    for slot in buffers.slots:
-        bounds.update(range(slot.start, slot.end + 1, slot.row_numel))
+    for span in buffers.spans:
+        bounds.update(range(span.start, span.end + 1, span.row_numel))
     return bounds
 
 
@@ -44,7 +44,7 @@ def test_dp_ranges_cover_the_buffer_and_end_on_rows(parts):
     rows = row_boundaries(buffers)
     assert all(lo in rows and hi in rows for lo, hi in ranges)
     sizes = [hi - lo for lo, hi in ranges]
-    assert max(sizes) - min(sizes) <= 2 * max(s.row_numel for s in buffers.slots)
+    assert max(sizes) - min(sizes) <= 2 * max(s.row_numel for s in buffers.spans)
 
 
 def test_shards_end_on_rows_and_respect_the_size_unless_one_row_is_larger():

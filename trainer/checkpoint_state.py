@@ -27,7 +27,7 @@ from checkpointing.errors import CheckpointMismatchError
 from checkpointing.items import LoadedParts, TensorPiece
 from checkpointing.parallel_layout import ParallelLayout
 from models.vocab import VOCAB_PARAMS, true_vocab_rows
-from trainer.state_layout import optimizer_state_pieces
+from trainer.optimizer_pieces import optimizer_state_pieces
 
 OPTIMIZER_ARRAYS = ("fp32_param", "exp_avg", "exp_avg_sq")
 MAX_LISTED_CHANGES = 12
@@ -91,9 +91,9 @@ class TrainerCheckpointState:
                 self.save_pieces.append(state_piece)
                 self.load_pieces.append(state_piece)
             self.save_pieces.append(dataclasses.replace(piece, array="param" if self.bf16 else "fp32_param"))
-        for slot in buffers.slots:
-            spec = trainer.param_specs[slot.name]
-            piece = _true_rows(TensorPiece(key=spec.global_name, array="param", start=slot.start, shape=slot.shape,
+        for span in buffers.spans:
+            spec = trainer.param_specs[span.name]
+            piece = _true_rows(TensorPiece(key=spec.global_name, array="param", start=span.start, shape=span.shape,
                                            global_shape=spec.global_shape, global_offset=spec.global_offset),
                                self.vocab_size)
             if piece is not None:
@@ -140,13 +140,13 @@ class TrainerCheckpointState:
     def _padding_regions(self) -> list[tuple[str, int, int]]:
         opt, buffers = self.trainer.optimizer, self.trainer.buffers
         regions = []
-        for slot in buffers.slots:
-            spec = self.trainer.param_specs[slot.name]
+        for span in buffers.spans:
+            spec = self.trainer.param_specs[span.name]
             rows = true_vocab_rows(spec.global_name, self.vocab_size)
             if rows is None:
                 continue
-            first_padded = min(max(rows - spec.global_offset[0], 0), slot.shape[0])
-            a, b = slot.start + first_padded * slot.row_numel, slot.end
+            first_padded = min(max(rows - spec.global_offset[0], 0), span.shape[0])
+            a, b = span.start + first_padded * span.row_numel, span.end
             if a >= b:
                 continue
             regions.append(("param", a, b))
@@ -155,12 +155,12 @@ class TrainerCheckpointState:
                 regions += [(array, lo - opt.start, hi - opt.start) for array in OPTIMIZER_ARRAYS]
         return regions
 
-    # -- small objects ---------------------------------------------------------------------------
-    def capture_objects(self, iteration: int) -> dict[str, Any]:
+    # -- the small state ---------------------------------------------------------------------------
+    def capture_small_state(self, iteration: int) -> dict[str, Any]:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
         t = self.trainer
-        objects: dict[str, Any] = {
+        small_state: dict[str, Any] = {
             keys.rng_key(self.rank): {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -171,7 +171,7 @@ class TrainerCheckpointState:
             }
         }
         if self.rank == 0:
-            objects[keys.COMMON] = {
+            small_state[keys.COMMON] = {
                 "iteration": iteration,
                 "consumed_samples": iteration * t.job.data.global_batch_size,
                 "optimizer_step": t.optimizer.step_count,
@@ -180,10 +180,10 @@ class TrainerCheckpointState:
                 "device": t.device_ctx.device.type,
                 "args": self._job_dict,
             }
-        return objects
+        return small_state
 
     # -- after a load ------------------------------------------------------------------------------
-    def after_load(self, objects: dict[str, Any], loaded: LoadedParts) -> list[str]:
+    def after_load(self, small_state: dict[str, Any], loaded: LoadedParts) -> list[str]:
         """Re-sync the trainer after any load (L0, node-local, shared; see ``LoadedParts``).
 
         - The padded vocabulary rows of this layout are zeroed everywhere.
@@ -194,7 +194,7 @@ class TrainerCheckpointState:
         - Without optimizer state, Adam starts afresh (moments and step count zero).
         """
         t, opt = self.trainer, self.trainer.optimizer
-        common = objects[keys.COMMON]
+        common = small_state[keys.COMMON]
         self._check_same_model(common)
         with torch.no_grad():
             live = self.load_arrays
@@ -220,7 +220,7 @@ class TrainerCheckpointState:
             notes.append("checkpoint: optimizer state not loaded: Adam's moments and step count start from zero, "
                          "the main weights from the loaded weights")
         if loaded.rng:
-            note = self._restore_rng(objects.get(keys.rng_key(self.rank)))
+            note = self._restore_rng(small_state.get(keys.rng_key(self.rank)))
             if note is not None:
                 notes.append(note)
         return notes

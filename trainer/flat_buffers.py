@@ -16,8 +16,9 @@ import torch.distributed as dist
 
 
 @dataclass(frozen=True)
-class ParamSlot:
-    """Where one parameter lives in the flat buffers."""
+class ParamSpan:
+    """The span ``[start, end)`` of the flat buffers that holds one parameter, and what the
+    optimizer needs to know of it."""
 
     name: str
     """Local parameter name (``module.named_parameters()``)."""
@@ -52,15 +53,15 @@ class FlatParamsAndGrads:
             raise ValueError("the model stage has no trainable parameters")
         device = params[0][1].device
         dtype = params[0][1].dtype
-        self.slots: list[ParamSlot] = []
+        self.spans: list[ParamSpan] = []
         offset = 0
         for name, p in params:
             shape = tuple(p.shape)
             row = p.numel() // shape[0] if p.dim() >= 1 and shape[0] > 0 else p.numel()
             tp_duplicate = name not in tp_split and tp_rank != 0
             tied_copy = getattr(p, "shared", False)  # megatron: last stage's copy of embeddings
-            self.slots.append(
-                ParamSlot(
+            self.spans.append(
+                ParamSpan(
                     name=name,
                     start=offset,
                     numel=p.numel(),
@@ -75,16 +76,16 @@ class FlatParamsAndGrads:
         self.numel = offset
         self.params = torch.empty(offset, dtype=dtype, device=device)
         self.grads = torch.zeros(offset, dtype=torch.float32, device=device)
-        self._starts = [s.start for s in self.slots]
+        self._starts = [s.start for s in self.spans]
         self._hooks = []
-        for slot, (_, p) in zip(self.slots, params):
-            view = self.params[slot.start : slot.end].view(slot.shape)
+        for span, (_, p) in zip(self.spans, params):
+            view = self.params[span.start : span.end].view(span.shape)
             view.copy_(p.data)
             p.data = view
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(slot)))
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(span)))
 
-    def _make_hook(self, slot: ParamSlot):
-        grad_view = self.grads[slot.start : slot.end].view(slot.shape)
+    def _make_hook(self, span: ParamSpan):
+        grad_view = self.grads[span.start : span.end].view(span.shape)
 
         def accumulate(param: torch.Tensor) -> None:
             grad_view.add_(param.grad)
@@ -93,8 +94,8 @@ class FlatParamsAndGrads:
         return accumulate
 
     # -- row geometry (shard and DP-range boundaries fall on rows) ------------------------------
-    def slot_at(self, element: int) -> ParamSlot:
-        return self.slots[bisect.bisect_right(self._starts, element) - 1]
+    def span_at(self, element: int) -> ParamSpan:
+        return self.spans[bisect.bisect_right(self._starts, element) - 1]
 
     def row_boundary(self, element: int, round_up: bool = False) -> int:
         """The nearest row boundary at or below ``element`` (or at or above with round_up)."""
@@ -102,23 +103,23 @@ class FlatParamsAndGrads:
             return 0
         if element >= self.numel:
             return self.numel
-        slot = self.slot_at(element)
-        rows, rest = divmod(element - slot.start, slot.row_numel)
+        span = self.span_at(element)
+        rows, rest = divmod(element - span.start, span.row_numel)
         if rest and round_up:
             rows += 1
-        return min(slot.start + rows * slot.row_numel, slot.end)
+        return min(span.start + rows * span.row_numel, span.end)
 
     def segments(self, start: int, end: int, predicate, merge: bool = True) -> list[tuple[int, int]]:
-        """``[a, b)`` ranges within ``[start, end)`` covered by slots matching ``predicate``;
-        adjacent ranges are merged unless ``merge`` is False (then one range per slot)."""
+        """``[a, b)`` ranges within ``[start, end)`` covered by spans matching ``predicate``;
+        adjacent ranges are merged unless ``merge`` is False (then one range per span)."""
         result: list[tuple[int, int]] = []
         if start >= end:
             return result
         i = bisect.bisect_right(self._starts, start) - 1
-        while i < len(self.slots) and self.slots[i].start < end:
-            slot = self.slots[i]
-            if predicate(slot):
-                a, b = max(slot.start, start), min(slot.end, end)
+        while i < len(self.spans) and self.spans[i].start < end:
+            span = self.spans[i]
+            if predicate(span):
+                a, b = max(span.start, start), min(span.end, end)
                 if merge and result and result[-1][1] == a:
                     result[-1] = (result[-1][0], b)
                 else:
@@ -134,9 +135,9 @@ class FlatParamsAndGrads:
         """Sum the tied word-embedding gradient of the first and last pipeline stage."""
         if embedding_group is None:
             return
-        for slot in self.slots:
-            if slot.shared_embedding:
-                dist.all_reduce(self.grads[slot.start : slot.end], group=embedding_group)
+        for span in self.spans:
+            if span.shared_embedding:
+                dist.all_reduce(self.grads[span.start : span.end], group=embedding_group)
 
     def reduce_grads(self, dp_group, dp_size: int, owned: list[tuple[int, int]] | None) -> None:
         """Average gradients over data-parallel ranks.

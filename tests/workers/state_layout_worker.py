@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from tests.workers.trainer_setup import start_trainer  # noqa: E402
-from trainer.state_layout import optimizer_state_pieces  # noqa: E402
+from trainer.optimizer_pieces import optimizer_state_pieces  # noqa: E402
 from trainer.training import shutdown  # noqa: E402
 
 

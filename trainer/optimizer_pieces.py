@@ -26,17 +26,17 @@ def optimizer_state_pieces(
     buffers = optimizer.buffers
     pieces: list[TensorPiece] = []
     for shard in optimizer.shards:
-        for a, b in buffers.segments(shard.start, shard.end, lambda _slot: True, merge=False):
-            slot = buffers.slot_at(a)
-            spec = specs[slot.name]
-            first_row, rest_a = divmod(a - slot.start, slot.row_numel)
-            end_row, rest_b = divmod(b - slot.start, slot.row_numel)
+        for a, b in buffers.segments(shard.start, shard.end, lambda _span: True, merge=False):
+            span = buffers.span_at(a)
+            spec = specs[span.name]
+            first_row, rest_a = divmod(a - span.start, span.row_numel)
+            end_row, rest_b = divmod(b - span.start, span.row_numel)
             if rest_a or rest_b:
                 raise ValueError(
-                    f"optimizer shard {shard.index} [{shard.start}, {shard.end}) cuts {slot.name} "
+                    f"optimizer shard {shard.index} [{shard.start}, {shard.end}) cuts {span.name} "
                     f"inside a row; shard boundaries must fall on row boundaries"
                 )
-            shape = slot.shape if len(slot.shape) == 0 else (end_row - first_row, *slot.shape[1:])
+            shape = span.shape if len(span.shape) == 0 else (end_row - first_row, *span.shape[1:])
             offset = (spec.global_offset[0] + first_row, *spec.global_offset[1:])
             pieces.append(
                 TensorPiece(
