@@ -8,6 +8,8 @@ import pytest
 from tests.launch import PRETRAIN, ROOT
 from trainer.arguments import ArgumentError, parse_job_config
 
+pytestmark = pytest.mark.slow
+
 BASE = ["--model-size", "tiny", "--vocab-size", "1024", "--mock-data", "--train-iters", "10", "--lr", "1e-3"]
 
 

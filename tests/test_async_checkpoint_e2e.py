@@ -12,6 +12,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.launch import TINY, read_scalars, run_pretrain
 
+pytestmark = pytest.mark.slow
+
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
                "--lr", "3e-3", "--log-interval", "4", "--train-iters", "8", "--use-distributed-optimizer",
                "--optimizer-shard-size-mb", "0.1"]

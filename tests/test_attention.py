@@ -7,6 +7,8 @@ import torch
 from tests.launch import read_scalars, run_pretrain
 from trainer.arguments import ArgumentError, parse_job_config
 
+pytestmark = pytest.mark.slow
+
 S, B, HEADS, HEAD_DIM = 32, 2, 4, 16  # the tiny model: hidden 64 = 4 heads x 16
 
 

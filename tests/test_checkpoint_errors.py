@@ -8,6 +8,8 @@ import pytest
 from checkpointing.discovery import list_checkpoints
 from tests.launch import TINY, run_pretrain
 
+pytestmark = pytest.mark.slow
+
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
                "--lr", "1e-3", "--log-interval", "5"]
 DATA = "__0_0.distcp"

@@ -13,6 +13,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from checkpointing.reader import CheckpointReader
 from tests.launch import ROOT, TINY, read_scalars, run_pretrain
 
+pytestmark = pytest.mark.slow
+
 COMMON = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "16",
                  "--lr", "3e-3", "--lr-warmup-iters", "3", "--log-interval", "5", "--seed", "7",
                  "--optimizer-shard-size-mb", "0.05"]

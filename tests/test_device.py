@@ -21,6 +21,8 @@ from models import cpu_compat
 from models.fusions import KernelFusions, resolve_fusions
 from trainer.device import DeviceContext, DeviceError, cuda_selected, select_device
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CUDA0 = torch.device("cuda", 0)
 

@@ -17,6 +17,8 @@ from checkpointing.reader import CheckpointReader
 from checkpointing.shard_copy import HostShardCopier
 from tests.helpers import SHARDS, SyntheticState, make_engine, shared_memory_removed_after
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True)
 def remove_pools():

@@ -15,7 +15,7 @@ import torch
 from checkpointing.shard_copy import CudaShardCopier, HostShardCopier, copier_for
 from tests.helpers import make_engine, synthetic_layout
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SHARDS = 4
 

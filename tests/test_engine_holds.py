@@ -12,6 +12,8 @@ from checkpointing.control_block import ControlBlock
 from checkpointing.reader import CheckpointReader
 from tests.helpers import SyntheticState, make_engine, shared_memory_removed_after
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True)
 def remove_pools():

@@ -10,6 +10,8 @@ import torch
 from checkpointing.reader import CheckpointReader
 from tests.helpers import SHARDS, SyntheticState, make_engine, shared_memory_removed_after
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True)
 def remove_pools():

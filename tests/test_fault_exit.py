@@ -12,8 +12,11 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tests.launch import PRETRAIN, ROOT, TINY
+
+pytestmark = pytest.mark.slow
 
 GUARD = 300
 """Seconds before the test calls the job hung: a failure guard, not a measurement."""

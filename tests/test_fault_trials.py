@@ -5,7 +5,11 @@ Every resume must load the newest committed valid checkpoint and replay the loss
 import importlib.util
 import sys
 
+import pytest
+
 from tests.launch import ROOT
+
+pytestmark = pytest.mark.slow
 
 spec = importlib.util.spec_from_file_location("fault_trials", ROOT / "scripts" / "fault_trials.py")
 fault_trials = importlib.util.module_from_spec(spec)

@@ -15,6 +15,8 @@ import torch
 from checkpointing.errors import FlusherError
 from tests.helpers import SyntheticState, make_engine, shared_memory_removed_after
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

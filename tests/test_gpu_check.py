@@ -13,6 +13,8 @@ import pytest
 
 from trainer.metrics_log import MetricsLogger
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -16,6 +16,8 @@ import torch
 from tests.helpers import job_env
 from tests.launch import ROOT, read_scalars, run_pretrain
 
+pytestmark = pytest.mark.slow
+
 MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "256",
          "--seq-length", "32", "--max-position-embeddings", "32", "--hidden-dropout", "0", "--attention-dropout", "0",
          "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3", "--seed", "7"]

@@ -14,6 +14,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from checkpointing.reader import CheckpointReader
 from tests.launch import ROOT, TINY, read_scalars, run_pretrain
 
+pytestmark = pytest.mark.slow
+
 VOCAB = 128
 COMMON = TINY + ["--vocab-size", str(VOCAB), "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
                  "--lr", "3e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine", "--seed", "7",

@@ -11,6 +11,8 @@ import pytest
 
 from tests.launch import TINY, read_scalars, run_pretrain
 
+pytestmark = pytest.mark.slow
+
 ITERS = 10
 
 

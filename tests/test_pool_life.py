@@ -7,9 +7,13 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from checkpointing import host_pool
 from tests.helpers import job_env
 from tests.launch import PRETRAIN, ROOT, TINY, run_pretrain
+
+pytestmark = pytest.mark.slow
 
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
                "--lr", "3e-3", "--log-interval", "1", "--async-save", "--save-interval", "2"]

@@ -6,6 +6,8 @@ import pytest
 from checkpointing import host_pool
 from tests.launch import TINY, read_scalars, run_pretrain
 
+pytestmark = pytest.mark.slow
+
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
                "--lr", "3e-3", "--log-interval", "5", "--train-iters", "20", "--use-distributed-optimizer",
                "--async-save", "--save-interval", "1", "--ckpt-persistent-interval", "10"]

@@ -11,6 +11,8 @@ import pytest
 from checkpointing import host_pool
 from tests.launch import ROOT, TINY, read_scalars, run_pretrain
 
+pytestmark = pytest.mark.slow
+
 ROLLBACK = ROOT / "scripts" / "rollback.sh"
 COMMON = TINY[:TINY.index("--seq-length")] + ["--seq-length", "32", "--max-position-embeddings", "32",
                                                "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",

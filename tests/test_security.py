@@ -13,6 +13,8 @@ from checkpointing import host_pool
 from tests.helpers import PickleMarker
 from tests.launch import TINY, run_pretrain
 
+pytestmark = pytest.mark.slow
+
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
                "--lr", "3e-3", "--log-interval", "1", "--train-iters", "6"]
 NOBODY = 65534

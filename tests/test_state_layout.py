@@ -16,6 +16,8 @@ from models.gpt import initial_value
 from models.param_layout import GlobalParamSpec
 from tests.launch import ROOT, TINY
 
+pytestmark = pytest.mark.slow
+
 WORKER = ROOT / "tests" / "workers" / "state_layout_worker.py"
 MODEL = GPTModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
                        seq_length=32, max_position_embeddings=32, vocab_size=1024)

@@ -16,6 +16,8 @@ from tests.browser import Chromium, find_chromium
 from tests.helpers import free_port
 from tests.launch import ROOT, TINY, run_pretrain
 
+pytestmark = pytest.mark.slow
+
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
                "--lr", "3e-3", "--log-interval", "5", "--train-iters", "12", "--use-distributed-optimizer",
                "--optimizer-shard-size-mb", "0.1", "--async-save", "--save-interval", "1",

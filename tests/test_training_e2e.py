@@ -8,6 +8,8 @@ import pytest
 
 from tests.launch import ROOT, TINY, read_scalars, run_pretrain
 
+pytestmark = pytest.mark.slow
+
 # Unigram (byte-frequency) entropy of the Shakespeare corpus, measured with
 #   numpy.bincount over data/shakespeare.bin: 3.262 nats. A model that only learned which bytes
 # are frequent cannot go below it, so a validation loss under it shows the model uses context.

@@ -19,6 +19,8 @@ from checkpointing.discovery import list_checkpoints
 from checkpointing.inventory import check_directory, l0_entries
 from tests.launch import TINY, read_scalars, run_two_nodes
 
+pytestmark = pytest.mark.slow
+
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
                "--lr", "3e-3", "--log-interval", "1", "--train-iters", "20", "--tensor-model-parallel-size", "2",
                "--use-distributed-optimizer"]

@@ -1,0 +1,242 @@
+"""The import layering of the project, read from the source with ``ast`` (nothing is imported).
+
+Every import counts: at the top of a module, inside a function (lazy), relative, and
+``importlib.import_module``/``__import__`` of a constant name. Two rules hold between the
+project's modules:
+
+- no import cycle, not even through a lazy import (a cycle makes the order in which modules
+  load decide whether a name exists yet);
+- no import against the order of ``LAYERS``: a package imports only from packages of lower
+  layers. The leaves (``cli``, ``tokenization``) import nothing from the project, and
+  ``benchmarks`` (library code of the benches) sits below ``scripts`` (their thin command lines).
+  ``tests`` may import anything.
+
+The checker is the two small functions ``cycles`` and ``layer_violations`` over a graph
+``{module: set of modules it imports}``; the tests below run them on the project's graph and on
+graphs with an added cycle and an added upward import, which they must refuse.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("cli", "tokenization"),
+    ("checkpointing",),
+    ("models",),
+    ("trainer",),
+    ("interop",),
+    ("benchmarks",),
+    ("scripts",),
+    ("tests",),
+)
+"""Top-level packages from the bottom up; a package imports only from the layers below its own."""
+
+NOT_PROJECT = {"docs", "results", "build", "dist"}
+"""Top-level folders that hold no project code (``.venv``, ``*.egg-info`` and hidden ones neither)."""
+
+
+def layer_of(layers: tuple[tuple[str, ...], ...]) -> dict[str, int]:
+    return {package: rank for rank, group in enumerate(layers) for package in group}
+
+
+def module_files(root: Path, packages) -> dict[str, Path]:
+    """``{dotted module name: file}`` of every ``.py`` file under the given top-level folders
+    (``scripts/`` has no ``__init__.py``; its files are ``scripts.<name>`` all the same)."""
+    modules = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            if "__pycache__" in parts:
+                continue
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join(parts)] = path
+    return modules
+
+
+def imported_from(node: ast.ImportFrom, package: str) -> str:
+    """The absolute name of the module a ``from ... import`` reads, in a module of ``package``."""
+    if not node.level:
+        return node.module
+    parts = package.split(".")
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
+def imported_names(source: str, module: str, is_package: bool) -> set[str]:
+    """Dotted names that ``source`` (the module ``module``) imports, anywhere in its body."""
+    names: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = imported_from(node, package)
+            # ``a.b`` resolves to the module ``a.b`` or, where ``b`` is a name, to ``a``.
+            names.update(base if alias.name == "*" else f"{base}.{alias.name}" for alias in node.names)
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if called in ("import_module", "__import__"):
+                names.add(node.args[0].value)
+    return names
+
+
+def resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """The project module an imported name loads: its longest prefix that is a module. A bare
+    name of a file in ``scripts/`` is that file (the scripts put their folder on sys.path)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in modules:
+            return prefix
+    if f"scripts.{parts[0]}" in modules:
+        return f"scripts.{parts[0]}"
+    return None
+
+
+def import_graph(root: Path, packages) -> dict[str, set[str]]:
+    """``{module: the project modules it imports}`` over the given top-level folders of ``root``."""
+    modules = module_files(root, packages)
+    graph = {}
+    for module, path in modules.items():
+        names = imported_names(path.read_text(encoding="utf-8"), module, path.name == "__init__.py")
+        graph[module] = {target for name in names if (target := resolve(name, modules)) not in (None, module)}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def layer_violations(graph: dict[str, set[str]], layers: tuple[tuple[str, ...], ...]) -> list[str]:
+    """Each import of a package from its own layer or one above it, and each module of a
+    package that has no layer, as a sentence naming both modules."""
+    rank = layer_of(layers)
+    found = []
+    for module in sorted(graph):
+        package = module.split(".")[0]
+        if package not in rank:
+            found.append(f"{module}: package {package!r} has no place in LAYERS")
+            continue
+        for target in sorted(graph[module]):
+            other = target.split(".")[0]
+            if other != package and rank.get(other, len(layers)) >= rank[package]:
+                found.append(f"{module} imports {target}: {package} may import only from layers below it")
+    return found
+
+
+def project_packages(root: Path) -> list[str]:
+    """Top-level folders holding Python files, hidden, virtual-environment and build ones aside."""
+    return sorted(
+        d.name for d in root.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and not d.name.endswith(".egg-info")
+        and d.name not in NOT_PROJECT and any(d.rglob("*.py")))
+
+
+@functools.cache
+def _project_graph() -> tuple[tuple[str, frozenset[str]], ...]:
+    return tuple((m, frozenset(t)) for m, t in import_graph(ROOT, project_packages(ROOT)).items())
+
+
+def project_graph() -> dict[str, set[str]]:
+    """The project's import graph, read once per session (a fresh copy each call, to change)."""
+    return {module: set(targets) for module, targets in _project_graph()}
+
+
+def test_every_package_has_a_layer():
+    placed = set(layer_of(LAYERS))
+    assert not set(project_packages(ROOT)) - placed, "give each new top-level package a place in LAYERS"
+
+
+def test_no_import_cycle():
+    assert cycles(project_graph()) == []
+
+
+def test_no_import_against_the_layers():
+    assert layer_violations(project_graph(), LAYERS) == []
+
+
+def test_lazy_relative_and_dynamic_imports_are_seen(tmp_path):
+    for path, source in {
+        "checkpointing/__init__.py": "",
+        "checkpointing/engine.py": "from . import levels\nfrom .levels import Level\n",
+        "checkpointing/levels.py": "def later():\n    import importlib\n    importlib.import_module('trainer.training')\n",
+        "trainer/__init__.py": "",
+        "trainer/training.py": "def run():\n    from checkpointing.engine import CheckpointEngine\n",
+        "scripts/bench.py": "import bench_common\n",
+        "scripts/bench_common.py": "import os\n",
+    }.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(source)
+    graph = import_graph(tmp_path, ["checkpointing", "trainer", "scripts"])
+    assert graph == {
+        "checkpointing": set(), "checkpointing.engine": {"checkpointing.levels"},
+        "checkpointing.levels": {"trainer.training"}, "trainer": set(), "trainer.training": {"checkpointing.engine"},
+        "scripts.bench": {"scripts.bench_common"}, "scripts.bench_common": set()}
+    assert cycles(graph) == [["checkpointing.engine", "checkpointing.levels", "trainer.training"]]
+    assert layer_violations(graph, LAYERS) == [
+        "checkpointing.levels imports trainer.training: checkpointing may import only from layers below it"]
+
+
+def test_an_added_cycle_is_refused():
+    graph = project_graph()
+    # An edge inside one package (the layers allow it) that closes a loop with an existing one.
+    importer, imported = next((m, t) for m in sorted(graph) for t in sorted(graph[m])
+                              if m.split(".")[0] == t.split(".")[0] == "checkpointing")
+    graph[imported] = graph[imported] | {importer}
+    assert [c for c in cycles(graph) if {importer, imported} <= set(c)], (importer, imported)
+    assert set(layer_violations(graph, LAYERS)) == set(layer_violations(project_graph(), LAYERS))
+
+
+def test_an_added_upward_import_is_refused():
+    before = set(layer_violations(project_graph(), LAYERS))
+    for importer, imported in (("checkpointing.engine", "trainer.training"), ("tokenization.tokenizer", "interop.bpe"),
+                               ("tokenization.tokenizer", "cli.flags"), ("benchmarks.runner", "scripts.bench_checkpoint"),
+                               ("models.gpt", "trainer.training")):
+        graph = project_graph()
+        graph.setdefault(importer, set()).add(imported)
+        package = importer.split(".")[0]
+        assert set(layer_violations(graph, LAYERS)) - before == {
+            f"{importer} imports {imported}: {package} may import only from layers below it"}
+
+
+def test_a_package_without_a_layer_is_refused():
+    assert layer_violations({"newpkg.thing": set()}, LAYERS) == ["newpkg.thing: package 'newpkg' has no place in LAYERS"]
