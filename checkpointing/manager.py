@@ -28,6 +28,7 @@ from checkpointing.items import CheckpointableState
 from checkpointing.levels import sync_level
 from checkpointing.loading import CheckpointLoader
 from checkpointing.peers import directory_peers
+from checkpointing.run_report import rank_numbers, summary_lines
 
 
 class SaveDirError(OSError):
@@ -200,80 +201,17 @@ class CheckpointManager:
         if self.engine is not None:
             self.engine.close(drain=False)
 
-    def _cost_lines(self, everyone: list[dict], train_seconds: float) -> list[str]:
-        """What checkpointing cost training, beyond the time it blocked it: the training thread's
-        time in the engine (the training process runs no checkpoint thread), the flusher
-        processes' CPU, the machine's idle and steal share, and iteration time beside checkpoint
-        work against iterations without any, where the run has both."""
-        mine = max(everyone, key=lambda m: m["training_thread_seconds"])
-        share = 100 * mine["training_thread_seconds"] / max(mine["process_cpu_seconds"], 1e-9)
-        lines = [f"  training process: {mine['training_thread_seconds'] * 1000:.1f} ms in request and fences on rank "
-                 f"{mine['rank']} ({share:.2f}% of the {mine['process_cpu_seconds']:.1f} s of CPU its process used), "
-                 "no checkpoint thread"]
-        flusher = max(everyone, key=lambda m: m["flusher_cpu_seconds"])
-        per_it = 1000 * flusher["flusher_cpu_seconds"] / max(flusher["requests"], 1)
-        start = max(m["flusher_start_seconds"] for m in everyone)
-        start_cpu = max(m["flusher_start_cpu_seconds"] for m in everyone)
-        rss = max(m["flusher_rss_bytes"] for m in everyone)
-        lines.append(f"  flusher processes: {flusher['flusher_cpu_seconds']:.2f} s of CPU on rank {flusher['rank']} "
-                     f"({per_it:.1f} ms per request, the final save included); up in {start:.1f} s "
-                     f"({start_cpu:.1f} s of CPU), {rss / 2**20:.0f} MiB resident (worst rank)")
-        machine = idle_and_steal(self._machine_started, machine_cpu_times())
-        if machine is not None:
-            lines.append(f"  machine: {100 * machine[0]:.1f}% idle, {100 * machine[1]:.1f}% stolen by the hypervisor "
-                         f"over the run ({os.cpu_count()} CPUs; what the flushers took is idle the machine no longer had)")
-        logging = everyone[0]["iteration_seconds"]  # the logging rank's clock
-        beside, alone = sorted(logging["True"]), sorted(logging["False"])
-        if beside and len(alone) >= 3:
-            median_beside, median_alone = beside[len(beside) // 2], alone[len(alone) // 2]
-            lines.append(f"  iteration time: median {median_beside * 1000:.1f} ms beside checkpoint work ({len(beside)} "
-                         f"iterations) against {median_alone * 1000:.1f} ms without ({len(alone)}): "
-                         f"{100 * (median_beside / median_alone - 1):+.1f}%")
-        elif beside:
-            lines.append(f"  iteration time: all {len(beside)} iterations ran beside checkpoint work; what it costs "
-                         "shows against a run without --async-save (scripts/bench_checkpoint.py measures both)")
-        return lines
-
     def _summary(self, train_seconds: float) -> None:
-        """Total stall (worst rank) and its share of training, flushes per level, bytes, slowest level."""
+        """Gather every rank's numbers; the logging rank prints the summary
+        (``checkpointing.run_report``). With a tracer, each rank's numbers go beside its trace."""
         stats = self.engine.stats
-        mine = {"rank": self.rank, "stall_seconds": stats.stall_seconds,
-                "training_thread_seconds": stats.training_thread_seconds, "flusher_cpu_seconds": stats.flusher_cpu_seconds,
-                "flusher_start_seconds": stats.flusher_start_seconds, "flusher_rss_bytes": stats.flusher_rss_bytes,
-                "flusher_start_cpu_seconds": stats.flusher_start_cpu_seconds,
-                "fence_seconds": stats.fence_seconds,
-                "process_cpu_seconds": time.process_time() - self._cpu_started,
-                "iteration_seconds": {str(k): v for k, v in self.iteration_seconds.items()},
-                "stall_by_iteration": {str(k): v for k, v in sorted(stats.stall_by_iteration.items())},
-                "fence_waits": stats.fence_waits, "snapshots": stats.copies,
-                "requests": stats.requests, "request_seconds": stats.request_seconds,
-                "copy_seconds": stats.copy_seconds,
-                "state_bytes": sum(a.numel() * a.element_size() for a in self.state.arrays.values()),
-                "flushes": [vars(f) for f in stats.flushes], "skipped": dict(stats.skipped)}
+        mine = rank_numbers(self.rank, stats, time.process_time() - self._cpu_started, self.iteration_seconds,
+                            sum(a.numel() * a.element_size() for a in self.state.arrays.values()))
         if self.tracer is not None and self.trace_dir:
             with open(os.path.join(self.trace_dir, f"checkpoint-stats-rank{mine['rank']}.json"), "w") as f:
                 json.dump(mine, f)
         everyone = gather_from_all(self.group, mine)
-        worst = max(everyone, key=lambda m: m["stall_seconds"])
-        share = 100 * worst["stall_seconds"] / train_seconds if train_seconds else 0.0
-        lines = [f"> checkpointing summary: training blocked {worst['stall_seconds'] * 1000:.1f} ms in all on the "
-                 f"worst rank ({worst['rank']}), {share:.2f}% of {train_seconds:.1f} s of training; "
-                 f"{sum(m['fence_waits'] for m in everyone)} fence waits; {stats.copies} snapshots (L0, "
-                 f"{'zero-copy' if self.engine.zero_copy else 'copied'}: {stats.bytes_copied / 1e9:.3f} GB copied)"]
-        lines += self._cost_lines(everyone, train_seconds)
-        slowest = None
-        for level in [lv.name for lv in self.engine.levels]:
-            done = [f for m in everyone for f in m["flushes"] if f["level"] == level and f["error"] is None]
-            failed = sum(1 for m in everyone for f in m["flushes"] if f["level"] == level and f["error"])
-            versions = len({f["version"] for f in done})
-            nbytes = sum(f["bytes"] for f in done)
-            seconds = max((f["seconds"] for f in done), default=0.0)
-            rate = nbytes / max(sum(f["seconds"] for f in done), 1e-9) / 1e9 * len(everyone) if done else 0.0
-            lines.append(f"  {level}: {versions} checkpoints, {nbytes / 1e9:.3f} GB written, slowest flush {seconds:.2f} s, "
-                         f"~{rate:.2f} GB/s, {stats.skipped.get(level, 0)} superseded, {failed} failed (rank-flushes)")
-            if done and (slowest is None or rate < slowest[1]):
-                slowest = (level, rate)
-        if slowest:
-            lines.append(f"  slowest level: {slowest[0]} (~{slowest[1]:.2f} GB/s)")
-        for line in lines:
+        machine = idle_and_steal(self._machine_started, machine_cpu_times())
+        for line in summary_lines(everyone, mine, [lv.name for lv in self.engine.levels], train_seconds,
+                                  self.engine.zero_copy, stats.bytes_copied, machine, os.cpu_count()):
             self.log(line)
