@@ -24,9 +24,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from checkpointing.engine import CheckpointEngine  # noqa: E402
-from checkpointing.levels import Level  # noqa: E402
+from checkpointing.levels import L1, L2, Level  # noqa: E402
 from checkpointing.host_pool import ArraySpec, HostPool, list_segments  # noqa: E402
 from checkpointing.items import TensorPiece  # noqa: E402
+from checkpointing.parallel_layout import ParallelLayout  # noqa: E402
 
 
 class FlatState:
@@ -36,8 +37,12 @@ class FlatState:
         self.shards = [(i * step, numel if i == shards - 1 else (i + 1) * step) for i in range(shards)]
         self.save_pieces = [TensorPiece(f"{k}", k, lo, (hi - lo,), (numel,), (lo,)) for k in self.arrays for lo, hi in self.shards]
         self.load_arrays, self.load_pieces = self.arrays, self.save_pieces
+        self.layout = ParallelLayout(tensor_parallel=1, pipeline_parallel=1, data_parallel=1,
+                                     distributed_optimizer=False, num_layers=1, bf16=False)
+        self.zero_copy_refusal = "the state is on the GPU: its snapshots are device-to-host copies"
+        self.legacy_padded_keys = frozenset()
 
-    def capture_objects(self, iteration):
+    def capture_small_state(self, iteration):
         return {"common": {"iteration": iteration}}
 
     def step(self, engine):
@@ -86,9 +91,9 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="bench-gpu-")
     specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}
     engines = {
-        "L0 every iteration": [Level("L2", os.path.join(workdir, "l2"), None, None)],
-        "L0 + L1 every 10th": [Level("L1", os.path.join(workdir, "l1"), 10, 1),
-                               Level("L2", os.path.join(workdir, "l2"), None, None)],
+        "L0 every iteration": [Level(L2, os.path.join(workdir, "l2"), None, None)],
+        "L0 + L1 every 10th": [Level(L1, os.path.join(workdir, "l1"), 10, 1),
+                               Level(L2, os.path.join(workdir, "l2"), None, None)],
     }
     for i, (method, levels) in enumerate(engines.items()):
         pool = HostPool(f"bench-gpu{i}", 0, specs, 2, None, args.host_dir)

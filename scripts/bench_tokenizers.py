@@ -69,12 +69,13 @@ def validation_set(prefix: str) -> tuple[int, "object"]:
 
 def train(prefix: str, flags: list[str], iters: int, eval_iters: int, tb: str) -> tuple[float, float, float]:
     """(validation loss per token, final training loss, seconds) of one run."""
-    from tests.launch import read_scalars
+    from trainer.metrics_file import read_metrics_file
 
+    metrics = os.path.join(tb, "metrics.jsonl")
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "pretrain_gpt.py"), *MODEL, *SCHEDULE, *flags,
            "--data-path", prefix, "--train-iters", str(iters), "--lr-warmup-iters", str(max(iters // 50, 1)),
            "--eval-interval", str(iters), "--eval-iters", str(eval_iters), "--log-interval", str(iters),
-           "--tensorboard-dir", tb]
+           "--tensorboard-dir", tb, "--metrics-file", metrics]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore",
                GPT_FORCE_CPU="1")
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -82,7 +83,10 @@ def train(prefix: str, flags: list[str], iters: int, eval_iters: int, tb: str) -
     started = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     seconds = time.perf_counter() - started
-    return (read_scalars(tb, "lm loss validation")[iters], read_scalars(tb, "lm loss")[iters], seconds)
+    records = read_metrics_file(metrics)
+    validation = {r["iteration"]: r["lm_loss"] for r in records.validations}
+    training = {r["iteration"]: r["lm_loss"] for r in records.iterations}
+    return validation[iters], training[iters], seconds
 
 
 def main() -> int:

@@ -29,16 +29,17 @@ TINY = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-si
 
 
 def tiny_run(nproc: int, extra: list[str], iters: int) -> float:
-    from tests.launch import read_scalars
+    from trainer.metrics_file import read_metrics_file
 
     with tempfile.TemporaryDirectory() as tmp:
+        metrics = os.path.join(tmp, "metrics.jsonl")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                os.path.join(ROOT, "scripts", "pretrain_gpt.py"), *TINY, *extra, "--train-iters", str(iters),
-               "--tensorboard-dir", tmp]
+               "--log-interval", "1", "--metrics-file", metrics]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         subprocess.run(cmd, check=True, env=env, capture_output=True)
-        times = read_scalars(tmp, "iteration-time")
-    return 1000 * statistics.median(v for k, v in times.items() if k > 2)
+        times = {r["iteration"]: r["iteration_time_ms"] for r in read_metrics_file(metrics).iterations}
+    return statistics.median(v for k, v in times.items() if k > 2)
 
 
 def bench_125m(seq_length: int, rounds: int, iters: int) -> dict:

@@ -1,9 +1,9 @@
 """The GPU check's scripts, on the CPU: ``scripts/gpu_check.sh --dry-run`` (every file it needs,
-every trainer command through the trainer's own parser) and the report arithmetic of
-``scripts/bench_trainer_gpu.py`` on canned logs. A lent GPU's time is scarce: a typo or a parsing
-bug must fail here, not there."""
+every trainer command through the trainer's own parser) and the report arithmetic of the GPU
+bench (``benchmarks.gpu_*``) on canned runs: console lines and metrics files written by the
+trainer's own writers. A lent GPU's time is scarce: a typo or a reading bug must fail here, not
+there."""
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -11,22 +11,20 @@ import sys
 
 import pytest
 
+from benchmarks.engine_summary import engine_summary
+from benchmarks.gpu_plan import BenchError, check_commands, make_plan
+from benchmarks.gpu_report import Results, render
+from benchmarks.gpu_runs import RunResult
+from benchmarks.gpu_sections import RNG_NOT_RESTORED, equivalence_section, resume_section
+from benchmarks.gpu_shapes import Shape, throughput
+from benchmarks.trainer_output import median_ms, parse_run
+from models.config import model_flops_per_iteration
+from trainer.metrics_file import MetricsFile
 from trainer.metrics_log import MetricsLogger
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_trainer_gpu", os.path.join(ROOT, "scripts", "bench_trainer_gpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
 
 
 def test_gpu_check_dry_run_passes():
@@ -39,24 +37,40 @@ def test_gpu_check_dry_run_passes():
 
 
 def test_bench_dry_run_refuses_a_typo(monkeypatch):
-    plan = bench.make_plan("/tmp/bench-trainer-gpu-test", smoke=False, with_large=False)
+    plan = make_plan("/tmp/bench-trainer-gpu-test", smoke=False, with_large=False)
     plan.medium[0].args.append("--micro-batch-sise")
-    with pytest.raises(bench.BenchError, match="b-plain: the trainer's parser refused"):
-        bench.check_commands(plan)
+    with pytest.raises(BenchError, match="b-plain: unrecognized arguments: --micro-batch-sise"):
+        check_commands(plan)
 
 
-def _canned_log(losses, ms, summary=()):
-    """The trainer's own console lines (``MetricsLogger``), so a change of their format fails here."""
+def test_every_run_of_the_plan_writes_a_metrics_file_of_its_own():
+    plan = make_plan("/tmp/bench-trainer-gpu-test", smoke=False, with_large=True)
+    runs = [*plan.equivalence, plan.resume, *plan.medium, plan.large]
+    paths = [spec.args[spec.args.index("--metrics-file") + 1] for spec in runs]
+    assert paths == [spec.metrics_path for spec in runs] and len(set(paths)) == len(runs)
+
+
+def _canned_run(directory, losses, ms, summary=(), device="cuda:0", first=1, notes=()):
+    """A run as the trainer leaves it, written by its own writers (``MetricsLogger`` for the
+    console, ``MetricsFile`` for the metrics file), so a change of either format fails here:
+    (console text, metrics file path)."""
     out = io.StringIO()
     logger = MetricsLogger(True, len(losses), None, stream=out)
+    path = os.path.join(directory, f"metrics-{len(os.listdir(directory))}.jsonl")
+    metrics = MetricsFile(path, True)
     logger.info("> training GPT: 355.87M parameters, TP1 x PP1 x DP1 (1 processes), 4 micro-batches of 4 per rank, "
-                "global batch 16, bf16, attention sdpa, distributed optimizer (6 shards on this rank), device cuda:0")
-    for it, (loss, t) in enumerate(zip(losses, ms), start=1):
+                f"global batch 16, bf16, attention sdpa, distributed optimizer (6 shards on this rank), device {device}")
+    for line in notes:
+        logger.info(line)
+    for it, (loss, t) in enumerate(zip(losses, ms), start=first):
         logger.console_line(it, loss, 1e-4, 1.5, t / 1000, 32768, it * 16)
+        metrics.iteration(it, loss, 1e-4, 1.5, t / 1000, 32768, it * 16)
     for line in summary:
         logger.info(line)
     logger.info("> training done: %d iterations" % len(losses))
-    return out.getvalue()
+    metrics.summary(first + len(losses) - 1, len(losses), sum(ms) / 1000, device, False)
+    metrics.close()
+    return out.getvalue(), path
 
 
 SUMMARY = ["> checkpointing summary: stall 12.5 ms in all on the worst rank (0), 0.10% of 12.0 s of training; "
@@ -65,32 +79,41 @@ SUMMARY = ["> checkpointing summary: stall 12.5 ms in all on the worst rank (0),
            "  slowest level: L1 (~0.62 GB/s)"]
 
 
-def test_parse_log_reads_every_iteration_and_the_summary():
+def test_a_run_is_read_from_its_metrics_file_and_its_console(tmp_path):
     losses = [10.9, 10.5, 9.75, float("nan")]
-    text = _canned_log(losses, [900.0, 410.0, 400.5, 401.0], SUMMARY)
-    parsed = bench.parse_log(text)
-    assert parsed.iteration_ms == {1: 900.0, 2: 410.0, 3: 400.5, 4: 401.0}
-    assert parsed.loss[1] == pytest.approx(10.9) and parsed.loss[3] == pytest.approx(9.75)
+    parsed = parse_run(*_canned_run(str(tmp_path), losses, [900.0, 410.0, 400.5, 401.0], SUMMARY))
+    assert parsed.iteration_ms == pytest.approx({1: 900.0, 2: 410.0, 3: 400.5, 4: 401.0})
+    assert parsed.loss[1] == 10.9 and parsed.loss[3] == 9.75  # exact: no console rounding
     assert parsed.loss[4] != parsed.loss[4]  # NaN survives the round trip
     assert parsed.device == "cuda:0"
+    assert parsed.describe.startswith("> training GPT: 355.87M parameters")
     assert parsed.summary[:3] == SUMMARY and parsed.summary[-1] == "> training done: 4 iterations"
-    assert bench.median_ms(parsed, 2) == 401.0
+    assert median_ms(parsed, 2) == pytest.approx(401.0)
+
+
+def test_a_run_killed_mid_line_keeps_what_it_logged(tmp_path):
+    console, path = _canned_run(str(tmp_path), [10.9, 10.5], [900.0, 410.0])
+    lines = open(path).read().splitlines()
+    with open(path, "w") as f:  # no summary, and the last iteration's object cut short
+        f.write(lines[0] + "\n" + lines[1][:20])
+    parsed = parse_run(console, path)
+    assert parsed.loss == {1: 10.9} and parsed.device is None
 
 
 def test_model_flops_and_mfu_by_hand():
-    medium = bench.Shape.explicit("350M", 24, 1024, 16, 2048, 50257)
+    medium = Shape.explicit("350M", 24, 1024, 16, 2048, 50257)
     h, layers, seq, vocab = 1024, 24, 2048, 50304  # 50257 padded to a multiple of 128
     per_layer = 12 * h * h + 13 * h  # QKV, projection, MLP weights and biases, two layer norms
     assert medium.parameters == layers * per_layer + 2 * h + vocab * h + seq * h
     tokens = 16 * seq
     dense = 6 * tokens * (layers * per_layer + 2 * h + vocab * h)  # non-embedding + output layer
     attention = 12 * layers * h * seq * tokens
-    assert bench.model_flops_per_iteration(medium.config, tokens) == pytest.approx(dense + attention, rel=1e-12)
-    t = bench.throughput(medium.config, 16, 400.0, 800.0)
+    assert model_flops_per_iteration(medium.config, tokens) == pytest.approx(dense + attention, rel=1e-12)
+    t = throughput(medium.config, 16, 400.0, 800.0)
     assert t.tokens_per_s == pytest.approx(tokens / 0.4)
     assert t.model_tflops == pytest.approx((dense + attention) / 0.4 / 1e12)
     assert t.mfu == pytest.approx(t.model_tflops / 800.0)
-    assert bench.throughput(medium.config, 16, 400.0, None).mfu is None
+    assert throughput(medium.config, 16, 400.0, None).mfu is None
 
 
 def test_engine_summary_with_and_without_the_newer_counters():
@@ -99,67 +122,65 @@ def test_engine_summary_with_and_without_the_newer_counters():
              "flushes": [{"level": "L1", "version": 10, "bytes": 5e9, "seconds": 8.0, "error": None},
                          {"level": "L1", "version": 30, "bytes": 5e9, "seconds": 7.0, "error": None},
                          {"level": "L2", "version": 30, "bytes": 0, "seconds": 0.1, "error": "EIO"}]}
-    old = bench.engine_summary(stats, estimated_state_bytes=int(4.9e9))
+    old = engine_summary(stats, estimated_state_bytes=int(4.9e9))
     assert old.state_gb_estimated and old.state_gb == pytest.approx(4.9)
     assert old.blocked_ms_per_gb_per_request is None and old.copy_gbps is None
     assert old.flushes["L1"] == {"ok": 2, "failed": 0, "bytes": 1e10, "seconds": [8.0, 7.0]}
     assert old.flushes["L2"]["failed"] == 1
     assert old.stall_by_iteration_ms == {10: pytest.approx(10.0), 11: pytest.approx(2.5)}
-    new = bench.engine_summary(dict(stats, requests=30, request_seconds=0.06, copy_seconds=3.0, state_bytes=int(5e9)),
+    new = engine_summary(dict(stats, requests=30, request_seconds=0.06, copy_seconds=3.0, state_bytes=int(5e9)),
                                estimated_state_bytes=1)
     assert not new.state_gb_estimated
     assert new.blocked_ms_per_gb_per_request == pytest.approx(60 / 30 / 5)  # 2 ms per request, 5 GB
     assert new.copy_gbps == pytest.approx(5 * 30 / 3.0)
 
 
-def _result(spec, losses, device):
-    text = _canned_log(losses, [10.0] * len(losses)).replace("device cuda:0", f"device {device}")
-    return bench.RunResult(spec, rc=0, parsed=bench.parse_log(text))
+@pytest.fixture
+def result(tmp_path):
+    def make(spec, losses, device, first=1, notes=()):
+        return RunResult(spec, rc=0, parsed=parse_run(*_canned_run(str(tmp_path), losses, [10.0] * len(losses),
+                                                                   device=device, first=first, notes=notes)))
+    return make
 
 
-def test_equivalence_needs_the_gpu_leg_on_the_gpu():
-    plan = bench.make_plan("/tmp/x", smoke=False, with_large=False)
+def test_equivalence_needs_the_gpu_leg_on_the_gpu(result):
+    plan = make_plan("/tmp/x", smoke=False, with_large=False)
     cpu_spec, gpu_spec = plan.equivalence
-    cpu = _result(cpu_spec, [6.94, 6.93], "cpu")
-    lines, passed = bench.equivalence_section(cpu, _result(gpu_spec, [6.94, 6.93005], "cuda:0"), smoke=False)
+    cpu = result(cpu_spec, [6.94, 6.93], "cpu")
+    lines, passed = equivalence_section(cpu, result(gpu_spec, [6.94, 6.93005], "cuda:0"), smoke=False)
     assert passed and "**PASS**" in "\n".join(lines)
-    _, passed = bench.equivalence_section(cpu, _result(gpu_spec, [6.94, 6.9302], "cuda:0"), smoke=False)
+    _, passed = equivalence_section(cpu, result(gpu_spec, [6.94, 6.9302], "cuda:0"), smoke=False)
     assert not passed  # 2e-4 apart
-    lines, passed = bench.equivalence_section(cpu, _result(gpu_spec, [6.94, 6.93], "cpu"), smoke=False)
+    lines, passed = equivalence_section(cpu, result(gpu_spec, [6.94, 6.93], "cpu"), smoke=False)
     assert not passed and "expected `cuda`" in "\n".join(lines)
 
 
-def test_report_renders_a_failed_run_with_its_log_tail():
-    plan = bench.make_plan("/tmp/x", smoke=False, with_large=True)
-    res = bench.Results(plan, ["host: test"], started="now")
-    res.equivalence = (_result(plan.equivalence[0], [6.9], "cpu"), _result(plan.equivalence[1], [6.9], "cuda:0"))
+def test_report_renders_a_failed_run_with_its_log_tail(result):
+    plan = make_plan("/tmp/x", smoke=False, with_large=True)
+    res = Results(plan, ["host: test"], started="now")
+    res.equivalence = (result(plan.equivalence[0], [6.9], "cpu"), result(plan.equivalence[1], [6.9], "cuda:0"))
     res.hardware = {"matmul_tflops": 700.0, "matmul_tflops_trials": [690.0, 700.0, 695.0],
                     "d2h_gbps": {"pinned": 50.0}}
-    plain = _result(plan.medium[0], [11.0] * 30, "cuda:0")
-    failed = bench.RunResult(plan.medium[1], rc=1, tail="Traceback ...\nRuntimeError: cudaHostRegister failed")
+    plain = result(plan.medium[0], [11.0] * 30, "cuda:0")
+    failed = RunResult(plan.medium[1], rc=1, tail="Traceback ...\nRuntimeError: cudaHostRegister failed")
     res.medium = [plain, failed]
-    res.large = bench.RunResult(plan.large, timed_out=True, rc=-9, wall_s=150)
-    text = bench.render(res)
+    res.large = RunResult(plan.large, timed_out=True, rc=-9, wall_s=150)
+    text = render(res)
     assert "| (i) no checkpointing | 356M | 10.0 ms |" in text
     assert "b-engine did not complete: exit code 1" in text and "RuntimeError: cudaHostRegister failed" in text
     assert "d-large did not complete: timed out after 150 s" in text
     assert "| pinned | 50.0 |" in text
 
 
-def test_resume_across_devices_needs_the_same_losses_and_the_rng_note():
-    plan = bench.make_plan("/tmp/x", smoke=False, with_large=False)
-    cpu = _result(plan.equivalence[0], [6.94, 6.93, 6.91, 6.90], "cpu")
+def test_resume_across_devices_needs_the_same_losses_and_the_rng_note(result):
+    plan = make_plan("/tmp/x", smoke=False, with_large=False)
+    cpu = result(plan.equivalence[0], [6.94, 6.93, 6.91, 6.90], "cpu")
 
     def resumed(losses, note):
-        out = io.StringIO()
-        logger = MetricsLogger(True, 4, None, stream=out)
-        if note:
-            logger.info("> checkpoint: written on cpu, this run is on cuda: the cpu " + bench.RNG_NOT_RESTORED)
-        for it, loss in enumerate(losses, start=3):
-            logger.console_line(it, loss, 1e-4, 1.5, 0.01, 512, it * 8)
-        return bench.RunResult(plan.resume, rc=0, parsed=bench.parse_log(out.getvalue()))
+        notes = ["> checkpoint: written on cpu, this run is on cuda: the cpu " + RNG_NOT_RESTORED] if note else []
+        return result(plan.resume, losses, "cuda:0", first=3, notes=notes)
 
-    assert bench.resume_section(cpu, resumed([6.91, 6.90], True), 2, smoke=False)[1]
-    assert not bench.resume_section(cpu, resumed([6.91, 6.90], False), 2, smoke=False)[1]  # silent about RNG
-    assert not bench.resume_section(cpu, resumed([6.91, 6.95], True), 2, smoke=False)[1]  # another loss
+    assert resume_section(cpu, resumed([6.91, 6.90], True), 2, smoke=False)[1]
+    assert not resume_section(cpu, resumed([6.91, 6.90], False), 2, smoke=False)[1]  # silent about RNG
+    assert not resume_section(cpu, resumed([6.91, 6.95], True), 2, smoke=False)[1]  # another loss
     # tests/test_device.py pins the same phrase in the trainer's own note.

@@ -31,6 +31,7 @@ from trainer.data import BatchSource, build_dataset
 from trainer.device import DeviceContext, select_device
 from trainer.flat_buffers import FlatParamsAndGrads
 from trainer.lr_schedule import learning_rate
+from trainer.metrics_file import MetricsFile
 from trainer.metrics_log import MetricsLogger
 from trainer.optimizer import DistributedAdam
 from trainer.parallel_dims import ParallelGroups
@@ -196,6 +197,7 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
     groups = job.parallel.initialize()
     check_checkpoint_dirs(job.checkpoint, groups.rank)  # before the model: fail in seconds
     logger = MetricsLogger(groups.is_logging_rank, tcfg.train_iters, tcfg.tensorboard_dir)
+    metrics = MetricsFile(tcfg.metrics_file, groups.is_logging_rank)
     result = TrainResult()
     checkpointer = None
     try:
@@ -234,31 +236,41 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
                 logger.info(f"> iteration {it}: gradient norm is {grad_norm}; the update was skipped "
                             f"({trainer.optimizer.skipped_steps} skipped so far)")
             logger.training_step(it, loss, lr, grad_norm, elapsed, tokens, consumed)
-            if it % tcfg.log_interval == 0 or it == tcfg.train_iters:
+            logged = it % tcfg.log_interval == 0 or it == tcfg.train_iters
+            if logged:
                 logger.console_line(it, loss, lr, grad_norm, elapsed, tokens, consumed)
             if checkpointer is not None:
                 with trainer.phase("checkpoint"):
                     checkpointer.after_step(it)
+            if logged:
+                metrics.iteration(it, loss, lr, grad_norm, elapsed, tokens, consumed, checkpointer)
             faults.reach("iteration", it)  # fault-injection tests kill ranks here
             if trainer.valid_data is not None and it % tcfg.eval_interval == 0:
-                logger.validation(it, trainer.evaluate())
+                valid_loss = trainer.evaluate()
+                logger.validation(it, valid_loss)
+                metrics.validation(it, valid_loss)
             if stop.requested:
                 logger.info(f"> {stop.requested} received: stopping after iteration {it}")
                 break
             if tcfg.exit_interval and it % tcfg.exit_interval == 0:
                 logger.info(f"> exiting at iteration {it} (--exit-interval {tcfg.exit_interval})")
                 break
+        checkpoint_summary = None
         if checkpointer is not None:
-            checkpointer.finish(trainer.iteration, sum(result.iteration_times), interrupted=bool(stop.requested))
+            checkpoint_summary = checkpointer.finish(trainer.iteration, sum(result.iteration_times),
+                                                     interrupted=bool(stop.requested))
             checkpointer = None
         if tracer is not None:
             tracer.write(os.path.join(tcfg.trace_dir, f"rank{groups.rank}.json"))
             logger.info(f"> trace of every rank in {tcfg.trace_dir}/rank*.json (open in https://ui.perfetto.dev)")
+        metrics.summary(trainer.iteration, len(result.iterations), sum(result.iteration_times), str(device_ctx.device),
+                        bool(stop.requested), checkpoint_summary)
         logger.info(f"> training done: {trainer.iteration} iterations")
     finally:
         if checkpointer is not None:  # an error: stop the engine's workers, keep what is in L0
             checkpointer.abort()
         logger.close()
+        metrics.close()
     return result
 
 

@@ -1,0 +1,244 @@
+"""Fault-injection trials of the checkpoint engine: kill or damage, resume, check.
+
+Each trial trains a tiny GPT (1 process, async engine: L0 every iteration, L1 every 2nd, L2
+every 4th) and either kills it at a point on the checkpoint path (the trainer inside an optimizer
+step, which writes the snapshot into the pool with zero-copy snapshots, or between iterations,
+also while its flusher is in a flush; the flusher process in each level's data write, metadata
+write and tracker update, in an L0 description, or idle) or lets it finish and then
+damages its checkpoints (flipped bits, truncation, a deleted rank file, a full disk or a
+read-only directory while saving, lost node-local data). It then resumes and checks that
+
+- the resume loads the newest checkpoint that is committed and valid on any level (L0 shared
+  memory included), never a damaged one;
+- every loss after it equals, bit for bit, the uninterrupted run's (both read from the runs'
+  ``--metrics-file``).
+
+``scripts/fault_trials.py`` is its command line; ``tests/test_fault_trials.py`` runs 20 trials.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from benchmarks.processes import run_trainer
+from checkpointing import host_pool
+from checkpointing.durable import read_tracker
+from checkpointing.inventory import l0_entries, level_entries
+from checkpointing.levels import L1, L2
+from trainer.metrics_file import read_metrics_file
+
+TRAIN, RESUME_TO = 12, 14
+TRIAL_MODEL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 256 --seq-length 32 "
+               "--max-position-embeddings 32 --hidden-dropout 0 --attention-dropout 0").split()
+"""A tiny GPT that trains in seconds on 2 cores, dropout off (a resume must replay its losses)."""
+ARGS = TRIAL_MODEL + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
+               "--lr", "3e-3", "--lr-decay-iters", "20", "--log-interval", "100", "--async-save", "--save-interval", "1",
+               "--ckpt-local-interval", "2", "--ckpt-local-retain-last", "3", "--ckpt-persistent-interval", "4",
+               "--save-retain-last", "3"]
+KILL_POINTS = ["step", "L1.write", "L1.metadata", "L1.tracker", "L2.write", "L2.metadata", "L2.tracker", "iteration",
+               "describe", "flusher.idle", "trainer-in-flush"]
+"""Where a SIGKILL lands. The trainer: ``step`` (inside an optimizer step), ``iteration`` (between
+iterations), ``trainer-in-flush`` (between iterations while its flusher is in a slowed flush: the
+flusher must go with it). The flusher process: ``L*.write``/``L*.metadata``/``L*.tracker`` (in a
+flush or its commit), ``describe`` (writing an L0 description), ``flusher.idle`` (after a job,
+waiting for the next); the trainer must then stop with an error, and the restart resume."""
+DAMAGES = ["flip", "truncate", "delete-rank-file", "delete-metadata", "full-disk", "read-only", "lose-node-local"]
+# A fault on a level's write fires only if that version is flushed; without the hold, a version
+# superseded before its flush started is skipped (by design) and the fault is never reached, as
+# often as the machine is slow. Held, each request waits until the flushes before it are done.
+HOLD = {"GPT_CKPT_HOLD": "request"}
+
+
+@dataclass
+class TrialResult:
+    kind: str
+    detail: str
+    expected: int
+    loaded: int | None
+    ok: bool
+    message: str = ""
+
+
+def _dirs(base: str) -> tuple[str, str]:
+    return os.path.join(base, "l2"), os.path.join(base, "l1")
+
+
+def _logged(base: str, name: str) -> list[str]:
+    """The flags of a run whose every iteration's loss is read back: ``base/<name>.jsonl``."""
+    return ["--log-interval", "1", "--metrics-file", os.path.join(base, f"{name}.jsonl")]
+
+
+def _args(base: str, iters: int, tb: str | None = None) -> list[str]:
+    save, local = _dirs(base)
+    extra = ["--tensorboard-dir", tb, *_logged(base, "resume")] if tb else []
+    return ARGS + ["--train-iters", str(iters), "--save", save, "--load", save, "--ckpt-local-dir", local] + extra
+
+
+def _losses(base: str, name: str) -> dict[int, float]:
+    """``{iteration: lm loss}`` of a run of :func:`_logged`."""
+    return {r["iteration"]: r["lm_loss"] for r in read_metrics_file(os.path.join(base, f"{name}.jsonl")).iterations}
+
+
+def _run(base: str, name: str, args: list[str], env: dict[str, str] | None = None,
+         check: bool = True) -> tuple[int | None, str]:
+    """A trial's trainer run, its log ``base/<name>.log``: (exit code, None if it ran past its
+    time; its output)."""
+    rc, timed_out, text = run_trainer(args, os.path.join(base, f"{name}.log"), env, check=check)
+    return (None if timed_out else rc), text
+
+
+def expected_resume(base: str) -> int:
+    """Newest version committed and valid on any level: what a correct resume must load."""
+    save, local = _dirs(base)
+    best = max((e.iteration for e in l0_entries(save)), default=0)
+    for level, root in ((L1, local), (L2, save)):
+        tracker = read_tracker(root) if os.path.isdir(root) else None
+        for e in level_entries(level, root, verify=True):
+            if e.state == "committed" and (tracker is None or e.iteration <= tracker):
+                best = max(best, e.iteration)
+    return best
+
+
+def _damage(base: str, kind: str, rng: random.Random) -> str:
+    save, local = _dirs(base)
+    committed = [e for root, lv in ((local, L1), (save, L2)) for e in level_entries(lv, root) if e.state == "committed"]
+    target = max(committed, key=lambda e: (e.iteration, e.level)) if committed else None
+    if rng.random() < 0.7:  # most trials lose L0 too, so that the disk levels are what is tested
+        host_pool.remove_segments(save)
+    if target is None:
+        return "nothing committed to damage"
+    data = sorted(glob.glob(os.path.join(target.path, "__*.distcp")))[0]
+    if kind == "flip":
+        with open(data, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            at = rng.randrange(size)
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ (1 << rng.randrange(8))]))
+        return f"bit flipped at byte {at} of {target.level} iteration {target.iteration}"
+    if kind == "truncate":
+        os.truncate(data, rng.randrange(os.path.getsize(data)))
+        return f"{target.level} iteration {target.iteration} truncated"
+    if kind == "delete-rank-file":
+        os.unlink(data)
+        return f"{target.level} iteration {target.iteration} lost its rank file"
+    if kind == "delete-metadata":
+        os.unlink(os.path.join(target.path, ".metadata"))
+        return f"{target.level} iteration {target.iteration} un-committed"
+    if kind == "lose-node-local":
+        shutil.rmtree(local, ignore_errors=True)
+        host_pool.remove_segments(save)
+        return "node replaced: L0 and L1 gone"
+    raise ValueError(kind)
+
+
+def _loaded(losses: dict[int, float]) -> int | None:
+    """The iteration a resume went on from: the one before the first it trained."""
+    return min(losses) - 1 if losses else None
+
+
+def _copy_run(src: str, dst: str) -> None:
+    """A copy of a finished run's levels, its L0 shared-memory pool included (under the new
+    job's name), as if that run had happened in ``dst``."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tb", "*.log", "*.jsonl"))
+    old, new = host_pool.job_tag(_dirs(src)[0]), host_pool.job_tag(_dirs(dst)[0])
+    for path in host_pool.list_segments(old):
+        shutil.copy(path, path.replace(old, new))
+
+
+def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], finished_run: str) -> TrialResult:
+    rng = random.Random(seed * 100_003 + index)
+    base = os.path.join(workdir, f"trial-{index:03d}")
+    save, _ = _dirs(base)
+    try:
+        if rng.random() < 0.5:
+            kind = "kill"
+            point = rng.choice(KILL_POINTS)
+            flush_iters = {L1: [2, 4, 6, 8, 10], L2: [4, 8], "flusher": [2, 4, 6, 8, 10]}
+            iteration = rng.choice(flush_iters.get(point.split(".")[0], list(range(2, TRAIN))))
+            detail = f"SIGKILL at {point}, iteration {iteration}"
+            env = {"GPT_CKPT_FAULT": f"{point}:kill:{iteration}"}
+            if point.startswith(("L", "flusher")):
+                env.update(HOLD)
+            if point == "trainer-in-flush":
+                env = {"GPT_CKPT_FAULT": f"iteration:kill:{iteration}", "GPT_CKPT_DELAY": "flush:400"}
+            rc, _ = _run(base, "train", _args(base, TRAIN), env, check=False)
+            if rc is None:
+                return TrialResult(kind, detail, -1, None, False, "the run to be killed timed out")
+            if rc == 0:
+                return TrialResult(kind, detail, -1, None, False, "the fault point was never reached")
+        else:
+            kind = rng.choice(DAMAGES)
+            if kind in ("full-disk", "read-only"):
+                level = rng.choice([L1, L2])
+                fault = f"{level}.write:{'fail' if kind == 'full-disk' else 'readonly'}:{rng.choice([4, 8])}"
+                _run(base, "train", _args(base, TRAIN), {"GPT_CKPT_FAULT": fault, **HOLD})
+                detail = f"{fault} during training"
+                if rng.random() < 0.7:
+                    host_pool.remove_segments(save)
+            else:
+                _copy_run(finished_run, base)
+                detail = _damage(base, kind, rng)
+        expected = expected_resume(base)
+        tb = os.path.join(base, "tb")
+        rc, text = _run(base, "resume", _args(base, RESUME_TO, tb), check=False)
+        losses = _losses(base, "resume")
+        loaded = _loaded(losses)
+        if rc != 0:
+            why = "timed out" if rc is None else f"exit code {rc}"
+            return TrialResult(kind, detail, expected, loaded, False, f"resume failed ({why}): {text[-800:]}")
+        if loaded != expected:
+            return TrialResult(kind, detail, expected, loaded, False, f"loaded {loaded}, newest valid is {expected}")
+        wrong = [it for it, v in losses.items() if v != reference[it]]
+        if wrong or sorted(losses) != list(range(expected + 1, RESUME_TO + 1)):
+            return TrialResult(kind, detail, expected, loaded, False, f"losses differ at {wrong or sorted(losses)}")
+        return TrialResult(kind, detail, expected, loaded, True)
+    finally:
+        host_pool.remove_segments(save)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def reference_losses(workdir: str) -> dict[int, float]:
+    """The uninterrupted run's loss of every iteration: what every resume must replay."""
+    base = os.path.join(workdir, "reference")
+    _run(base, "reference", ARGS[: ARGS.index("--async-save")] + ["--train-iters", str(RESUME_TO)]
+         + _logged(base, "reference"))
+    return _losses(base, "reference")
+
+
+def run_trials(trials: int, seed: int, workdir: str, progress=print, parallel: int = 2) -> list[TrialResult]:
+    """``parallel`` trials at a time: each launch is mostly single-threaded start-up."""
+    reference = reference_losses(workdir)
+    finished = os.path.join(workdir, "finished")
+    _run(finished, "train", _args(finished, TRAIN) + ["--ckpt-keep-host-pool"])  # its L0 is copied into trials
+    started = time.perf_counter()
+    results: list[TrialResult] = [None] * trials  # type: ignore[list-item]
+    try:
+        with ThreadPoolExecutor(parallel) as pool:
+            futures = {pool.submit(run_trial, i, seed, workdir, reference, finished): i for i in range(trials)}
+            for done, future in enumerate(as_completed(futures), 1):
+                i, result = futures[future], future.result()
+                results[i] = result
+                progress(f"  trial {i + 1:3d} ({done}/{trials}, {time.perf_counter() - started:.0f} s): "
+                         f"{'ok  ' if result.ok else 'FAIL'} {result.kind:<17} {result.detail}; resumed at "
+                         f"{result.loaded} (newest valid {result.expected})" + (f"\n      {result.message}" if result.message else ""))
+    finally:
+        host_pool.remove_segments(_dirs(finished)[0])
+    return results
+
+
+def summary(results: list[TrialResult]) -> str:
+    by_kind = Counter(r.kind for r in results)
+    ok = Counter(r.kind for r in results if r.ok)
+    lines = ["| fault | trials | passed |", "|---|---|---|"]
+    lines += [f"| {kind} | {n} | {ok[kind]} |" for kind, n in sorted(by_kind.items())]
+    lines.append(f"| **all** | {len(results)} | {sum(ok.values())} |")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""The JSON-lines metrics file (``--metrics-file``), written and read back without a trainer."""
+
+import json
+import math
+from types import SimpleNamespace
+
+from checkpointing.engine_stats import EngineStats
+from trainer.metrics_file import MetricsFile, read_metrics_file
+
+
+def test_iterations_validations_and_the_summary_read_back(tmp_path):
+    path = tmp_path / "sub" / "metrics.jsonl"
+    metrics = MetricsFile(str(path), enabled=True)
+    metrics.iteration(5, 6.93, 3e-3, 1.25, 0.0685, 4096, 40)
+    metrics.iteration(10, float("nan"), 2e-3, 1.5, 0.05, 4096, 80)
+    metrics.validation(10, 7.01)
+    metrics.summary(10, 10, 0.9, "cpu", False)
+    metrics.close()
+    records = read_metrics_file(str(path))
+    first, second = records.iterations
+    assert first == {"kind": "iteration", "iteration": 5, "lm_loss": 6.93, "learning_rate": 3e-3, "grad_norm": 1.25,
+                     "iteration_time_ms": 68.5, "tokens_per_s": 4096 / 0.0685, "consumed_samples": 40,
+                     "time": first["time"]}
+    assert second["iteration"] == 10 and math.isnan(second["lm_loss"])
+    assert records.validations == [{"kind": "validation", "iteration": 10, "lm_loss": 7.01}]
+    assert records.summary == {"kind": "summary", "iteration": 10, "iterations_trained": 10, "train_seconds": 0.9,
+                               "device": "cpu", "interrupted": False}
+
+
+def test_the_engine_stall_of_each_logged_iteration(tmp_path):
+    stats = EngineStats(stall_seconds=0.004, stall_by_iteration={3: 0.0015})
+    checkpointer = SimpleNamespace(engine=SimpleNamespace(stats=stats))
+    metrics = MetricsFile(str(tmp_path / "m.jsonl"), enabled=True)
+    metrics.iteration(3, 6.9, 1e-3, 1.0, 0.01, 512, 24, checkpointer)
+    metrics.iteration(4, 6.8, 1e-3, 1.0, 0.01, 512, 32, SimpleNamespace(engine=None))  # synchronous saves
+    metrics.summary(4, 4, 0.04, "cpu", True, {"stall_seconds": 0.004})
+    metrics.close()
+    records = read_metrics_file(str(tmp_path / "m.jsonl"))
+    assert records.iterations[0]["checkpoint_stall_ms"] == 1.5
+    assert records.iterations[0]["checkpoint_stall_total_ms"] == 4.0
+    assert "checkpoint_stall_ms" not in records.iterations[1]
+    assert records.summary["interrupted"] and records.summary["checkpoint"] == {"stall_seconds": 0.004}
+
+
+def test_other_ranks_and_runs_without_the_flag_write_nothing(tmp_path):
+    path = tmp_path / "m.jsonl"
+    for metrics in (MetricsFile(str(path), enabled=False), MetricsFile(None, enabled=True)):
+        metrics.iteration(1, 6.9, 1e-3, 1.0, 0.01, 512, 8)
+        metrics.summary(1, 1, 0.01, "cpu", False)
+        metrics.close()
+    assert not path.exists()
+    assert read_metrics_file(str(path)).iterations == []
+
+
+def test_a_line_cut_short_by_a_kill_is_left_out_and_a_resume_appends(tmp_path):
+    path = tmp_path / "m.jsonl"
+    metrics = MetricsFile(str(path), enabled=True)
+    metrics.iteration(1, 6.9, 1e-3, 1.0, 0.01, 512, 8)
+    metrics.close()
+    with open(path, "a") as f:
+        f.write(json.dumps({"kind": "iteration", "iteration": 2})[:15])  # killed while writing
+    with open(path, "a") as f:
+        f.write("\n")
+    resumed = MetricsFile(str(path), enabled=True)
+    resumed.iteration(2, 6.8, 1e-3, 1.0, 0.01, 512, 16)
+    resumed.close()
+    assert [r["iteration"] for r in read_metrics_file(str(path)).iterations] == [1, 2]

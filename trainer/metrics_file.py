@@ -1,0 +1,116 @@
+"""The JSON-lines metrics file (``--metrics-file``): what benchmarks and tools read instead of
+the console.
+
+The logging rank (the last one, which has the loss and prints the console lines) appends one
+object per logged iteration, right after that iteration's checkpoint request, one per evaluation
+on the validation split, and one at the end of the run::
+
+    {"kind": "iteration", "iteration": 10, "lm_loss": 6.93, "learning_rate": 0.003, "grad_norm": 1.2,
+     "iteration_time_ms": 68.5, "tokens_per_s": 3740.0, "consumed_samples": 80, "time": 1764670000.1,
+     "checkpoint_stall_ms": 0.4, "checkpoint_stall_total_ms": 3.1}
+    {"kind": "validation", "iteration": 10, "lm_loss": 7.01}
+    {"kind": "summary", "iteration": 12, "iterations_trained": 12, "train_seconds": 0.9,
+     "device": "cpu", "interrupted": false, "checkpoint": {...}}
+
+``time`` is the wall clock (seconds since the epoch) when the object was written: the gap between
+two consecutive iterations' ``time`` is what an iteration cost with everything around it, the
+checkpoint request included. The ``checkpoint_*`` fields come with the asynchronous engine
+(``--async-save``): this rank's stall in that iteration (fence waits and waits for a free slot)
+and in the run so far. ``checkpoint`` in the summary holds the numbers of the end-of-run
+checkpointing summary (present when the engine ran). A loss that is not finite is written as
+Python's ``json`` writes it (``NaN``, ``Infinity``), which :func:`read_metrics_file` reads back.
+Each object is flushed as it is written, so a killed run keeps every line it logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+ITERATION = "iteration"
+VALIDATION = "validation"
+SUMMARY = "summary"
+
+
+class MetricsFile:
+    """Appends to ``path`` on the logging rank; does nothing without a path or on other ranks."""
+
+    def __init__(self, path: str | None, enabled: bool):
+        self._file = None
+        if path and enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._file = open(path, "a")
+
+    def _write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def iteration(self, iteration: int, loss: float, lr: float, grad_norm: float, iteration_time: float,
+                  tokens_per_iteration: int, consumed_samples: int, checkpointer=None) -> None:
+        """One logged iteration, after its checkpoint request; ``checkpointer``: the run's
+        :class:`trainer.checkpointer.Checkpointer` (None without checkpointing)."""
+        if self._file is None:
+            return
+        record = {"kind": ITERATION, "iteration": iteration, "lm_loss": loss, "learning_rate": lr,
+                  "grad_norm": grad_norm, "iteration_time_ms": 1000 * iteration_time,
+                  "tokens_per_s": tokens_per_iteration / iteration_time, "consumed_samples": consumed_samples,
+                  "time": time.time()}
+        engine = checkpointer.engine if checkpointer is not None else None
+        if engine is not None:
+            record["checkpoint_stall_ms"] = 1000 * engine.stats.stall_by_iteration.get(iteration, 0.0)
+            record["checkpoint_stall_total_ms"] = 1000 * engine.stats.stall_seconds
+        self._write(record)
+
+    def validation(self, iteration: int, loss: float) -> None:
+        """The validation loss of the evaluation after ``iteration``."""
+        if self._file is not None:
+            self._write({"kind": VALIDATION, "iteration": iteration, "lm_loss": loss})
+
+    def summary(self, iteration: int, iterations_trained: int, train_seconds: float, device: str,
+                interrupted: bool, checkpoint: dict | None = None) -> None:
+        """The end of the run: where it stopped, how long it trained, on what, and the
+        checkpointing summary's numbers (``checkpoint``, None without the engine)."""
+        if self._file is None:
+            return
+        record = {"kind": SUMMARY, "iteration": iteration, "iterations_trained": iterations_trained,
+                  "train_seconds": train_seconds, "device": device, "interrupted": interrupted}
+        if checkpoint is not None:
+            record["checkpoint"] = checkpoint
+        self._write(record)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class MetricsRecords:
+    """A metrics file read back: its objects by kind, in file order."""
+
+    iterations: list[dict] = field(default_factory=list)
+    validations: list[dict] = field(default_factory=list)
+    summary: dict | None = None
+    """The last summary object (None: the run did not reach its end)."""
+
+
+def read_metrics_file(path: str) -> MetricsRecords:
+    """The objects of a metrics file; a file that is not there reads as empty, and a line cut
+    short (a run killed while writing it) is left out."""
+    records = MetricsRecords()
+    if not os.path.exists(path):
+        return records
+    by_kind = {ITERATION: records.iterations, VALIDATION: records.validations}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("kind") == SUMMARY:
+                records.summary = record
+            elif record.get("kind") in by_kind:
+                by_kind[record["kind"]].append(record)
+    return records
