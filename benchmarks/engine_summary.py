@@ -1,5 +1,5 @@
-"""The checkpoint engine's counters of a trainer run (its ``checkpoint-stats-rank0.json``, written
-beside its trace), summed up for the GPU bench's report."""
+"""The checkpoint engine's counters of a trainer run (rank 0's numbers in its metrics file's
+summary, ``checkpointing.run_report.rank_numbers``), summed up for the GPU bench's report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class EngineSummary:
-    """The engine's counters from ``checkpoint-stats-rank0.json``; None where the trainer's
+    """The engine's counters from rank 0's summary numbers; None where the trainer's
     version does not write the field yet."""
 
     stall_ms: float

@@ -35,7 +35,6 @@ class RunSpec:
     global_batch: int
     micro_batch: int
     bf16: bool
-    stats_path: str | None = None
     metrics_path: str | None = None
     """The run's --metrics-file (its numbers: iteration times, losses, the device)."""
     pool_save_dir: str | None = None
@@ -116,7 +115,6 @@ def make_plan(workdir: str, smoke: bool, with_large: bool) -> Plan:
         "--tensorboard-dir", os.path.join(ckpt_dir, "tb")]
     engine = RunSpec("b-engine", f"{medium.label}, bf16, L0 every iteration + L1 every {l1_every} iterations", medium,
                      engine_args, {}, 200, STARTUP_S + 50, global_batch, micro, True,
-                     stats_path=os.path.join(ckpt_dir, "trace", "checkpoint-stats-rank0.json"),
                      pool_save_dir=os.path.join(ckpt_dir, "l2"))
 
     large = None

@@ -25,6 +25,7 @@ class RunResult:
     tail: str = ""
     parsed: ParsedLog = field(default_factory=ParsedLog)
     stats: dict | None = None
+    """The engine's counters on rank 0 (``checkpointing.run_report.rank_numbers``; None: no engine)."""
 
     @property
     def ok(self) -> bool:
@@ -56,9 +57,8 @@ class Running:
         result = RunResult(self.spec, rc=rc, timed_out=timed_out, wall_s=wall_s, log_path=self.process.log_path)
         result.parsed = parse_run(text, self.spec.metrics_path)
         result.tail = "\n".join(text.splitlines()[-40:])
-        if self.spec.stats_path and os.path.exists(self.spec.stats_path):
-            with open(self.spec.stats_path) as f:
-                result.stats = json.load(f)
+        if result.parsed.checkpoint is not None:
+            result.stats = result.parsed.checkpoint["ranks"][0]
         print(f"[{self.spec.key}] {'ok' if result.ok else result.failure()} in {result.wall_s:.0f} s, "
               f"{len(result.parsed.iteration_ms)} iterations logged", flush=True)
         return result

@@ -125,13 +125,13 @@ THROUGHPUT_HEADER = ["| run | parameters | median iteration | tokens/s | model T
 def engine_section(result: RunResult, plain: RunResult | None) -> list[str]:
     lines = []
     if result.stats is None:
-        return [f"No engine counters: `{result.spec.stats_path}` was not written"
+        return [f"No engine counters: `{result.spec.metrics_path}` has no checkpointing summary"
                 + (" (the run did not complete)." if not result.ok else "."), ""]
     e = engine_summary(result.stats, state_bytes_estimate(result.spec.shape.config, result.spec.bf16))
     gb = fmt(e.state_gb, ".2f", " GB") + (" (estimated from the parameter count: the stats have no state_bytes)"
                                            if e.state_gb_estimated else "")
     train_s = sum(result.parsed.iteration_ms.values()) / 1000
-    lines += [f"Engine counters (`checkpoint-stats-rank0.json`), snapshot size {gb}:", "",
+    lines += [f"Engine counters (the metrics file's summary, rank 0), snapshot size {gb}:", "",
               f"- stall (fence waits and waits for a free slot; on a GPU timed on the device): {e.stall_ms:.1f} ms in all"
               + (f", {100 * e.stall_ms / 1000 / train_s:.2f}% of {train_s:.1f} s of training" if train_s else "")
               + f"; {e.fence_waits} fences reached an unfinished copy; {e.snapshots} snapshots (L0)",

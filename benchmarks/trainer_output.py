@@ -19,6 +19,8 @@ class ParsedLog:
     loss: dict[int, float] = field(default_factory=dict)
     device: str | None = None
     """The device the run's summary names (None: the run did not reach its end)."""
+    checkpoint: dict | None = None
+    """The numbers of the run's end-of-run checkpointing summary (None: no engine, or no end)."""
     describe: str | None = None
     """The trainer's "> training GPT: ..." line."""
     checkpoint_notes: list[str] = field(default_factory=list)
@@ -51,7 +53,9 @@ def parse_run(console: str, metrics_path: str | None) -> ParsedLog:
         for record in records.iterations:
             parsed.iteration_ms[record["iteration"]] = record["iteration_time_ms"]
             parsed.loss[record["iteration"]] = record["lm_loss"]
-        parsed.device = records.summary["device"] if records.summary else None
+        if records.summary is not None:
+            parsed.device = records.summary["device"]
+            parsed.checkpoint = records.summary.get("checkpoint")
     lines = console.splitlines()
     parsed.describe = next((line.strip() for line in lines if line.startswith("> training GPT:")), None)
     parsed.checkpoint_notes = [line[2:].strip() for line in lines if line.startswith("> checkpoint:")]

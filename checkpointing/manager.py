@@ -159,11 +159,12 @@ class CheckpointManager:
         self.log(f"  successfully saved checkpoint at iteration {iteration:7d} to {self.cfg.save} "
                  f"[ {result.seconds * 1000:.0f} ms, {result.bytes_written / 1e6:.1f} MB on the logging rank ]")
 
-    def finish(self, iteration: int, train_seconds: float = 0.0, interrupted: bool = False) -> None:
+    def finish(self, iteration: int, train_seconds: float = 0.0, interrupted: bool = False) -> dict | None:
         """Save the final state to ``--save`` (unless just saved there); drain the engine's levels;
         print the end-of-run summary; free the L0 pool once the final version is committed on
         every level, unless ``interrupted`` (SIGTERM: the job will be resumed, maybe here) or
-        ``--ckpt-keep-host-pool``."""
+        ``--ckpt-keep-host-pool``. Returns the numbers the summary was made of (``_summary``;
+        None when there was no summary)."""
         if iteration == self.loaded and self.last_saved is None:
             self.log(f"> nothing trained since iteration {iteration} was loaded: no new checkpoint")
             if self.engine is not None:
@@ -175,8 +176,9 @@ class CheckpointManager:
             else:
                 self.engine.request(iteration, force_flush=True)
             self.engine.close(drain=True)
-            self._summary(train_seconds)
+            summary = self._summary(train_seconds)
             self._free_pool(iteration, interrupted)
+            return summary
         elif self.cfg.save and self.last_saved != iteration:
             self.save(iteration)
 
@@ -201,9 +203,11 @@ class CheckpointManager:
         if self.engine is not None:
             self.engine.close(drain=False)
 
-    def _summary(self, train_seconds: float) -> None:
+    def _summary(self, train_seconds: float) -> dict:
         """Gather every rank's numbers; the logging rank prints the summary
-        (``checkpointing.run_report``). With a tracer, each rank's numbers go beside its trace."""
+        (``checkpointing.run_report``). With a tracer, each rank's numbers go beside its trace.
+        Returns what the summary was made of: the arguments of ``summary_lines`` but ``mine``,
+        every rank's numbers as ``ranks`` (for ``--metrics-file``)."""
         stats = self.engine.stats
         mine = rank_numbers(self.rank, stats, time.process_time() - self._cpu_started, self.iteration_seconds,
                             sum(a.numel() * a.element_size() for a in self.state.arrays.values()))
@@ -211,7 +215,9 @@ class CheckpointManager:
             with open(os.path.join(self.trace_dir, f"checkpoint-stats-rank{mine['rank']}.json"), "w") as f:
                 json.dump(mine, f)
         everyone = gather_from_all(self.group, mine)
-        machine = idle_and_steal(self._machine_started, machine_cpu_times())
-        for line in summary_lines(everyone, mine, [lv.name for lv in self.engine.levels], train_seconds,
-                                  self.engine.zero_copy, stats.bytes_copied, machine, os.cpu_count()):
+        run = {"levels": [lv.name for lv in self.engine.levels], "train_seconds": train_seconds,
+               "zero_copy": self.engine.zero_copy, "bytes_copied": stats.bytes_copied,
+               "machine": idle_and_steal(self._machine_started, machine_cpu_times()), "cpus": os.cpu_count()}
+        for line in summary_lines(everyone, mine, **run):
             self.log(line)
+        return dict(run, ranks=everyone)

@@ -36,7 +36,7 @@ def run(tmp_path_factory):
     proc = run_pretrain(ARGS + ["--save", str(base / "ckpt"), "--tensorboard-dir", str(base / "tb"),
                                 "--ckpt-local-dir", str(base / "local"), "--ckpt-local-interval", "1",
                                 "--ckpt-host-versions", "1", "--trace-dir", str(base / "trace"),
-                                "--ckpt-snapshot", "zero-copy"],
+                                "--ckpt-snapshot", "zero-copy", "--metrics-file", str(base / "metrics.jsonl")],
                         nproc=2, env={"GPT_CKPT_HOLD": "flush"})
     yield base, proc.stdout
     host_pool.remove_segments(str(base / "ckpt"))
@@ -107,6 +107,32 @@ def test_end_of_run_summary(run):
     assert "  machine: " in stdout and "% idle" in stdout
     assert "  iteration time: " in stdout
     assert "  L1: " in stdout and "  L2: " in stdout and "slowest level:" in stdout
+
+
+def test_metrics_file_has_the_logged_iterations_and_the_summarys_numbers(run):
+    """``--metrics-file``: the logging rank's (the last) object per logged iteration, its stall as
+    the engine counted it, and a summary whose numbers print the console's summary again."""
+    from checkpointing.run_report import summary_lines
+    from tests.launch import read_scalars
+    from trainer.metrics_file import read_metrics_file
+
+    base, stdout = run
+    records = read_metrics_file(str(base / "metrics.jsonl"))
+    assert [r["iteration"] for r in records.iterations] == [5, 10, 12]  # --log-interval 5, and the last
+    losses = read_scalars(base / "tb", "lm loss")
+    stats = [json.loads((base / "trace" / f"checkpoint-stats-rank{r}.json").read_text()) for r in range(2)]
+    for r in records.iterations:
+        assert r["lm_loss"] == pytest.approx(losses[r["iteration"]], rel=1e-6)
+        assert r["consumed_samples"] == 8 * r["iteration"] and r["iteration_time_ms"] > 0
+        stall = 1000 * stats[1]["stall_by_iteration"].get(str(r["iteration"]), 0.0)
+        assert r["checkpoint_stall_ms"] == pytest.approx(stall)
+    summary = records.summary
+    assert (summary["iteration"], summary["iterations_trained"], summary["device"]) == (12, 12, "cpu")
+    numbers = dict(summary["checkpoint"])
+    ranks = numbers.pop("ranks")
+    assert ranks == stats
+    for line in summary_lines(ranks, ranks[1], **numbers):
+        assert line in stdout
 
 
 def test_tensorboard_page_shows_the_stall_chart_in_chromium(run, tmp_path):

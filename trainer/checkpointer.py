@@ -60,8 +60,9 @@ class Checkpointer:
         if self.telemetry is not None:
             self.telemetry.after_step(iteration)
 
-    def finish(self, iteration: int, train_seconds: float = 0.0, interrupted: bool = False) -> None:
-        self.manager.finish(iteration, train_seconds, interrupted)
+    def finish(self, iteration: int, train_seconds: float = 0.0, interrupted: bool = False) -> dict | None:
+        """The final save and drain; returns the end-of-run summary's numbers (None: no summary)."""
+        return self.manager.finish(iteration, train_seconds, interrupted)
 
     def abort(self) -> None:
         self.manager.abort()

@@ -16,8 +16,11 @@ on the validation split, and one at the end of the run::
 two consecutive iterations' ``time`` is what an iteration cost with everything around it, the
 checkpoint request included. The ``checkpoint_*`` fields come with the asynchronous engine
 (``--async-save``): this rank's stall in that iteration (fence waits and waits for a free slot)
-and in the run so far. ``checkpoint`` in the summary holds the numbers of the end-of-run
-checkpointing summary (present when the engine ran). A loss that is not finite is written as
+and in the run so far. ``checkpoint`` in the summary (present when the engine ran) holds the
+numbers the end-of-run checkpointing summary is made of: every rank's (``ranks``, each one
+``checkpointing.run_report.rank_numbers``) and the run's (``levels``, ``train_seconds``,
+``zero_copy``, ``bytes_copied``, ``machine``: idle and steal shares, ``cpus``); with them
+``checkpointing.run_report.summary_lines`` prints the summary again. A loss that is not finite is written as
 Python's ``json`` writes it (``NaN``, ``Infinity``), which :func:`read_metrics_file` reads back.
 Each object is flushed as it is written, so a killed run keeps every line it logged.
 """
