@@ -89,14 +89,16 @@ def add_flags(group: argparse._ActionsContainer, config_class: type) -> None:
         help_text = _help(docs.get(f.name), f, spec, config_class)
         kwargs: dict[str, Any] = dict(dest=f.name, help=help_text)
         if _is_bool(f):
+            # Not given, a derived switch is None, so that what it derives from (a preset) decides.
+            given_default = None if spec.derived is not None else f.default
             if f.default is True:
                 if not spec.name.startswith("--no-"):
                     raise FlagDeclarationError(
                         f"{config_class.__name__}.{f.name} defaults to True: its flag must be a --no- switch, "
                         f"not {spec.name}")
-                group.add_argument(spec.name, action="store_false", default=True, **kwargs)
+                group.add_argument(spec.name, action="store_false", default=given_default, **kwargs)
             else:
-                group.add_argument(spec.name, action="store_true", default=False, **kwargs)
+                group.add_argument(spec.name, action="store_true", default=given_default, **kwargs)
             if spec.off:
                 group.add_argument(spec.off, dest=f.name, action="store_false",
                                    help=f"the default: {spec.name} off (accepted for Megatron-LM command lines)")
@@ -145,9 +147,11 @@ def _help(doc: str | None, f: dataclasses.Field, spec: Flag, config_class: type)
         raise FlagDeclarationError(
             f"{config_class.__name__}.{f.name} ({spec.name}) has no docstring: it is the flag's --help")
     text = " ".join(doc.replace("``", "").split())
+    has_default = f.default not in (dataclasses.MISSING, None)
+    fallback = ("on" if f.default else "off") if _is_bool(f) else f.default
     if spec.derived is not None:
-        text += f" (default: {spec.derived})"
-    elif not _is_bool(f) and f.default not in (dataclasses.MISSING, None):
+        text += f" (default: {spec.derived}, else {fallback})" if has_default else f" (default: {spec.derived})"
+    elif has_default and not _is_bool(f):
         text += f" (default: {f.default})"
     return text.replace("%", "%%")  # argparse formats help with %
 

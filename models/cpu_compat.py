@@ -17,6 +17,9 @@ Patches (see ``../shared/notes/megatron-core-on-cpu.md`` for how they were found
    ``tracker.fork()`` work and stay reproducible.
 3. ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied output weight of the last
    pipeline stage with ``.cuda()``; on CPU that move is skipped.
+4. Activation recomputation (``tensor_parallel.checkpoint``) saves and restores the CUDA
+   generator's state beside the CPU one; on CPU there is none (dropout draws from the CPU
+   generator, which it saves already), so the CUDA state is nothing and restoring it does nothing.
 """
 
 from __future__ import annotations
@@ -99,6 +102,15 @@ def _skip_cuda_move(method):
     return wrapper
 
 
+def _no_cuda_rng_state(*args, **kwargs) -> None:
+    return None
+
+
+def _set_no_cuda_rng_state(state, *args, **kwargs) -> None:
+    if state is not None:
+        raise RuntimeError("a CUDA generator state reached the CPU run's recomputation; expected none")
+
+
 def apply_cpu_compat(device: torch.device) -> bool:
     """Apply the patches when the run's ``device`` is the CPU. Idempotent. Returns True if patched.
 
@@ -116,6 +128,8 @@ def apply_cpu_compat(device: torch.device) -> bool:
     torch.cuda.current_device = _cpu_current_device
     tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     tp_random.initialize_rng_tracker(force_reset=True)
+    tp_random._get_cuda_rng_state = _no_cuda_rng_state
+    tp_random._set_cuda_rng_state = _set_no_cuda_rng_state
     cls = language_module.LanguageModule
     cls.setup_embeddings_and_output_layer = _skip_cuda_move(cls.setup_embeddings_and_output_layer)
     _APPLIED = True

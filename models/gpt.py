@@ -7,9 +7,10 @@ import math
 
 import torch
 
-from models.config import GPTModelConfig
+from models.config import GPTModelConfig, RecomputeConfig
 from models.cpu_compat import apply_cpu_compat
 from models.fusions import KernelFusions, ResolvedFusions, resolve_fusions
+from models.norms import block_spec, with_torch_norms
 from models.param_layout import GlobalParamSpec, global_param_specs
 from models.vocab import VOCAB_DIM, mask_padded_vocab, true_vocab_rows, with_padding_rows
 
@@ -59,11 +60,13 @@ def check_attention_backend(transformer_impl: str, attention_backend: str) -> No
         )
 
 
-def layer_spec(transformer_impl: str, attention_backend: str | None = None):
+def layer_spec(transformer_impl: str, attention_backend: str | None = None, normalization: str = "LayerNorm"):
     """megatron-core's layer spec: local (plain torch) or TransformerEngine.
 
     ``attention_backend`` (default :func:`default_attention_backend`) picks the local spec's core
     attention: ``sdpa`` (torch's fused kernel) or ``local`` (megatron's DotProductAttention).
+    ``normalization`` (``LayerNorm`` or ``RMSNorm``) picks the local spec's norm modules; TE's spec
+    reads it from the ``TransformerConfig``.
     """
     if attention_backend is None:
         attention_backend = default_attention_backend(transformer_impl)
@@ -72,11 +75,11 @@ def layer_spec(transformer_impl: str, attention_backend: str | None = None):
     if transformer_impl == "local" and attention_backend == "sdpa":
         from models.sdpa_attention import get_gpt_layer_sdpa_spec
 
-        return get_gpt_layer_sdpa_spec()
+        return with_torch_norms(get_gpt_layer_sdpa_spec(normalization))
     if transformer_impl == "local":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        return get_gpt_layer_local_spec()
+        return with_torch_norms(get_gpt_layer_local_spec(normalization=normalization))
     if transformer_impl == "transformer_engine":
         reason = transformer_engine_status()
         if reason is not None:
@@ -104,6 +107,8 @@ def build_gpt_model(
     attention_backend: str | None = None,
     seed: int = 1234,
     fusions: ResolvedFusions | None = None,
+    sequence_parallel: bool = False,
+    recompute: RecomputeConfig = RecomputeConfig(),
 ):
     """This rank's stage of the GPT, with weights that do not depend on the parallel layout.
 
@@ -116,6 +121,8 @@ def build_gpt_model(
 
     ``fusions``: megatron-core's fused kernels to use, as :func:`models.fusions.resolve_fusions`
     granted them for ``device`` (default: the default requests, resolved here).
+    ``sequence_parallel``: activations outside the tensor-parallel regions (norms, dropout,
+    residuals) cut along the sequence over the TP ranks. ``recompute``: activation recomputation.
     """
     apply_cpu_compat(device)
     if transformer_impl == "transformer_engine" and device.type != "cuda":
@@ -128,7 +135,7 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    spec = layer_spec(transformer_impl, attention_backend)
+    spec = layer_spec(transformer_impl, attention_backend, cfg.normalization)
     on_gpu = device.type == "cuda"
     config = TransformerConfig(
         num_layers=cfg.num_layers,
@@ -138,6 +145,12 @@ def build_gpt_model(
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
+        normalization=cfg.normalization,
+        layernorm_epsilon=cfg.norm_epsilon,
+        num_query_groups=cfg.query_groups,
+        add_bias_linear=not cfg.disable_bias_linear,
+        gated_linear_unit=cfg.swiglu,
+        activation_func=torch.nn.functional.silu if cfg.swiglu else torch.nn.functional.gelu,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         params_dtype=params_dtype,
@@ -145,12 +158,15 @@ def build_gpt_model(
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
+        **recompute.transformer_config_kwargs(),
         gradient_accumulation_fusion=False,
         **fusions.transformer_config_kwargs(),
         persist_layer_norm=False,
         apply_rope_fusion=False,
     )
+    if transformer_impl == "local":
+        spec = block_spec(config, spec)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -159,7 +175,9 @@ def build_gpt_model(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
-        position_embedding_type="learned_absolute",
+        position_embedding_type=cfg.position_embedding_type,
+        rotary_percent=cfg.rotary_percent,
+        rotary_base=cfg.rotary_base,
     )
     # Like Megatron-LM's Float16Module: every parameter in the training dtype, norms included
     # (torch's LayerNorm, used without Apex, is created in fp32 whatever params_dtype says).
@@ -212,4 +230,4 @@ def initialize_deterministically(model: torch.nn.Module, cfg: GPTModelConfig, se
     specs = global_param_specs(model)
     for name, param in model.named_parameters():
         spec = specs[name]
-        param.copy_(initial_value(spec, cfg, seed)[spec.slices()])
+        param.view(spec.local_shape).copy_(initial_value(spec, cfg, seed)[spec.slices()])

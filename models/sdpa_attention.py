@@ -177,9 +177,10 @@ class SDPAttention(MegatronModule):
         return context.view(*context.shape[:2], self.hidden_size_per_partition)
 
 
-def get_gpt_layer_sdpa_spec():
-    """megatron-core's local GPT layer spec with ``core_attention`` = :class:`SDPAttention`."""
-    spec = copy.deepcopy(get_gpt_layer_local_spec())
+def get_gpt_layer_sdpa_spec(normalization: str = "LayerNorm"):
+    """megatron-core's local GPT layer spec (with ``normalization``'s norm modules) with
+    ``core_attention`` = :class:`SDPAttention`."""
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
     attention = spec.submodules.self_attention.submodules
     # Replace only what we expect to replace: a megatron change of the local spec should fail here.
     if attention.core_attention is not DotProductAttention:

@@ -12,7 +12,7 @@ import os
 
 from checkpointing.config import CheckpointConfig
 from cli.flags import add_flags, flag_name, flag_values
-from models.config import PRESETS, GPTModelConfig
+from models.config import PRESETS, GPTModelConfig, RecomputeConfig
 from models.fusions import KernelFusions
 from models.gpt import transformer_engine_status
 from trainer.config import JobConfig, TrainingConfig
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p.add_argument_group("parallelism"), ParallelDims)
     add_flags(p.add_argument_group("optimizer"), OptimizerConfig)
     add_flags(p.add_argument_group("learning rate"), LRScheduleConfig)
+    add_flags(p.add_argument_group("activation recomputation"), RecomputeConfig)
     add_flags(p.add_argument_group("training, logging and evaluation"), TrainingConfig)
     data = p.add_argument_group("data")
     add_flags(data, DataConfig)
@@ -68,7 +69,10 @@ def _model_config(args, vocab_size: int) -> GPTModelConfig:
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if name not in values:
             raise ArgumentError(f"{flag_name(GPTModelConfig, name)} is required (or pass --model-size)")
-    values.setdefault("ffn_hidden_size", 4 * values["hidden_size"])
+    # Megatron-LM's defaults: 4 x hidden, or with SwiGLU two thirds of it (its gate doubles fc1) in
+    # multiples of 64.
+    values.setdefault("ffn_hidden_size", int(4 * values["hidden_size"] * 2 / 3 / 64) * 64 if values.get("swiglu")
+                      else 4 * values["hidden_size"])
     if "max_position_embeddings" not in explicit:
         # Default: --seq-length, or the preset's table if that is longer.
         values["max_position_embeddings"] = max(values.get("max_position_embeddings", 0), values["seq_length"])
@@ -91,6 +95,15 @@ def _check_layout(model: GPTModelConfig, dims: ParallelDims) -> None:
         raise ArgumentError(
             f"--ffn-hidden-size {model.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}"
         )
+    if model.group_query_attention and model.num_query_groups % tp:
+        raise ArgumentError(
+            f"--num-query-groups {model.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}: "
+            "each TP rank holds whole key/value groups"
+        )
+    if dims.sequence_parallel and model.seq_length % tp:
+        raise ArgumentError(
+            f"--sequence-parallel: --seq-length {model.seq_length} is not divisible by --tensor-model-parallel-size {tp}"
+        )
 
 
 def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig:
@@ -102,7 +115,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
     try:
         dims = ParallelDims(world_size=world_size, **flag_values(args, ParallelDims))
         training = TrainingConfig(**flag_values(args, TrainingConfig),
-                                  fusions=KernelFusions(**flag_values(args, KernelFusions)))
+                                  fusions=KernelFusions(**flag_values(args, KernelFusions)),
+                                  recompute=RecomputeConfig(**flag_values(args, RecomputeConfig)))
         if training.transformer_impl == "transformer_engine":
             reason = (transformer_engine_status() if cuda_selected()
                       else "this run is on the CPU (no GPU, or GPT_FORCE_CPU=1); TransformerEngine runs only on NVIDIA GPUs")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from cli.flags import flag, flag_name
 
 from checkpointing.config import CheckpointConfig
-from models.config import GPTModelConfig
+from models.config import GPTModelConfig, RecomputeConfig
 from models.fusions import KernelFusions
 from models.gpt import ATTENTION_BACKENDS, TRANSFORMER_IMPLS, check_attention_backend, default_attention_backend
 from trainer.data import DataConfig
@@ -54,6 +54,8 @@ class TrainingConfig:
     fusions: KernelFusions = KernelFusions()
     """megatron-core's fused kernels asked for (:class:`KernelFusions` declares their flags); each is
     used only where it works on the run's device."""
+    recompute: RecomputeConfig = RecomputeConfig()
+    """Activation recomputation (:class:`models.config.RecomputeConfig` declares its flags)."""
     distributed_timeout_minutes: float = flag("--distributed-timeout-minutes", 10.0)
     """A collective that waits longer than this fails, so a dead rank ends the job instead of
     hanging it."""

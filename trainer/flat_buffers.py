@@ -36,6 +36,9 @@ class ParamSpan:
     """Its gradient enters the global norm once over all ranks (not a TP or tied duplicate)."""
     shared_embedding: bool
     """The word embedding / output weight tied across the first and last pipeline stage."""
+    sequence_parallel: bool = False
+    """Replicated over TP but fed a part of the sequence on each TP rank (norms, row-parallel
+    biases under ``--sequence-parallel``): its gradient is summed over TP."""
 
     @property
     def end(self) -> int:
@@ -45,9 +48,12 @@ class ParamSpan:
 class FlatParamsAndGrads:
     """Owns the flat parameter and gradient buffers of one model stage."""
 
-    def __init__(self, model: torch.nn.Module, tp_rank: int = 0, tp_split: frozenset[str] = frozenset()):
+    def __init__(self, model: torch.nn.Module, tp_rank: int = 0, tp_split: frozenset[str] = frozenset(),
+                 shapes: dict[str, tuple[int, ...]] | None = None):
         """``tp_split`` names the parameters split over tensor-parallel ranks; the others are
-        replicated on every TP rank, so only TP rank 0 counts them in the gradient norm."""
+        replicated on every TP rank, so only TP rank 0 counts them in the gradient norm.
+        ``shapes``: the shape a parameter is laid out by, where it is a view of the parameter's own
+        (SwiGLU's ``linear_fc1`` as ``(2, rows, ...)``): its rows are the unit of shard boundaries."""
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model stage has no trainable parameters")
@@ -56,8 +62,8 @@ class FlatParamsAndGrads:
         self.spans: list[ParamSpan] = []
         offset = 0
         for name, p in params:
-            shape = tuple(p.shape)
-            row = p.numel() // shape[0] if p.dim() >= 1 and shape[0] > 0 else p.numel()
+            shape = tuple((shapes or {}).get(name, p.shape))
+            row = p.numel() // shape[0] if len(shape) >= 1 and shape[0] > 0 else p.numel()
             tp_duplicate = name not in tp_split and tp_rank != 0
             tied_copy = getattr(p, "shared", False)  # megatron: last stage's copy of embeddings
             self.spans.append(
@@ -70,6 +76,7 @@ class FlatParamsAndGrads:
                     weight_decay=p.dim() >= 2,
                     counts_in_grad_norm=not tp_duplicate and not tied_copy,
                     shared_embedding=bool(getattr(p, "shared_embedding", False)),
+                    sequence_parallel=bool(getattr(p, "sequence_parallel", False)),
                 )
             )
             offset += p.numel()
@@ -79,16 +86,16 @@ class FlatParamsAndGrads:
         self._starts = [s.start for s in self.spans]
         self._hooks = []
         for span, (_, p) in zip(self.spans, params):
-            view = self.params[span.start : span.end].view(span.shape)
+            view = self.params[span.start : span.end].view(p.shape)
             view.copy_(p.data)
             p.data = view
             self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(span)))
 
     def _make_hook(self, span: ParamSpan):
-        grad_view = self.grads[span.start : span.end].view(span.shape)
+        grad_view = self.grads[span.start : span.end]
 
         def accumulate(param: torch.Tensor) -> None:
-            grad_view.add_(param.grad)
+            grad_view.add_(param.grad.reshape(-1))
             param.grad = None
 
         return accumulate
@@ -138,6 +145,19 @@ class FlatParamsAndGrads:
         for span in self.spans:
             if span.shared_embedding:
                 dist.all_reduce(self.grads[span.start : span.end], group=embedding_group)
+
+    def allreduce_sequence_parallel_grads(self, tp_group) -> None:
+        """Sum over TP the gradients of parameters that saw only this rank's part of the sequence."""
+        ranges = self.segments(0, self.numel, lambda slot: slot.sequence_parallel)
+        if not ranges or dist.get_world_size(tp_group) == 1:
+            return
+        # One collective: the marked parameters are scattered through the buffer.
+        packed = torch.cat([self.grads[a:b] for a, b in ranges])
+        dist.all_reduce(packed, group=tp_group)
+        offset = 0
+        for a, b in ranges:
+            self.grads[a:b].copy_(packed[offset : offset + b - a])
+            offset += b - a
 
     def reduce_grads(self, dp_group, dp_size: int, owned: list[tuple[int, int]] | None) -> None:
         """Average gradients over data-parallel ranks.

@@ -24,6 +24,10 @@ class ParallelDims:
     """Tensor-parallel degree: each layer's weights split over this many ranks."""
     pipeline_parallel: int = flag("--pipeline-model-parallel-size", 1)
     """Pipeline-parallel degree: the layers cut into this many stages."""
+    sequence_parallel: bool = flag("--sequence-parallel", False)
+    """Megatron's sequence parallelism: the activations outside the tensor-parallel regions (norms,
+    dropout, residual adds) are cut along the sequence over the TP ranks instead of repeated on each,
+    dividing their memory by the TP degree; needs ``--tensor-model-parallel-size`` > 1."""
 
     def __post_init__(self) -> None:
         for name, value in (
@@ -33,6 +37,9 @@ class ParallelDims:
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it cuts the sequence over "
+                             "the tensor-parallel ranks)")
         model_parallel = self.tensor_parallel * self.pipeline_parallel
         if self.world_size % model_parallel:
             raise ValueError(

@@ -29,8 +29,11 @@ PhaseHook = Callable[[str], "object"]
 class PipelineShape:
     """What flows between stages."""
 
+    seq_length: int
+    """Tokens per sample (the causal mask's size)."""
     activation_shape: tuple[int, int, int]
-    """``(seq_length, micro_batch_size, hidden_size)``."""
+    """``(sequence, micro_batch_size, hidden_size)`` sent between stages: the whole sequence, or
+    this TP rank's part of it with sequence parallelism."""
     dtype: torch.dtype
     device: torch.device
 
@@ -111,7 +114,7 @@ def forward_backward_1f1b(
 ) -> list[torch.Tensor]:
     """Run forward and backward of every micro-batch; returns the losses (last stage only)."""
     p2p = _P2P(groups, shape)
-    mask = causal_attention_mask(shape.activation_shape[0], shape.device)
+    mask = causal_attention_mask(shape.seq_length, shape.device)
     pp, stage = groups.dims.pipeline_parallel, groups.pp_rank
     warmup = min(pp - stage - 1, num_microbatches)
     steady = num_microbatches - warmup
@@ -186,7 +189,7 @@ def forward_only(
 ) -> list[torch.Tensor]:
     """Forward every micro-batch through the pipeline (evaluation); losses on the last stage."""
     p2p = _P2P(groups, shape)
-    mask = causal_attention_mask(shape.activation_shape[0], shape.device)
+    mask = causal_attention_mask(shape.seq_length, shape.device)
     losses = []
     for _ in range(num_microbatches):
         input_tensor = None if groups.is_first_stage else p2p.exchange(recv_prev=True)[0]

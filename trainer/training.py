@@ -116,12 +116,15 @@ class Trainer:
             attention_backend=tcfg.attention_backend,
             seed=tcfg.seed,
             fusions=self.fusions,
+            sequence_parallel=dims.sequence_parallel,
+            recompute=tcfg.recompute,
         )
         # Which parameters are split over TP comes from megatron-core's sharded metadata: its
         # ``tensor_model_parallel`` attribute is not set when its own initialisation is skipped.
         self.param_specs = global_param_specs(self.model)
         tp_split = frozenset(n for n, s in self.param_specs.items() if s.local_shape != s.global_shape)
-        self.buffers = FlatParamsAndGrads(self.model, groups.tp_rank, tp_split)
+        self.buffers = FlatParamsAndGrads(self.model, groups.tp_rank, tp_split,
+                                          shapes={n: s.local_shape for n, s in self.param_specs.items()})
         self.optimizer = DistributedAdam(
             self.buffers, job.optimizer, groups.dp_group, dims.data_parallel, groups.model_parallel_group
         )
@@ -133,8 +136,10 @@ class Trainer:
             self.valid_data = BatchSource(
                 build_dataset(job.data, "valid", job.model.vocab_size, tcfg.seed), job.data, groups.dp_rank, dims.data_parallel, device_ctx.device
             )
+        sequence = job.model.seq_length // (dims.tensor_parallel if dims.sequence_parallel else 1)
         self.shape = PipelineShape(
-            activation_shape=(job.model.seq_length, job.data.micro_batch_size, job.model.hidden_size),
+            seq_length=job.model.seq_length,
+            activation_shape=(sequence, job.data.micro_batch_size, job.model.hidden_size),
             dtype=dtype,
             device=device_ctx.device,
         )
@@ -160,6 +165,7 @@ class Trainer:
         )
         with self.phase("grad-reduce"):
             self.buffers.allreduce_tied_embedding_grads(self.groups.embedding_group)
+            self.buffers.allreduce_sequence_parallel_grads(self.groups.tp_group)
             self.buffers.reduce_grads(self.groups.dp_group, self.job.parallel.data_parallel, self.optimizer.owned_ranges)
         lr = learning_rate(self.job.lr, self.iteration)
         with self.phase("optimizer"):
