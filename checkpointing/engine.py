@@ -18,78 +18,43 @@ the training thread:
 The flusher's answers (descriptions written, jobs done) are read without blocking at each
 request and step, and while training has to wait (a full pool, a fence): then the engine also
 checks that the flusher lives and moves, and raises :class:`FlusherError` naming its exit
-status if not. The flush queue's rules are pure functions (``checkpointing.flush_rules``);
-test pacing is injected (``checkpointing.pacing``); statistics live in
-``checkpointing.engine_stats``.
+status if not (the process, its socket and its liveness: ``checkpointing.flusher_handle``).
+Requested versions go to the flusher in request order once their bytes are in their slot
+(``checkpointing.landing``). The flush queue's rules are pure functions
+(``checkpointing.flush_rules``); test pacing is injected (``checkpointing.pacing``); statistics
+live in ``checkpointing.engine_stats``.
 
 A slow disk does not hold the pool: when no slot is free, ``request`` takes the slot of queued
 jobs the new version supersedes (same level, not started, not forced) and marks them *orphaned*
-in the control block; the flusher claims a job under the same lock and skips an orphaned one,
-and every rank's flusher agrees on each skip. Only when no slot can be taken that way does
-``request`` wait (backpressure, counted as stall).
+in the control block (``checkpointing.slot_claims``); the flusher claims a job under the same
+lock and skips an orphaned one, and every rank's flusher agrees on each skip. Only when no slot
+can be taken that way does ``request`` wait (backpressure, counted as stall).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from checkpointing import control_block as cb
-from checkpointing import faults, flush_rules
+from checkpointing import faults, flush_rules, slot_claims
 from checkpointing.engine_stats import EngineStats, FlushRecord
 from checkpointing.errors import FlusherError
-from checkpointing import flusher
 from checkpointing.flusher import FlusherSpec
+from checkpointing.flusher_handle import FlusherHandle, meeting_point
 from checkpointing.host_pool import ArraySpec, HostPool, job_tag
 from checkpointing.items import CheckpointableState
+from checkpointing.landing import Landing, PendingVersion
 from checkpointing.levels import L1, L2, Level
 from checkpointing.pacing import training_pacing
 from checkpointing.snapshots import CopiedSnapshots
 from checkpointing.trace import NullTracer
 
 __all__ = ["CheckpointEngine", "EngineStats", "FlushRecord"]
-
-_engines_started = itertools.count()
-"""Engines this process started: every rank starts them in the same order, so the n-th engine's
-flushers meet under the same key prefix."""
-
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _status(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A requested version on its way into L0."""
-
-    slot: flush_rules.SlotState
-    version: int
-    small_state: dict
-    requested: float
-    handle: object
-    """A copy in flight (CUDA), or None."""
-    jobs: list = field(default_factory=list)
-    """Its flush-job messages, sent after its description."""
-    sent: bool = False
-    """Its description (and jobs) went to the flusher."""
 
 
 class CheckpointEngine:
@@ -127,11 +92,6 @@ class CheckpointEngine:
         """Flush jobs sent and not finished (orphaned ones until the flusher has passed them)."""
         self._job_ids = itertools.count(1)
         self._seqs = itertools.count(1)
-        self._landing: dict[int, _Pending] = {}
-        """Request seq -> versions whose description the flusher has not confirmed (or, on CUDA,
-        whose copy is still in flight), in request order."""
-        self._last_request: dict[int, int] = {}
-        """The newest requested version -> its request seq."""
         self._current: flush_rules.SlotState | None = None
         """Zero-copy: the slot the last step wrote (the state's current version), once there is one."""
         self._target: flush_rules.SlotState | None = None
@@ -139,13 +99,14 @@ class CheckpointEngine:
         self._iteration = 0
         self._pacing = training_pacing()
         self._closed = False
-        self._error: str | None = None
         self._last_committed: dict[str, int] = {}
-        self._cpu_final: float | None = None
         self.snapshots = None if zero_copy else CopiedSnapshots(
             state.arrays, state.shards, [s.arrays for s in pool.slots], [s.memory for s in pool.slots], self.tracer)
+        self._landing = Landing(lambda message: self.flusher.send(message), self.snapshots)
+        """Versions whose description the flusher has not confirmed (or, on CUDA, whose copy is
+        still in flight)."""
         self.block = cb.ControlBlock(pool.control_path, create=True)
-        self._start_flusher()
+        self.flusher = self._start_flusher()
 
     @classmethod
     def for_config(cls, cfg, state: CheckpointableState, group, log, tracer=None,
@@ -177,45 +138,20 @@ class CheckpointEngine:
         return engine
 
     # -- the flusher process -------------------------------------------------------------------------
-    def _start_flusher(self) -> None:
-        world = dist.get_world_size(self.group)
-        store = None
-        if world > 1:
-            if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
-                raise ValueError("the checkpoint flusher processes meet at the job's rendezvous store: set MASTER_ADDR "
-                                 "and MASTER_PORT (torchrun and the Slurm script set them)")
-            store = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
-        prefix = f"gptckpt-flusher/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_engines_started)}/"
-        spec = FlusherSpec(self.rank, world, store, prefix, max(self.flusher_timeout, 60.0), self.pool.control_path,
-                           [s.path for s in self.pool.slots], [s.meta_path for s in self.pool.slots],
+    def _start_flusher(self) -> FlusherHandle:
+        store, prefix = meeting_point(dist.get_world_size(self.group))
+        spec = FlusherSpec(self.rank, dist.get_world_size(self.group), store, prefix, max(self.flusher_timeout, 60.0),
+                           self.pool.control_path, [s.path for s in self.pool.slots], [s.meta_path for s in self.pool.slots],
                            dict(self.pool.specs), list(self.state.shards), list(self.state.save_pieces),
                            list(self.levels), self.layout, not isinstance(self.tracer, NullTracer))
-        ours, theirs = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-        env["OMP_NUM_THREADS"] = "1"
-        started = time.monotonic()
-        self._proc = subprocess.Popen([sys.executable, "-m", "checkpointing.flusher", str(theirs.fileno()), str(os.getpid())],
-                                      pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
-        theirs.close()
-        self._conn = Connection(ours.detach())
-        flusher.send(self._conn, spec)
-        while True:  # its group forms once every rank's flusher is up
-            if self._conn.poll(0.05):
-                message = flusher.receive(self._conn)
-                if message[0] == "ready":
-                    break
-                self._handle(message)
-            self._check_flusher(waited_since=started)
-        self.stats.flusher_start_seconds = time.monotonic() - started
-        self.stats.flusher_rss_bytes = message[2]
-        self.stats.flusher_start_cpu_seconds = message[3]
+        return FlusherHandle(spec, self.block, self.flusher_timeout, self.stats, self._handle, self._committed_line)
 
     def _handle(self, message) -> None:
+        """The flusher's answers about this engine's work: a description written, a job done."""
         kind = message[0]
         if kind == "described":
             _, seq, error = message
-            pending = self._landing.pop(seq)
+            pending = self._landing.described(seq)
             slot, version, small_state, requested = pending.slot, pending.version, pending.small_state, pending.requested
             slot.landing = False
             host = self.pool.slots[slot.index]
@@ -246,30 +182,6 @@ class CheckpointEngine:
                              "version stays in L0 (host memory), training goes on, the next version will be tried")
             for name, category, start, end, args in spans:
                 self.tracer.complete_on("ckpt-flusher", name, category, start, end, **args)
-        elif kind == "fatal":
-            self._error = message[1]
-        elif kind == "stopped":
-            self._cpu_final = message[1]
-
-    def _poll(self) -> None:
-        """Read every answer the flusher has sent (no wait)."""
-        try:
-            while self._conn.poll(0):
-                self._handle(flusher.receive(self._conn))
-        except (EOFError, OSError):
-            if self._cpu_final is not None:
-                return  # it said it stopped, then closed its end
-            try:  # its end closes as it exits: wait for the exit, so that its status can be named
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            self._check_flusher()
-            raise FlusherError(f"rank {self.rank}: the checkpoint flusher's socket closed; {self._committed_line()}")
-        self.stats.flusher_cpu_seconds = self._flusher_cpu(self.block[cb.CPU_NS] / 1e9)
-
-    def _flusher_cpu(self, clock: float) -> float:
-        """The flusher's CPU since it was ready (its start-up, mostly importing torch, apart)."""
-        return max(0.0, clock - self.stats.flusher_start_cpu_seconds)
 
     def _committed_line(self) -> str:
         held = sorted(s.version for s in self.pool.slots if s.version is not None and s.small_state is not None)
@@ -277,61 +189,13 @@ class CheckpointEngine:
         return (f"last committed by this rank's flusher: {done}; L0 holds {held or 'no version'} in {self.pool.directory}, "
                 "kept for the restart (the next run resumes from the newest committed version)")
 
-    def _check_flusher(self, waited_since: float | None = None) -> None:
-        """Raise :class:`FlusherError` if the flusher died, failed or stopped answering."""
-        code = self._proc.poll()
-        if code == 0 and self._cpu_final is not None:
-            return  # it stopped as asked
-        if code is not None or self._error:
-            try:
-                while self._conn.poll(0):
-                    self._handle(flusher.receive(self._conn))
-            except (EOFError, OSError):
-                pass
-            what = f"{_status(code)}" if code is not None else "failed"
-            detail = f"\n{self._error}" if self._error else ""
-            raise FlusherError(f"rank {self.rank}: the checkpoint flusher (pid {self._proc.pid}) {what}; training stops "
-                               f"rather than go on without checkpoints; {self._committed_line()}{detail}")
-        now = time.monotonic_ns()
-        beat = self.block[cb.HEARTBEAT_NS]
-        since = (now - beat) / 1e9 if beat else (time.monotonic() - waited_since if waited_since else 0.0)
-        if since > self.flusher_timeout:
-            self._proc.kill()
-            raise FlusherError(f"rank {self.rank}: the checkpoint flusher (pid {self._proc.pid}) has not answered for "
-                               f"{since:.0f} s (--ckpt-flusher-timeout {self.flusher_timeout:g}); it was killed and "
-                               f"training stops; {self._committed_line()}")
+    def _poll(self) -> None:
+        """Read every answer the flusher has sent (no wait)."""
+        self.flusher.poll()
 
     def _wait_until(self, done: Callable[[], bool], what: str) -> None:
-        """Poll the flusher's answers until ``done()``; raise if it dies or its work stops moving
-        for ``flusher_timeout`` seconds (sleeps of 0.1-1 ms: the GIL is free meanwhile)."""
-        pause, last, moved = 1e-4, None, time.monotonic()
-        while True:
-            self._poll()
-            if done():
-                return
-            self._check_flusher()
-            marks = (self.block[cb.DESCRIBED], self.block[cb.DONE], self.block[cb.PROGRESS], self.block[cb.FLUSH_ALIVE_NS])
-            if marks != last:
-                last, moved = marks, time.monotonic()
-            elif time.monotonic() - moved > self.flusher_timeout:
-                self._proc.kill()
-                raise FlusherError(f"rank {self.rank}: waited {self.flusher_timeout:g} s for the checkpoint flusher "
-                                   f"({what}) without progress (--ckpt-flusher-timeout); it was killed and training "
-                                   f"stops; {self._committed_line()}")
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
-
-    def _send(self, message) -> None:
-        try:
-            flusher.send(self._conn, message)
-        except OSError as error:
-            try:  # its end closed as it exited: wait for the exit, so that its status can be named
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            self._check_flusher()
-            raise FlusherError(f"rank {self.rank}: cannot reach the checkpoint flusher ({error}); "
-                               f"{self._committed_line()}") from error
+        """Wait for ``done()`` on the flusher's answers; raises if it dies or stops moving."""
+        self.flusher.wait_until(done, what)
 
     # -- the training thread -----------------------------------------------------------------------
     def request(self, version: int, force_flush: bool = False) -> None:
@@ -344,8 +208,8 @@ class CheckpointEngine:
         started = time.perf_counter()
         small_state = self.state.capture_small_state(version)  # small: copied now, on this thread
         self._poll()
-        self._check_flusher()
-        self._land()
+        self.flusher.check()
+        self._landing.hand_over()
         if self._pacing.holds_request(version):  # the background work catches up first
             self._wait_until(lambda: not self._landing and not self._jobs, "a held request")
         due = [level for level in self.levels if force_flush or level.is_due(version)]
@@ -368,9 +232,8 @@ class CheckpointEngine:
             slot.pins += 1
             self._jobs[job.id] = job
             jobs.append(("job", job.id, self.levels.index(level), version, slot.index, seq, force_flush))
-        self._landing[seq] = _Pending(slot, version, small_state, started, handle, jobs)
-        self._last_request = {version: seq}
-        self._land()
+        self._landing.add(seq, PendingVersion(slot, version, small_state, started, handle, jobs))
+        self._landing.hand_over()
         blocked = time.perf_counter() - started
         self.stats.requests += 1
         self.stats.request_seconds += blocked
@@ -381,72 +244,25 @@ class CheckpointEngine:
         self._iteration = version + 1  # fences from now on hold the step of the next iteration
         self.tracer.complete("checkpoint request", "ckpt", started_ns, time.perf_counter_ns(), iteration=version)
 
-    def _land(self, wait: bool = False) -> None:
-        """Hand every version whose bytes are in the slot to the flusher: its description, then
-        its jobs (in request order, so every rank's flusher sees the same job sequence)."""
-        for seq, pending in self._landing.items():
-            if pending.sent:
-                continue
-            if pending.handle is not None:
-                if wait:
-                    self.snapshots.wait_landed(pending.handle)
-                elif not self.snapshots.landed(pending.handle):
-                    return  # later versions land after this one
-            self._send(("describe", seq, pending.slot.index, pending.version, pending.small_state))
-            for message in pending.jobs:
-                self._send(message)
-            pending.sent, pending.jobs = True, []
-
     def _claim_slot(self, due: list[Level], version: int) -> flush_rules.SlotState:
         """A slot for a copied version: free, else taken from superseded queued jobs, else wait."""
-        slot = self._free_or_reclaimed(due, version)
+        levels = {lv.name for lv in due}
+        slot = slot_claims.free_or_reclaimed(self.slots, self._jobs, self.block, levels, version)
         if slot is None:
-            if self._usable_once_described(due, version):  # a description is being written: short
+            if slot_claims.usable_once_described(self.slots, self._jobs, levels, version):  # short
                 self.stats.description_waits += 1
             else:
                 self.stats.backpressure_waits += 1
             found = []
-            self._wait_until(lambda: bool(found.append(self._free_or_reclaimed(due, version)) or found[-1]),
-                             "a free host-pool slot")
+            self._wait_until(lambda: bool(found.append(slot_claims.free_or_reclaimed(
+                self.slots, self._jobs, self.block, levels, version)) or found[-1]), "a free host-pool slot")
             slot = found[-1]
-        return slot
-
-    def _usable_once_described(self, due: list[Level], version: int) -> bool:
-        """Whether a slot whose description is being written would then be free or taken."""
-        landing = [s for s in self.slots if s.landing]
-        for slot in landing:
-            slot.landing = False
-        try:
-            return bool(landing) and (flush_rules.free_slot(self.slots) is not None or flush_rules.reclaimable(
-                self._jobs.values(), {lv.name for lv in due}, version) is not None)
-        finally:
-            for slot in landing:
-                slot.landing = True
-
-    def _free_or_reclaimed(self, due: list[Level], version: int) -> flush_rules.SlotState | None:
-        if self._jobs and max(self._jobs) - self.block[cb.DONE] >= cb.ORPHAN_RING // 2:
-            return None  # too many jobs outstanding for the orphan marks: wait for the flusher
-        slot = flush_rules.free_slot(self.slots)
-        if slot is not None:
-            return slot
-        with self.block.locked():  # the flusher cannot claim a job meanwhile
-            claimed = self.block[cb.CLAIMED]
-            for job in self._jobs.values():
-                job.claimed = job.id <= claimed
-            found = flush_rules.reclaimable(self._jobs.values(), {lv.name for lv in due}, version)
-            if found is None:
-                return None
-            slot, orphans = found
-            for job in orphans:
-                self.block.mark_orphaned(job.id)
-                job.orphaned = job.released = True
-                slot.pins -= 1
         return slot
 
     def flush_everywhere(self, version: int) -> None:
         """Queue flushes of the already requested ``version`` to the levels its interval skipped
         (the end of training: the final state reaches every level)."""
-        seq = self._last_request.get(version)
+        seq = self._landing.newest_seq(version)
         slot = next((s for s in self.slots if s.version == version), None)
         if seq is None or slot is None:
             raise ValueError(f"iteration {version} is not the newest version in the host pool; request it first")
@@ -457,12 +273,9 @@ class CheckpointEngine:
                 slot.pins += 1
                 self._jobs[job.id] = job
                 messages.append(("job", job.id, self.levels.index(level), version, slot.index, seq, True))
-        pending = self._landing.get(seq)
-        if pending is not None and not pending.sent:
-            pending.jobs += messages
-        else:  # the flusher keeps the newest request's small state: the jobs can name it
+        if not self._landing.add_jobs(seq, messages):  # the flusher keeps the newest request's small state
             for message in messages:
-                self._send(message)
+                self.flusher.send(message)
 
     # -- what L0 holds (the checkpoint manager's view of the pool) ---------------------------------
     def held_versions(self) -> list[int]:
@@ -500,7 +313,7 @@ class CheckpointEngine:
             waited = self._wait_flushes_read(target, shard_index)
         else:
             if self._landing:
-                self._land()
+                self._landing.hand_over()
             waited = self.snapshots.fence(shard_index, self._iteration)
         if waited is None:  # the common case: no clock read
             return
@@ -611,7 +424,7 @@ class CheckpointEngine:
 
     @property
     def flusher_pid(self) -> int:
-        return self._proc.pid
+        return self.flusher.pid
 
     # -- shutdown ------------------------------------------------------------------------------------
     def _pending(self) -> list[str]:
@@ -625,7 +438,7 @@ class CheckpointEngine:
             return 0.0
         self.block[cb.DRAINING] = 1  # held flushes (GPT_CKPT_HOLD) go on
         self._poll()
-        self._land(wait=True)
+        self._landing.hand_over(wait=True)
         waiting = self._pending() if drain else []
         if waiting:
             self.log(f"> waiting for {len(waiting)} checkpoint flush(es): {', '.join(waiting)} ...")
@@ -653,25 +466,16 @@ class CheckpointEngine:
         try:
             if drain:
                 self.wait_idle(drain=True)
-                self._send(("stop",))
-                self._wait_until(lambda: self._cpu_final is not None, "its stop")
-            elif self._proc.poll() is None:
+                self.flusher.send(("stop",))
+                self._wait_until(lambda: self.flusher.cpu_final is not None, "its stop")
+            elif self.flusher.running():
                 try:  # what was requested gets its L0 description; nothing else is waited for
-                    self._land(wait=True)
-                    self._send(("abort",))
+                    self._landing.hand_over(wait=True)
+                    self.flusher.send(("abort",))
                 except (FlusherError, OSError) as error:  # it died meanwhile: the pool is kept as it is
                     self.log(f"WARNING: rank {self.rank}: {error}")
         finally:
             self._closed = True
-            try:
-                self._proc.wait(timeout=30 if drain else 10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            if self._cpu_final is not None:
-                self.stats.flusher_cpu_seconds = self._cpu_final
-            else:
-                self.stats.flusher_cpu_seconds = self._flusher_cpu(self.block[cb.CPU_NS] / 1e9)
-            self._conn.close()
+            self.flusher.end(timeout=30 if drain else 10)
             if self.snapshots is not None:
                 self.snapshots.close()

@@ -75,7 +75,7 @@ def test_a_killed_idle_flusher_stops_training_at_the_next_request(tmp_path, sing
     engine.request(1)
     engine.wait_idle()
     os.kill(engine.flusher_pid, signal.SIGKILL)
-    engine._proc.wait(timeout=20)  # its exit is complete (the engine's own handle keeps the status)
+    engine.flusher.wait_exit(timeout=20)  # its exit is complete (the engine's own handle keeps the status)
     with pytest.raises(FlusherError) as raised:
         state.optimizer_step(engine)  # the step (zero-copy: its slot) or the request notices
     message = str(raised.value)

@@ -1,0 +1,205 @@
+"""The training process's handle on its flusher process: start it, talk to it, know that it lives.
+
+The flusher (``checkpointing.flusher``) is a fresh interpreter started with the socket's other
+end; it answers over that socket and keeps its heartbeat, CPU clock and progress in words of the
+shared control block. This handle reads the answers without blocking, hands the engine's own
+(descriptions written, jobs done) to the engine, and raises :class:`FlusherError` naming the
+exit status, the failure or the silence as soon as the flusher is dead, failed or stuck: the
+engine calls :meth:`FlusherHandle.check` at every request and while training has to wait.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Callable
+
+from checkpointing import control_block as cb
+from checkpointing import flusher
+from checkpointing.engine_stats import EngineStats
+from checkpointing.errors import FlusherError
+from checkpointing.flusher import FlusherSpec
+
+_engines_started = itertools.count()
+"""Engines this process started: every rank starts them in the same order, so the n-th engine's
+flushers meet under the same key prefix."""
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def meeting_point(world: int) -> tuple[tuple[str, int] | None, str]:
+    """Where this engine's flushers form their group: the job's rendezvous store (None for a
+    one-rank job) and a key prefix no other engine of the job uses."""
+    store = None
+    if world > 1:
+        if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+            raise ValueError("the checkpoint flusher processes meet at the job's rendezvous store: set MASTER_ADDR "
+                             "and MASTER_PORT (torchrun and the Slurm script set them)")
+        store = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    return store, f"gptckpt-flusher/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_engines_started)}/"
+
+
+def exit_status(returncode: int) -> str:
+    """How a process ended, as in "the flusher was killed by SIGKILL"."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class FlusherHandle:
+    """This rank's flusher process, started by the constructor (which returns once its group is up)."""
+
+    def __init__(self, spec: FlusherSpec, block: cb.ControlBlock, timeout: float, stats: EngineStats,
+                 on_answer: Callable[[tuple], None], committed_line: Callable[[], str]):
+        """``timeout``: seconds it may go without a heartbeat or, while training waits on it,
+        progress; ``stats``: where its start-up, memory and CPU go; ``on_answer``: the engine's
+        handler of its answers (``described``, ``done``); ``committed_line``: what the engine
+        has committed, for the error messages."""
+        self.rank = spec.rank
+        self.block = block
+        self.timeout = timeout
+        self.stats = stats
+        self._on_answer = on_answer
+        self._committed_line = committed_line
+        self.error: str | None = None
+        """The traceback it sent before it ended on an error."""
+        self.cpu_final: float | None = None
+        """Its CPU time, once it stopped as asked."""
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+        env["OMP_NUM_THREADS"] = "1"
+        started = time.monotonic()
+        self._proc = subprocess.Popen([sys.executable, "-m", "checkpointing.flusher", str(theirs.fileno()), str(os.getpid())],
+                                      pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        flusher.send(self._conn, spec)
+        while True:  # its group forms once every rank's flusher is up
+            if self._conn.poll(0.05):
+                message = flusher.receive(self._conn)
+                if message[0] == "ready":
+                    break
+                self._answer(message)
+            self.check(waited_since=started)
+        stats.flusher_start_seconds = time.monotonic() - started
+        stats.flusher_rss_bytes = message[2]
+        stats.flusher_start_cpu_seconds = message[3]
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def running(self) -> bool:
+        return self._proc.poll() is None
+
+    def _answer(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "fatal":
+            self.error = message[1]
+        elif kind == "stopped":
+            self.cpu_final = message[1]
+        else:
+            self._on_answer(message)
+
+    def _cpu_since_ready(self) -> float:
+        """Its CPU since it was ready (its start-up, mostly importing torch, apart)."""
+        return max(0.0, self.block[cb.CPU_NS] / 1e9 - self.stats.flusher_start_cpu_seconds)
+
+    def poll(self) -> None:
+        """Read every answer it has sent (no wait)."""
+        try:
+            while self._conn.poll(0):
+                self._answer(flusher.receive(self._conn))
+        except (EOFError, OSError):
+            if self.cpu_final is not None:
+                return  # it said it stopped, then closed its end
+            self._wait_for_exit()
+            self.check()
+            raise FlusherError(f"rank {self.rank}: the checkpoint flusher's socket closed; {self._committed_line()}")
+        self.stats.flusher_cpu_seconds = self._cpu_since_ready()
+
+    def _wait_for_exit(self) -> None:
+        """Its end of the socket closes as it exits: wait for the exit, so that its status can be named."""
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def check(self, waited_since: float | None = None) -> None:
+        """Raise :class:`FlusherError` if it died, failed or stopped answering. ``waited_since``:
+        while it starts (no heartbeat yet), since when."""
+        code = self._proc.poll()
+        if code == 0 and self.cpu_final is not None:
+            return  # it stopped as asked
+        if code is not None or self.error:
+            try:
+                while self._conn.poll(0):
+                    self._answer(flusher.receive(self._conn))
+            except (EOFError, OSError):
+                pass
+            what = f"{exit_status(code)}" if code is not None else "failed"
+            detail = f"\n{self.error}" if self.error else ""
+            raise FlusherError(f"rank {self.rank}: the checkpoint flusher (pid {self._proc.pid}) {what}; training stops "
+                               f"rather than go on without checkpoints; {self._committed_line()}{detail}")
+        now = time.monotonic_ns()
+        beat = self.block[cb.HEARTBEAT_NS]
+        since = (now - beat) / 1e9 if beat else (time.monotonic() - waited_since if waited_since else 0.0)
+        if since > self.timeout:
+            self._proc.kill()
+            raise FlusherError(f"rank {self.rank}: the checkpoint flusher (pid {self._proc.pid}) has not answered for "
+                               f"{since:.0f} s (--ckpt-flusher-timeout {self.timeout:g}); it was killed and "
+                               f"training stops; {self._committed_line()}")
+
+    def wait_until(self, done: Callable[[], bool], what: str) -> None:
+        """Read its answers until ``done()``; raise if it dies or its work stops moving for
+        ``timeout`` seconds (sleeps of 0.1-1 ms: the GIL is free meanwhile)."""
+        pause, last, moved = 1e-4, None, time.monotonic()
+        while True:
+            self.poll()
+            if done():
+                return
+            self.check()
+            marks = (self.block[cb.DESCRIBED], self.block[cb.DONE], self.block[cb.PROGRESS], self.block[cb.FLUSH_ALIVE_NS])
+            if marks != last:
+                last, moved = marks, time.monotonic()
+            elif time.monotonic() - moved > self.timeout:
+                self._proc.kill()
+                raise FlusherError(f"rank {self.rank}: waited {self.timeout:g} s for the checkpoint flusher "
+                                   f"({what}) without progress (--ckpt-flusher-timeout); it was killed and training "
+                                   f"stops; {self._committed_line()}")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+
+    def send(self, message: tuple) -> None:
+        try:
+            flusher.send(self._conn, message)
+        except OSError as error:
+            self._wait_for_exit()
+            self.check()
+            raise FlusherError(f"rank {self.rank}: cannot reach the checkpoint flusher ({error}); "
+                               f"{self._committed_line()}") from error
+
+    def wait_exit(self, timeout: float) -> int:
+        """Its exit status, once it has exited (within ``timeout`` seconds)."""
+        return self._proc.wait(timeout=timeout)
+
+    def end(self, timeout: float) -> None:
+        """After ``stop`` or ``abort`` was sent (or it died): wait for its exit, killing it after
+        ``timeout`` seconds; record its final CPU time; close the socket."""
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self.stats.flusher_cpu_seconds = self.cpu_final if self.cpu_final is not None else self._cpu_since_ready()
+        self._conn.close()
