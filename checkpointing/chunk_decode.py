@@ -189,8 +189,8 @@ def _ints(value) -> bool:
 
 _INTERPRETED: dict[bytes, _Tensor] = {}
 """Pickles already read, by their bytes: chunks of one kind of parameter repeat a few pickles,
-and reading one allocates a tuple per opcode (the garbage collector's full passes over a
-trainer's heap, about 0.2 s each here, are triggered by allocations)."""
+and reading one allocates a tuple per opcode (allocations trigger the garbage collector's full
+passes over a trainer's heap, each a pause of its own)."""
 
 
 def _interpret(pickle: bytes) -> _Tensor:

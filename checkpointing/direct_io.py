@@ -1,8 +1,8 @@
 """A sequential file writer that bypasses the page cache (``O_DIRECT``) where it can.
 
-Why: on the 2-core machine a buffered write + fsync costs 0.5-1.4 s of CPU per GB (the copy into
-the page cache, then its writeback), taken from training; an ``O_DIRECT`` write of the same bytes
-from the host pool costs 0.04-0.10 s (``scripts/bench_write_cost.py``).
+Why: a buffered write + fsync costs CPU for every byte (the copy into the page cache, then its
+writeback), taken from training; an ``O_DIRECT`` write of the same bytes from the host pool costs
+about a tenth of it (``scripts/bench_write_cost.py``; ``results/bench_write_cost_cpu.md``).
 
 ``O_DIRECT`` wants the memory address, the file offset and the length of every write aligned to
 the device's block (512 B here; 4 KiB covers every common device). Small bytes (zip headers,
@@ -15,9 +15,9 @@ between blobs are allowed and never read).
 Where the file system refuses ``O_DIRECT`` (tmpfs, some network file systems) the same calls
 write through the page cache.
 
-A write rate limit paces the writes (``--ckpt-write-rate-limit``). On the 2-core VM even
-``O_DIRECT`` writes, which take almost no CPU of the guest, slowed training by about a quarter
-while they ran at full speed (the virtual disk's work competes with the virtual CPUs); a flush
+A write rate limit paces the writes (``--ckpt-write-rate-limit``). On a virtual machine even
+``O_DIRECT`` writes, which take almost no CPU of the guest, slow training while they run at full
+speed (the virtual disk's work competes with the virtual CPUs); a flush
 spread over more time interferes less, and the engine then skips the versions superseded
 meanwhile.
 """

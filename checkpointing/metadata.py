@@ -89,8 +89,8 @@ def build_metadata(records: list[ChunkRecord], iteration: int, layout: ParallelL
         else:
             replicas[(r.relative_path, r.key, tuple(r.offsets))] = (r.offset, r.length)
     state_dict_metadata: dict[str, Any] = {}
-    # DCP's classes, imported here: importing torch.distributed.checkpoint takes ~1 s, which the
-    # flusher process would pay at every start; only a commit needs them.
+    # DCP's classes, imported here: importing torch.distributed.checkpoint is slow, and the
+    # flusher process would pay it at every start; only a commit needs them.
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,

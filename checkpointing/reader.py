@@ -4,8 +4,8 @@ A rank asks for :class:`TensorPiece` rectangles in its current layout. Each is a
 whichever stored chunks overlap it, whatever layout wrote them. Every chunk is read once, in
 file order, and verified against its checksum before any of its bytes are used.
 
-How the bytes travel (issue 18: a restore read at about 0.4 of the disk's speed): a thread of
-its own (``ckpt-read``) reads each data file in large ranges, several chunks per read, with
+How the bytes travel, so that a restore reads at the disk's speed rather than waiting on each
+chunk in turn (``results/design_measurements_cpu.md`` has the figures): a thread of its own (``ckpt-read``) reads each data file in large ranges, several chunks per read, with
 ``O_DIRECT`` where the file system takes it, into a few reused buffers in huge pages, ahead of
 their use. Meanwhile the calling thread checks each chunk's xxh3-64 over the buffer (no copy),
 decodes it where it lies (``checkpointing.chunk_decode``: the zip and pickle framing parsed,
@@ -338,8 +338,8 @@ def _segments(blobs: list[_Blob]) -> list[_Segment]:
 
 def _buffer(nbytes: int) -> np.ndarray:
     """``nbytes`` of private memory, page-aligned (as ``O_DIRECT`` needs), in huge pages where the
-    kernel has them (``MADV_HUGEPAGE``): an ``O_DIRECT`` read into 4 KiB pages went at 1.1-1.7
-    GB/s here, into 2 MiB pages at 3.3 GB/s (the request carries fewer, larger segments)."""
+    kernel has them (``MADV_HUGEPAGE``): an ``O_DIRECT`` read into huge pages carries fewer, larger
+    segments per request, and goes about twice as fast."""
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):
@@ -460,8 +460,8 @@ _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)``, on this thread alone where the bytes are copied as they are (same
     dtype, host memory): ``copy_`` splits a large copy over the intra-op threads, which on a
-    small machine compete with the read thread and whatever else runs (2 cores: 0.2-0.5 s more
-    CPU per GB, and restores up to twice as slow). numpy copies on one thread, without the GIL."""
+    small machine compete with the read thread and whatever else runs, for more CPU and a slower
+    restore. numpy copies on one thread, without the GIL."""
     size = dst.element_size()
     if (dst.dtype == src.dtype and size in _SAME_SIZE_INT and dst.device.type == "cpu" and src.device.type == "cpu"
             and not dst.requires_grad):

@@ -61,10 +61,10 @@ class HostShardCopier:
     def copy(self, index: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy ``(destination, source)`` pairs of shard ``index`` (on the calling thread).
 
-        One thread: the copy is bound by memory bandwidth, and ``Tensor.copy_`` with the
-        intra-op pool's second thread took 0.22 machine CPU-s per GB against 0.12 for this copy,
-        for 15% less wall time (``scripts/bench_write_cost.py --part cpu``): training needs the
-        CPU more than the copy needs the time."""
+        One thread: the copy is bound by memory bandwidth, so ``Tensor.copy_`` with the intra-op
+        pool's second thread costs nearly twice the CPU for a little less wall time
+        (``scripts/bench_write_cost.py --part cpu``): training needs the CPU more than the copy
+        needs the time."""
         for dst, src in pairs:
             copy_bytes(dst, src)
         self._done[index].set()

@@ -67,8 +67,8 @@ _TENSOR_BLOBS: dict[tuple, tuple[bytes, bytes]] = {}
 """The bytes ``torch.save`` writes around a tensor's storage, by (dtype, shape). With the zip
 CRC-32 off they depend on nothing else: a contiguous tensor of its own storage pickles as
 dtype, shape and stride; sizes and offsets follow from those. Pickling each of a few hundred
-chunks per flush cost about 0.3 s of CPU per GB; most chunks repeat a few shapes (one per kind
-of layer parameter)."""
+chunks per flush costs CPU in proportion to the chunks, while most chunks repeat a few shapes
+(one per kind of layer parameter)."""
 
 
 def _tensor_blob(tensor: torch.Tensor) -> tuple[bytes, bytes] | None:
@@ -108,8 +108,8 @@ def _memory(tensor: torch.Tensor) -> memoryview:
 
 @contextlib.contextmanager
 def _without_zip_crc32():
-    """``torch.save`` writes a zip whose records carry a CRC-32 of their bytes: about 0.35 s of
-    CPU per GB here, for bytes our xxh3 checksum already covers (and ``torch.load`` does not check
+    """``torch.save`` writes a zip whose records carry a CRC-32 of their bytes: CPU for every byte,
+    for bytes our xxh3 checksum already covers (and ``torch.load`` does not check
     it). The option is process-wide; it is restored after the file is written."""
     previous = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)

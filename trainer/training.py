@@ -209,8 +209,8 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
     try:
         trainer = Trainer(job, device_ctx, groups)
         # The model, its optimizer and megatron-core's modules are built once and live for the
-        # run: move them out of the collector's reach, or a full collection pass over them
-        # (0.2-0.25 s at 12 x 768) lands in a checkpoint restore or the first steps.
+        # run: move them out of the collector's reach, or a full collection pass over them (a
+        # pause that grows with the model) lands in a checkpoint restore or the first steps.
         gc.collect()
         gc.freeze()
         logger.info(describe_job(job, trainer))
