@@ -36,7 +36,8 @@ class TrainingConfig:
     trace_dir: str | None = flag("--trace-dir", None)
     """A Chrome trace (Perfetto) per rank of training and checkpoint phases goes here."""
     metrics_file: str | None = flag("--metrics-file", None)
-    """Rank 0 appends one JSON object per logged iteration and one for the end-of-run summary to this
+    """The logging rank (the last, which has the loss) appends one JSON object per logged iteration
+    and one for the end-of-run summary to this
     file: what benchmarks and tools read instead of the console."""
     seed: int = flag("--seed", 1234)
     """Seeds weights, dropout and the data order."""
