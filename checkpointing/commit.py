@@ -54,7 +54,7 @@ def save_and_commit(
     arrays: dict[str, torch.Tensor],
     pieces: list[TensorPiece],
     small_state: dict[str, Any],
-    layout: ParallelLayout,
+    layout: ParallelLayout | dict[str, Any],
     group,
     tracer=None,
     progress: Callable[[int], None] | None = None,

@@ -72,7 +72,7 @@ def _check_tiling(key: str, global_shape: tuple[int, ...], chunks: list[ChunkRec
         raise TilingError(f"{key}: chunks cover {total} of {math.prod(global_shape)} elements")
 
 
-def build_metadata(records: list[ChunkRecord], iteration: int, layout: ParallelLayout,
+def build_metadata(records: list[ChunkRecord], iteration: int, layout: ParallelLayout | dict[str, Any],
                    local_files: list[str] | None = None) -> Metadata:
     """DCP metadata of every chunk of every rank; checks that chunks tile each tensor once.
 
@@ -130,7 +130,8 @@ def build_metadata(records: list[ChunkRecord], iteration: int, layout: ParallelL
     metadata.gpt_ckpt = {
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
-        "layout": layout.to_dict(),
+        # The on-disk form; a dict is that form already (interop's weights-only writer builds one).
+        "layout": layout.to_dict() if isinstance(layout, ParallelLayout) else dict(layout),
         "checksums": checksums,
         "total_bytes": sum(r.length for r in blobs.values()),
         "replicas": replicas,

@@ -25,7 +25,7 @@ from checkpointing.items import TensorPiece
 from checkpointing.metadata import ChunkRecord, build_metadata, write_metadata
 from checkpointing.reader import CheckpointReader
 from checkpointing.writer import _without_zip_crc32, data_file_name, standalone, write_rank_file
-from tests.helpers import PickleMarker
+from tests.helpers import PickleMarker, synthetic_layout
 
 CASES = {
     "fp32 matrix": lambda: torch.randn(37, 129),
@@ -150,7 +150,7 @@ def _write_checkpoint(directory, blobs):
     data += common
     with open(os.path.join(directory, name), "wb") as f:
         f.write(data)
-    write_metadata(str(directory), build_metadata(records, 1, {"tensor_parallel": 1}))
+    write_metadata(str(directory), build_metadata(records, 1, synthetic_layout()))
     return str(directory)
 
 
