@@ -160,9 +160,11 @@ def test_sdpa_spec_is_the_local_spec_with_only_core_attention_replaced():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from models.gpt import layer_spec
+    from models.norms import with_torch_norms
     from models.sdpa_attention import SDPAttention
 
-    local, sdpa = get_gpt_layer_local_spec(), layer_spec("local", "sdpa")
+    # Both have the torch norms that allow sequence parallelism in place of megatron's.
+    local, sdpa = with_torch_norms(get_gpt_layer_local_spec()), layer_spec("local", "sdpa")
     attention = sdpa.submodules.self_attention.submodules
     assert attention.core_attention is SDPAttention
     attention.core_attention = DotProductAttention
