@@ -108,7 +108,7 @@ def test_a_flusher_killed_in_a_flush_leaves_it_uncommitted_and_training_stops(tm
 
 def test_a_hung_flusher_stops_training_within_its_timeout(tmp_path, single_process_group):
     state = SyntheticState()
-    engine, _ = make_engine(tmp_path, single_process_group, state, zero_copy=True, flusher_timeout=2.0)
+    engine, _ = make_engine(tmp_path, single_process_group, state, zero_copy=True, flusher_timeout=5.0)
     state.optimizer_step(engine)
     engine.request(1)
     engine.wait_idle()
