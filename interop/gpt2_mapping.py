@@ -43,8 +43,24 @@ EXPRESSIBLE_MODEL_ARGS = frozenset({
     "attention_dropout", "init_method_std", "untie_embeddings_and_output_weights",
 })
 """``GPTModelConfig`` fields GPT-2 expresses (or that do not change the function: the padding
-multiple, dropout, the initialisation). A checkpoint whose model records another option (a
-future grouped-query attention, RoPE, SwiGLU, RMSNorm) is refused rather than exported wrong."""
+multiple, dropout, the initialisation)."""
+
+GPT2_ONLY_VALUES = {
+    "position_embedding_type": "learned_absolute",
+    "normalization": "LayerNorm",
+    "norm_epsilon": LAYERNORM_EPSILON,
+    "swiglu": False,
+    "group_query_attention": False,
+    "disable_bias_linear": False,
+}
+"""Options GPT-2 expresses only at one value (its own): a checkpoint that saved another (RoPE,
+RMSNorm, SwiGLU, grouped-query attention, no biases: the Llama family) is refused rather than
+exported wrong. ``rotary_base``, ``rotary_percent`` and ``num_query_groups`` mean nothing while
+these hold GPT-2's values, so they are not checked (but a number of query groups other than
+the heads' is grouped-query attention whatever the flag says). Checkpoints saved before these options
+existed do not record them and read as GPT-2's."""
+
+IGNORED_WITH_GPT2_VALUES = frozenset({"rotary_base", "rotary_percent", "num_query_groups"})
 
 
 class GPT2ConversionError(ValueError):
@@ -70,12 +86,21 @@ class GPT2Shape:
 # -- configuration --------------------------------------------------------------------------------
 def check_expressible(model_args: dict) -> None:
     """Raise :class:`GPT2ConversionError` if the saved model has options GPT-2 cannot express."""
-    unknown = sorted(set(model_args) - EXPRESSIBLE_MODEL_ARGS)
+    unknown = sorted(set(model_args) - EXPRESSIBLE_MODEL_ARGS - set(GPT2_ONLY_VALUES) - IGNORED_WITH_GPT2_VALUES)
     if unknown:
         raise GPT2ConversionError(
-            f"the checkpoint's model has options this converter does not map to GPT-2: "
-            f"{', '.join(f'{k}={model_args[k]!r}' for k in unknown)}; GPT-2 may not express them "
-            "(grouped-query attention, rotary positions, gated MLPs and RMSNorm it cannot)")
+            f"the checkpoint's model has options this converter does not know: "
+            f"{', '.join(f'{k}={model_args[k]!r}' for k in unknown)}; it refuses rather than export "
+            "something GPT-2 may not compute")
+    different = sorted(k for k, gpt2 in GPT2_ONLY_VALUES.items() if model_args.get(k, gpt2) != gpt2)
+    groups = model_args.get("num_query_groups")
+    if groups not in (None, model_args["num_attention_heads"]):
+        different.append("num_query_groups")
+    if different:
+        raise GPT2ConversionError(
+            f"the checkpoint's model is not GPT-2: {', '.join(f'{k}={model_args.get(k)!r}' for k in different)} "
+            "(GPT-2 has learned positions, LayerNorm with epsilon 1e-5, a GELU MLP, one key/value head per "
+            "query head and biases); export it as a Llama model instead, or train with GPT-2's options")
     if model_args["hidden_size"] % model_args["num_attention_heads"]:
         raise GPT2ConversionError(f"hidden size {model_args['hidden_size']} is not a multiple of "
                                   f"{model_args['num_attention_heads']} heads")

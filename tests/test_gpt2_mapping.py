@@ -119,9 +119,32 @@ def test_tanh_gelu_imports_when_allowed_with_a_note():
     assert args == MODEL_ARGS and "tanh approximation" in notes[0]
 
 
-def test_export_refuses_options_gpt2_cannot_express():
-    with pytest.raises(GPT2ConversionError, match="num_query_groups=2"):
-        hf_config(dict(MODEL_ARGS, num_query_groups=2), "gelu", torch.float32, eod=10)
+@pytest.mark.parametrize("change", [
+    {"num_query_groups": 1}, {"group_query_attention": True, "num_query_groups": 1},
+    {"position_embedding_type": "rope"}, {"normalization": "RMSNorm"}, {"norm_epsilon": 1e-6},
+    {"swiglu": True}, {"disable_bias_linear": True},
+])
+def test_export_refuses_options_gpt2_cannot_express(change):
+    name = next(k for k in change if k != "group_query_attention") if len(change) > 1 else next(iter(change))
+    with pytest.raises(GPT2ConversionError, match=f"{name}={change[name]!r}"):
+        hf_config(dict(MODEL_ARGS, **change), "gelu", torch.float32, eod=10)
+
+
+def test_export_takes_what_a_gpt2_style_run_saves():
+    """A run saves every ``GPTModelConfig`` field, the Llama-style ones at GPT-2's values too."""
+    from dataclasses import asdict
+
+    from models.config import GPTModelConfig
+
+    saved = asdict(GPTModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
+                                  seq_length=32, max_position_embeddings=32,
+                                  vocab_size=100))
+    assert hf_config(saved, "gelu", torch.float32, eod=10)["n_head"] == 4
+
+
+def test_export_refuses_an_option_it_does_not_know():
+    with pytest.raises(GPT2ConversionError, match="does not know: sliding_window=8"):
+        hf_config(dict(MODEL_ARGS, sliding_window=8), "gelu", torch.float32, eod=10)
 
 
 def _export_fixture(tmp_path, **overrides):
