@@ -125,6 +125,27 @@ def flag_values(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
     return values
 
 
+def command_line(config_class: type, values: dict[str, Any], always: tuple[str, ...] = ()) -> list[str]:
+    """The flags that give ``config_class`` these field ``values`` (the inverse of
+    :func:`flag_values`): each value away from its field's default, and the fields in ``always``
+    (or without a default) whatever their value; None is left out (a derived value not fixed)."""
+    out: list[str] = []
+    for f, spec in flagged_fields(config_class):
+        if f.name not in values or values[f.name] is None:
+            continue
+        value = values[f.name]
+        if f.name not in always and f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        if _is_bool(f):
+            if bool(value) != (f.default is True):  # the switch moves it off its default
+                out.append(spec.name)
+            elif spec.off:
+                out.append(spec.off)
+            continue
+        out += [spec.name, str(value)]
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def field_docstrings(config_class: type) -> dict[str, str]:
     """Each field's docstring (the string literal right under it in the class body)."""

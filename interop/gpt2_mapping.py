@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from interop.conversion_error import ConversionError
+
 LAYERNORM_EPSILON = 1e-5
 """megatron-core's ``TransformerConfig.layernorm_epsilon`` default (``models/gpt.py`` does not set
 it; ``tests/test_gpt2_mapping.py`` checks it against megatron-core)."""
@@ -63,7 +65,7 @@ existed do not record them and read as GPT-2's."""
 IGNORED_WITH_GPT2_VALUES = frozenset({"rotary_base", "rotary_percent", "num_query_groups"})
 
 
-class GPT2ConversionError(ValueError):
+class GPT2ConversionError(ConversionError):
     """The model (or GPT-2 config) has something the other side cannot express; the message
     names it and what to do."""
 
@@ -100,7 +102,7 @@ def check_expressible(model_args: dict) -> None:
         raise GPT2ConversionError(
             f"the checkpoint's model is not GPT-2: {', '.join(f'{k}={model_args.get(k)!r}' for k in different)} "
             "(GPT-2 has learned positions, LayerNorm with epsilon 1e-5, a GELU MLP, one key/value head per "
-            "query head and biases); export it as a Llama model instead, or train with GPT-2's options")
+            "query head and biases)")
     if model_args["hidden_size"] % model_args["num_attention_heads"]:
         raise GPT2ConversionError(f"hidden size {model_args['hidden_size']} is not a multiple of "
                                   f"{model_args['num_attention_heads']} heads")
@@ -156,7 +158,7 @@ def model_args_from_hf(config: dict, allow_activation_mismatch: bool = False) ->
     """(``GPTModelConfig`` fields, notes) of a ``transformers`` GPT-2 ``config.json``; raises
     :class:`GPT2ConversionError` for what our model cannot express."""
     if config.get("model_type") != "gpt2":
-        raise GPT2ConversionError(f"config.json has model_type {config.get('model_type')!r}; only GPT-2 (gpt2) maps "
+        raise GPT2ConversionError(f"config.json has model_type {config.get('model_type')!r}; only GPT-2 (gpt2) and Llama (llama) map "
                                   "onto this trainer's model")
     notes: list[str] = []
     refusals = {

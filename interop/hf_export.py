@@ -1,4 +1,5 @@
-"""Export one committed checkpoint (any layout, any level) to a ``transformers`` GPT-2 directory:
+"""Export one committed checkpoint (any layout, any level) to a ``transformers`` directory,
+GPT-2 (``GPT2LMHeadModel``) or Llama (``LlamaForCausalLM``) by the options the run trained with:
 ``config.json``, safetensors weights and the run's tokenizer files.
 
 Tensors are read one at a time through ``CheckpointReader`` (checksums verified) and written in
@@ -10,18 +11,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
+import torch
+
+from interop import gpt2_mapping, llama_mapping
 from interop.checkpoint_tensors import CheckpointTensors
-from interop.gpt2_mapping import (
-    GPT2ConversionError,
-    activation_of,
-    check_expressible,
-    hf_config,
-    hf_name,
-    hf_names,
-    shape_of,
-    to_hf,
-)
+from interop.conversion_error import ConversionError
 from interop.hf_tokenizer_files import export_tokenizer
 from trainer.progress import bytes_bar
 
@@ -42,7 +38,8 @@ class ExportConfig:
     merge_file: str | None = None
     """The run's ``--merge-file``, likewise."""
     activation: str | None = None
-    """GPT-2's ``activation_function``; None: what the run computed (``gpt2_mapping.activation_of``)."""
+    """GPT-2's ``activation_function``; None: what the run computed (``gpt2_mapping.activation_of``).
+    A Llama export refuses it (its MLP is SwiGLU)."""
     max_shard_bytes: int = 5 * 2**30
     """Largest safetensors file; more weights than this go into numbered shards with an index."""
     verify: bool = True
@@ -53,6 +50,8 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class ExportResult:
+    architecture: str
+    """``GPT2LMHeadModel`` or ``LlamaForCausalLM``."""
     iteration: int
     layout: dict
     config: dict
@@ -66,7 +65,7 @@ class ExportResult:
 
 def _prepare_out_dir(out_dir: str) -> None:
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise GPT2ConversionError(f"{out_dir} is not empty: export into a new directory (nothing is overwritten)")
+        raise ConversionError(f"{out_dir} is not empty: export into a new directory (nothing is overwritten)")
     os.makedirs(out_dir, exist_ok=True)
 
 
@@ -83,39 +82,70 @@ def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]
     return shards
 
 
+@dataclass(frozen=True)
+class _Family:
+    """One ``transformers`` architecture's side of the export."""
+
+    name: str
+    names_of: Callable[[str], tuple[str, ...]]
+    """Its names of one of our tensors."""
+    to_hf: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
+    all_names: set[str]
+    """Every weight the architecture needs."""
+    config: Callable[[torch.dtype, int | None], tuple[dict, list[str]]]
+    """(``config.json``, notes) given the weights' dtype and the end-of-document id."""
+
+
+def _family(ckpt: CheckpointTensors, activation: str | None) -> _Family:
+    """Llama if the run used any Llama-only option (RoPE, RMSNorm, SwiGLU, grouped-query
+    attention, no biases), else GPT-2; each refuses what it cannot express."""
+    model_args = ckpt.model_args
+    if llama_mapping.is_llama(model_args):
+        if activation is not None:
+            raise ConversionError(f"--activation {activation} is GPT-2's: this model is Llama-style (a SwiGLU MLP)")
+        llama_mapping.check_expressible(model_args)
+        shape = llama_mapping.shape_of(model_args)
+        return _Family("LlamaForCausalLM", lambda key: llama_mapping.hf_names_of(key, shape),
+                       lambda key, t: llama_mapping.to_hf(key, t, shape), llama_mapping.hf_names(shape),
+                       lambda dtype, eod: llama_mapping.hf_config(model_args, dtype, eod))
+    gpt2_mapping.check_expressible(model_args)
+    shape = gpt2_mapping.shape_of(model_args)
+    computed, note = gpt2_mapping.activation_of(ckpt.args.get("training", {}), ckpt.common.get("device"))
+    if activation is not None:
+        computed, note = activation, None
+    return _Family("GPT2LMHeadModel", lambda key: (gpt2_mapping.hf_name(key, shape),),
+                   lambda key, t: [gpt2_mapping.to_hf(key, t, shape)], gpt2_mapping.hf_names(shape),
+                   lambda dtype, eod: (gpt2_mapping.hf_config(model_args, computed, dtype, eod), [note] if note else []))
+
+
 def export_to_hf(cfg: ExportConfig) -> ExportResult:
-    """Write the checkpoint as a ``transformers`` GPT-2 model directory; raises
-    :class:`GPT2ConversionError` (what GPT-2 cannot express, or missing tokenizer files) or a
-    ``checkpointing.errors.CheckpointError`` (a damaged or foreign checkpoint)."""
+    """Write the checkpoint as a ``transformers`` model directory; raises
+    :class:`~interop.conversion_error.ConversionError` (what the architecture cannot express, or
+    missing tokenizer files) or a ``checkpointing.errors.CheckpointError`` (a damaged or foreign
+    checkpoint)."""
     from safetensors.torch import save_file
 
     ckpt = CheckpointTensors(cfg.checkpoint, verify=cfg.verify, trust_pickles=cfg.trust_pickles)
-    model_args = ckpt.model_args
-    check_expressible(model_args)
-    shape = shape_of(model_args)
+    family = _family(ckpt, cfg.activation)
     keys = ckpt.model_keys()
-    names = {key: hf_name(key, shape) for key in keys}
-    if len(set(names.values())) < len(names):
-        raise GPT2ConversionError(f"{cfg.checkpoint} holds two tensors for one GPT-2 weight (both spellings of a "
-                                  "layer norm?): " + ", ".join(sorted(names)))
-    missing = sorted(hf_names(shape) - set(names.values()))
+    names = {key: family.names_of(key) for key in keys}
+    flat = [n for ns in names.values() for n in ns]
+    if len(set(flat)) < len(flat):
+        raise ConversionError(f"{cfg.checkpoint} holds two tensors for one {family.name} weight (both spellings of a "
+                              "layer norm?): " + ", ".join(sorted(names)))
+    missing = sorted(family.all_names - set(flat))
     if missing:
-        raise GPT2ConversionError(f"{cfg.checkpoint} lacks weights GPT-2 needs: {missing[:4]} ({len(missing)} in all)")
-    notes = []
-    activation, note = activation_of(ckpt.args.get("training", {}), ckpt.common.get("device"))
-    if cfg.activation is not None:
-        activation, note = cfg.activation, None
-    if note:
-        notes.append(note)
+        raise ConversionError(f"{cfg.checkpoint} lacks weights {family.name} needs: {missing[:4]} "
+                              f"({len(missing)} in all)")
     dtypes = {ckpt.infos[k].dtype for k in keys}
     if len(dtypes) > 1:
-        raise GPT2ConversionError(f"{cfg.checkpoint} stores its weights in several dtypes {sorted(map(str, dtypes))}")
+        raise ConversionError(f"{cfg.checkpoint} stores its weights in several dtypes {sorted(map(str, dtypes))}")
     dtype = dtypes.pop()
 
     _prepare_out_dir(cfg.out_dir)
-    tokenizer = export_tokenizer(ckpt.args, ckpt.vocab_size, cfg.out_dir, model_args["max_position_embeddings"],
+    tokenizer = export_tokenizer(ckpt.args, ckpt.vocab_size, cfg.out_dir, ckpt.model_args["max_position_embeddings"],
                                  cfg.vocab_file, cfg.merge_file)
-    config = hf_config(model_args, activation, dtype, tokenizer.eod)
+    config, notes = family.config(dtype, tokenizer.eod)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -129,13 +159,13 @@ def export_to_hf(cfg: ExportConfig) -> ExportResult:
         for file_name, shard in zip(files, shards):
             tensors = {}
             for key in shard:
-                name, tensor = to_hf(key, ckpt.read(key), shape)
-                tensors[name] = tensor
-                weight_map[name] = file_name
+                for name, tensor in family.to_hf(key, ckpt.read(key)):
+                    tensors[name] = tensor
+                    weight_map[name] = file_name
                 bar.update(ckpt.infos[key].nbytes)
             save_file(tensors, os.path.join(cfg.out_dir, file_name), metadata=provenance)
     if len(files) > 1:
         with open(os.path.join(cfg.out_dir, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-    return ExportResult(ckpt.iteration, dict(ckpt.reader.facts.get("layout", {})), config, files, total,
+    return ExportResult(family.name, ckpt.iteration, dict(ckpt.reader.facts.get("layout", {})), config, files, total,
                         tokenizer.tokenizer_type, tokenizer.files, notes)

@@ -1,6 +1,6 @@
-"""Import a ``transformers`` GPT-2 directory (config.json + safetensors) as one of our checkpoints:
-iteration 0, weights only, which ``--load DIR --finetune`` (or ``--no-load-optim``) reads into
-any layout. The GPT-2 tokenizer files, when present, are copied beside it.
+"""Import a ``transformers`` GPT-2 or Llama directory (config.json + safetensors) as one of our
+checkpoints: iteration 0, weights only, which ``--load DIR --finetune`` (or ``--no-load-optim``)
+reads into any layout. The tokenizer files, when present, are copied beside it.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cli.flags import command_line
+from interop import llama_mapping
+from interop.conversion_error import ConversionError
 from interop.gpt2_mapping import (
     HF_BUFFERS,
-    GPT2ConversionError,
     canonical_hf_name,
     from_hf,
     hf_names,
@@ -24,12 +26,15 @@ from interop.gpt2_mapping import (
 from interop.hf_export import INDEX_FILE, SINGLE_FILE
 from interop.hf_tokenizer_files import MERGES_NAME, VOCAB_NAME
 from interop.weights_checkpoint import weights_only_common, weights_only_layout, write_weights_checkpoint
+from models.config import GPTModelConfig
 from tokenization.tokenizer import build_tokenizer
 from trainer.progress import progress_bar
 
 
 @dataclass(frozen=True)
 class ImportResult:
+    architecture: str
+    """``GPT2LMHeadModel`` or ``LlamaForCausalLM``: what ``config.json`` described."""
     checkpoint: str
     """The ``iter_0000000`` directory written."""
     model_args: dict
@@ -41,17 +46,17 @@ class ImportResult:
 
     def trainer_flags(self, load_dir: str) -> list[str]:
         """The ``pretrain_gpt.py`` flags that build this model and load it."""
-        a = self.model_args
-        flags = ["--num-layers", a["num_layers"], "--hidden-size", a["hidden_size"],
-                 "--num-attention-heads", a["num_attention_heads"], "--ffn-hidden-size", a["ffn_hidden_size"],
-                 "--max-position-embeddings", a["max_position_embeddings"], "--seq-length", a["seq_length"]]
-        if a["untie_embeddings_and_output_weights"]:
-            flags.append("--untie-embeddings-and-output-weights")
+        # Every model option away from its default (the flags' own declaration, cli/flags.py), and
+        # the shape always; the vocabulary comes from the tokenizer files when there are some.
+        shape = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings",
+                 "seq_length")
+        model = {k: v for k, v in self.model_args.items() if k != "vocab_size"}
+        flags = command_line(GPTModelConfig, model, always=shape)
         if self.tokenizer_args:  # the files beside the checkpoint, named as the user named it
             flags += ["--tokenizer-type", self.tokenizer_args["tokenizer_type"],
                       "--vocab-file", os.path.join(load_dir, VOCAB_NAME), "--merge-file", os.path.join(load_dir, MERGES_NAME)]
         else:
-            flags += ["--vocab-size", a["vocab_size"]]
+            flags += ["--vocab-size", self.model_args["vocab_size"]]
         return [str(f) for f in flags + ["--load", load_dir, "--finetune"]]
 
 
@@ -64,7 +69,7 @@ def _weight_files(hf_dir: str) -> list[str]:
     if os.path.isfile(single):
         return [single]
     other = [n for n in os.listdir(hf_dir) if n.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack"))]
-    raise GPT2ConversionError(
+    raise ConversionError(
         f"{hf_dir} has no {SINGLE_FILE} or {INDEX_FILE}" + (f" (only {other})" if other else "")
         + ": save the model with transformers' save_pretrained(dir, safe_serialization=True); "
           "pickled weight files are not read (they can run code)")
@@ -92,7 +97,7 @@ def _read_weights(files: list[str], shape, notes: list[str]) -> dict[str, torch.
                 ours[mapped[0]] = mapped[1]
     missing = sorted(hf_names(shape) - seen)
     if missing:
-        raise GPT2ConversionError(f"the weights lack {missing[:4]} ({len(missing)} in all) for the config's "
+        raise ConversionError(f"the weights lack {missing[:4]} ({len(missing)} in all) for the config's "
                                   f"{shape.num_layers} layers")
     return ours
 
@@ -106,7 +111,7 @@ def _check_shapes(weights: dict[str, torch.Tensor], args: dict) -> None:
     }
     for name, want in expected.items():
         if tuple(weights[name].shape) != want:
-            raise GPT2ConversionError(f"{name} has shape {tuple(weights[name].shape)}, config.json implies {want}")
+            raise ConversionError(f"{name} has shape {tuple(weights[name].shape)}, config.json implies {want}")
 
 
 def _copy_tokenizer(hf_dir: str, out_dir: str, vocab_size: int, notes: list[str]) -> dict:
@@ -125,26 +130,50 @@ def _copy_tokenizer(hf_dir: str, out_dir: str, vocab_size: int, notes: list[str]
     return {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": vocab_out, "merge_file": merges_out}
 
 
+def _read_llama(hf_dir: str, model_args: dict, notes: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    handles = {}
+    for path in _weight_files(hf_dir):
+        handle = safe_open(path, framework="pt")
+        handles.update({name: handle for name in handle.keys()})
+    with progress_bar(total=len(handles), desc="importing", unit="tensor") as bar:
+        def get(name: str) -> torch.Tensor:
+            bar.update(1)
+            return handles[name].get_tensor(name)
+
+        weights, more = llama_mapping.from_hf(handles, get, llama_mapping.shape_of(model_args),
+                                              model_args["vocab_size"])
+    notes.extend(more)
+    return weights
+
+
 def import_from_hf(hf_dir: str, out_dir: str, allow_activation_mismatch: bool = False) -> ImportResult:
-    """Write ``out_dir/iter_0000000`` from the GPT-2 model in ``hf_dir``; raises
-    :class:`GPT2ConversionError` for what this trainer's model cannot express."""
+    """Write ``out_dir/iter_0000000`` from the GPT-2 or Llama model in ``hf_dir``; raises
+    :class:`~interop.conversion_error.ConversionError` for what this trainer's model cannot
+    express."""
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(config_path):
-        raise GPT2ConversionError(f"{hf_dir} has no config.json: not a transformers model directory")
+        raise ConversionError(f"{hf_dir} has no config.json: not a transformers model directory")
     with open(config_path) as f:
         config = json.load(f)
-    model_args, notes = model_args_from_hf(config, allow_activation_mismatch)
-    shape = shape_of(model_args)
-    weights = _read_weights(_weight_files(hf_dir), shape, notes)
-    _check_shapes(weights, model_args)
+    if config.get("model_type") == "llama":
+        architecture = "LlamaForCausalLM"
+        model_args, notes = llama_mapping.model_args_from_hf(config)
+        weights = _read_llama(hf_dir, model_args, notes)
+    else:
+        architecture = "GPT2LMHeadModel"
+        model_args, notes = model_args_from_hf(config, allow_activation_mismatch)
+        weights = _read_weights(_weight_files(hf_dir), shape_of(model_args), notes)
+        _check_shapes(weights, model_args)
     dtypes = {t.dtype for t in weights.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise GPT2ConversionError(f"{out_dir} is not empty: import into a new checkpoint directory")
+        raise ConversionError(f"{out_dir} is not empty: import into a new checkpoint directory")
     os.makedirs(out_dir, exist_ok=True)
     tokenizer_args = _copy_tokenizer(hf_dir, out_dir, model_args["vocab_size"], notes)
     layout = weights_only_layout(model_args["num_layers"], dtype)
     common = weights_only_common(model_args, layout, dict(tokenizer_args), os.path.abspath(hf_dir))
     result = write_weights_checkpoint(out_dir, weights, common, layout)
-    return ImportResult(result.path, model_args, tokenizer_args, dtype,
+    return ImportResult(architecture, result.path, model_args, tokenizer_args, dtype,
                         sum(t.numel() * t.element_size() for t in weights.values()), notes)

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Convert between this trainer's checkpoints and Hugging Face ``transformers`` GPT-2.
+"""Convert between this trainer's checkpoints and Hugging Face ``transformers`` GPT-2 and Llama.
 
-    # a checkpoint of any layout and level (its newest, or --iteration N) -> a GPT-2 directory
+    # a checkpoint of any layout and level (its newest, or --iteration N) -> a GPT-2 directory,
+    # or a Llama one if the run trained a Llama-style model (RoPE, RMSNorm, SwiGLU, GQA, no biases)
     python scripts/convert_checkpoint.py --to hf ckpts hf-model [--iteration 100]
-    # a GPT-2 directory (config.json + safetensors) -> a weights-only checkpoint (iteration 0)
+    # a GPT-2 or Llama directory (config.json + safetensors) -> a weights-only checkpoint (iteration 0)
     python scripts/convert_checkpoint.py --from hf hf-model ckpts-from-hf
     torchrun ... scripts/pretrain_gpt.py <model flags it prints> --load ckpts-from-hf --finetune
 
@@ -53,15 +54,22 @@ def _export(args) -> None:
         verify=args.verify_checksums, trust_pickles=args.trust_pickles))
     c, layout = result.config, result.layout
     where = f"TP{layout.get('tensor_parallel', '?')} x PP{layout.get('pipeline_parallel', '?')}"
-    print(f"> exported iteration {result.iteration} of {source} ({where}) to {args.out}: GPT-2 with {c['n_layer']} "
-          f"layers, hidden {c['n_embd']}, {c['n_head']} heads, vocabulary {c['vocab_size']}, "
-          f"{'tied' if c['tie_word_embeddings'] else 'untied'} output layer, activation {c['activation_function']}, "
-          f"{c['dtype']}; {result.weight_bytes / 1e6:.1f} MB in {', '.join(result.files)}")
+    if result.architecture == "LlamaForCausalLM":
+        what = (f"Llama with {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_attention_heads']} "
+                f"heads in {c['num_key_value_heads']} key/value groups, vocabulary {c['vocab_size']}, "
+                f"{'tied' if c['tie_word_embeddings'] else 'untied'} output layer, rope_theta {c['rope_theta']:g}, "
+                f"rms_norm_eps {c['rms_norm_eps']:g}")
+    else:
+        what = (f"GPT-2 with {c['n_layer']} layers, hidden {c['n_embd']}, {c['n_head']} heads, vocabulary "
+                f"{c['vocab_size']}, {'tied' if c['tie_word_embeddings'] else 'untied'} output layer, activation "
+                f"{c['activation_function']}")
+    print(f"> exported iteration {result.iteration} of {source} ({where}) to {args.out}: {what}, {c['dtype']}; "
+          f"{result.weight_bytes / 1e6:.1f} MB in {', '.join(result.files)}")
     files = ", ".join(result.tokenizer_files) or "none (the run's data were token ids)"
     print(f"> tokenizer: {result.tokenizer_type}; files: {files}")
     for note in result.notes:
         print(f"> note: {note}")
-    print(f"> load it: transformers.GPT2LMHeadModel.from_pretrained({args.out!r})")
+    print(f"> load it: transformers.{result.architecture}.from_pretrained({args.out!r})")
 
 
 def _import(args) -> None:
@@ -69,7 +77,8 @@ def _import(args) -> None:
 
     result = import_from_hf(args.src, args.out, args.allow_activation_mismatch)
     a = result.model_args
-    print(f"> imported {args.src} (GPT-2 with {a['num_layers']} layers, hidden {a['hidden_size']}, "
+    family = "Llama" if result.architecture == "LlamaForCausalLM" else "GPT-2"
+    print(f"> imported {args.src} ({family} with {a['num_layers']} layers, hidden {a['hidden_size']}, "
           f"vocabulary {a['vocab_size']}, {str(result.dtype).removeprefix('torch.')}) into {result.checkpoint}: "
           f"weights only, {result.weight_bytes / 1e6:.1f} MB")
     for note in result.notes:
@@ -86,13 +95,13 @@ def main() -> int:
         return 2
     try:
         from checkpointing.errors import CheckpointError
-        from interop.gpt2_mapping import GPT2ConversionError
+        from interop.conversion_error import ConversionError
 
         (_export if args.to else _import)(args)
     except ImportError as error:
         print(f"convert_checkpoint.py: error: {error}; install the hf extra: pip install -e '.[hf]'", file=sys.stderr)
         return 2
-    except (GPT2ConversionError, CheckpointError, ValueError, OSError) as error:  # each names the fix
+    except (ConversionError, CheckpointError, ValueError, OSError) as error:  # each names the fix
         print(f"convert_checkpoint.py: error: {error}", file=sys.stderr)
         return 2
     return 0

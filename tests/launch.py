@@ -1,4 +1,4 @@
-"""Helpers for end-to-end tests: launch pretrain_gpt.py under torchrun, read its TensorBoard."""
+"""Helpers for end-to-end tests: launch pretrain_gpt.py under torchrun, roll a job back, read its TensorBoard."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from tests.helpers import JOB_VARIABLES, free_port, job_env  # noqa: F401  (test
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = ROOT / "scripts" / "pretrain_gpt.py"
+ROLLBACK = ROOT / "scripts" / "rollback.sh"
+RESHARD_WORKER = ROOT / "tests" / "workers" / "reshard_worker.py"
 
 # A tiny model that 8 gloo processes train in seconds on 2 cores (dropout off: the parallel
 # runs must see the same function as the single-process one).
@@ -60,6 +62,30 @@ def _run_group(cmd: list[str], timeout: int, env: dict[str, str]) -> subprocess.
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def reshard_and_step(full_pt: str | Path, out_dir: str | Path, args: list[str], nproc: int, reference: float,
+                     iteration: int, rel_tol: float) -> None:
+    """Load a checkpoint into the layout of ``args`` with ``tests/workers/reshard_worker.py``
+    (it checks every loaded piece against ``full_pt``, the checkpoint as stock PyTorch reads it),
+    with and without the distributed optimizer; each one's training step must be ``iteration``
+    with a loss within ``rel_tol`` of ``reference``."""
+    import math
+
+    run_pretrain([str(full_pt), str(out_dir), *args], nproc=nproc, timeout=600, script=RESHARD_WORKER)
+    for distributed in (0, 1):
+        step, loss = (Path(out_dir) / f"loss-{distributed}.txt").read_text().split()
+        assert int(step) == iteration
+        assert math.isclose(float(loss), reference, rel_tol=rel_tol), (distributed, float(loss), reference)
+
+
+def rollback(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``scripts/rollback.sh args`` (with this Python); fails on a non-zero exit unless not ``check``."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run([str(ROLLBACK), *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout + proc.stderr)
+    return proc
+
+
 def read_scalars(logdir: str | Path, tag: str) -> dict[int, float]:
     """``{step: value}`` of one scalar tag, read with TensorBoard's own event reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -100,3 +126,40 @@ def run_two_nodes(args: list[str], node_args: list[list[str]], nproc_per_node: i
             if proc.poll() is None:
                 proc.kill()
     return results
+
+
+def script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``scripts/<name> args`` with this Python; fail the test with its output unless it succeeds."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env=job_env())
+    assert proc.returncode == 0, f"{name} {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def our_outputs(d: Path, flags: list[str], load: str, ids: list[int], new_tokens: int = 20) -> dict:
+    """Our model loaded from ``load`` in one process (tests/workers/gpt_logits_worker.py): the
+    logits of ``ids``, ``new_tokens`` greedy tokens, and the loss of the first training step on
+    the data."""
+    import torch
+
+    out = d / "ours.pt"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "gpt_logits_worker.py"), str(out),
+                           ",".join(map(str, ids)), str(new_tokens), *flags, "--train-iters", "1", "--load", load,
+                           "--finetune"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=job_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return dict(torch.load(out), ids=ids)
+
+
+def transformers_outputs(model, ids: list[int], new_tokens: int = 20) -> tuple:
+    """(logits of ``ids``, ``new_tokens`` greedy ids) of a ``transformers`` causal LM, as
+    :func:`our_outputs` computes ours (no end-of-sequence stop)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    model.generation_config.eos_token_id = None  # generate all the tokens, as our greedy loop does
+    generated = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                               attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return logits, generated[0, len(ids):].tolist()

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from interop.conversion_error import ConversionError
 from interop.gpt2_mapping import (
     LAYERNORM_EPSILON,
     GPT2ConversionError,
@@ -182,7 +183,7 @@ def test_sharded_export_loads_in_transformers(tmp_path):
 def test_export_writes_only_into_a_new_directory(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("mine")
-    with pytest.raises(GPT2ConversionError, match="not empty"):
+    with pytest.raises(ConversionError, match="not empty"):
         _export_fixture(tmp_path)
 
 
@@ -191,7 +192,7 @@ def test_import_refuses_pickled_weights(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(hf_config(MODEL_ARGS, "gelu", torch.float32, eod=10)))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(GPT2ConversionError, match="safe_serialization=True"):
+    with pytest.raises(ConversionError, match="safe_serialization=True"):
         import_from_hf(str(tmp_path), str(tmp_path / "out"))
 
 

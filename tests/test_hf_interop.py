@@ -7,14 +7,11 @@ ByteTokenizer exports as well."""
 import json
 import math
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import job_env
-from tests.launch import ROOT, read_scalars, run_pretrain
+from tests.launch import our_outputs, read_scalars, run_pretrain, script, transformers_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -26,33 +23,13 @@ PROMPT = "the sweet prince shall"
 NEW_TOKENS = 20
 
 
-def script(name: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, env=job_env())
-    assert proc.returncode == 0, f"{name} {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
 def corpus(d) -> str:
     rng = random.Random(0)
     (d / "corpus.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(400)))
     return str(d / "corpus.txt")
 
 
-def our_outputs(d, flags: list[str], load: str, ids: list[int]) -> dict:
-    """Our model loaded from ``load`` in one process (tests/workers/gpt_logits_worker.py): the
-    logits of ``ids``, 20 greedy tokens, and the loss of the first training step on the data."""
-    out = d / "ours.pt"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "gpt_logits_worker.py"), str(out),
-                           ",".join(map(str, ids)), str(NEW_TOKENS), *flags, "--train-iters", "1", "--load", load,
-                           "--finetune"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env=job_env())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return dict(torch.load(out), ids=ids)
-
-
-def export(d) -> subprocess.CompletedProcess:
+def export(d):
     return script("convert_checkpoint.py", "--to", "hf", str(d / "ckpt"), str(d / "hf"))
 
 
@@ -63,14 +40,9 @@ def check_transformers_agrees(hf_dir, ours: dict, prompt: str = PROMPT) -> None:
 
     ids = ours["ids"]
     assert AutoTokenizer.from_pretrained(hf_dir)(prompt)["input_ids"] == ids
-    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0]
+    logits, generated = transformers_outputs(GPT2LMHeadModel.from_pretrained(hf_dir), ids, NEW_TOKENS)
     assert (logits - ours["logits"]).abs().max().item() <= 1e-5
-    model.generation_config.eos_token_id = None  # generate all 20 tokens, as our greedy loop does
-    generated = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                               attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    assert generated[0, len(ids):].tolist() == ours["generated"]
+    assert generated == ours["generated"]
 
 
 @pytest.fixture(scope="module")
