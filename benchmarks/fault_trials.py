@@ -140,6 +140,15 @@ def _damage(base: str, kind: str, rng: random.Random) -> str:
     raise ValueError(kind)
 
 
+def _failure_lines(log: str, limit: int = 2500) -> str:
+    """The log's tracebacks and error lines (every process's: a flusher's comes before its
+    trainer's), else its end."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback") or "Error:" in line]
+    picked = "\n".join(lines[starts[0]:]) if starts else log
+    return picked[:limit // 2] + ("\n[...]\n" + picked[-limit // 2:] if len(picked) > limit else picked[limit // 2:])
+
+
 def _loaded(losses: dict[int, float]) -> int | None:
     """The iteration a resume went on from: the one before the first it trained."""
     return min(losses) - 1 if losses else None
@@ -194,7 +203,7 @@ def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], 
         loaded = _loaded(losses)
         if rc != 0:
             why = "timed out" if rc is None else f"exit code {rc}"
-            return TrialResult(kind, detail, expected, loaded, False, f"resume failed ({why}): {text[-800:]}")
+            return TrialResult(kind, detail, expected, loaded, False, f"resume failed ({why}): {_failure_lines(text)}")
         if loaded != expected:
             return TrialResult(kind, detail, expected, loaded, False, f"loaded {loaded}, newest valid is {expected}")
         wrong = [it for it, v in losses.items() if v != reference[it]]

@@ -314,6 +314,7 @@ def main(argv: list[str]) -> int:
         return 3
     _lower_priority()
     torch.set_num_threads(1)
+    faults.reach("flusher.start")  # a flusher that dies before it can report (tests/test_flusher.py)
     block = cb.ControlBlock(spec.control_path, create=False)
     block[cb.PID] = os.getpid()
     block[cb.HEARTBEAT_NS] = time.monotonic_ns()

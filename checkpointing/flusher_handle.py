@@ -85,11 +85,19 @@ class FlusherHandle:
         self._conn = Connection(ours.detach())
         flusher.send(self._conn, spec)
         while True:  # its group forms once every rank's flusher is up
-            if self._conn.poll(0.05):
-                message = flusher.receive(self._conn)
-                if message[0] == "ready":
-                    break
-                self._answer(message)
+            try:
+                if self._conn.poll(0.05):
+                    message = flusher.receive(self._conn)
+                    if message[0] == "ready":
+                        break
+                    self._answer(message)
+            except (EOFError, OSError):
+                # It ended before it could say why (a traceback before its error handler, a
+                # signal): its exit status, and its stderr above (the trainer's), are what is known.
+                self._wait_for_exit()
+                self.check(waited_since=started)
+                raise FlusherError(f"rank {self.rank}: the checkpoint flusher (pid {self._proc.pid}) closed its socket "
+                                   f"while starting; its output is above this trainer's") from None
             self.check(waited_since=started)
         stats.flusher_start_seconds = time.monotonic() - started
         stats.flusher_rss_bytes = message[2]

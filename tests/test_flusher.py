@@ -106,6 +106,15 @@ def test_a_flusher_killed_in_a_flush_leaves_it_uncommitted_and_training_stops(tm
     assert sorted(s.version for s in engine.pool.slots if s.small_state) == [1, 2], "both versions stay in L0"
 
 
+@pytest.mark.parametrize("action", ["kill", "fail"])
+def test_a_flusher_that_dies_while_starting_is_named(tmp_path, single_process_group, monkeypatch, action):
+    """Before its error handler runs, so it sends nothing: the engine names it and its exit."""
+    monkeypatch.setenv("GPT_CKPT_FAULT", f"flusher.start:{action}")
+    with pytest.raises(FlusherError, match=r"rank 0: the checkpoint flusher \(pid \d+\) "
+                                           + ("was killed by SIGKILL" if action == "kill" else "exited with status")):
+        make_engine(tmp_path, single_process_group, SyntheticState(), zero_copy=True)
+
+
 def test_a_hung_flusher_stops_training_within_its_timeout(tmp_path, single_process_group):
     state = SyntheticState()
     engine, _ = make_engine(tmp_path, single_process_group, state, zero_copy=True, flusher_timeout=5.0)
