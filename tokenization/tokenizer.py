@@ -4,11 +4,13 @@
 no vocabulary file. ``NullTokenizer`` is for data that is already token ids (``--vocab-size``).
 ``GPT2BPETokenizer`` is Megatron-LM's: a byte-level BPE given by ``--vocab-file`` (vocab.json)
 and ``--merge-file`` (merges.txt), GPT-2's own files or ones trained on your corpus
-(``scripts/prepare_data.py --train-tokenizer``).
+(``scripts/prepare_data.py --train-tokenizer``). ``HuggingFaceTokenizer`` is Megatron-LM's too:
+``--tokenizer-model DIR``, a local directory holding a ``tokenizer.json`` (``tokenization.hf_tokenizer``).
 
 Training needs only a tokenizer's vocabulary size and EOD id, which ``GPT2BPETokenizer`` reads
 from vocab.json with the standard library; only encoding and decoding text (data preparation,
-export) loads the ``tokenizers`` library, through ``tokenization.bpe``. So training never imports it.
+export) loads the ``tokenizers`` library, through ``tokenization.bpe``. So training never imports it,
+except with ``HuggingFaceTokenizer``, whose vocabulary is only known through that library.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import os
 
 from tokenization.gpt2_files import EOD_TOKEN, TokenizerFileError, read_bpe_vocab
+from tokenization.hf_tokenizer import HuggingFaceTokenizer
 
-TOKENIZER_TYPES = ("ByteTokenizer", "NullTokenizer", "GPT2BPETokenizer")
+TOKENIZER_TYPES = ("ByteTokenizer", "NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer")
 
 
 class ByteTokenizer:
@@ -89,9 +92,12 @@ class GPT2BPETokenizer:
 
 
 def build_tokenizer(tokenizer_type: str, vocab_size: int | None = None, vocab_file: str | None = None,
-                    merge_file: str | None = None):
+                    merge_file: str | None = None, tokenizer_model: str | None = None):
     if tokenizer_type != "GPT2BPETokenizer" and (vocab_file or merge_file):
         raise ValueError(f"--vocab-file and --merge-file are for --tokenizer-type GPT2BPETokenizer, not {tokenizer_type}")
+    if tokenizer_type != "HuggingFaceTokenizer" and tokenizer_model:
+        raise ValueError(f"--tokenizer-model is for --tokenizer-type HuggingFaceTokenizer, not {tokenizer_type}: "
+                         "pass --tokenizer-type HuggingFaceTokenizer to read its tokenizer.json")
     if tokenizer_type == "ByteTokenizer":
         return ByteTokenizer()
     if tokenizer_type == "NullTokenizer":
@@ -100,4 +106,6 @@ def build_tokenizer(tokenizer_type: str, vocab_size: int | None = None, vocab_fi
         return NullTokenizer(vocab_size)
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(tokenizer_model)
     raise ValueError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got {tokenizer_type!r}")

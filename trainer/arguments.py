@@ -127,13 +127,16 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         tokenizer_type = args.tokenizer_type or ("ByteTokenizer" if args.data_path else "NullTokenizer")
         if args.mock_data and args.vocab_size is None:
             raise ArgumentError("--mock-data needs --vocab-size")
-        if tokenizer_type == "GPT2BPETokenizer" and args.vocab_size is not None:
-            raise ArgumentError("--vocab-size with --tokenizer-type GPT2BPETokenizer: the vocabulary is --vocab-file's; "
+        files_flag = {"GPT2BPETokenizer": "--vocab-file", "HuggingFaceTokenizer": "--tokenizer-model"}.get(tokenizer_type)
+        if files_flag and args.vocab_size is not None:
+            raise ArgumentError(f"--vocab-size with --tokenizer-type {tokenizer_type}: the vocabulary is {files_flag}'s; "
                                 "drop --vocab-size")
         # Absolute paths: the checkpoint records them, and scripts/convert_checkpoint.py finds the
-        # tokenizer files there from any working directory.
-        vocab_file, merge_file = (os.path.abspath(f) if f else None for f in (args.vocab_file, args.merge_file))
-        tokenizer = build_tokenizer(tokenizer_type, args.vocab_size, vocab_file, merge_file)
+        # tokenizer files there from any working directory. build_tokenizer refuses a file flag of
+        # another tokenizer type, and HuggingFaceTokenizer without --tokenizer-model.
+        vocab_file, merge_file, tokenizer_model = (os.path.abspath(f) if f else None
+                                                   for f in (args.vocab_file, args.merge_file, args.tokenizer_model))
+        tokenizer = build_tokenizer(tokenizer_type, args.vocab_size, vocab_file, merge_file, tokenizer_model)
         if args.vocab_size is not None and args.vocab_size != tokenizer.vocab_size:
             raise ArgumentError(
                 f"--vocab-size {args.vocab_size} disagrees with {tokenizer_type}'s vocabulary of "
@@ -167,7 +170,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
     except ValueError as error:  # a component config refused a value
         raise ArgumentError(str(error)) from None
     return JobConfig(model, dims, data, optimizer, lr, training, tokenizer_type, checkpoint,
-                     vocab_file=vocab_file, merge_file=merge_file)
+                     vocab_file=vocab_file, merge_file=merge_file, tokenizer_model=tokenizer_model)
 
 
 def parse_job_config(argv: list[str] | None = None, world_size: int | None = None) -> JobConfig:

@@ -92,10 +92,14 @@ class JobConfig:
     tokenizer_type: str = flag("--tokenizer-type", "NullTokenizer", choices=TOKENIZER_TYPES,
                                derived="ByteTokenizer with --data-path, NullTokenizer with --mock-data")
     """ByteTokenizer for text prepared with it; NullTokenizer with ``--vocab-size``; GPT2BPETokenizer
-    with ``--vocab-file`` and ``--merge-file``."""
+    with ``--vocab-file`` and ``--merge-file``; HuggingFaceTokenizer with ``--tokenizer-model``."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     vocab_file: str | None = flag("--vocab-file", None)
     """GPT2BPETokenizer's vocab.json (GPT-2's, or ``scripts/prepare_data.py --train-tokenizer``'s);
     made absolute and recorded in checkpoints, so that an export to Hugging Face finds it."""
     merge_file: str | None = flag("--merge-file", None)
     """GPT2BPETokenizer's merges.txt; made absolute."""
+    tokenizer_model: str | None = flag("--tokenizer-model", None, metavar="DIR")
+    """HuggingFaceTokenizer's local directory holding ``tokenizer.json`` (a ``transformers``
+    ``save_pretrained`` directory, or ``scripts/prepare_data.py --train-tokenizer``'s); nothing is
+    downloaded. Made absolute and recorded in checkpoints, so that an export finds it."""
