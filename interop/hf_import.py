@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -24,10 +23,9 @@ from interop.gpt2_mapping import (
     shape_of,
 )
 from interop.hf_export import INDEX_FILE, SINGLE_FILE
-from interop.hf_tokenizer_files import MERGES_NAME, VOCAB_NAME
+from interop.hf_tokenizer_files import import_tokenizer, tokenizer_flags
 from interop.weights_checkpoint import weights_only_common, weights_only_layout, write_weights_checkpoint
 from models.config import GPTModelConfig
-from tokenization.tokenizer import build_tokenizer
 from trainer.progress import progress_bar
 
 
@@ -39,7 +37,7 @@ class ImportResult:
     """The ``iter_0000000`` directory written."""
     model_args: dict
     tokenizer_args: dict
-    """``tokenizer_type``, ``vocab_file``, ``merge_file`` to train with (empty without tokenizer files)."""
+    """The tokenizer fields to train with (``hf_tokenizer_files.import_tokenizer``; empty without tokenizer files)."""
     dtype: torch.dtype
     weight_bytes: int
     notes: list[str] = field(default_factory=list)
@@ -53,8 +51,7 @@ class ImportResult:
         model = {k: v for k, v in self.model_args.items() if k != "vocab_size"}
         flags = command_line(GPTModelConfig, model, always=shape)
         if self.tokenizer_args:  # the files beside the checkpoint, named as the user named it
-            flags += ["--tokenizer-type", self.tokenizer_args["tokenizer_type"],
-                      "--vocab-file", os.path.join(load_dir, VOCAB_NAME), "--merge-file", os.path.join(load_dir, MERGES_NAME)]
+            flags += tokenizer_flags(self.tokenizer_args, load_dir)
         else:
             flags += ["--vocab-size", self.model_args["vocab_size"]]
         return [str(f) for f in flags + ["--load", load_dir, "--finetune"]]
@@ -114,22 +111,6 @@ def _check_shapes(weights: dict[str, torch.Tensor], args: dict) -> None:
             raise ConversionError(f"{name} has shape {tuple(weights[name].shape)}, config.json implies {want}")
 
 
-def _copy_tokenizer(hf_dir: str, out_dir: str, vocab_size: int, notes: list[str]) -> dict:
-    vocab, merges = os.path.join(hf_dir, VOCAB_NAME), os.path.join(hf_dir, MERGES_NAME)
-    if not (os.path.isfile(vocab) and os.path.isfile(merges)):
-        notes.append(f"no {VOCAB_NAME}/{MERGES_NAME} in {hf_dir}: train with your own tokenizer of {vocab_size} entries")
-        return {}
-    vocab_out = os.path.abspath(os.path.join(out_dir, VOCAB_NAME))
-    merges_out = os.path.abspath(os.path.join(out_dir, MERGES_NAME))
-    shutil.copyfile(vocab, vocab_out)
-    shutil.copyfile(merges, merges_out)
-    size = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab_out, merge_file=merges_out).vocab_size
-    if size != vocab_size:
-        notes.append(f"{VOCAB_NAME} has {size} entries, the model's vocabulary {vocab_size}: the trainer refuses a "
-                     "checkpoint of another vocabulary size, so train with --vocab-size and ids of your own")
-    return {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": vocab_out, "merge_file": merges_out}
-
-
 def _read_llama(hf_dir: str, model_args: dict, notes: list[str]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
@@ -171,7 +152,7 @@ def import_from_hf(hf_dir: str, out_dir: str, allow_activation_mismatch: bool = 
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConversionError(f"{out_dir} is not empty: import into a new checkpoint directory")
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer_args = _copy_tokenizer(hf_dir, out_dir, model_args["vocab_size"], notes)
+    tokenizer_args = import_tokenizer(hf_dir, out_dir, model_args["vocab_size"], notes)
     layout = weights_only_layout(model_args["num_layers"], dtype)
     common = weights_only_common(model_args, layout, dict(tokenizer_args), os.path.abspath(hf_dir))
     result = write_weights_checkpoint(out_dir, weights, common, layout)

@@ -70,7 +70,15 @@ def test_refused_with_a_clear_message(extra, world, message):
 
 def test_mock_data_needs_vocab_size():
     with pytest.raises(ArgumentError, match="--mock-data needs --vocab-size"):
-        parse_job_config(["--model-size", "tiny", "--mock-data", "--train-iters", "1", "--lr", "1"], world_size=1)
+        parse_job_config(["--num-layers", "2", "--hidden-size", "8", "--num-attention-heads", "2", "--seq-length", "8",
+                          "--mock-data", "--train-iters", "1", "--lr", "1"], world_size=1)
+
+
+@pytest.mark.parametrize("extra, vocab", [([], 1024), (["--vocab-size", "100"], 100)])
+def test_mock_data_takes_the_presets_vocabulary(extra, vocab):
+    job = parse_job_config(["--model-size", "llama-tiny", "--mock-data", "--train-iters", "1", "--lr", "1", *extra],
+                           world_size=1)
+    assert job.model.vocab_size == vocab
 
 
 def test_no_data_source_is_refused():

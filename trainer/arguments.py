@@ -125,8 +125,11 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         if args.mock_data == (args.data_path is not None):
             raise ArgumentError("pass exactly one of --mock-data and --data-path PREFIX")
         tokenizer_type = args.tokenizer_type or ("ByteTokenizer" if args.data_path else "NullTokenizer")
-        if args.mock_data and args.vocab_size is None:
-            raise ArgumentError("--mock-data needs --vocab-size")
+        vocab_size = args.vocab_size
+        if vocab_size is None and tokenizer_type == "NullTokenizer" and args.model_size:
+            vocab_size = PRESETS[args.model_size]["vocab_size"]  # token ids: the preset's vocabulary
+        if args.mock_data and vocab_size is None:
+            raise ArgumentError("--mock-data needs --vocab-size (or a --model-size preset's)")
         files_flag = {"GPT2BPETokenizer": "--vocab-file", "HuggingFaceTokenizer": "--tokenizer-model"}.get(tokenizer_type)
         if files_flag and args.vocab_size is not None:
             raise ArgumentError(f"--vocab-size with --tokenizer-type {tokenizer_type}: the vocabulary is {files_flag}'s; "
@@ -136,7 +139,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         # another tokenizer type, and HuggingFaceTokenizer without --tokenizer-model.
         vocab_file, merge_file, tokenizer_model = (os.path.abspath(f) if f else None
                                                    for f in (args.vocab_file, args.merge_file, args.tokenizer_model))
-        tokenizer = build_tokenizer(tokenizer_type, args.vocab_size, vocab_file, merge_file, tokenizer_model)
+        tokenizer = build_tokenizer(tokenizer_type, vocab_size, vocab_file, merge_file, tokenizer_model)
         if args.vocab_size is not None and args.vocab_size != tokenizer.vocab_size:
             raise ArgumentError(
                 f"--vocab-size {args.vocab_size} disagrees with {tokenizer_type}'s vocabulary of "
