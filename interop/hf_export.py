@@ -37,6 +37,8 @@ class ExportConfig:
     """The run's ``--vocab-file`` when it is no longer where the checkpoint recorded it."""
     merge_file: str | None = None
     """The run's ``--merge-file``, likewise."""
+    tokenizer_model: str | None = None
+    """The run's ``--tokenizer-model`` directory (``HuggingFaceTokenizer``), likewise."""
     activation: str | None = None
     """GPT-2's ``activation_function``; None: what the run computed (``gpt2_mapping.activation_of``).
     A Llama export refuses it (its MLP is SwiGLU)."""
@@ -144,7 +146,7 @@ def export_to_hf(cfg: ExportConfig) -> ExportResult:
 
     _prepare_out_dir(cfg.out_dir)
     tokenizer = export_tokenizer(ckpt.args, ckpt.vocab_size, cfg.out_dir, ckpt.model_args["max_position_embeddings"],
-                                 cfg.vocab_file, cfg.merge_file)
+                                 cfg.vocab_file, cfg.merge_file, tokenizer_model=cfg.tokenizer_model)
     config, notes = family.config(dtype, tokenizer.eod)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

@@ -51,8 +51,8 @@ def _export_tokenizer_json(source: str | None, vocab_size: int, out_dir: str, ma
     if not source or not os.path.isfile(os.path.join(source, TOKENIZER_FILE)):
         raise GPT2ConversionError(
             f"the run's tokenizer {os.path.join(source, TOKENIZER_FILE) if source else '(not recorded)'} is not "
-            "there: put the run's --tokenizer-model directory back where the checkpoint recorded it, or pass "
-            "tokenizer_model= to export_tokenizer")
+            "there: pass convert_checkpoint.py --tokenizer-model DIR (where it is now), or put it back where the "
+            "checkpoint recorded it")
     tokenizer = HuggingFaceTokenizer(source)  # the EOD the run trained with
     _check_vocab_size(tokenizer, vocab_size)
     names = [name for name in (TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE)

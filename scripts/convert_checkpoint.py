@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, help="--to hf: export this iteration (default: the newest committed)")
     p.add_argument("--vocab-file", help="--to hf: the run's vocab.json, if it moved since training")
     p.add_argument("--merge-file", help="--to hf: the run's merges.txt, if it moved since training")
+    p.add_argument("--tokenizer-model", help="--to hf: the run's tokenizer.json directory (HuggingFaceTokenizer), "
+                                             "if it moved since training")
     p.add_argument("--activation", choices=("gelu", "gelu_new"),
                    help="--to hf: GPT-2's activation_function (default: what the run computed: gelu, the exact GELU, "
                         "unless it used --bias-gelu-fusion on CUDA)")
@@ -50,6 +52,7 @@ def _export(args) -> None:
     source = resolve_checkpoint(args.src, args.iteration)
     result = export_to_hf(ExportConfig(
         checkpoint=source, out_dir=args.out, vocab_file=args.vocab_file, merge_file=args.merge_file,
+        tokenizer_model=args.tokenizer_model,
         activation=args.activation, max_shard_bytes=int(args.max_shard_size_gb * 2**30),
         verify=args.verify_checksums, trust_pickles=args.trust_pickles))
     c, layout = result.config, result.layout
@@ -89,8 +92,10 @@ def _import(args) -> None:
 
 def main() -> int:
     args = build_parser().parse_args()
-    if args.from_ and (args.iteration is not None or args.vocab_file or args.merge_file or args.activation):
-        print("convert_checkpoint.py: error: --iteration, --vocab-file, --merge-file and --activation are for --to hf",
+    if args.from_ and (args.iteration is not None or args.vocab_file or args.merge_file or args.tokenizer_model
+                       or args.activation):
+        print("convert_checkpoint.py: error: --iteration, --vocab-file, --merge-file, --tokenizer-model and --activation "
+              "are for --to hf",
               file=sys.stderr)
         return 2
     try:
