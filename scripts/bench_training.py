@@ -8,6 +8,12 @@
    forward/backward (+ torch AdamW) of the same model and batch, in interleaved rounds.
 
     python scripts/bench_training.py [--skip-tiny] [--seq-length 256] [--rounds 3]
+
+``--part memory`` instead: peak resident memory per rank and s/iteration of the 125M shape,
+GPT-2 and Llama style, at sequence 2048 (``benchmarks/training_memory.py``): on 1 process
+with and without full recomputation, and at TP2 with and without ``--sequence-parallel``.
+
+    python scripts/bench_training.py --part memory [--memory-seq-length 2048] [--memory-iters 3]
 """
 
 import argparse
@@ -104,7 +110,31 @@ def main() -> int:
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iters", type=int, default=3, help="iterations per method per round (125M)")
+    p.add_argument("--part", choices=("speed", "memory"), default="speed",
+                   help="speed: the ratios above; memory: peak resident memory and s/iteration at a long sequence")
+    p.add_argument("--memory-seq-length", type=int, default=2048)
+    p.add_argument("--memory-iters", type=int, default=3, help="iterations per run (the first is not timed)")
+    p.add_argument("--memory-models", default="gpt-125M,llama-125M",
+                   help="models of the 1-process rows (none: no such rows)")
+    p.add_argument("--memory-recompute", default="none,full", help="recomputation of the 1-process rows: "
+                   "none, full, selective")
+    p.add_argument("--memory-tp2-models", default="llama-125M", help="models of the TP2 rows (none: no such rows)")
+    p.add_argument("--memory-tp2-recompute", default="none,full", help="recomputation of the TP2 rows")
+    p.add_argument("--memory-timeout", type=float, default=900, help="seconds a run may take")
+    p.add_argument("--memory-logs", default=os.path.join(tempfile.gettempdir(), "bench_training_memory"),
+                   help="folder of the runs' logs")
     args = p.parse_args()
+    if args.part == "memory":
+        from benchmarks.training_memory import run
+
+        def models(text: str) -> list[str]:
+            return [] if text == "none" else text.split(",")
+
+        lines = run(models(args.memory_models), args.memory_recompute.split(","), models(args.memory_tp2_models),
+                    args.memory_tp2_recompute.split(","), args.memory_seq_length, args.memory_iters,
+                    args.memory_timeout, args.memory_logs)
+        print("\n" + "\n".join(lines))
+        return 0
     if not args.skip_tiny:
         one = tiny_run(1, [], args.tiny_iters)
         eight = tiny_run(8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",

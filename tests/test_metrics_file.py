@@ -5,7 +5,7 @@ import math
 from types import SimpleNamespace
 
 from checkpointing.engine_stats import EngineStats
-from trainer.metrics_file import MetricsFile, read_metrics_file
+from trainer.metrics_file import MetricsFile, peak_resident_mib, read_metrics_file
 
 
 def test_iterations_validations_and_the_summary_read_back(tmp_path):
@@ -65,3 +65,14 @@ def test_a_line_cut_short_by_a_kill_is_left_out_and_a_resume_appends(tmp_path):
     resumed.iteration(2, 6.8, 1e-3, 1.0, 0.01, 512, 16)
     resumed.close()
     assert [r["iteration"] for r in read_metrics_file(str(path)).iterations] == [1, 2]
+
+
+def test_every_ranks_peak_resident_memory_in_the_summary(tmp_path):
+    held = b"\x01" * (64 * 2**20)  # 64 MiB, written so resident
+    with open("/proc/self/status") as f:
+        resident = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    assert peak_resident_mib() >= resident > 64 and held  # the high-water mark covers what is resident now
+    metrics = MetricsFile(str(tmp_path / "m.jsonl"), enabled=True)
+    metrics.summary(3, 3, 0.3, "cpu", False, peak_rss_mib=[812.5, 790.25])
+    metrics.close()
+    assert read_metrics_file(str(tmp_path / "m.jsonl")).summary["peak_rss_mib"] == [812.5, 790.25]

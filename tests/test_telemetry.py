@@ -128,6 +128,7 @@ def test_metrics_file_has_the_logged_iterations_and_the_summarys_numbers(run):
         assert r["checkpoint_stall_ms"] == pytest.approx(stall)
     summary = records.summary
     assert (summary["iteration"], summary["iterations_trained"], summary["device"]) == (12, 12, "cpu")
+    assert len(summary["peak_rss_mib"]) == 2 and min(summary["peak_rss_mib"]) > 100  # both ranks', gathered
     numbers = dict(summary["checkpoint"])
     ranks = numbers.pop("ranks")
     assert ranks == stats

@@ -10,11 +10,13 @@ on the validation split, and one at the end of the run::
      "checkpoint_stall_ms": 0.4, "checkpoint_stall_total_ms": 3.1}
     {"kind": "validation", "iteration": 10, "lm_loss": 7.01}
     {"kind": "summary", "iteration": 12, "iterations_trained": 12, "train_seconds": 0.9,
-     "device": "cpu", "interrupted": false, "checkpoint": {...}}
+     "device": "cpu", "interrupted": false, "peak_rss_mib": [2210.4, 2198.7], "checkpoint": {...}}
 
 ``time`` is the wall clock (seconds since the epoch) when the object was written: the gap between
 two consecutive iterations' ``time`` is what an iteration cost with everything around it, the
-checkpoint request included. The ``checkpoint_*`` fields come with the asynchronous engine
+checkpoint request included. ``peak_rss_mib`` is every rank's peak resident memory on the host
+(:func:`peak_resident_mib`, in rank order, gathered at the end of the run; not the GPU's memory).
+The ``checkpoint_*`` fields come with the asynchronous engine
 (``--async-save``): this rank's stall in that iteration (fence waits and waits for a free slot)
 and in the run so far. ``checkpoint`` in the summary (present when the engine ran) holds the
 numbers the end-of-run checkpointing summary is made of: every rank's (``ranks``, each one
@@ -29,12 +31,29 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 
 ITERATION = "iteration"
 VALIDATION = "validation"
 SUMMARY = "summary"
+
+
+def peak_resident_mib() -> float:
+    """This process's peak resident memory so far, in MiB: ``VmHWM`` of ``/proc/self/status``
+    (the high-water mark of this program's own memory map; ``ru_maxrss`` would also count the
+    parent's pages that a fork-then-exec child held before its exec), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, else KiB
 
 
 class MetricsFile:
@@ -72,13 +91,16 @@ class MetricsFile:
             self._write({"kind": VALIDATION, "iteration": iteration, "lm_loss": loss})
 
     def summary(self, iteration: int, iterations_trained: int, train_seconds: float, device: str,
-                interrupted: bool, checkpoint: dict | None = None) -> None:
-        """The end of the run: where it stopped, how long it trained, on what, and the
-        checkpointing summary's numbers (``checkpoint``, None without the engine)."""
+                interrupted: bool, checkpoint: dict | None = None, peak_rss_mib: list[float] | None = None) -> None:
+        """The end of the run: where it stopped, how long it trained, on what, every rank's peak
+        resident memory (``peak_rss_mib``, in rank order) and the checkpointing summary's numbers
+        (``checkpoint``, None without the engine)."""
         if self._file is None:
             return
         record = {"kind": SUMMARY, "iteration": iteration, "iterations_trained": iterations_trained,
                   "train_seconds": train_seconds, "device": device, "interrupted": interrupted}
+        if peak_rss_mib is not None:
+            record["peak_rss_mib"] = peak_rss_mib
         if checkpoint is not None:
             record["checkpoint"] = checkpoint
         self._write(record)

@@ -31,7 +31,7 @@ from trainer.data import BatchSource, build_dataset
 from trainer.device import DeviceContext, select_device
 from trainer.flat_buffers import FlatParamsAndGrads
 from trainer.lr_schedule import learning_rate
-from trainer.metrics_file import MetricsFile
+from trainer.metrics_file import MetricsFile, peak_resident_mib
 from trainer.metrics_log import MetricsLogger
 from trainer.optimizer import DistributedAdam
 from trainer.parallel_dims import ParallelGroups
@@ -269,8 +269,11 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
         if tracer is not None:
             tracer.write(os.path.join(tcfg.trace_dir, f"rank{groups.rank}.json"))
             logger.info(f"> trace of every rank in {tcfg.trace_dir}/rank*.json (open in https://ui.perfetto.dev)")
+        # Every rank's peak resident memory: one small all-gather, only with a metrics file to
+        # write it to (the flag is the same on every rank, so all of them or none gather).
+        peak_rss = _peak_resident_by_rank(device_ctx) if tcfg.metrics_file else None
         metrics.summary(trainer.iteration, len(result.iterations), sum(result.iteration_times), str(device_ctx.device),
-                        bool(stop.requested), checkpoint_summary)
+                        bool(stop.requested), checkpoint_summary, peak_rss)
         logger.info(f"> training done: {trainer.iteration} iterations")
     finally:
         if checkpointer is not None:  # an error: stop the engine's workers, keep what is in L0
@@ -278,6 +281,17 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
         logger.close()
         metrics.close()
     return result
+
+
+def _peak_resident_by_rank(device_ctx: DeviceContext) -> list[float]:
+    """:func:`peak_resident_mib` of every rank, in rank order, on every rank (a tensor on the
+    training device, so NCCL gathers it as gloo does)."""
+    mine = torch.tensor([peak_resident_mib()], dtype=torch.float64, device=device_ctx.device)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [round(mine.item(), 1)]
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [round(t.item(), 1) for t in gathered]
 
 
 def shutdown() -> None:
