@@ -4,14 +4,12 @@ One TP2xPP2xDP2 run (8 processes, distributed optimizer) trains 20 iterations an
 and 20; everything else loads its iteration-10 checkpoint.
 """
 
-import math
-
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from checkpointing.reader import CheckpointReader
-from tests.launch import ROOT, TINY, read_scalars, run_pretrain
+from tests.launch import TINY, read_scalars, reshard_and_step, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -72,14 +70,8 @@ def test_reshard_matrix(saved_run, tmp_path, nproc, layout):
     full_pt = saved_run / "full.pt"
     if not full_pt.exists():
         dcp_to_torch_save(saved_run / "ckpt" / "iter_0000010", full_pt)
-    run_pretrain([str(full_pt), str(tmp_path), *COMMON, *layout, "--train-iters", "20",
-                  "--load", str(saved_run / "ckpt"), "--ckpt-step", "10"],
-                 nproc=nproc, timeout=600, script=ROOT / "tests" / "workers" / "reshard_worker.py")
-    reference = read_scalars(saved_run / "tb", "lm loss")[11]
-    for distributed in (0, 1):
-        iteration, loss = (tmp_path / f"loss-{distributed}.txt").read_text().split()
-        assert int(iteration) == 11
-        assert math.isclose(float(loss), reference, rel_tol=1e-4), (distributed, float(loss), reference)
+    reshard_and_step(full_pt, tmp_path, [*COMMON, *layout, "--train-iters", "20", "--load", str(saved_run / "ckpt"),
+                                         "--ckpt-step", "10"], nproc, read_scalars(saved_run / "tb", "lm loss")[11], 11, 1e-4)
 
 
 def test_finetune_from_tp2pp2dp2_into_tp1_with_a_new_learning_rate(saved_run, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from checkpointing.reader import CheckpointReader
-from tests.launch import ROOT, TINY, read_scalars, run_pretrain
+from tests.launch import RESHARD_WORKER, ROOT, TINY, read_scalars, reshard_and_step, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,6 @@ COMMON = TINY + ["--vocab-size", str(VOCAB), "--mock-data", "--micro-batch-size"
                  "--lr", "3e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine", "--seed", "7",
                  "--log-interval", "4", "--optimizer-shard-size-mb", "0.05"]
 TP2 = ["--tensor-model-parallel-size", "2"]
-RESHARD_WORKER = ROOT / "tests" / "workers" / "reshard_worker.py"
 FIXTURE = ROOT / "tests" / "fixtures" / "ckpt_v1_tp2_vocab100"
 # The model and data of the format-1 fixture (tests/fixtures/README.md).
 FIXTURE_ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size", "64",
@@ -77,13 +76,8 @@ def test_tp_change_with_a_padded_vocabulary(tp2_run, tmp_path, nproc, layout):
     full = torch.load(full_pt, weights_only=False)
     assert full["embedding.word_embeddings.weight"].shape == (VOCAB, 64)
     assert full["optimizer.state.exp_avg.embedding.word_embeddings.weight"].shape == (VOCAB, 64)
-    run_pretrain([str(full_pt), str(tmp_path), *COMMON, *layout, "--train-iters", "12",
-                  "--load", str(tp2_run / "ckpt"), "--ckpt-step", "10"], nproc=nproc, script=RESHARD_WORKER)
-    reference = read_scalars(tp2_run / "tb", "lm loss")[11]
-    for distributed in (0, 1):
-        iteration, loss = (tmp_path / f"loss-{distributed}.txt").read_text().split()
-        assert int(iteration) == 11
-        assert math.isclose(float(loss), reference, rel_tol=1e-4), (distributed, float(loss), reference)
+    reshard_and_step(full_pt, tmp_path, [*COMMON, *layout, "--train-iters", "12", "--load", str(tp2_run / "ckpt"),
+                                         "--ckpt-step", "10"], nproc, read_scalars(tp2_run / "tb", "lm loss")[11], 11, 1e-4)
 
 
 def test_a_checkpoint_of_the_previous_format_still_loads(tmp_path):

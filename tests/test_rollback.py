@@ -9,22 +9,13 @@ import sys
 import pytest
 
 from checkpointing import host_pool
-from tests.launch import ROOT, TINY, read_scalars, run_pretrain
+from tests.launch import ROOT, TINY, read_scalars, rollback, run_pretrain
 
 pytestmark = pytest.mark.slow
 
-ROLLBACK = ROOT / "scripts" / "rollback.sh"
 COMMON = TINY[:TINY.index("--seq-length")] + ["--seq-length", "32", "--max-position-embeddings", "32",
                                                "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
                                                "--log-interval", "10"]
-
-
-def rollback(*args, check=True):
-    env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run([str(ROLLBACK), *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stdout + proc.stderr)
-    return proc
 
 
 @pytest.fixture(params=["mock", "real"])
