@@ -45,7 +45,8 @@ def tp2_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("llama-tp2")
     proc = run_pretrain(COMMON + TP2 + ASYNC + ["--train-iters", "6", "--save", str(base / "ckpt"),
                                                 "--tensorboard-dir", str(base / "tb")], nproc=2, env=HOLD)
-    assert "  L2: 2 checkpoints" in proc.stdout, proc.stdout[-1500:]
+    # The engine's record: every iteration in L0 through zero-copy steps behind the fences, 3 and 6 in L2.
+    assert " 6 snapshots (L0, zero-copy" in proc.stdout and "  L2: 2 checkpoints" in proc.stdout, proc.stdout[-1500:]
     return base
 
 
