@@ -8,16 +8,17 @@ from tests.launch import read_scalars, run_pretrain
 
 pytestmark = pytest.mark.slow
 
-ITERS = 6
+ITERS = 10
 COMMON = [
     "--model-size", "llama-tiny", "--seq-length", "32", "--max-position-embeddings", "32",
     "--vocab-size", "1024", "--mock-data", "--seed", "7", "--micro-batch-size", "2", "--global-batch-size", "8",
-    "--train-iters", str(ITERS), "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "3",
+    "--train-iters", str(ITERS), "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "5",
 ]
 TP2 = ["--tensor-model-parallel-size", "2"]
 LAYOUTS = {
     "TP2xPP2xDP2-distopt-sp": (8, TP2 + ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer",
                                        "--sequence-parallel"]),
+    "TP2-sp": (2, TP2 + ["--sequence-parallel"]),
     "TP2-full-recompute": (2, TP2 + ["--recompute-granularity", "full", "--recompute-method", "uniform",
                                      "--recompute-num-layers", "1"]),
     "TP2-selective-recompute-sp": (2, TP2 + ["--recompute-granularity", "selective", "--sequence-parallel"]),
