@@ -12,9 +12,9 @@ from benchmarks.engine_summary import engine_summary
 from benchmarks.gpu_hardware import D2H_BYTES
 from benchmarks.gpu_plan import Plan, all_runs
 from benchmarks.gpu_runs import RunResult
-from benchmarks.gpu_sections import (THROUGHPUT_HEADER, engine_section, equivalence_section, failure_block, fmt,
+from benchmarks.gpu_sections import (THROUGHPUT_HEADER, equivalence_section, failure_block, fmt, pair_lines,
                                      resume_section, throughput_row)
-from benchmarks.gpu_shapes import MATMUL_N, MFU_FORMULA, state_bytes_estimate
+from benchmarks.gpu_shapes import MATMUL_N, MFU_FORMULA, estimated_memory_gb, state_bytes_estimate
 
 
 @dataclass
@@ -26,6 +26,8 @@ class Results:
     medium: list[RunResult] = field(default_factory=list)
     large: RunResult | None = None
     large_note: str | None = None
+    llama: list[RunResult] = field(default_factory=list)
+    llama_note: str | None = None
     hardware: dict | None = None
     hardware_note: str | None = None
     started: str = ""
@@ -57,29 +59,12 @@ def render(res: Results) -> str:
 
     if res.medium:
         plain = res.medium[0]
-        engine = res.medium[1] if len(res.medium) > 1 else None
         lines += [f"## b. {plain.spec.shape.label}: throughput and the engine's cost", "",
                   f"bf16, distributed optimizer, micro-batch {plain.spec.micro_batch}, global batch "
                   f"{plain.spec.global_batch} x {plain.spec.shape.config.seq_length} tokens, mock data; median over "
                   f"iterations {first}..{max(plain.parsed.iteration_ms, default=first)} (the first {plan.warmup} warm up). "
-                  f"{MFU_FORMULA}.", "", *THROUGHPUT_HEADER]
-        row, base_ms = throughput_row("(i) no checkpointing", plain, first, peak, None)
-        lines.append(row)
-        if engine is not None:
-            every = engine.spec.args[engine.spec.args.index("--ckpt-local-interval") + 1]
-            row, _ = throughput_row(f"(ii) L0 every iteration + L1 every {every} iterations", engine, first, peak, base_ms)
-            lines.append(row)
-        if peak is None:
-            lines.append("")
-            lines.append("MFU n/a: no measured matmul peak" + (" (--smoke)" if plan.smoke else ""))
-        lines.append("")
-        for r in res.medium:
-            if not r.ok:
-                lines += failure_block(r)
-        if plain.parsed.summary:
-            lines += ["(i) end-of-run lines:", "", "```", *plain.parsed.summary, "```", ""]
-        if engine is not None:
-            lines += ["### (ii) the engine", ""] + engine_section(engine, plain)
+                  f"{MFU_FORMULA}.", ""]
+        lines += pair_lines(res.medium, first, peak, plan.smoke)
 
     lines += ["## c. Device-to-host bandwidth", ""]
     if res.hardware:
@@ -112,6 +97,9 @@ def render(res: Results) -> str:
         else:
             lines += [res.large_note or "not run", ""]
 
+    if plan.llama is not None or res.llama_note:
+        lines += llama_section(res, first, peak)
+
     describes = [(r.spec.key, r.parsed.describe) for r in all_results(res) if r.parsed.describe]
     if describes:
         lines += ["## What the trainer said it built", "", "```"]
@@ -120,9 +108,39 @@ def render(res: Results) -> str:
     return "\n".join(lines)
 
 
+def llama_section(res: Results, first: int, peak: float | None) -> list[str]:
+    """(e): the llama3-1B pair, the last runs of the plan (not run when the budget is spent)."""
+    plan = res.plan
+    shape = plan.llama[0].shape if plan.llama else None
+    lines = [f"## e. {shape.label if shape else 'llama3-1B'}: throughput, peak GPU memory and the engine's cost", ""]
+    if plan.llama is None:
+        return lines + [res.llama_note or "not run", ""]
+    spec = plan.llama[0]
+    c = shape.config
+    recompute = (spec.args[spec.args.index("--recompute-granularity") + 1]
+                 if "--recompute-granularity" in spec.args else None)
+    memory = estimated_memory_gb(c, spec.micro_batch, spec.bf16, recompute)
+    built = [c.position_embedding_type == "rope" and "RoPE", c.normalization,
+             c.swiglu and f"SwiGLU (ffn {c.ffn_hidden_size})",
+             c.group_query_attention and f"grouped-query attention ({c.query_groups} key/value heads of "
+                                         f"{c.num_attention_heads})",
+             c.disable_bias_linear and "no biases",
+             "untied embeddings" if c.untie_embeddings_and_output_weights else "tied embeddings"]
+    lines += [f"{', '.join(b for b in built if b)}; bf16, distributed optimizer, "
+              f"micro-batch {spec.micro_batch}, global batch {spec.global_batch} x {c.seq_length} tokens, mock data, "
+              f"{recompute or 'no'} recomputation; median over iterations {first}.. (the first {plan.warmup} warm up). "
+              "Estimated peak "
+              f"~{memory:.0f} GB (`estimated_memory_gb`, which counts materialised attention scores that the sdpa "
+              "backend does not keep); the measured peak is `torch.cuda.max_memory_allocated` (the metrics file's "
+              "`peak_device_mib`). The pair runs last, only while the budget lasts.", ""]
+    if not res.llama:
+        return lines + ["not run (the bench had not reached it)", ""]
+    return lines + pair_lines(res.llama, first, peak, plan.smoke)
+
+
 def all_results(res: Results) -> list[RunResult]:
     out = list(res.equivalence or ()) + ([res.resume] if res.resume else []) + list(res.medium)
-    return out + ([res.large] if res.large else [])
+    return out + ([res.large] if res.large else []) + list(res.llama)
 
 
 def machine_lines(smoke: bool) -> list[str]:

@@ -9,6 +9,9 @@ import shutil
 from dataclasses import dataclass, field
 
 from benchmarks.gpu_plan import STARTUP_S, RunSpec
+
+SHM_DIR = "/dev/shm"
+"""Where the engine's host pool lives (``--ckpt-host-dir``'s default)."""
 from benchmarks.gpu_shapes import Shape
 from benchmarks.processes import BENCH_TRAINER_GPU, Budget, LoggedProcess, job_env
 from benchmarks.trainer_output import ParsedLog, parse_run
@@ -33,7 +36,7 @@ class RunResult:
 
     def failure(self) -> str | None:
         if self.skipped:
-            return f"skipped: {self.skipped}"
+            return f"not run: {self.skipped}"
         if self.timed_out:
             return f"timed out after {self.wall_s:.0f} s"
         if self.rc != 0:
@@ -76,10 +79,21 @@ def free_run_space(spec: RunSpec) -> None:
         shutil.rmtree(spec.pool_save_dir, ignore_errors=True)
 
 
+def shm_free_bytes() -> int | None:
+    try:
+        return shutil.disk_usage(SHM_DIR).free
+    except OSError:
+        return None
+
+
 def run_one(spec: RunSpec, logdir: str, budget: Budget) -> RunResult:
     timeout, why = budget.timeout_for(spec.timeout_s, spec.estimate_s)
+    why = why and f"budget ({why})"
+    free = shm_free_bytes() if spec.pool_bytes else None
+    if not why and free is not None and free < spec.pool_bytes:
+        why = f"{SHM_DIR} has {free / 1e9:.1f} GB free, the engine's pool needs ~{spec.pool_bytes / 1e9:.1f} GB"
     if why:
-        print(f"[{spec.key}] skipped: {why}", flush=True)
+        print(f"[{spec.key}] not run: {why}", flush=True)
         return RunResult(spec, skipped=why)
     try:
         return Running(spec, logdir, timeout).finish()
@@ -93,7 +107,7 @@ def run_pair_concurrently(specs: tuple[RunSpec, RunSpec], logdir: str, budget: B
     need = max(s.estimate_s for s in specs)
     if timeout < need:
         why = f"{budget.left():.0f} s of the budget left, the runs need ~{need:.0f} s"
-        return RunResult(specs[0], skipped=why), RunResult(specs[1], skipped=why)
+        return RunResult(specs[0], skipped=f"budget ({why})"), RunResult(specs[1], skipped=f"budget ({why})")
     running = [Running(s, logdir, timeout) for s in specs]
     first, second = (r.finish() for r in running)
     return first, second

@@ -103,23 +103,61 @@ def resume_section(cpu: RunResult, resume: RunResult, resume_from: int, smoke: b
     return lines, passed
 
 
+def peak_memory(result: RunResult) -> str:
+    """The run's peak allocated GPU memory (the metrics file's ``peak_device_mib``, the largest
+    rank's), or n/a (on the CPU, or the run did not reach its end)."""
+    peaks = result.parsed.peak_device_mib
+    return f"{max(peaks) / 1024:.1f} GiB" if peaks else "n/a"
+
+
 def throughput_row(label: str, result: RunResult, first: int, peak: float | None, base_ms: float | None) -> tuple[str, float | None]:
     ms = median_ms(result.parsed, first)
     # A run cut short by its timeout still measured the iterations it logged.
     if not result.ok and not (result.timed_out and ms is not None):
-        return f"| {label} | {result.failure()} | | | | | |", None
+        return f"| {label} | {result.failure()} | | | | | | |", None
     if ms is None:
-        return f"| {label} | no iteration {first}.. logged | | | | | |", None
+        return f"| {label} | no iteration {first}.. logged | | | | | | |", None
     if not result.ok:
         label += f" ({result.failure()}; {sum(1 for it in result.parsed.iteration_ms if it >= first)} iterations measured)"
     t = throughput(result.spec.shape.config, result.spec.global_batch, ms, peak)
     overhead = f"{100 * (ms / base_ms - 1):+.1f}%" if base_ms else "-"
     return (f"| {label} | {_params(result.spec.shape.parameters)} | {ms:.1f} ms | {t.tokens_per_s:,.0f} | "
-            f"{t.model_tflops:.1f} | {fmt(None if t.mfu is None else 100 * t.mfu, '.1f', '%')} | {overhead} |"), ms
+            f"{t.model_tflops:.1f} | {fmt(None if t.mfu is None else 100 * t.mfu, '.1f', '%')} | {overhead} | "
+            f"{peak_memory(result)} |"), ms
 
 
-THROUGHPUT_HEADER = ["| run | parameters | median iteration | tokens/s | model TFLOP/s | MFU | iteration time vs (i) |",
-                     "|---|---|---|---|---|---|---|"]
+THROUGHPUT_HEADER = ["| run | parameters | median iteration | tokens/s | model TFLOP/s | MFU | iteration time vs (i) "
+                     "| peak GPU memory |", "|---|---|---|---|---|---|---|---|"]
+
+
+def pair_lines(runs: list[RunResult], first: int, peak: float | None, smoke: bool) -> list[str]:
+    """A checkpoint pair's table ((i) without checkpointing, (ii) with the engine), the ratio of
+    their median iteration times, what went wrong, and the engine's counters."""
+    plain = runs[0]
+    engine = runs[1] if len(runs) > 1 else None
+    lines = list(THROUGHPUT_HEADER)
+    row, base_ms = throughput_row("(i) no checkpointing", plain, first, peak, None)
+    lines.append(row)
+    engine_ms = None
+    if engine is not None:
+        every = engine.spec.args[engine.spec.args.index("--ckpt-local-interval") + 1]
+        row, engine_ms = throughput_row(f"(ii) L0 every iteration + L1 every {every} iterations", engine, first, peak,
+                                        base_ms)
+        lines.append(row)
+    lines.append("")
+    if base_ms and engine_ms:
+        lines += [f"Median iteration time (ii) / (i): **{engine_ms / base_ms:.3f}** ({engine_ms:.1f} / {base_ms:.1f} ms).",
+                  ""]
+    if peak is None:
+        lines += ["MFU n/a: no measured matmul peak" + (" (--smoke)" if smoke else ""), ""]
+    for r in runs:
+        if not r.ok and not r.skipped:
+            lines += failure_block(r)
+    if plain.parsed.summary:
+        lines += ["(i) end-of-run lines:", "", "```", *plain.parsed.summary, "```", ""]
+    if engine is not None and not engine.skipped:
+        lines += ["### (ii) the engine", ""] + engine_section(engine, plain)
+    return lines
 
 
 def engine_section(result: RunResult, plain: RunResult | None) -> list[str]:

@@ -21,6 +21,8 @@ class ParsedLog:
     """The device the run's summary names (None: the run did not reach its end)."""
     checkpoint: dict | None = None
     """The numbers of the run's end-of-run checkpointing summary (None: no engine, or no end)."""
+    peak_device_mib: list[float] | None = None
+    """Every rank's peak allocated GPU memory, from the run's summary (None: on the CPU, or no end)."""
     describe: str | None = None
     """The trainer's "> training GPT: ..." line."""
     checkpoint_notes: list[str] = field(default_factory=list)
@@ -56,6 +58,7 @@ def parse_run(console: str, metrics_path: str | None) -> ParsedLog:
         if records.summary is not None:
             parsed.device = records.summary["device"]
             parsed.checkpoint = records.summary.get("checkpoint")
+            parsed.peak_device_mib = records.summary.get("peak_device_mib")
     lines = console.splitlines()
     parsed.describe = next((line.strip() for line in lines if line.startswith("> training GPT:")), None)
     parsed.checkpoint_notes = [line[2:].strip() for line in lines if line.startswith("> checkpoint:")]

@@ -10,6 +10,9 @@ b. A 350M GPT (GPT-3 Medium shape) in bf16 with the distributed optimizer: (i) w
 c. Device-to-host bandwidth into pageable, torch-pinned and CUDA-registered shared memory (the
    engine's host pool), and the bf16 matmul peak the MFU is measured against.
 d. (optional) a 1.3B GPT in bf16: tokens/s and MFU.
+e. (optional, last, only while the budget lasts) llama3-1B (RoPE, RMSNorm, SwiGLU, grouped-query
+   attention) at sequence 4096 in bf16, without and with the engine: tokens/s, MFU, peak GPU
+   memory (the metrics file's ``peak_device_mib``) and the engine's iteration-time ratio.
 
 Each trainer run is one plain ``python scripts/pretrain_gpt.py`` process (a 1-process job) with
 its own timeout; a failed run is reported with the tail of its log and the others go on. The
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=280.0,
                         help="wall-clock budget of all runs; a run that no longer fits is skipped with a note")
     parser.add_argument("--no-1p3b", dest="large", action="store_false", help="skip (d), the 1.3B run")
+    parser.add_argument("--no-llama", dest="llama", action="store_false", help="skip (e), the llama3-1B pair")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (checkpoints are GBs)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             parser.error("--part hardware needs --json PATH")
         return measure_hardware(args.json)
-    return bench(args.out, args.workdir, args.budget_s, args.large, args.keep, args.dry_run, args.smoke)
+    return bench(args.out, args.workdir, args.budget_s, args.large, args.keep, args.dry_run, args.smoke, args.llama)
 
 
 if __name__ == "__main__":

@@ -239,3 +239,14 @@ def test_setup_pins_torch_and_never_needs_transformer_engine(tmp_path, gpu):
 def test_setup_installs_transformer_engine_only_when_asked(tmp_path):
     installs = _fake_setup(tmp_path, True, "--with-te")
     assert any(".[dev,hf,gpu]" in line for line in installs), installs
+
+
+def test_peak_device_memory_is_none_on_cpu():
+    assert DeviceContext(torch.device("cpu"), "gloo").peak_memory_mib() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
+def test_peak_device_memory_covers_what_was_allocated_on_cuda():
+    ctx = select_device()
+    held = torch.empty(256 * 2**20, dtype=torch.uint8, device=ctx.device)  # 256 MiB
+    assert ctx.peak_memory_mib() >= 256 and held.numel()

@@ -12,11 +12,12 @@ import sys
 import pytest
 
 from benchmarks.engine_summary import engine_summary
-from benchmarks.gpu_plan import BenchError, check_commands, make_plan
+from benchmarks.gpu_plan import BenchError, all_runs, check_commands, make_plan
 from benchmarks.gpu_report import Results, render
-from benchmarks.gpu_runs import RunResult
+from benchmarks.gpu_runs import RunResult, run_one
 from benchmarks.gpu_sections import RNG_NOT_RESTORED, equivalence_section, resume_section
-from benchmarks.gpu_shapes import Shape, throughput
+from benchmarks.gpu_shapes import Shape, activation_bytes_per_token, estimated_memory_gb, throughput
+from benchmarks.processes import Budget
 from benchmarks.trainer_output import median_ms, parse_run
 from models.config import model_flops_per_iteration
 from trainer.metrics_file import MetricsFile
@@ -33,7 +34,12 @@ def test_gpu_check_dry_run_passes():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "bench_trainer_gpu.py --dry-run rc 0" in done.stdout
-    assert "6 trainer commands parse" in done.stdout
+    assert "8 trainer commands parse" in done.stdout
+    # (e), last: the llama3-1B pair at sequence 4096, optional (the budget may be spent by then).
+    assert "ok e-llama-plain: 1235.8M parameters, global batch 8 x 4096 tokens, ~80.3 GB GPU memory" in done.stdout
+    assert "ok e-llama-engine: 1235.8M parameters" in done.stdout and "host pool ~35 GB" in done.stdout
+    assert "--model-size llama3-1B --vocab-size 128256 --seq-length 4096 --max-position-embeddings 4096" in done.stdout
+    assert "then, while the budget lasts, the optional e-llama-plain, e-llama-engine" in done.stdout
 
 
 def test_bench_dry_run_refuses_a_typo(monkeypatch):
@@ -45,12 +51,40 @@ def test_bench_dry_run_refuses_a_typo(monkeypatch):
 
 def test_every_run_of_the_plan_writes_a_metrics_file_of_its_own():
     plan = make_plan("/tmp/bench-trainer-gpu-test", smoke=False, with_large=True)
-    runs = [*plan.equivalence, plan.resume, *plan.medium, plan.large]
+    runs = [*plan.equivalence, plan.resume, *plan.medium, plan.large, *plan.llama]
+    assert all_runs(plan) == runs  # the llama pair last
     paths = [spec.args[spec.args.index("--metrics-file") + 1] for spec in runs]
     assert paths == [spec.metrics_path for spec in runs] and len(set(paths)) == len(runs)
 
 
-def _canned_run(directory, losses, ms, summary=(), device="cuda:0", first=1, notes=()):
+def test_the_smoke_plan_has_a_tiny_llama_stand_in():
+    plan = make_plan("/tmp/bench-trainer-gpu-test", smoke=True, with_large=False)
+    plain, engine = plan.llama
+    assert plain.shape.config.swiglu and plain.shape.config.query_groups == 2 and plain.shape.parameters < 1e6
+    assert plain.optional and engine.optional and engine.pool_bytes < 1e8
+    assert [line.split(":")[0] for line in check_commands(plan)][-2:] == ["ok e-llama-plain", "ok e-llama-engine"]
+    assert make_plan("/tmp/bench-trainer-gpu-test", smoke=True, with_large=False, with_llama=False).llama is None
+
+
+def test_memory_estimate_by_hand():
+    """GPT: Korthikanti et al.'s 34sbh + 5as^2b per layer; llama3-1B: SwiGLU's wider MLP,
+    grouped keys and values (widened to every head by sdpa), no dropout masks."""
+    medium = Shape.explicit("350M", 24, 1024, 16, 2048, 50257).config
+    s, h, a = 2048, 1024, 16
+    assert activation_bytes_per_token(medium, True) == 34 * h + 5 * a * s
+    llama = Shape.preset("llama3-1B", 128256, 4096).config
+    s, h, a, kv, f = 4096, 2048, 32, 512, 8192
+    per_token = 4 * h + (2 * h + 6 * h + 4 * kv + 2 * h) + (2 * h + 4 * f + 2 * f + 2 * f) + 2 * a * s
+    assert activation_bytes_per_token(llama, True) == per_token
+    assert activation_bytes_per_token(llama, True, "selective") == per_token - 2 * a * s
+    assert activation_bytes_per_token(llama, True, "full") == 2 * h
+    states, logits = 1_235_814_400 * 18, 2 * s * 128256 * 10
+    assert estimated_memory_gb(llama, 2, True) == pytest.approx((states + 16 * 2 * s * per_token + logits) / 1e9)
+    assert estimated_memory_gb(llama, 2, True, "full") == pytest.approx(
+        (states + 16 * 2 * s * 2 * h + 2 * s * per_token + logits) / 1e9)
+
+
+def _canned_run(directory, losses, ms, summary=(), device="cuda:0", first=1, notes=(), peak_device_mib=None):
     """A run as the trainer leaves it, written by its own writers (``MetricsLogger`` for the
     console, ``MetricsFile`` for the metrics file), so a change of either format fails here:
     (console text, metrics file path)."""
@@ -68,7 +102,8 @@ def _canned_run(directory, losses, ms, summary=(), device="cuda:0", first=1, not
     for line in summary:
         logger.info(line)
     logger.info("> training done: %d iterations" % len(losses))
-    metrics.summary(first + len(losses) - 1, len(losses), sum(ms) / 1000, device, False)
+    metrics.summary(first + len(losses) - 1, len(losses), sum(ms) / 1000, device, False,
+                    peak_device_mib=peak_device_mib)
     metrics.close()
     return out.getvalue(), path
 
@@ -137,9 +172,10 @@ def test_engine_summary_with_and_without_the_newer_counters():
 
 @pytest.fixture
 def result(tmp_path):
-    def make(spec, losses, device, first=1, notes=()):
-        return RunResult(spec, rc=0, parsed=parse_run(*_canned_run(str(tmp_path), losses, [10.0] * len(losses),
-                                                                   device=device, first=first, notes=notes)))
+    def make(spec, losses, device, first=1, notes=(), ms=10.0, peak_device_mib=None):
+        return RunResult(spec, rc=0, parsed=parse_run(*_canned_run(str(tmp_path), losses, [ms] * len(losses),
+                                                                   device=device, first=first, notes=notes,
+                                                                   peak_device_mib=peak_device_mib)))
     return make
 
 
@@ -184,3 +220,37 @@ def test_resume_across_devices_needs_the_same_losses_and_the_rng_note(result):
     assert not resume_section(cpu, resumed([6.91, 6.90], False), 2, smoke=False)[1]  # silent about RNG
     assert not resume_section(cpu, resumed([6.91, 6.95], True), 2, smoke=False)[1]  # another loss
     # tests/test_device.py pins the same phrase in the trainer's own note.
+
+
+def test_report_renders_the_llama_pair(result):
+    """(e): tokens/s, MFU, peak GPU memory of both llama3-1B runs and the engine's ratio."""
+    plan = make_plan("/tmp/x", smoke=False, with_large=False)
+    res = Results(plan, ["host: test"], started="now")
+    res.hardware = {"matmul_tflops": 800.0, "matmul_tflops_trials": [800.0], "d2h_gbps": {}}
+    plain = result(plan.llama[0], [11.0] * 10, "cuda:0", ms=800.0, peak_device_mib=[47104.0])
+    engine = result(plan.llama[1], [11.0] * 10, "cuda:0", ms=840.0, peak_device_mib=[48128.0])
+    res.llama = [plain, engine]
+    text = render(res)
+    assert "## e. llama3-1B preset at sequence 4096: throughput, peak GPU memory and the engine's cost" in text
+    flops = model_flops_per_iteration(plan.llama[0].shape.config, 8 * 4096)
+    tflops = flops / 0.8 / 1e12
+    assert (f"| (i) no checkpointing | 1.24B | 800.0 ms | {8 * 4096 / 0.8:,.0f} | {tflops:.1f} | "
+            f"{100 * tflops / 800:.1f}% | - | 46.0 GiB |") in text
+    assert "| (ii) L0 every iteration + L1 every 5 iterations | 1.24B | 840.0 ms |" in text
+    assert "| +5.0% | 47.0 GiB |" in text
+    assert "Median iteration time (ii) / (i): **1.050** (840.0 / 800.0 ms)." in text
+    assert "~80 GB (`estimated_memory_gb`" in text
+
+
+def test_the_llama_pair_not_run_for_want_of_budget(result, tmp_path):
+    """The pair is last: with the budget spent it is reported as not run and fails nothing."""
+    plan = make_plan(str(tmp_path), smoke=False, with_large=False)
+    spent = Budget(0)
+    skipped = [run_one(spec, str(tmp_path), spent) for spec in plan.llama]
+    assert all(r.skipped and r.skipped.startswith("budget (") for r in skipped)
+    res = Results(plan, ["host: test"], started="now")
+    res.llama = skipped
+    text = render(res)
+    assert "| (i) no checkpointing | not run: budget (" in text
+    assert "| (ii) L0 every iteration + L1 every 5 iterations | not run: budget (" in text
+    assert "did not complete" not in text and "### (ii) the engine" not in text

@@ -75,4 +75,21 @@ def test_every_ranks_peak_resident_memory_in_the_summary(tmp_path):
     metrics = MetricsFile(str(tmp_path / "m.jsonl"), enabled=True)
     metrics.summary(3, 3, 0.3, "cpu", False, peak_rss_mib=[812.5, 790.25])
     metrics.close()
-    assert read_metrics_file(str(tmp_path / "m.jsonl")).summary["peak_rss_mib"] == [812.5, 790.25]
+    summary = read_metrics_file(str(tmp_path / "m.jsonl")).summary
+    assert summary["peak_rss_mib"] == [812.5, 790.25] and "peak_device_mib" not in summary  # the CPU has none
+
+
+def test_the_peak_device_memory_in_the_summary(tmp_path):
+    """On a GPU the summary also has every rank's peak allocated device memory; on the CPU the
+    trainer's gather gives none (``trainer.training._peak_memory_by_rank``)."""
+    import torch
+
+    from trainer.device import DeviceContext
+    from trainer.training import _peak_memory_by_rank
+
+    rss, device = _peak_memory_by_rank(DeviceContext(torch.device("cpu"), "gloo"))
+    assert device is None and len(rss) == 1 and rss[0] > 0
+    metrics = MetricsFile(str(tmp_path / "m.jsonl"), enabled=True)
+    metrics.summary(3, 3, 0.3, "cuda:0", False, peak_rss_mib=[812.5], peak_device_mib=[40960.5])
+    metrics.close()
+    assert read_metrics_file(str(tmp_path / "m.jsonl")).summary["peak_device_mib"] == [40960.5]

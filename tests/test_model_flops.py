@@ -27,3 +27,31 @@ def test_six_n_t_plus_attention(untied):
 def test_flops_scale_with_tokens():
     config = _config(False)
     assert model_flops_per_iteration(config, 512) == 2 * model_flops_per_iteration(config, 256)
+
+
+def test_llama3_1b_swiglu_gqa_no_biases_by_hand():
+    """llama3-1B at sequence 4096: SwiGLU's three matrices, grouped-query attention's narrower
+    key/value projections, RMSNorm's scale only, no biases, no position table, tied embeddings
+    (the output layer's product still counted once)."""
+    from models.config import preset_config
+
+    config = preset_config("llama3-1B", seq_length=4096, max_position_embeddings=4096)
+    h, layers, seq, vocab = 2048, 16, 4096, 128256  # 128256 = 1002 x 128: no padding
+    kv = 8 * (2048 // 32)  # 8 key/value heads of 64 channels: 512
+    f = 8192
+    per_layer = (2 * h  # two RMSNorm scales
+                 + h * h + 2 * h * kv + h * h  # Q, K and V (grouped), output projection
+                 + h * 2 * f + f * h)  # gate and up (fused linear_fc1), down
+    assert per_layer == 60_821_504
+    non_embedding = layers * per_layer + h  # and the final RMSNorm
+    assert config.num_parameters() == non_embedding + vocab * h == 1_235_814_400  # tied: one vocab x h matrix
+    tokens = 8 * seq
+    # Attention's scores and weighted sum are over every query head (a x head dim = h), however
+    # few key/value heads there are.
+    expected = 6 * tokens * (non_embedding + vocab * h) + 12 * layers * h * seq * tokens
+    assert model_flops_per_iteration(config, tokens) == expected
+    assert expected == pytest.approx(2.9575e14, rel=1e-4)  # ~296 TFLOP per 32k-token iteration
+    # Without grouping only the K and V projections grow, to h x h each.
+    full = preset_config("llama3-1B", seq_length=4096, max_position_embeddings=4096, group_query_attention=False,
+                         num_query_groups=None)
+    assert model_flops_per_iteration(full, tokens) - expected == 6 * tokens * layers * 2 * h * (h - kv)

@@ -29,6 +29,12 @@ class DeviceContext:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
+    def peak_memory_mib(self) -> float | None:
+        """The most memory torch's allocator has held for tensors on this device since the process
+        started, in MiB (``torch.cuda.max_memory_allocated``); None on CPU, whose peak is the
+        process's resident memory (``trainer.metrics_file.peak_resident_mib``)."""
+        return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.is_cuda else None
+
     def get_rng_state(self) -> torch.Tensor | None:
         """The device generator's state (None on CPU, whose generator is torch's default)."""
         return torch.cuda.get_rng_state(self.device) if self.is_cuda else None

@@ -16,6 +16,9 @@ on the validation split, and one at the end of the run::
 two consecutive iterations' ``time`` is what an iteration cost with everything around it, the
 checkpoint request included. ``peak_rss_mib`` is every rank's peak resident memory on the host
 (:func:`peak_resident_mib`, in rank order, gathered at the end of the run; not the GPU's memory).
+On a GPU the summary also has ``peak_device_mib``: every rank's peak of the memory torch
+allocated for tensors on its device (``torch.cuda.max_memory_allocated``, through
+``trainer.device.DeviceContext.peak_memory_mib``; the caching allocator reserves somewhat more).
 The ``checkpoint_*`` fields come with the asynchronous engine
 (``--async-save``): this rank's stall in that iteration (fence waits and waits for a free slot)
 and in the run so far. ``checkpoint`` in the summary (present when the engine ran) holds the
@@ -91,16 +94,20 @@ class MetricsFile:
             self._write({"kind": VALIDATION, "iteration": iteration, "lm_loss": loss})
 
     def summary(self, iteration: int, iterations_trained: int, train_seconds: float, device: str,
-                interrupted: bool, checkpoint: dict | None = None, peak_rss_mib: list[float] | None = None) -> None:
+                interrupted: bool, checkpoint: dict | None = None, peak_rss_mib: list[float] | None = None,
+                peak_device_mib: list[float] | None = None) -> None:
         """The end of the run: where it stopped, how long it trained, on what, every rank's peak
-        resident memory (``peak_rss_mib``, in rank order) and the checkpointing summary's numbers
-        (``checkpoint``, None without the engine)."""
+        resident memory (``peak_rss_mib``, in rank order), on a GPU every rank's peak device
+        memory (``peak_device_mib``) and the checkpointing summary's numbers (``checkpoint``,
+        None without the engine)."""
         if self._file is None:
             return
         record = {"kind": SUMMARY, "iteration": iteration, "iterations_trained": iterations_trained,
                   "train_seconds": train_seconds, "device": device, "interrupted": interrupted}
         if peak_rss_mib is not None:
             record["peak_rss_mib"] = peak_rss_mib
+        if peak_device_mib is not None:
+            record["peak_device_mib"] = peak_device_mib
         if checkpoint is not None:
             record["checkpoint"] = checkpoint
         self._write(record)

@@ -269,11 +269,12 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
         if tracer is not None:
             tracer.write(os.path.join(tcfg.trace_dir, f"rank{groups.rank}.json"))
             logger.info(f"> trace of every rank in {tcfg.trace_dir}/rank*.json (open in https://ui.perfetto.dev)")
-        # Every rank's peak resident memory: one small all-gather, only with a metrics file to
-        # write it to (the flag is the same on every rank, so all of them or none gather).
-        peak_rss = _peak_resident_by_rank(device_ctx) if tcfg.metrics_file else None
+        # Every rank's peak resident memory (and, on a GPU, peak device memory): one small
+        # all-gather, only with a metrics file to write it to (the flag is the same on every
+        # rank, so all of them or none gather).
+        peak_rss, peak_device = _peak_memory_by_rank(device_ctx) if tcfg.metrics_file else (None, None)
         metrics.summary(trainer.iteration, len(result.iterations), sum(result.iteration_times), str(device_ctx.device),
-                        bool(stop.requested), checkpoint_summary, peak_rss)
+                        bool(stop.requested), checkpoint_summary, peak_rss, peak_device)
         logger.info(f"> training done: {trainer.iteration} iterations")
     finally:
         if checkpointer is not None:  # an error: stop the engine's workers, keep what is in L0
@@ -283,15 +284,20 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
     return result
 
 
-def _peak_resident_by_rank(device_ctx: DeviceContext) -> list[float]:
-    """:func:`peak_resident_mib` of every rank, in rank order, on every rank (a tensor on the
-    training device, so NCCL gathers it as gloo does)."""
-    mine = torch.tensor([peak_resident_mib()], dtype=torch.float64, device=device_ctx.device)
+def _peak_memory_by_rank(device_ctx: DeviceContext) -> tuple[list[float], list[float] | None]:
+    """(:func:`peak_resident_mib` of every rank, the device's peak allocated memory of every rank
+    or None on CPU), in rank order, on every rank (a tensor on the training device, so NCCL
+    gathers it as gloo does)."""
+    device_peak = device_ctx.peak_memory_mib()
+    mine = torch.tensor([peak_resident_mib(), -1.0 if device_peak is None else device_peak], dtype=torch.float64,
+                        device=device_ctx.device)
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [round(mine.item(), 1)]
-    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    return [round(t.item(), 1) for t in gathered]
+        gathered = [mine]
+    else:
+        gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+    rows = [t.tolist() for t in gathered]
+    return [round(r[0], 1) for r in rows], None if device_peak is None else [round(r[1], 1) for r in rows]
 
 
 def shutdown() -> None:
