@@ -193,3 +193,12 @@ def write_rank_file(
     except OSError as error:
         raise CheckpointWriteError(error.errno, f"rank {rank} could not write {path}: {error.strerror or error}") from error
     return records
+
+
+def tensor_chunk_length(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """The bytes :func:`write_rank_file` writes for a tensor piece of ``dtype`` and ``shape``
+    (without ``O_DIRECT`` padding): what the scale simulator (``benchmarks.scale``) places."""
+    with _without_zip_crc32():
+        value = torch.empty(shape, dtype=dtype)  # never touched: only its size is framed
+        before, after = _tensor_blob(value)
+    return len(before) + value.nbytes + len(after)

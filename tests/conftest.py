@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 import torch.distributed as dist
 
 # The slow tier: each module whose tests start processes (torchrun jobs, trainers, the engine's
@@ -30,3 +31,18 @@ def no_shared_memory_left_behind():
 
     with shared_memory_removed_after():
         yield
+
+
+@pytest.fixture(scope="module")
+def megatron_state(single_process_group):
+    """A 1-rank megatron-core (TP1, PP1) on CPU, for building the model in this process."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from models.cpu_compat import apply_cpu_compat
+
+    apply_cpu_compat(torch.device("cpu"))
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1234)
+    yield
+    parallel_state.destroy_model_parallel()

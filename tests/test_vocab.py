@@ -124,21 +124,6 @@ def test_cross_entropy_over_masked_logits_is_over_the_true_vocabulary(tp_size):
     assert torch.equal(grad[..., true_vocab:], torch.zeros_like(grad[..., true_vocab:]))
 
 
-@pytest.fixture(scope="module")
-def megatron_state(single_process_group):
-    """A 1-rank megatron-core (TP1, PP1) on CPU, for building the model in this process."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from models.cpu_compat import apply_cpu_compat
-
-    apply_cpu_compat(torch.device("cpu"))
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
-
-
 @pytest.mark.parametrize("untie", [False, True], ids=["tied", "untied"])
 def test_padded_rows_stay_zero_through_training(megatron_state, untie):
     """Vocabulary 100 padded to 128 at TP1: after AdamW steps with weight decay, the padded rows

@@ -26,7 +26,9 @@ from checkpointing import keys
 from checkpointing.errors import CheckpointMismatchError
 from checkpointing.items import LoadedParts, TensorPiece
 from checkpointing.parallel_layout import ParallelLayout
+from models.param_layout import GlobalParamSpec
 from models.vocab import VOCAB_PARAMS, true_vocab_rows
+from trainer.flat_buffers import ParamSpan
 from trainer.optimizer_pieces import optimizer_state_pieces
 
 OPTIMIZER_ARRAYS = ("fp32_param", "exp_avg", "exp_avg_sq")
@@ -44,6 +46,31 @@ def _true_rows(piece: TensorPiece, vocab_size: int) -> TensorPiece | None:
     if keep <= 0:
         return None
     return dataclasses.replace(piece, shape=(keep, *piece.shape[1:]), global_shape=(rows, *piece.global_shape[1:]))
+
+
+def checkpoint_pieces(optimizer_pieces: list[TensorPiece], spans: list[ParamSpan], specs: dict[str, GlobalParamSpec],
+                      vocab_size: int, bf16: bool) -> tuple[list[TensorPiece], list[TensorPiece]]:
+    """(save pieces, load pieces) of a rank from its optimizer pieces and flat spans, with no
+    tensor: the trainer's state and the scale simulator (``benchmarks.scale``) both call it."""
+    save_pieces: list[TensorPiece] = []
+    load_pieces: list[TensorPiece] = []
+    for piece in optimizer_pieces:
+        piece = _true_rows(piece, vocab_size)
+        if piece is None:
+            continue
+        for array in OPTIMIZER_ARRAYS:
+            state_piece = dataclasses.replace(piece, key=keys.optimizer_key(array, piece.key), array=array)
+            save_pieces.append(state_piece)
+            load_pieces.append(state_piece)
+        save_pieces.append(dataclasses.replace(piece, array="param" if bf16 else "fp32_param"))
+    for span in spans:
+        spec = specs[span.name]
+        piece = _true_rows(TensorPiece(key=spec.global_name, array="param", start=span.start, shape=span.shape,
+                                       global_shape=spec.global_shape, global_offset=spec.global_offset),
+                           vocab_size)
+        if piece is not None:
+            load_pieces.append(piece)
+    return save_pieces, load_pieces
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -80,24 +107,9 @@ class TrainerCheckpointState:
         self.vocab_size = trainer.job.model.vocab_size
         self.bf16 = buffers.params.dtype != torch.float32
         self.shards = [(s.start - opt.start, s.end - opt.start) for s in opt.shards]
-        self.save_pieces: list[TensorPiece] = []
-        self.load_pieces: list[TensorPiece] = []
-        for piece in optimizer_state_pieces(opt, trainer.param_specs, trainer.groups.dp_rank):
-            piece = _true_rows(piece, self.vocab_size)
-            if piece is None:
-                continue
-            for array in OPTIMIZER_ARRAYS:
-                state_piece = dataclasses.replace(piece, key=keys.optimizer_key(array, piece.key), array=array)
-                self.save_pieces.append(state_piece)
-                self.load_pieces.append(state_piece)
-            self.save_pieces.append(dataclasses.replace(piece, array="param" if self.bf16 else "fp32_param"))
-        for span in buffers.spans:
-            spec = trainer.param_specs[span.name]
-            piece = _true_rows(TensorPiece(key=spec.global_name, array="param", start=span.start, shape=span.shape,
-                                           global_shape=spec.global_shape, global_offset=spec.global_offset),
-                               self.vocab_size)
-            if piece is not None:
-                self.load_pieces.append(piece)
+        self.save_pieces, self.load_pieces = checkpoint_pieces(
+            optimizer_state_pieces(opt, trainer.param_specs, trainer.groups.dp_rank), buffers.spans,
+            trainer.param_specs, self.vocab_size, self.bf16)
         self.padding = self._padding_regions()
         """(array of ``load_arrays``, start, end): this layout's padded vocabulary rows."""
         self.legacy_padded_keys = frozenset(

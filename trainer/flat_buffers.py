@@ -45,60 +45,61 @@ class ParamSpan:
         return self.start + self.numel
 
 
-class FlatParamsAndGrads:
-    """Owns the flat parameter and gradient buffers of one model stage."""
+@dataclass(frozen=True)
+class ParamFacts:
+    """What the flat layout needs to know of one parameter (no tensor: the scale simulator,
+    ``benchmarks.scale``, lays out models no machine here could hold)."""
 
-    def __init__(self, model: torch.nn.Module, tp_rank: int = 0, tp_split: frozenset[str] = frozenset(),
-                 shapes: dict[str, tuple[int, ...]] | None = None):
-        """``tp_split`` names the parameters split over tensor-parallel ranks; the others are
-        replicated on every TP rank, so only TP rank 0 counts them in the gradient norm.
-        ``shapes``: the shape a parameter is laid out by, where it is a view of the parameter's own
-        (SwiGLU's ``linear_fc1`` as ``(2, rows, ...)``): its rows are the unit of shard boundaries."""
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model stage has no trainable parameters")
-        device = params[0][1].device
-        dtype = params[0][1].dtype
-        self.spans: list[ParamSpan] = []
-        offset = 0
-        for name, p in params:
-            shape = tuple((shapes or {}).get(name, p.shape))
-            row = p.numel() // shape[0] if len(shape) >= 1 and shape[0] > 0 else p.numel()
-            tp_duplicate = name not in tp_split and tp_rank != 0
-            tied_copy = getattr(p, "shared", False)  # megatron: last stage's copy of embeddings
-            self.spans.append(
-                ParamSpan(
-                    name=name,
-                    start=offset,
-                    numel=p.numel(),
-                    shape=shape,
-                    row_numel=max(row, 1),
-                    weight_decay=p.dim() >= 2,
-                    counts_in_grad_norm=not tp_duplicate and not tied_copy,
-                    shared_embedding=bool(getattr(p, "shared_embedding", False)),
-                    sequence_parallel=bool(getattr(p, "sequence_parallel", False)),
-                )
+    name: str
+    """Local parameter name."""
+    numel: int
+    """Number of elements."""
+    shape: tuple[int, ...]
+    """The shape it is laid out by (its own, or a view with the same elements)."""
+    dim: int
+    """The parameter's own number of dimensions (matrices and embeddings decay)."""
+    tp_duplicate: bool
+    """Replicated over TP and this is not TP rank 0: its gradient is not counted in the norm."""
+    tied_copy: bool
+    """The last stage's copy of the tied embeddings (megatron's ``shared``)."""
+    shared_embedding: bool
+    """The word embedding / output weight tied across the first and last pipeline stage."""
+    sequence_parallel: bool
+    """Its gradient is summed over TP (see :attr:`ParamSpan.sequence_parallel`)."""
+
+
+def layout_spans(params: list[ParamFacts]) -> list[ParamSpan]:
+    """The parameters one after another in the flat buffers, in the given order."""
+    spans: list[ParamSpan] = []
+    offset = 0
+    for p in params:
+        shape = p.shape
+        row = p.numel // shape[0] if len(shape) >= 1 and shape[0] > 0 else p.numel
+        spans.append(
+            ParamSpan(
+                name=p.name,
+                start=offset,
+                numel=p.numel,
+                shape=shape,
+                row_numel=max(row, 1),
+                weight_decay=p.dim >= 2,
+                counts_in_grad_norm=not p.tp_duplicate and not p.tied_copy,
+                shared_embedding=p.shared_embedding,
+                sequence_parallel=p.sequence_parallel,
             )
-            offset += p.numel()
-        self.numel = offset
-        self.params = torch.empty(offset, dtype=dtype, device=device)
-        self.grads = torch.zeros(offset, dtype=torch.float32, device=device)
-        self._starts = [s.start for s in self.spans]
-        self._hooks = []
-        for span, (_, p) in zip(self.spans, params):
-            view = self.params[span.start : span.end].view(p.shape)
-            view.copy_(p.data)
-            p.data = view
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(span)))
+        )
+        offset += p.numel
+    return spans
 
-    def _make_hook(self, span: ParamSpan):
-        grad_view = self.grads[span.start : span.end]
 
-        def accumulate(param: torch.Tensor) -> None:
-            grad_view.add_(param.grad.reshape(-1))
-            param.grad = None
+class RowGeometry:
+    """The spans of the flat buffers and their row boundaries, without the buffers: what the
+    optimizer's ranges and shards are cut by (the trainer's buffers and the scale simulator)."""
 
-        return accumulate
+    def __init__(self, spans: list[ParamSpan]):
+        self.spans = spans
+        self.numel = spans[-1].end if spans else 0
+        self._starts = [s.start for s in spans]
 
     # -- row geometry (shard and DP-range boundaries fall on rows) ------------------------------
     def span_at(self, element: int) -> ParamSpan:
@@ -133,6 +134,53 @@ class FlatParamsAndGrads:
                     result.append((a, b))
             i += 1
         return result
+
+
+class FlatParamsAndGrads(RowGeometry):
+    """Owns the flat parameter and gradient buffers of one model stage."""
+
+    def __init__(self, model: torch.nn.Module, tp_rank: int = 0, tp_split: frozenset[str] = frozenset(),
+                 shapes: dict[str, tuple[int, ...]] | None = None):
+        """``tp_split`` names the parameters split over tensor-parallel ranks; the others are
+        replicated on every TP rank, so only TP rank 0 counts them in the gradient norm.
+        ``shapes``: the shape a parameter is laid out by, where it is a view of the parameter's own
+        (SwiGLU's ``linear_fc1`` as ``(2, rows, ...)``): its rows are the unit of shard boundaries."""
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model stage has no trainable parameters")
+        device = params[0][1].device
+        dtype = params[0][1].dtype
+        super().__init__(layout_spans([
+            ParamFacts(
+                name=name,
+                numel=p.numel(),
+                shape=tuple((shapes or {}).get(name, p.shape)),
+                dim=p.dim(),
+                tp_duplicate=name not in tp_split and tp_rank != 0,
+                tied_copy=bool(getattr(p, "shared", False)),  # megatron: last stage's copy of embeddings
+                shared_embedding=bool(getattr(p, "shared_embedding", False)),
+                sequence_parallel=bool(getattr(p, "sequence_parallel", False)),
+            )
+            for name, p in params
+        ]))
+        offset = self.numel
+        self.params = torch.empty(offset, dtype=dtype, device=device)
+        self.grads = torch.zeros(offset, dtype=torch.float32, device=device)
+        self._hooks = []
+        for span, (_, p) in zip(self.spans, params):
+            view = self.params[span.start : span.end].view(p.shape)
+            view.copy_(p.data)
+            p.data = view
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(span)))
+
+    def _make_hook(self, span: ParamSpan):
+        grad_view = self.grads[span.start : span.end]
+
+        def accumulate(param: torch.Tensor) -> None:
+            grad_view.add_(param.grad.reshape(-1))
+            param.grad = None
+
+        return accumulate
 
     # -- gradient reduction -------------------------------------------------------------------
     def zero_grads(self) -> None:

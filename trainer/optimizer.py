@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from cli.flags import flag, flag_name
-from trainer.flat_buffers import FlatParamsAndGrads
+from trainer.flat_buffers import FlatParamsAndGrads, RowGeometry
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Shard:
         return self.end - self.start
 
 
-def partition_rows(buffers: FlatParamsAndGrads, start: int, end: int, parts: int) -> list[tuple[int, int]]:
+def partition_rows(buffers: RowGeometry, start: int, end: int, parts: int) -> list[tuple[int, int]]:
     """Cut ``[start, end)`` into ``parts`` near-equal ranges whose ends fall on row boundaries."""
     bounds = [start]
     for k in range(1, parts):
@@ -96,7 +96,7 @@ def partition_rows(buffers: FlatParamsAndGrads, start: int, end: int, parts: int
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def cut_shards(buffers: FlatParamsAndGrads, start: int, end: int, shard_numel: int) -> list[tuple[int, int]]:
+def cut_shards(buffers: RowGeometry, start: int, end: int, shard_numel: int) -> list[tuple[int, int]]:
     """Cut ``[start, end)`` into shards of about ``shard_numel`` elements at row boundaries."""
     shards = []
     lo = start
@@ -107,6 +107,18 @@ def cut_shards(buffers: FlatParamsAndGrads, start: int, end: int, shard_numel: i
         shards.append((lo, hi))
         lo = hi
     return shards
+
+
+def dp_ranges(geometry: RowGeometry, distributed: bool, dp_size: int) -> list[tuple[int, int]]:
+    """Every DP rank's range of the flat buffers (one range, all of it, when not distributed)."""
+    return partition_rows(geometry, 0, geometry.numel, dp_size) if distributed else [(0, geometry.numel)]
+
+
+def rank_shards(geometry: RowGeometry, ranges: list[tuple[int, int]], dp_rank: int,
+                shard_size_mb: float) -> list[tuple[int, int]]:
+    """The shards of DP rank ``dp_rank``'s range (``dp_rank`` 0 when not distributed)."""
+    start, end = ranges[dp_rank]
+    return cut_shards(geometry, start, end, max(1, int(shard_size_mb * 2**20) // 4))
 
 
 ShardHook = Callable[[Shard], None]
@@ -165,12 +177,13 @@ class DistributedAdam:
         self.model_parallel_group = model_parallel_group
         self.distributed = config.use_distributed_optimizer and dp_size > 1
         if self.distributed:
-            self.ranges = partition_rows(buffers, 0, buffers.numel, dp_size)
             self.dp_rank = dist.get_rank(dp_group)
             self.dp_global_ranks = dist.get_process_group_ranks(dp_group)
         else:
-            self.ranges = [(0, buffers.numel)]
             self.dp_rank = 0
+        # From the flat layout alone: the scale simulator (benchmarks.scale) cuts with the same two
+        self.ranges = dp_ranges(buffers, self.distributed, dp_size)
+        cuts = rank_shards(buffers, self.ranges, self.dp_rank, config.shard_size_mb)
         self.start, self.end = self.ranges[self.dp_rank]
         owned = slice(self.start, self.end)
         # fp32 main parameters and moments of the owned range (on the host with CPU offload).
@@ -183,8 +196,7 @@ class DistributedAdam:
         self._grads_come_down = home != buffers.params.device
         self.step_count = 0
         self.skipped_steps = 0
-        shard_numel = max(1, int(config.shard_size_mb * 2**20) // 4)
-        self.shards = [self._make_shard(i, lo, hi) for i, (lo, hi) in enumerate(cut_shards(buffers, self.start, self.end, shard_numel))]
+        self.shards = [self._make_shard(i, lo, hi) for i, (lo, hi) in enumerate(cuts)]
         self.before_shard_update: list[ShardHook] = []
         self.versions: VersionStore | None = None
         """Set by the checkpoint engine for zero-copy snapshots: steps then write out of place."""

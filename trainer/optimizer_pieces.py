@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from checkpointing.items import TensorPiece
 from models.param_layout import GlobalParamSpec
+from trainer.flat_buffers import RowGeometry
 from trainer.optimizer import DistributedAdam
 
 
@@ -23,17 +24,24 @@ def optimizer_state_pieces(
     (``array="fp32_param"``; ``start`` counts from the optimizer's first element, so the same
     piece with another ``array`` names the same rows of ``exp_avg`` or ``exp_avg_sq``).
     """
-    buffers = optimizer.buffers
+    return shard_pieces(optimizer.buffers, [(s.start, s.end) for s in optimizer.shards], optimizer.start,
+                        optimizer.distributed, specs, dp_rank)
+
+
+def shard_pieces(geometry: RowGeometry, shards: list[tuple[int, int]], optimizer_start: int, distributed: bool,
+                 specs: dict[str, GlobalParamSpec], dp_rank: int) -> list[TensorPiece]:
+    """:func:`optimizer_state_pieces` from the flat layout alone (no optimizer, no tensor): the
+    trainer and the scale simulator (``benchmarks.scale``) cut pieces with this one function."""
     pieces: list[TensorPiece] = []
-    for shard in optimizer.shards:
-        for a, b in buffers.segments(shard.start, shard.end, lambda _span: True, merge=False):
-            span = buffers.span_at(a)
+    for index, (shard_start, shard_end) in enumerate(shards):
+        for a, b in geometry.segments(shard_start, shard_end, lambda _span: True, merge=False):
+            span = geometry.span_at(a)
             spec = specs[span.name]
             first_row, rest_a = divmod(a - span.start, span.row_numel)
             end_row, rest_b = divmod(b - span.start, span.row_numel)
             if rest_a or rest_b:
                 raise ValueError(
-                    f"optimizer shard {shard.index} [{shard.start}, {shard.end}) cuts {span.name} "
+                    f"optimizer shard {index} [{shard_start}, {shard_end}) cuts {span.name} "
                     f"inside a row; shard boundaries must fall on row boundaries"
                 )
             shape = span.shape if len(span.shape) == 0 else (end_row - first_row, *span.shape[1:])
@@ -42,11 +50,11 @@ def optimizer_state_pieces(
                 TensorPiece(
                     key=spec.global_name,
                     array="fp32_param",
-                    start=a - optimizer.start,
+                    start=a - optimizer_start,
                     shape=tuple(shape),
                     global_shape=spec.global_shape,
                     global_offset=offset,
-                    is_writer=spec.is_main_model_parallel_replica and (optimizer.distributed or dp_rank == 0),
+                    is_writer=spec.is_main_model_parallel_replica and (distributed or dp_rank == 0),
                 )
             )
     return pieces
