@@ -29,6 +29,7 @@ from checkpointing.items import TensorPiece
 from checkpointing.levels import Level
 from checkpointing.metadata import METADATA_NAME, build_metadata, write_metadata
 from checkpointing.parallel_layout import ParallelLayout
+from checkpointing.save_plan import SavePlan, SavePlanChangedError
 from checkpointing.trace import NullTracer
 from checkpointing.writer import data_file_name, write_rank_file
 
@@ -58,6 +59,7 @@ def save_and_commit(
     group,
     tracer=None,
     progress: Callable[[int], None] | None = None,
+    plan: SavePlan | None = None,
 ) -> SaveResult:
     """Collectively save one version to ``level.root`` (every rank of ``group`` calls it).
 
@@ -72,7 +74,12 @@ def save_and_commit(
     metadata before every rank of the job has its file durable.
 
     ``level.write_rate``: this rank writes its data file at most this many bytes per second.
-    ``progress(i)``: called once this rank's piece ``i`` is written (``write_rank_file``)."""
+    ``progress(i)``: called once this rank's piece ``i`` is written (``write_rank_file``).
+
+    ``plan``: this level's :class:`checkpointing.save_plan.SavePlan` (the same object at every
+    version of an engine, one per level): after its first committed version each rank gathers
+    only its checksums and the coordinator fills the metadata it built then. None: the metadata
+    is built from every rank's full records (one-off writers)."""
     started = time.perf_counter()
     root, retain_last, write_rate = level.root, level.retain_last, level.write_rate
     rank = dist.get_rank(group)
@@ -101,7 +108,13 @@ def save_and_commit(
                                       write_rate=write_rate, progress=progress)
     except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
         records = str(e)
-    gathered = gather_from_all(group, records)
+    sent: Any = records
+    if plan is not None and not isinstance(records, str):
+        try:
+            sent = plan.rank.payload(records)
+        except SavePlanChangedError as e:  # every rank must hear of it, or they would wait for this one
+            sent = f"{type(e).__name__}: {e}"
+    gathered = gather_from_all(group, sent)
     _raise_if_failed(gathered, f"saving iteration {iteration} to {directory}")
 
     error = None
@@ -109,7 +122,10 @@ def save_and_commit(
         try:
             commit_started = time.perf_counter_ns()
             local_files = [data_file_name(r) for r in peers] if node_local else None
-            metadata = build_metadata([r for rs in gathered for r in rs], iteration, layout, local_files)
+            if plan is not None:
+                metadata = plan.metadata(gathered, iteration, layout, local_files)
+            else:
+                metadata = build_metadata([r for rs in gathered for r in rs], iteration, layout, local_files)
             faults.reach(f"{level.name}.metadata", iteration)
             write_metadata(directory, metadata)
             faults.reach(f"{level.name}.tracker", iteration)
@@ -120,6 +136,8 @@ def save_and_commit(
         except (OSError, ValueError) as e:
             error = f"committing {directory}: {e}"
     _raise_if_failed(gather_from_all(group, error), f"saving iteration {iteration}")
+    if plan is not None:
+        plan.committed()
     mine = sum(r.length for r in {(r.relative_path, r.offset): r for r in records}.values())
     return SaveResult(iteration, directory, mine, time.perf_counter() - started)
 

@@ -51,6 +51,7 @@ from checkpointing.items import TensorPiece
 from checkpointing.levels import Level
 from checkpointing.pacing import flusher_pacing
 from checkpointing.parallel_layout import ParallelLayout
+from checkpointing.save_plan import SavePlan
 
 HEARTBEAT_SECONDS = 0.5
 
@@ -136,6 +137,8 @@ class Flusher:
         self.pacing = flusher_pacing(block, spec.rank)
         self.tracer = _RecordingTracer() if spec.trace else None
         self.queue: collections.deque[_Job] = collections.deque()
+        self.save_plans: dict[str, SavePlan] = {}
+        """Each level's save plan (``checkpointing.save_plan``), built at its first committed flush."""
         self.small_states: dict[int, dict] = {}
         """Each request's small state, kept while a queued job or the newest request needs it."""
         self.newest_seq = 0
@@ -244,8 +247,10 @@ class Flusher:
         try:
             tracer = self.tracer
             started = time.perf_counter_ns()
+            # One plan per level for this flusher's life (its layout): later versions gather checksums only
+            plan = self.save_plans.setdefault(level.name, SavePlan())
             result = save_and_commit(level, job.version, self.slots[job.slot], self.spec.pieces, small_state,
-                                     self.spec.layout, self.group, tracer, progress)
+                                     self.spec.layout, self.group, tracer, progress, plan)
             if tracer is not None:
                 tracer.complete(f"flush {level.name}", "ckpt", started, time.perf_counter_ns(), iteration=job.version)
             return result.bytes_written, result.seconds, None

@@ -8,7 +8,6 @@ as ``Metadata.gpt_ckpt``, a dict of builtins: pickle restores it, stock readers 
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 from collections import defaultdict
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
 from checkpointing.durable import atomic_write_bytes
 from checkpointing.errors import CheckpointCorruptError
 from checkpointing.parallel_layout import ParallelLayout
+from checkpointing.rectangles import TilingError, check_tiling
 from checkpointing.safe_pickle import load_dcp_metadata
 
 METADATA_NAME = ".metadata"
@@ -54,22 +54,9 @@ class ChunkRecord:
     that each node can restore its own ranks without the others (see ``build_metadata``)."""
 
 
-class TilingError(ValueError):
-    """The gathered chunks do not cover a global tensor exactly once (a bug, never committed)."""
-
-
 def _check_tiling(key: str, global_shape: tuple[int, ...], chunks: list[ChunkRecord]) -> None:
-    total = 0
-    for c in chunks:
-        if any(o < 0 or o + s > g for o, s, g in zip(c.offsets, c.sizes, global_shape)):
-            raise TilingError(f"{key}: chunk at {c.offsets} of {c.sizes} from rank {c.rank} exceeds {global_shape}")
-        total += math.prod(c.sizes)
-    for i, a in enumerate(chunks):
-        for b in chunks[i + 1 :]:
-            if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
-                raise TilingError(f"{key}: chunks of rank {a.rank} and rank {b.rank} overlap at {a.offsets} / {b.offsets}")
-    if total != math.prod(global_shape):
-        raise TilingError(f"{key}: chunks cover {total} of {math.prod(global_shape)} elements")
+    """The chunks of ``key`` tile it exactly once (:func:`checkpointing.rectangles.check_tiling`)."""
+    check_tiling(key, global_shape, [c.offsets for c in chunks], [c.sizes for c in chunks], [c.rank for c in chunks])
 
 
 def build_metadata(records: list[ChunkRecord], iteration: int, layout: ParallelLayout | dict[str, Any],

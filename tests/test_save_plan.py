@@ -1,0 +1,152 @@
+"""The save plan (``checkpointing.save_plan``): a version's metadata filled from checksums equals,
+field for field and byte for byte, the metadata built from scratch; the tiling check refuses
+overlaps and gaps in N-d; a piece that changed is refused loudly. No processes."""
+
+import dataclasses
+import pickle
+import random
+
+import pytest
+import torch
+
+from checkpointing.metadata import ChunkRecord, build_metadata
+from checkpointing.rectangles import RectangleIndex, TilingError, check_tiling, overlap
+from checkpointing.save_plan import SavePlan, SavePlanChangedError
+from checkpointing.parallel_layout import ParallelLayout
+
+LAYOUT = ParallelLayout(tensor_parallel=2, pipeline_parallel=1, data_parallel=2, distributed_optimizer=True,
+                        num_layers=2, bf16=False)
+
+
+def rank_records(rank: int, version: int, replicas: bool = False) -> list[ChunkRecord]:
+    """Rank ``rank`` of a TP2xDP2 layout: a (8, 6) weight cut by TP into columns and by DP into
+    rows, a (4,) norm written by TP rank 0, fp32 weight records sharing the main weights' bytes,
+    and byte items whose length changes with the version."""
+    tp, dp = rank % 2, rank // 2
+    name = f"__{rank}_0.distcp"
+    rng = random.Random(version * 100 + rank)
+    out, at = [], 0
+    pieces = [("w", (4 * dp, 3 * tp), (4, 3), (8, 6), True)]
+    if tp == 0:
+        pieces.append(("norm", (2 * dp,), (2,), (4,), True))
+    elif replicas:
+        pieces.append(("norm", (2 * dp,), (2,), (4,), False))
+    for key, offsets, sizes, shape, writer in pieces:
+        checksum = rng.getrandbits(64)
+        for prefix in ("optimizer.state.fp32_param.", ""):  # the weight shares the main weights' bytes
+            out.append(ChunkRecord(prefix + key, offsets, sizes, shape, torch.float32, name, at, 700, checksum, rank,
+                                   writer))
+        at += 700
+    out.append(ChunkRecord(f"rng.{rank}", None, None, None, None, name, at, 90 + version % 7, rng.getrandbits(64), rank))
+    if rank == 0:
+        out.append(ChunkRecord("common", None, None, None, None, name, at + 200, 50 + version, rng.getrandbits(64), 0))
+    return out
+
+
+@pytest.mark.parametrize("replicas", [False, True], ids=["shared", "node-local"])
+def test_filled_metadata_equals_the_one_built_from_scratch(replicas):
+    ranks = [SavePlan() for _ in range(4)]
+    coordinator = ranks[0]
+    local_files = ["__0_0.distcp", "__1_0.distcp"] if replicas else None
+    for version in range(1, 30):
+        records = [rank_records(r, version, replicas) for r in range(4)]
+        sent = [plan.rank.payload(rs) for plan, rs in zip(ranks, records)]
+        if version > 1:  # the plan is built: 8 bytes a tensor chunk, no records but the byte items
+            assert all(len(s.checksums) == 8 * sum(r.offsets is not None for r in rs) for s, rs in zip(sent, records))
+        filled = coordinator.metadata(sent, version, LAYOUT, local_files)
+        scratch = build_metadata([r for rs in records for r in rs], version, LAYOUT, local_files)
+        assert filled == scratch  # state_dict_metadata, planner_data, storage_data
+        assert filled.gpt_ckpt == scratch.gpt_ckpt
+        assert list(filled.storage_data) == list(scratch.storage_data)
+        assert list(filled.gpt_ckpt["checksums"].items()) == list(scratch.gpt_ckpt["checksums"].items())
+        assert pickle.dumps(filled) == pickle.dumps(scratch)
+        for plan in ranks:
+            plan.committed()
+    assert coordinator.template is not None
+
+
+def test_a_moved_byte_range_is_sent_and_filled():
+    plans = [SavePlan() for _ in range(4)]
+    for version in (1, 2):
+        records = [rank_records(r, version) for r in range(4)]
+        if version == 2:  # rank 3's first chunk padded differently (its memory's alignment)
+            records[3] = [dataclasses.replace(r, offset=r.offset + 4096) if r.offset == 0 else r for r in records[3]]
+        sent = [p.rank.payload(rs) for p, rs in zip(plans, records)]
+        filled = plans[0].metadata(sent, version, LAYOUT, None)
+        assert pickle.dumps(filled) == pickle.dumps(build_metadata([r for rs in records for r in rs], version, LAYOUT))
+        for p in plans:
+            p.committed()
+    assert sent[3].moved and not sent[2].moved
+
+
+def test_a_changed_piece_is_refused():
+    plan = SavePlan()
+    plan.rank.payload(rank_records(1, 1))
+    plan.committed()
+    grown = [dataclasses.replace(r, sizes=(5, 3)) if r.key == "w" else r for r in rank_records(1, 2)]
+    with pytest.raises(SavePlanChangedError, match=r"chunk 1 is w at \(0, 3\) of \(5, 3\).*restart the checkpoint engine"):
+        plan.rank.payload(grown)
+    with pytest.raises(SavePlanChangedError, match="writes 1 tensor chunks, its save plan 2"):
+        plan.rank.payload(rank_records(1, 2)[1:])
+    coordinator = SavePlan()
+    first = [rank_records(r, 1) for r in range(4)]
+    coordinator.metadata(first, 1, LAYOUT, None)
+    coordinator.committed()
+    with pytest.raises(SavePlanChangedError, match="sent no checksums"):
+        coordinator.metadata(first, 2, LAYOUT, None)
+
+
+def grid(shape, cuts):
+    """Rectangles of ``shape`` cut at ``cuts`` (per dimension, inner boundaries)."""
+    import itertools
+    bounds = [[0, *c, n] for c, n in zip(cuts, shape)]
+    rects = []
+    for cell in itertools.product(*[list(zip(b, b[1:])) for b in bounds]):
+        rects.append((tuple(lo for lo, _ in cell), tuple(hi - lo for lo, hi in cell)))
+    return rects
+
+
+def check(shape, rects):
+    check_tiling("t", shape, [o for o, _ in rects], [s for _, s in rects], list(range(len(rects))))
+
+
+@pytest.mark.parametrize("shape, cuts", [((10,), [(3, 7)]), ((6, 4), [(1, 5), (2,)]), ((2, 6, 4), [(1,), (3,), (1, 2)])])
+def test_tiling_accepts_exact_covers_and_refuses_overlaps_and_gaps(shape, cuts):
+    rects = grid(shape, cuts)
+    random.Random(0).shuffle(rects)
+    check(shape, rects)
+    with pytest.raises(TilingError, match="cover"):  # a gap
+        check(shape, rects[1:])
+    (o, s) = rects[0]
+    bigger = [(o, tuple(min(x + 1, n - oo) for x, oo, n in zip(s, o, shape)))] + rects[1:]
+    if bigger[0] != rects[0]:
+        with pytest.raises(TilingError, match="overlap"):
+            check(shape, bigger)
+    with pytest.raises(TilingError, match="overlap"):  # a duplicate
+        check(shape, rects + [rects[-1]])
+    with pytest.raises(TilingError, match="exceeds"):
+        check(shape, [(tuple(n - x + 1 for x, n in zip(s, shape)), s)] + rects[1:])
+
+
+def test_tiling_refuses_an_overlap_hidden_behind_a_gap_of_equal_volume():
+    # volumes sum to the whole, but one cell is covered twice and another not at all
+    rects = [((0, 0), (2, 2)), ((0, 2), (2, 2)), ((2, 0), (2, 3)), ((2, 2), (1, 1)), ((3, 3), (1, 1))]
+    assert sum(s[0] * s[1] for _, s in rects) == 16
+    with pytest.raises(TilingError, match="overlap"):
+        check((4, 4), rects)
+    # long column chunks (every row) beside row-cut ones: the sweep axis changes nothing
+    columns = [((0, 0), (8, 1)), ((0, 1), (8, 1))] + [((r, 2), (1, 2)) for r in range(8)]
+    check((8, 4), columns)
+    with pytest.raises(TilingError, match="overlap"):
+        check((8, 4), columns + [((7, 1), (1, 2))])
+
+
+def test_index_finds_the_same_chunks_as_a_scan():
+    rng = random.Random(1)
+    rects = grid((40, 12), [sorted(rng.sample(range(1, 40), 9)), (3, 6, 9)])
+    index = RectangleIndex([o for o, _ in rects], [s for _, s in rects])
+    for _ in range(200):
+        o = (rng.randrange(40), rng.randrange(12))
+        s = (rng.randint(1, 40 - o[0]), rng.randint(1, 12 - o[1]))
+        scan = [i for i, (ro, rs) in enumerate(rects) if overlap(o, s, ro, rs) is not None]
+        assert index.overlapping(o, s) == scan
