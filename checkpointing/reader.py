@@ -23,7 +23,6 @@ import mmap
 import os
 import queue
 import threading
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -35,7 +34,9 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from checkpointing.chunk_decode import FramingError, decode_tensor
 from checkpointing.errors import CheckpointCorruptError, CheckpointMismatchError
 from checkpointing.items import TensorPiece
+from checkpointing.load_plan import ChunkIndex, wanted_chunks
 from checkpointing.metadata import read_metadata
+from checkpointing.rectangles import overlap
 from checkpointing.safe_pickle import load_objects
 
 BLOCK = 4096
@@ -76,6 +77,8 @@ class CheckpointReader:
         """Whether reading needed full unpickling so far (only with ``trust_pickles``)."""
         self.facts = self.metadata.gpt_ckpt
         self.iteration: int = self.facts["iteration"]
+        self.chunk_index = ChunkIndex(self.metadata)
+        """The stored chunks of each key, indexed when a load first asks for the key."""
 
     # -- raw chunks -----------------------------------------------------------------------------
     def _read_blob(self, key: str, index: MetadataIndex) -> bytes:
@@ -141,29 +144,8 @@ class CheckpointReader:
         Raises :class:`CheckpointMismatchError` if a tensor is missing or has another global
         shape, and :class:`CheckpointCorruptError` if a chunk is damaged.
         """
-        sdm = self.metadata.state_dict_metadata
-        wanted: dict[tuple[str, tuple[int, ...]], list[TensorPiece]] = defaultdict(list)
-        sizes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
-        """The stored shape of each wanted chunk, by (key, offsets)."""
+        wanted, sizes = wanted_chunks(self.metadata, self.chunk_index, pieces, longer_rows, self.directory)
         covered = {id(p): 0 for p in pieces}
-        for piece in pieces:
-            meta = sdm.get(piece.key)
-            if not isinstance(meta, TensorStorageMetadata):
-                raise CheckpointMismatchError(
-                    f"{self.directory} has no tensor {piece.key}: it was saved from another model "
-                    f"(layers {self.facts['layout'].get('num_layers', '?')}) or without optimizer state; "
-                    "use the matching model flags, or --no-load-optim for a weights-only checkpoint")
-            stored, wanted_shape = tuple(meta.size), tuple(piece.global_shape)
-            padded = (piece.key in longer_rows and len(stored) == len(wanted_shape) and stored[1:] == wanted_shape[1:]
-                      and stored[0] >= wanted_shape[0])
-            if stored != wanted_shape and not padded:
-                raise CheckpointMismatchError(
-                    f"{piece.key}: checkpoint {self.directory} has shape {tuple(meta.size)}, this model "
-                    f"{tuple(piece.global_shape)}; the model flags differ from the saved run's")
-            for chunk in meta.chunks:
-                if _overlap(piece.global_offset, piece.shape, chunk.offsets, chunk.sizes) is not None:
-                    wanted[(piece.key, tuple(chunk.offsets))].append(piece)
-                    sizes[(piece.key, tuple(chunk.offsets))] = tuple(chunk.sizes)
         # One read per stored blob: two keys may point at the same bytes (fp32 weights = main
         # weights), read and decoded once.
         blobs: dict[tuple[str, int], _Blob] = {}
@@ -196,7 +178,7 @@ class CheckpointReader:
                 raise CheckpointCorruptError(f"{key} at {offsets} in {self.directory}: stored shape "
                                              f"{tuple(chunk.shape)}, the metadata says {stored}")
             for piece in wanted[(key, offsets)]:
-                region = _overlap(piece.global_offset, piece.shape, offsets, stored)
+                region = overlap(piece.global_offset, piece.shape, offsets, stored)
                 src = chunk[tuple(slice(a - o, b - o) for (a, b), o in zip(region, offsets))]
                 dst = piece.view(arrays)[tuple(slice(a - o, b - o) for (a, b), o in zip(region, piece.global_offset))]
                 _copy(dst, src)
@@ -469,14 +451,3 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         np.copyto(dst.detach().view(as_int).numpy(), src.view(as_int).numpy())
     else:
         dst.copy_(src)
-
-
-def _overlap(a_off, a_size, b_off, b_size):
-    """Per-dimension [lo, hi) of the intersection of two rectangles, or None."""
-    region = []
-    for ao, asz, bo, bsz in zip(a_off, a_size, b_off, b_size):
-        lo, hi = max(ao, bo), min(ao + asz, bo + bsz)
-        if lo >= hi:
-            return None
-        region.append((lo, hi))
-    return tuple(region)

@@ -150,3 +150,32 @@ def test_index_finds_the_same_chunks_as_a_scan():
         s = (rng.randint(1, 40 - o[0]), rng.randint(1, 12 - o[1]))
         scan = [i for i, (ro, rs) in enumerate(rects) if overlap(o, s, ro, rs) is not None]
         assert index.overlapping(o, s) == scan
+
+
+def test_versions_saved_through_a_plan_load_and_verify(single_process_group, tmp_path):
+    """save_and_commit with a plan, one process: versions 2.. are filled from checksums; each
+    loads with its checksums verified, and its .metadata is the one built from scratch."""
+    from checkpointing.commit import save_and_commit
+    from checkpointing.items import TensorPiece
+    from checkpointing.levels import Level
+    from checkpointing.metadata import read_metadata
+    from checkpointing.reader import CheckpointReader
+
+    pieces = [TensorPiece("w", "a", 0, (3, 4), (3, 4), (0, 0)), TensorPiece("b", "a", 12, (5,), (5,), (0,)),
+              TensorPiece("optimizer.state.exp_avg.w", "m", 0, (3, 4), (3, 4), (0, 0))]
+    plan = SavePlan()
+    level = Level("L2", str(tmp_path / "l2"), None, None)
+    for version in (1, 2, 3):
+        arrays = {"a": torch.arange(17, dtype=torch.float32) * version, "m": torch.full((17,), float(version))}
+        assert (plan.template is None) == (version == 1)  # from the second version on: filled
+        result = save_and_commit(level, version, arrays, pieces, {"common": {"iteration": version}}, LAYOUT,
+                                 single_process_group, plan=plan)
+        out = {"a": torch.zeros(17), "m": torch.zeros(17)}
+        CheckpointReader(result.path).read_pieces(pieces, out)
+        assert torch.equal(out["a"], arrays["a"]) and torch.equal(out["m"][:12], arrays["m"][:12])
+        scratch = tmp_path / f"scratch{version}"
+        save_and_commit(Level("L2", str(scratch), None, None), version, arrays, pieces,
+                        {"common": {"iteration": version}}, LAYOUT, single_process_group)
+        assert read_metadata(result.path).gpt_ckpt == read_metadata(str(scratch / f"iter_{version:07d}")).gpt_ckpt
+        assert (open(f"{result.path}/.metadata", "rb").read()
+                == open(scratch / f"iter_{version:07d}" / ".metadata", "rb").read())

@@ -63,3 +63,15 @@ def test_every_element_is_written_once_with_its_global_value(nproc, layout, tmp_
         assert torch.equal(state[name], expected), name
         assert torch.equal(params[name], expected), name
     assert len(state) == 4 * 12 + 4  # 12 tensors per layer, 2 embeddings, final norm weight and bias
+    # The scale simulator (benchmarks.scale) cuts exactly these pieces, rank by rank, without the model
+    from benchmarks.scale import Layout, Simulated
+
+    tp = int(layout[layout.index("--tensor-model-parallel-size") + 1]) if layout else 1
+    pp = int(layout[layout.index("--pipeline-model-parallel-size") + 1]) if layout else 1
+    sim = Simulated(MODEL, Layout(tp, pp, nproc // (tp * pp)), 0.02, bf16=False,
+                    distributed_optimizer="--use-distributed-optimizer" in layout)
+    for rank, dump in enumerate(dumps):
+        simulated = [(p.key, p.global_shape, p.global_offset, p.shape, p.is_writer) for p in sim.optimizer_pieces(rank)]
+        real = [(p["global_name"], tuple(p["global_shape"]), tuple(p["global_offset"]), tuple(p["values"].shape),
+                 p["is_writer"]) for p in dump["pieces"]]
+        assert simulated == real, f"rank {rank}: the simulator's pieces differ from the trainer's"
