@@ -85,8 +85,6 @@ class ScaleCase:
     """The layout that saves."""
     load: Layout
     """The layout a rank plans its load into."""
-    node_size: int = 8
-    """Ranks per node (what is per node in the results)."""
     shard_size_mb: float = 64.0
     """``--optimizer-shard-size-mb``."""
     bf16: bool = True
