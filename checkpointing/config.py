@@ -74,6 +74,12 @@ class CheckpointConfig:
     not given: as fast as the disk goes. Bounds how much flushing
     interferes with training (and shares a parallel file system); a slower flush persists fewer
     versions, the newest first (superseded ones are skipped)."""
+    peer_replicas: int = flag("--ckpt-peer-replicas", 0, metavar="K")
+    """L0 peer replicas: each selected L0 version of a rank is also sent, by its flusher, to K
+    partner ranks on other nodes (the same local rank on the next K nodes) and held in their host
+    pools, so that a lost node resumes from memory; 0: off. Needs at least K + 1 nodes."""
+    peer_interval: int | None = flag("--ckpt-peer-interval", None, derived="--save-interval")
+    """L0 peer replicas: replicate every this many iterations (default: every L0 version)."""
     flusher_timeout: float = flag("--ckpt-flusher-timeout", 300.0, metavar="SECONDS")
     """Seconds this rank's checkpoint flusher process may go without a sign of life, or, while
     training waits on it, without progress, before training stops with an error naming it."""
@@ -83,7 +89,8 @@ class CheckpointConfig:
             raise ValueError(f"--ckpt-snapshot must be one of {', '.join(SNAPSHOT_MODES)}, got {self.snapshot!r}")
         if self.ckpt_format != "torch_dist":
             raise ValueError(f"--ckpt-format {self.ckpt_format!r} is not supported; use torch_dist")
-        for name in ("save_interval", "save_retain_last", "local_interval", "persistent_interval", "host_versions"):
+        for name in ("save_interval", "save_retain_last", "local_interval", "persistent_interval", "host_versions",
+                     "peer_interval"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{flag_name(self, name)} must be >= 1, got {value}")
@@ -109,12 +116,23 @@ class CheckpointConfig:
             raise ValueError("--ckpt-step needs --load DIR")
         if (self.local_interval is None) != (self.local_dir is None):
             raise ValueError("--ckpt-local-dir and --ckpt-local-interval go together (L1 where and how often)")
+        if self.peer_replicas < 0:
+            raise ValueError(f"--ckpt-peer-replicas must be >= 0, got {self.peer_replicas}")
+        if (self.peer_replicas or self.peer_interval is not None) and not self.async_save:
+            raise ValueError("--ckpt-peer-replicas needs --async-save (replicas are sent by the engine's flushers)")
+        if self.peer_interval is not None and not self.peer_replicas:
+            raise ValueError("--ckpt-peer-interval needs --ckpt-peer-replicas K (K >= 1)")
         if self.local_dir is not None and not self.async_save:
             raise ValueError("--ckpt-local-dir needs --async-save (L1 is a level of the async engine)")
 
     @property
     def l2_interval(self) -> int | None:
         return self.persistent_interval or self.save_interval
+
+    @property
+    def replica_interval(self) -> int | None:
+        """Iterations between replicated L0 versions (None: replicas are off)."""
+        return (self.peer_interval or self.save_interval) if self.peer_replicas else None
 
     @property
     def loads_optimizer(self) -> bool:

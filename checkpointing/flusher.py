@@ -46,11 +46,12 @@ from checkpointing import control_block as cb
 from checkpointing import faults, flush_rules
 from checkpointing.commit import save_and_commit
 from checkpointing.durable import CheckpointWriteError
-from checkpointing.host_pool import ArraySpec, map_arrays, write_description
+from checkpointing.host_pool import ArraySpec, description_blob, map_arrays, write_description
 from checkpointing.items import TensorPiece
-from checkpointing.levels import Level
+from checkpointing.levels import PEER, Level
 from checkpointing.pacing import flusher_pacing
 from checkpointing.parallel_layout import ParallelLayout
+from checkpointing.peer_replicas import ReplicaExchange, ReplicaSpec
 from checkpointing.save_plan import SavePlan
 
 HEARTBEAT_SECONDS = 0.5
@@ -88,6 +89,8 @@ class FlusherSpec:
     levels: list[Level]
     layout: ParallelLayout
     trace: bool
+    replicas: ReplicaSpec | None = None
+    """Peer replicas (``--ckpt-peer-replicas``): whom this rank sends its versions to and whose it holds."""
 
 
 class _RecordingTracer:
@@ -135,6 +138,7 @@ class Flusher:
         self.read_after = flush_rules.shards_read_after_pieces([lo for lo, _ in spec.shards],
                                                                [p.start for p in spec.pieces])
         self.pacing = flusher_pacing(block, spec.rank)
+        self.replicas = ReplicaExchange(spec.replicas, spec.rank, group) if spec.replicas else None
         self.tracer = _RecordingTracer() if spec.trace else None
         self.queue: collections.deque[_Job] = collections.deque()
         self.save_plans: dict[str, SavePlan] = {}
@@ -179,7 +183,8 @@ class Flusher:
                 faults.reach("describe", version)
                 error = None
                 try:
-                    write_description(self.spec.meta_paths[slot], version, small_state, self.spec.layout)
+                    write_description(self.spec.meta_paths[slot], version, small_state, self.spec.layout,
+                                      self.spec.pieces, self.spec.specs)
                 except CheckpointWriteError as e:
                     error = str(e)
                 with self.cond:
@@ -224,7 +229,7 @@ class Flusher:
             # this version's slot for a newer one).
             flag = torch.tensor([1 if skip else 0], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            record = None if flag.item() else self.flush(job, level)
+            record = None if flag.item() else self.replicate(job) if level.name == PEER else self.flush(job, level)
             self.block[cb.DONE] = job.id
             self.block[cb.CPU_NS] = time.process_time_ns()
             with self.cond:
@@ -256,6 +261,25 @@ class Flusher:
             return result.bytes_written, result.seconds, None
         except CheckpointWriteError as error:
             return 0, 0.0, str(error)
+
+    def replicate(self, job: _Job) -> tuple:
+        """Send one version to this rank's partners and receive its sources' (``checkpointing.peer_replicas``);
+        returns (bytes sent, seconds, error)."""
+        faults.reach("peer.write", job.version)
+        with self.cond:
+            small_state = self.small_states[job.seq]
+        spec, block = self.spec, self.block  # no test pacing here: a held exchange would hold its partners
+        description = description_blob(job.version, small_state, spec.layout, spec.pieces, spec.specs, source=spec.rank)
+        started = time.perf_counter_ns()
+
+        def sent(index: int) -> None:
+            block[cb.FLUSH_ALIVE_NS] = time.monotonic_ns()
+            block.set_progress(job.id, index + 1)
+
+        result = self.replicas.exchange(job.version, description, self.slots[job.slot], spec.shards, sent)
+        if self.tracer is not None:
+            self.tracer.complete("replicate", "ckpt", started, time.perf_counter_ns(), iteration=job.version)
+        return result
 
     def _progress(self, job: _Job):
         read_after, block, pacing = self.read_after, self.block, self.pacing

@@ -28,6 +28,7 @@ import torch
 from checkpointing import private_files
 from checkpointing.durable import atomic_write_bytes
 from checkpointing.errors import CheckpointError
+from checkpointing.items import TensorPiece
 from checkpointing.parallel_layout import ParallelLayout
 from checkpointing.safe_pickle import load_objects
 
@@ -74,12 +75,54 @@ def read_description(meta_path: str) -> dict | None:
     return description
 
 
-def write_description(meta_path: str, version: int, small_state: dict, layout: ParallelLayout) -> None:
+def description_blob(version: int, small_state: dict, layout: ParallelLayout | dict, pieces=None,
+                     specs: dict[str, ArraySpec] | None = None, **extra) -> bytes:
+    """A slot's description as bytes (``torch.save`` of builtins only, read back with
+    ``weights_only``). ``pieces`` and ``specs`` make the slot a self-describing checkpoint of
+    its rank: which rectangle of which global tensor lies where (a resume from memory into
+    another layout, ``checkpointing.memory_recovery``, reshards from them); ``extra``: a
+    replica's source, holder and checksum (``checkpointing.peer_replicas``)."""
+    description = {"version": version, "objects": small_state,
+                   "layout": layout.to_dict() if isinstance(layout, ParallelLayout) else dict(layout)}
+    if pieces is not None:
+        description["pieces"] = [encode_piece(p) for p in pieces]
+    if specs is not None:
+        description["arrays"] = encode_specs(specs)
+    description.update(extra)
+    blob = io.BytesIO()
+    torch.save(description, blob)
+    return blob.getvalue()
+
+
+def write_description(meta_path: str, version: int, small_state: dict, layout: ParallelLayout, pieces=None,
+                      specs: dict[str, ArraySpec] | None = None) -> None:
     """The L0 commit of a slot: what it holds, written atomically (by the flusher process). The
     small state is stored under ``objects``, the key every description has had."""
-    blob = io.BytesIO()
-    torch.save({"version": version, "objects": small_state, "layout": layout.to_dict()}, blob)
-    atomic_write_bytes(meta_path, blob.getvalue(), mode=0o600)
+    atomic_write_bytes(meta_path, description_blob(version, small_state, layout, pieces, specs), mode=0o600)
+
+
+def encode_piece(piece: TensorPiece) -> tuple:
+    return (piece.key, piece.array, piece.start, tuple(piece.shape), tuple(piece.global_shape),
+            tuple(piece.global_offset), piece.is_writer)
+
+
+def decode_piece(fields) -> TensorPiece:
+    key, array, start, shape, global_shape, global_offset, is_writer = fields
+    return TensorPiece(key, array, int(start), tuple(shape), tuple(global_shape), tuple(global_offset), bool(is_writer))
+
+
+def encode_specs(specs: dict[str, ArraySpec]) -> list[tuple[str, int, str]]:
+    return [(name, spec.numel, str(spec.dtype).removeprefix("torch.")) for name, spec in specs.items()]
+
+
+def decode_specs(fields) -> dict[str, ArraySpec]:
+    specs = {}
+    for name, numel, dtype in fields:
+        value = getattr(torch, str(dtype), None)
+        if not isinstance(value, torch.dtype):
+            raise CheckpointError(f"a slot description names an unknown dtype {dtype!r}")
+        specs[str(name)] = ArraySpec(int(numel), value)
+    return specs
 
 
 def map_arrays(path: str, specs: dict[str, ArraySpec]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -154,29 +197,53 @@ class HostSlot:
         write_description(self.meta_path, version, small_state, layout)
 
 
+REPLICA_SLOTS = 2
+"""Replica slots per source rank: the newest complete replica stays whole while the next one is
+received into the other slot."""
+
+
+def replica_slot_path(directory: str, tag: str, holder: int, source: int, index: int) -> str:
+    """Where ``holder`` keeps replica slot ``index`` of ``source``'s versions."""
+    return os.path.join(directory, f"{PREFIX}{tag}-r{holder}-p{source}-s{index}")
+
+
 class HostPool:
-    """``num_slots`` slots within ``budget_bytes`` (None: no budget)."""
+    """``num_slots`` slots within ``budget_bytes`` (None: no budget), and the replica area: for
+    each source rank of ``replica_specs``, :data:`REPLICA_SLOTS` slots of its arrays."""
 
     def __init__(self, tag: str, rank: int, specs: dict[str, ArraySpec], num_slots: int, budget_bytes: int | None,
-                 directory: str = SHM_DIR):
+                 directory: str = SHM_DIR, replica_specs: dict[int, dict[str, ArraySpec]] | None = None):
         """``directory``: a tmpfs (``/dev/shm``, per node); another one simulates a second node
-        on one machine."""
+        on one machine. ``replica_specs``: the arrays of each rank whose versions this one holds
+        (``--ckpt-peer-replicas``); their memory counts against the budget first."""
         per_slot = slot_bytes(specs)
+        replica_specs = dict(replica_specs or {})
+        replica_bytes = sum(REPLICA_SLOTS * slot_bytes(s) for s in replica_specs.values())
         if budget_bytes is not None:
-            fit = budget_bytes // per_slot
+            fit = (budget_bytes - replica_bytes) // per_slot
             if fit < 1:
+                replicas = (f" beside {replica_bytes / 2**30:.3f} GiB of peer replicas (--ckpt-peer-replicas)"
+                            if replica_bytes else "")
                 raise ValueError(
                     f"--ckpt-host-budget-gb {budget_bytes / 2**30:.3f} is less than one version of this "
-                    f"rank's state ({per_slot / 2**30:.3f} GiB); raise it")
+                    f"rank's state ({per_slot / 2**30:.3f} GiB){replicas}; raise it")
             num_slots = min(num_slots, fit)
         self.tag = tag
+        self.rank = rank
         self.bytes = per_slot * num_slots
+        self.replica_bytes = replica_bytes
+        """Host memory of the replica area (within the budget)."""
         self.directory, note = private_files.pool_dir(directory)
         self.notes: list[str] = [note] if note else []
         """What was refused while opening the pool (the engine logs them)."""
         self.specs = dict(specs)
         self.slots = [HostSlot(os.path.join(self.directory, f"{PREFIX}{tag}-r{rank}-s{i}"), specs, self.notes)
                       for i in range(num_slots)]
+        self.replica_slots: dict[int, list[HostSlot]] = {
+            source: [HostSlot(replica_slot_path(self.directory, tag, rank, source, i), source_specs, self.notes)
+                     for i in range(REPLICA_SLOTS)]
+            for source, source_specs in sorted(replica_specs.items())}
+        """Each source rank's replica slots (their descriptions are ``checkpointing.peer_replicas``')."""
         self.control_path = os.path.join(self.directory, f"{PREFIX}{tag}-r{rank}.ctl")
         """The words this rank's trainer and flusher share (``checkpointing.control_block``)."""
 
@@ -185,7 +252,8 @@ def remove_pool(pool: HostPool) -> int:
     """Remove ``pool``'s files (slots, descriptions, the control block; the mapped memory goes with the last
     reference to it); returns the bytes freed."""
     freed = 0
-    for path in [p for slot in pool.slots for p in (slot.path, slot.meta_path)] + [pool.control_path]:
+    slots = pool.slots + [s for held in pool.replica_slots.values() for s in held]
+    for path in [p for slot in slots for p in (slot.path, slot.meta_path)] + [pool.control_path]:
         try:
             freed += os.lstat(path).st_size
             os.unlink(path)

@@ -15,6 +15,12 @@ L1 = "L1"
 """The node-local directory (``--ckpt-local-dir``)."""
 L2 = "L2"
 """The shared, persistent directory (``--save``; ``--load`` is read as this level)."""
+PEER = "peer"
+"""L0 peer replicas: a version's L0 slot sent to partner ranks on other nodes
+(``checkpointing.peer_replicas``); flushed by the flusher as a level, without a directory."""
+MEMORY = "memory"
+"""A resume from host memory anywhere in the job: own L0 slots and peer replicas
+(``checkpointing.memory_recovery``)."""
 SYNC = "sync"
 """The synchronous save to ``--save`` without the engine (written by the training process)."""
 DISK_LEVELS = (L1, L2)
