@@ -269,7 +269,8 @@ class Flusher:
         with self.cond:
             small_state = self.small_states[job.seq]
         spec, block = self.spec, self.block  # no test pacing here: a held exchange would hold its partners
-        description = description_blob(job.version, small_state, spec.layout, spec.pieces, spec.specs, source=spec.rank)
+        description = description_blob(job.version, small_state, spec.layout, spec.pieces, spec.specs, source=spec.rank,
+                                       shards=[tuple(s) for s in spec.shards])
         started = time.perf_counter_ns()
 
         def sent(index: int) -> None:

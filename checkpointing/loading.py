@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -35,7 +36,7 @@ from checkpointing.errors import (
     CheckpointUntrustedError,
 )
 from checkpointing.items import CheckpointableState, LoadedParts
-from checkpointing.levels import L0, L1, L2
+from checkpointing.levels import L0, L1, L2, MEMORY
 from checkpointing.load_outcome import Attempt, Outcome, agree
 from checkpointing.parallel_layout import ParallelLayout, how_saved
 from checkpointing.reader import CheckpointReader
@@ -56,6 +57,9 @@ class _Read:
     optimizer: bool
     """Optimizer state was read (else the model's weights alone)."""
     node_local: bool
+    common_shared: bool = False
+    """``common`` was read on the nodes whose staged copy holds its file (a resume from host
+    memory) and is shared from there."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +75,16 @@ class CheckpointLoader:
     """This rank's load of one run; every rank of the job makes one, alike, and calls :meth:`load`."""
 
     def __init__(self, cfg: CheckpointConfig, state: CheckpointableState, group, log: Callable[[str], None],
-                 engine=None):
+                 engine=None, memory=None):
         """``group``: the checkpoint layer's gloo group (every rank); ``engine``: the async engine,
-        whose L0 pool may hold a previous run's snapshots (None: no L0)."""
+        whose L0 pool may hold a previous run's snapshots (None: no L0); ``memory``: a version
+        staged from host memory (``checkpointing.memory_recovery.MemoryCandidate``; None: none)."""
         self.cfg = cfg
         self.state = state
         self.group = group
         self.log = log
         self.engine = engine
+        self.memory = memory
         self.rank = dist.get_rank(group)
 
     def candidates(self) -> list[tuple[str, StoredCheckpoint]]:
@@ -112,6 +118,10 @@ class CheckpointLoader:
         if not cfg.load:
             return 0, None
         candidates = self.candidates()
+        if self.memory is not None:  # at equal step, memory before the disk levels
+            held = (MEMORY, StoredCheckpoint(self.memory.version, self.memory.directory, True))
+            candidates = ([c for c in candidates if c[1].iteration > held[1].iteration] + [held]
+                          + [c for c in candidates if c[1].iteration <= held[1].iteration])
         l0 = self._l0_candidate() if self.engine is not None else None
         if l0 is not None and (not candidates or l0 >= candidates[0][1].iteration):
             return self._load_from_l0(l0), (None if cfg.finetune else l0)
@@ -123,7 +133,7 @@ class CheckpointLoader:
         for level, candidate in candidates:
             started = time.perf_counter()
             self.log(f"> loading checkpoint from {candidate.path} ({level}) ...")
-            mine, read = self._try(candidate, wanted_model_keys)
+            mine, read = self._try(candidate, wanted_model_keys, level)
             agreed = agree(gather_from_all(self.group, mine))
             if agreed.outcome is Outcome.LOADED:
                 return self._finish(level, candidate, read, started), None
@@ -142,13 +152,13 @@ class CheckpointLoader:
         raise self._nothing_loaded(refused)
 
     # -- trying one candidate ------------------------------------------------------------------------
-    def _try(self, candidate: StoredCheckpoint, wanted_model_keys: set[str]) -> tuple[Attempt, _Read | None]:
+    def _try(self, candidate: StoredCheckpoint, wanted_model_keys: set[str], level: str) -> tuple[Attempt, _Read | None]:
         """This rank's attempt at ``candidate``, and what it read when it loaded."""
         try:
             reader = CheckpointReader(candidate.path, verify=self.cfg.verify_checksums,
                                       trust_pickles=self.cfg.trust_pickles)
             if reader.local_files is None:
-                return LOADED, self._read_shared(reader, wanted_model_keys)
+                return LOADED, self._read_shared(reader, wanted_model_keys, staged=level == MEMORY)
             refusal = self._node_local_refusal(reader)
             if refusal is not None:
                 return refusal, None
@@ -173,10 +183,12 @@ class CheckpointLoader:
                            "and --finetune read the weights from the shared level (L2, --load) instead")
         return None
 
-    def _read_shared(self, reader: CheckpointReader, wanted_model_keys: set[str]) -> _Read:
+    def _read_shared(self, reader: CheckpointReader, wanted_model_keys: set[str], staged: bool = False) -> _Read:
         """Read this rank's pieces in the current layout from whichever chunks hold them: the
         optimizer's (main weights and moments), or with ``--no-load-optim``/``--finetune``, or
-        from a weights-only checkpoint (``convert_checkpoint.py --from hf``), the model's weights."""
+        from a weights-only checkpoint (``convert_checkpoint.py --from hf``), the model's weights.
+        ``staged``: a copy staged from host memory, whose nodes hold only the files their ranks
+        read (``common`` is read where its file is and shared)."""
         extra = sorted(k for k in reader.tensor_keys() - wanted_model_keys if not keys.is_optimizer_key(k))
         if extra:
             raise CheckpointMismatchError(
@@ -190,12 +202,14 @@ class CheckpointLoader:
         pieces = [p for p in self.state.load_pieces if keys.is_optimizer_key(p.key) == optimizer]
         longer = reader.padded_rows_allowed(self.state.legacy_padded_keys)
         read_bytes = reader.read_pieces(pieces, self.state.load_arrays, longer)
-        small_state = {keys.COMMON: reader.read_object(keys.COMMON)}
+        small_state = {}
+        if not staged or os.path.exists(os.path.join(reader.directory, reader.object_file(keys.COMMON) or "")):
+            small_state[keys.COMMON] = reader.read_object(keys.COMMON)
         rng = keys.rng_key(self.rank)
         same_layout = ParallelLayout.from_dict(reader.facts["layout"]) == self.state.layout
         if self.cfg.loads_rng and same_layout and reader.has(rng):
             small_state[rng] = reader.read_object(rng)
-        return _Read(reader, read_bytes, small_state, optimizer, node_local=False)
+        return _Read(reader, read_bytes, small_state, optimizer, node_local=False, common_shared=staged)
 
     def _read_node_local(self, reader: CheckpointReader) -> _Read:
         """Restore from a node-local checkpoint: each rank reads back its own file (the pieces it
@@ -213,7 +227,7 @@ class CheckpointLoader:
     # -- after every rank agreed ---------------------------------------------------------------------
     def _finish(self, level: str, candidate: StoredCheckpoint, read: _Read, started: float) -> int:
         """Every rank loaded ``candidate``: re-sync the state; returns the iteration to go on from."""
-        if read.node_local:
+        if read.node_local or read.common_shared:
             self._share_common(read.small_state)
         rng = keys.rng_key(self.rank) in read.small_state
         if self.cfg.loads_rng and not rng:

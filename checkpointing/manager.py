@@ -84,6 +84,12 @@ class CheckpointManager:
         """Wall time from one ``after_step`` to the next (training, logging and checkpointing
         together), by whether checkpoint work ran in that time (a save, a copy, a flush)."""
         self.engine = None
+        self.memory = None
+        """A version staged from host memory for the load (``checkpointing.memory_recovery``)."""
+        if cfg.async_save and cfg.load:  # before the engine opens its pool over the slot files
+            from checkpointing.memory_recovery import prepare
+
+            self.memory = prepare(cfg, state, self.group, log)
         if cfg.async_save:
             from checkpointing.engine import CheckpointEngine
 
@@ -117,11 +123,17 @@ class CheckpointManager:
         (all of them after ``--finetune``: the new run's versions restart from 0).
         """
         kept = None
+        if self.memory is not None:
+            for line in self.memory.lines:
+                self.log(line)
         try:
-            start, kept = CheckpointLoader(self.cfg, self.state, self.group, self.log, self.engine).load()
+            start, kept = CheckpointLoader(self.cfg, self.state, self.group, self.log, self.engine, self.memory).load()
         finally:
             if self.engine is not None:
                 self.engine.keep_only(kept)
+            if self.memory is not None:
+                self.memory.remove()
+                self.memory = None
         self.loaded = start
         return start
 

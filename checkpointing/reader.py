@@ -167,6 +167,14 @@ class CheckpointReader:
                     f"{piece.numel} elements at {piece.global_offset}")
         return total
 
+    def files_for(self, pieces: list[TensorPiece]) -> set[str]:
+        """The data files holding the stored chunks that ``pieces`` overlap (of the tensors this
+        checkpoint has): where a load of them reads."""
+        stored = self.tensor_keys()
+        wanted, _ = wanted_chunks(self.metadata, self.chunk_index, [p for p in pieces if p.key in stored],
+                                  frozenset(), self.directory)
+        return {self.metadata.storage_data[MetadataIndex(key, offsets)].relative_path for key, offsets in wanted}
+
     def _fill_pieces(self, blob: "_Blob", data: memoryview, wanted: dict, sizes: dict, arrays: dict[str, torch.Tensor],
                      covered: dict[int, int]) -> int:
         """Copy one verified chunk into every piece it overlaps; returns its length."""

@@ -1,0 +1,123 @@
+"""Peer replicas (``--ckpt-peer-replicas``) and the resume from host memory after a node is lost,
+with two nodes on this machine (``tests/launch.run_two_nodes``: each node its own
+``--ckpt-host-dir``, L2 shared and, here, still empty when the node goes).
+
+(a) Killed after iteration 9, node B replaced (its shared memory gone): the two-node restart
+    resumes from memory (node A's own slots and its replicas of node B's ranks, sent over), not
+    from scratch, and replays the losses bit for bit.
+(b) The same kill, restarted on node A alone at TP2xDP1: it resumes from memory, resharded, with
+    losses within 1e-4 of the uninterrupted run.
+(c) A replica file planted by someone else is refused, not read.
+(d) A normal end frees the replicas with the rest of the pool.
+"""
+
+import os
+import shutil
+import uuid
+
+import pytest
+
+from tests.launch import TINY, read_scalars, run_pretrain, run_two_nodes
+
+pytestmark = pytest.mark.slow
+
+ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
+               "--lr", "3e-3", "--log-interval", "1", "--train-iters", "14", "--tensor-model-parallel-size", "2",
+               "--use-distributed-optimizer"]
+CKPT = ["--async-save", "--save-interval", "1", "--ckpt-persistent-interval", "100", "--ckpt-peer-replicas", "1"]
+# Each request waits until the previous version's jobs (its replication included) are done: what
+# a kill after iteration N leaves does not depend on the machine's speed.
+HOLD = {"GPT_CKPT_HOLD": "request"}
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    hosts = {name: f"/dev/shm/gptckpt-test-{tag}-node{name}" for name in "AB"}
+    yield hosts
+    for host in hosts.values():
+        shutil.rmtree(host, ignore_errors=True)
+
+
+def _files(host: str) -> list[str]:
+    return sorted(name for _, _, names in os.walk(host) for name in names)
+
+
+def _two_nodes(tmp_path, nodes, phase: str, extra: list[str], kill_at: int | None):
+    save = tmp_path / "ckpt"
+    env = {"GPT_CKPT_FAULT": f"iteration:kill:{kill_at}", **HOLD} if kill_at else {}
+    results = run_two_nodes(ARGS + CKPT + extra + ["--save", str(save), "--load", str(save),
+                                                   "--tensorboard-dir", str(tmp_path / phase)],
+                            [["--ckpt-host-dir", host] for host in nodes.values()], env=env)
+    for r in results:
+        assert (r.returncode != 0) == bool(kill_at), f"{phase}: rc {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return results[1].stdout, read_scalars(tmp_path / phase, "lm loss")
+
+
+def _killed_at_9(tmp_path, nodes) -> dict[int, float]:
+    out, losses = _two_nodes(tmp_path, nodes, "killed", [], kill_at=9)
+    assert "peer replicas on 1 other node(s) (2 nodes" in out, out[-3000:]
+    assert sorted(losses) == list(range(1, 10))
+    assert not os.listdir(tmp_path / "ckpt") or not any(p.startswith("iter_") for p in os.listdir(tmp_path / "ckpt"))
+    assert any("-p" in name for name in _files(nodes["A"])), _files(nodes["A"])  # node A holds node B's replicas
+    return losses
+
+
+def test_node_replaced_resumes_from_memory_bit_for_bit(tmp_path, nodes):
+    """(a)"""
+    killed = _killed_at_9(tmp_path, nodes)
+    shutil.rmtree(nodes["B"])  # node B replaced: its host memory is empty
+    out, resumed = _two_nodes(tmp_path, nodes, "resumed", ["--ckpt-keep-host-pool"], kill_at=None)
+    assert "is held in host memory" in out and "0 bytes read from --save" in out, out[-4000:]
+    assert "rank 2: a replica on node 0" in out and "rank 0: its own L0 slot on node 0" in out, out[-4000:]
+    first = min(resumed)
+    assert first >= 9, (first, out[-3000:])  # resumed from iteration >= 8
+    assert f"loaded iteration {first - 1} from" in out, out[-3000:]
+    for it in range(first, 10):
+        assert resumed[it] == killed[it], (it, resumed[it], killed[it])
+    assert sorted(resumed) == list(range(first, 15))
+
+
+def test_node_lost_restart_on_survivors_in_smaller_layout(tmp_path, nodes):
+    """(b)"""
+    killed = _killed_at_9(tmp_path, nodes)
+    save = tmp_path / "ckpt"
+    proc = run_pretrain(ARGS + CKPT[:-2] + ["--save", str(save), "--load", str(save), "--ckpt-host-dir", nodes["A"],
+                                            "--tensorboard-dir", str(tmp_path / "survivors")], nproc=2)
+    out = proc.stdout
+    assert "is held in host memory (TP2xDP2 saved it)" in out and "0 bytes read from --save" in out, out[-4000:]
+    resumed = read_scalars(tmp_path / "survivors", "lm loss")
+    first = min(resumed)
+    assert first >= 9, (first, out[-3000:])
+    for it in range(first, 10):
+        assert abs(resumed[it] - killed[it]) <= 1e-4 * abs(killed[it]), (it, resumed[it], killed[it])
+
+
+def test_planted_replica_is_refused(tmp_path, nodes):
+    """(c): a replica description another user could have written (group/other-writable here;
+    owned by another uid under root, tests/test_private_files.py) is refused, never read."""
+    _killed_at_9(tmp_path, nodes)
+    metas = [os.path.join(root, n) for root, _, names in os.walk(nodes["A"]) for n in names
+             if "-p" in n and n.endswith(".meta")]
+    assert metas
+    for meta in metas:
+        os.chmod(meta, 0o666)
+    shutil.rmtree(nodes["B"])
+    out, _ = _two_nodes(tmp_path, nodes, "planted", [], kill_at=None)
+    assert "refused" in out and "not used" in out, out[-4000:]
+    assert "is held in host memory" not in out
+    assert "host memory cannot serve a resume" in out, out[-4000:]
+
+
+def test_replicas_freed_at_normal_end(tmp_path, nodes):
+    """(d)"""
+    _, losses = _two_nodes(tmp_path, nodes, "normal", ["--train-iters", "4"], kill_at=None)
+    assert sorted(losses) == [1, 2, 3, 4]
+    for host in nodes.values():
+        assert not [f for f in _files(host) if f.startswith("gptckpt-")], _files(host)
+
+
+def test_one_node_is_refused(tmp_path):
+    proc = run_pretrain(ARGS + CKPT + ["--save", str(tmp_path / "ckpt"), "--train-iters", "2"], nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "every rank of this job shares --ckpt-host-dir" in proc.stdout + proc.stderr
