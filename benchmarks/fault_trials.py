@@ -22,15 +22,17 @@ import glob
 import os
 import random
 import shutil
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from benchmarks.processes import run_trainer
+from benchmarks.two_nodes import run_two_node_trainer
 from checkpointing import host_pool
 from checkpointing.durable import read_tracker
-from checkpointing.inventory import l0_entries, level_entries
+from checkpointing.inventory import l0_entries, level_entries, replica_entries
 from checkpointing.levels import L1, L2
 from trainer.metrics_file import read_metrics_file
 
@@ -49,7 +51,12 @@ iterations), ``trainer-in-flush`` (between iterations while its flusher is in a 
 flusher must go with it). The flusher process: ``L*.write``/``L*.metadata``/``L*.tracker`` (in a
 flush or its commit), ``describe`` (writing an L0 description), ``flusher.idle`` (after a job,
 waiting for the next); the trainer must then stop with an error, and the restart resume."""
-DAMAGES = ["flip", "truncate", "delete-rank-file", "delete-metadata", "full-disk", "read-only", "lose-node-local"]
+DAMAGES = ["flip", "truncate", "delete-rank-file", "delete-metadata", "full-disk", "read-only", "lose-node-local",
+           "lose-node"]
+"""``lose-node``: a job of two nodes (one rank each, DP2) with peer replicas, killed after an
+iteration, node B replaced (its host memory and node-local disk gone): the restart must resume
+from host memory (node A's own slots and its replicas of node B's rank), never from L2 alone."""
+PEER_ARGS = ["--ckpt-peer-replicas", "1"]
 # A fault on a level's write fires only if that version is flushed; without the hold, a version
 # superseded before its flush started is skipped (by design) and the fault is never reached, as
 # often as the machine is slow. Held, each request waits until the flushes before it are done.
@@ -163,11 +170,78 @@ def _copy_run(src: str, dst: str) -> None:
         shutil.copy(path, path.replace(old, new))
 
 
-def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], finished_run: str) -> TrialResult:
+def _node_dirs(base: str) -> list[tuple[str, str]]:
+    """(host dir, local dir) of nodes A and B of a ``lose-node`` trial."""
+    tag = host_pool.job_tag(base)
+    return [(f"/dev/shm/gptckpt-trial-{tag}-node{n}", os.path.join(base, f"node{n}", "l1")) for n in "AB"]
+
+
+def _two_node_args(base: str, iters: int, metrics: str | None = None) -> tuple[list[str], list[list[str]]]:
+    save, _ = _dirs(base)
+    extra = _logged(base, metrics) if metrics else []
+    args = ARGS + PEER_ARGS + ["--train-iters", str(iters), "--save", save, "--load", save] + extra
+    return args, [["--ckpt-host-dir", host, "--ckpt-local-dir", local] for host, local in _node_dirs(base)]
+
+
+def memory_resume_expected(base: str) -> int:
+    """Newest version node A holds for both ranks (rank 0's own slot and its replica of rank 1),
+    or the newest valid one on L2 if that is newer."""
+    save, _ = _dirs(base)
+    host_a = _node_dirs(base)[0][0]
+    own = {e.iteration for e in l0_entries(save, host_a)}
+    replicas = {e.iteration for e in replica_entries(save, [host_a])}
+    best = max(own & replicas, default=0)
+    tracker = read_tracker(save) if os.path.isdir(save) else None
+    for e in level_entries(L2, save, verify=True):
+        if e.state == "committed" and (tracker is None or e.iteration <= tracker):
+            best = max(best, e.iteration)
+    return best
+
+
+def run_lose_node(base: str, rng: random.Random, reference: dict[int, float]) -> TrialResult:
+    """A ``lose-node`` trial (see :data:`DAMAGES`)."""
+    kind = "lose-node"
+    iteration = rng.randrange(3, TRAIN)
+    detail = f"two nodes, replicas on, SIGKILL after iteration {iteration}, node B replaced"
+    try:
+        args, nodes = _two_node_args(base, TRAIN)
+        codes, _ = run_two_node_trainer(args, nodes, base, "train",
+                                        {"GPT_CKPT_FAULT": f"iteration:kill:{iteration}", **HOLD})
+        if None in codes or codes == [0, 0]:
+            return TrialResult(kind, detail, -1, None, False, f"the run to be killed ended with {codes}")
+        host_b, local_b = _node_dirs(base)[1]
+        shutil.rmtree(host_b, ignore_errors=True)
+        shutil.rmtree(local_b, ignore_errors=True)
+        expected = memory_resume_expected(base)
+        args, nodes = _two_node_args(base, RESUME_TO, "resume")
+        codes, text = run_two_node_trainer(args, nodes, base, "resume")
+        losses = _losses(base, "resume") if os.path.exists(os.path.join(base, "resume.jsonl")) else {}
+        loaded = _loaded(losses)
+        if codes != [0, 0]:
+            return TrialResult(kind, detail, expected, loaded, False, f"resume failed ({codes}): {_failure_lines(text)}")
+        if loaded != expected:
+            return TrialResult(kind, detail, expected, loaded, False, f"loaded {loaded}, newest in memory is {expected}")
+        if "is held in host memory" not in text or "0 bytes read from --save" not in text:
+            return TrialResult(kind, detail, expected, loaded, False, "did not resume from host memory")
+        wrong = [it for it, v in losses.items() if v != reference[it]]
+        if wrong or sorted(losses) != list(range(expected + 1, RESUME_TO + 1)):
+            return TrialResult(kind, detail, expected, loaded, False, f"losses differ at {wrong or sorted(losses)}")
+        return TrialResult(kind, detail, expected, loaded, True)
+    finally:
+        for host, _ in _node_dirs(base):
+            shutil.rmtree(host, ignore_errors=True)
+
+
+def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], finished_run: str,
+              two_node_reference=None) -> TrialResult:
+    """``two_node_reference()``: the uninterrupted two-node run's losses (made on first use)."""
     rng = random.Random(seed * 100_003 + index)
     base = os.path.join(workdir, f"trial-{index:03d}")
     save, _ = _dirs(base)
     try:
+        if rng.random() >= 0.5 and rng.choice(DAMAGES) == "lose-node":
+            return run_lose_node(base, rng, two_node_reference())
+        rng = random.Random(seed * 100_003 + index)  # the other trials draw as before
         if rng.random() < 0.5:
             kind = "kill"
             point = rng.choice(KILL_POINTS)
@@ -186,6 +260,8 @@ def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], 
                 return TrialResult(kind, detail, -1, None, False, "the fault point was never reached")
         else:
             kind = rng.choice(DAMAGES)
+            while kind == "lose-node":  # drawn above only where the first draw picked it
+                kind = rng.choice(DAMAGES)
             if kind in ("full-disk", "read-only"):
                 level = rng.choice([L1, L2])
                 fault = f"{level}.write:{'fail' if kind == 'full-disk' else 'readonly'}:{rng.choice([4, 8])}"
@@ -223,16 +299,41 @@ def reference_losses(workdir: str) -> dict[int, float]:
     return _losses(base, "reference")
 
 
+def two_node_reference_losses(workdir: str) -> dict[int, float]:
+    """The uninterrupted two-node (DP2) run's losses, without checkpointing."""
+    base = os.path.join(workdir, "reference-two-nodes")
+    args = ARGS[: ARGS.index("--async-save")] + ["--train-iters", str(RESUME_TO)] + _logged(base, "reference")
+    codes, text = run_two_node_trainer(args, [[], []], base, "reference")
+    if codes != [0, 0]:
+        raise RuntimeError(f"the two-node reference run failed ({codes}):\n{text[-3000:]}")
+    return _losses(base, "reference")
+
+
+class _Once:
+    """A value made on first use, by one thread."""
+
+    def __init__(self, make):
+        self.make, self.value, self.lock = make, None, threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            if self.value is None:
+                self.value = self.make()
+            return self.value
+
+
 def run_trials(trials: int, seed: int, workdir: str, progress=print, parallel: int = 2) -> list[TrialResult]:
     """``parallel`` trials at a time: each launch is mostly single-threaded start-up."""
     reference = reference_losses(workdir)
+    two_nodes = _Once(lambda: two_node_reference_losses(workdir))
     finished = os.path.join(workdir, "finished")
     _run(finished, "train", _args(finished, TRAIN) + ["--ckpt-keep-host-pool"])  # its L0 is copied into trials
     started = time.perf_counter()
     results: list[TrialResult] = [None] * trials  # type: ignore[list-item]
     try:
         with ThreadPoolExecutor(parallel) as pool:
-            futures = {pool.submit(run_trial, i, seed, workdir, reference, finished): i for i in range(trials)}
+            futures = {pool.submit(run_trial, i, seed, workdir, reference, finished, two_nodes): i
+                       for i in range(trials)}
             for done, future in enumerate(as_completed(futures), 1):
                 i, result = futures[future], future.result()
                 results[i] = result

@@ -3,7 +3,8 @@
 States: ``committed`` (metadata present, every data file whole; with ``verify`` every checksum
 matches too), ``partial`` (no committed metadata: an interrupted save), ``corrupt`` (committed
 but a file is missing, short, or a checksum differs), ``refused`` (its metadata would run code to
-be read: tampered, see ``checkpointing.safe_pickle``). L0 versions are ``in memory``.
+be read: tampered, see ``checkpointing.safe_pickle``). L0 versions and their peer replicas
+(``replica``, one line per version with the nodes that hold it) are ``in memory``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from checkpointing.discovery import list_checkpoints
 from checkpointing.durable import read_tracker
 from checkpointing.errors import CheckpointCorruptError, CheckpointError, CheckpointUntrustedError
 from checkpointing.levels import L0, L1, L2
+
+REPLICA = "replica"
+"""The level column of a peer replica's line (``--ckpt-peer-replicas``)."""
 from checkpointing.metadata import read_metadata
 
 
@@ -82,21 +86,26 @@ def level_entries(level: str, root: str | None, verify: bool = False) -> list[En
     return entries
 
 
-def l0_entries(save_dir: str, host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
-    """Versions held in the job's shared-memory pool on this node (its ranks' slots, by version)."""
-    by_version: dict[int, list[str]] = {}
-    sizes: dict[int, int] = {}
+def _described_slots(save_dir: str, host_dir: str, name: re.Pattern):
+    """(slot path, description) of the job's slots under ``host_dir`` whose path matches ``name``
+    (own slots or replicas), described and readable."""
     for path in host_pool.list_segments(host_pool.job_tag(save_dir), host_dir):
-        if not path.endswith(".meta"):
+        if not path.endswith(".meta") or not name.search(path[: -len(".meta")]):
             continue
         try:
             description = host_pool.read_description(path)
         except (OSError, CheckpointError):  # another user's file, damaged, or code: not listed, not run
             continue
-        if description is None:
-            continue
+        if description is not None:
+            yield path[: -len(".meta")], description
+
+
+def l0_entries(save_dir: str, host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
+    """Versions held in the job's shared-memory pool on this node (its ranks' slots, by version)."""
+    by_version: dict[int, list[str]] = {}
+    sizes: dict[int, int] = {}
+    for data, description in _described_slots(save_dir, host_dir, _RANK_SLOT):
         version = description["version"]
-        data = path[: -len(".meta")]
         by_version.setdefault(version, []).append(data)
         sizes[version] = sizes.get(version, 0) + (os.path.getsize(data) if os.path.exists(data) else 0)
     entries = []
@@ -110,6 +119,30 @@ def l0_entries(save_dir: str, host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
 
 
 _RANK_SLOT = re.compile(r"-r(\d+)-s\d+$")
+_REPLICA_SLOT = re.compile(r"-r(\d+)-p(\d+)-s\d+$")
+
+
+def replica_entries(save_dir: str, host_dirs: list[str]) -> list[Entry]:
+    """Peer replicas (``--ckpt-peer-replicas``) of the job in the pools under ``host_dirs`` (one
+    per node: a machine's ``/dev/shm``, or the directories that stand for nodes): one entry per
+    version, saying which ranks' versions each node holds and which ranks hold them."""
+    held: dict[int, dict[str, tuple[set[int], set[int], int]]] = {}
+    for host_dir in host_dirs:
+        for data, description in _described_slots(save_dir, host_dir, _REPLICA_SLOT):
+            match = _REPLICA_SLOT.search(data)
+            sources, holders, size = held.setdefault(description["version"], {}).get(host_dir, (set(), set(), 0))
+            size += os.path.getsize(data) if os.path.exists(data) else 0
+            held[description["version"]][host_dir] = (sources | {int(match.group(2))}, holders | {int(match.group(1))},
+                                                      size)
+    entries = []
+    for version, by_node in sorted(held.items()):
+        every = sorted(set().union(*(sources for sources, _, _ in by_node.values())))
+        nodes = "; ".join(f"{host_dir}: ranks {_ranges(sorted(sources))} held by ranks {_ranges(sorted(holders))}"
+                          for host_dir, (sources, holders, _) in sorted(by_node.items()))
+        entries.append(Entry(REPLICA, version, "in memory", sum(size for _, _, size in by_node.values()),
+                             ", ".join(sorted(by_node)), f"replicas of ranks {_ranges(every)} on {len(by_node)} "
+                             f"node(s): {nodes}"))
+    return entries
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -124,9 +157,11 @@ def _ranges(numbers: list[int]) -> str:
 
 
 def all_entries(save_dir: str, local_dir: str | None, verify: bool = False,
-                host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
-    return (l0_entries(save_dir, host_dir) + level_entries(L1, local_dir, verify)
-            + level_entries(L2, save_dir, verify))
+                host_dir: str | list[str] = host_pool.SHM_DIR) -> list[Entry]:
+    """``host_dir``: the pool directory of this node, or several (each standing for a node)."""
+    host_dirs = [host_dir] if isinstance(host_dir, str) else list(host_dir)
+    return ([e for h in host_dirs for e in l0_entries(save_dir, h)] + replica_entries(save_dir, host_dirs)
+            + level_entries(L1, local_dir, verify) + level_entries(L2, save_dir, verify))
 
 
 def format_table(entries: list[Entry], save_dir: str, local_dir: str | None) -> str:

@@ -53,6 +53,7 @@ from checkpointing.metadata import build_metadata, write_metadata
 from checkpointing.parallel_layout import ParallelLayout
 from checkpointing.peer_replicas import node_list, shard_views, slot_checksum
 from checkpointing.peers import directory_peers
+from checkpointing.rollback import rollbacks
 from checkpointing.writer import write_rank_file
 
 _OWN = re.compile(r"-r(\d+)-s\d+\.meta$")
@@ -83,8 +84,10 @@ class HeldState:
         return f"{kind} on node {self.node} (ranks {nodes[self.node][0]}-{nodes[self.node][-1]})"
 
 
-def scan(host_dir: str, tag: str, notes: list[str]) -> list[HeldState]:
-    """Every described slot and replica of job ``tag`` in this node's pool directories."""
+def scan(host_dir: str, tag: str, notes: list[str], rolled_back: list[dict] = ()) -> list[HeldState]:
+    """Every described slot and replica of job ``tag`` in this node's pool directories.
+    ``rolled_back``: the job's rollbacks (``checkpointing.rollback.rollbacks``): a version above
+    one's step described before it is of the abandoned branch."""
     found = []
     for meta in host_pool.list_segments(tag, host_dir):
         own, replica = _OWN.search(meta), _REPLICA.search(meta)
@@ -105,6 +108,10 @@ def scan(host_dir: str, tag: str, notes: list[str]) -> list[HeldState]:
         why = private_files.problem(meta[: -len(".meta")])
         if why is not None:
             notes.append(f"WARNING: host memory: {meta[: -len('.meta')]} refused: {why}; not used")
+            continue
+        if any(r["step"] < description["version"] and os.path.getmtime(meta) < r["time"] for r in rolled_back):
+            notes.append(f"> checkpoint: host memory: {meta} holds iteration {description['version']}, of the branch "
+                         "a rollback abandoned; not used")
             continue
         layout = tuple(sorted(description["layout"].items()))
         found.append(HeldState(int(description["version"]), source, layout, meta, bool(replica)))
@@ -164,7 +171,7 @@ def prepare(cfg: CheckpointConfig, state: CheckpointableState, group, log: Calla
     leader = nodes[node][0] == rank
     notes: list[str] = []
     mine = [HeldState(h.version, h.source, h.layout, h.meta_path, h.replica, node)
-            for h in scan(cfg.host_dir, host_pool.job_tag(cfg.save), notes)] if leader else []
+            for h in scan(cfg.host_dir, host_pool.job_tag(cfg.save), notes, rollbacks(cfg.load))] if leader else []
     everyone = gather_from_all(group, (notes, mine))  # the node's first rank scanned it; the logging rank says so
     for node_notes, _ in everyone:
         for note in node_notes:

@@ -21,6 +21,7 @@ the first) with the same ``--branch``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -34,6 +35,27 @@ from checkpointing.levels import L1, L2
 
 class RollbackRefused(ValueError):
     """STEP cannot be rolled back to; the message lists what exists."""
+
+
+ROLLBACK_RECORD = "rollbacks.jsonl"
+"""In ``--save``: one JSON line per rollback (step, time, branch)."""
+
+
+def rollbacks(save_dir: str | None) -> list[dict]:
+    """The rollbacks recorded in ``save_dir`` (oldest first); lines that are not a record are skipped."""
+    path = os.path.join(save_dir or "", ROLLBACK_RECORD)
+    if not save_dir or not os.path.isfile(path):
+        return []
+    found = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("time"), float):
+                found.append(record)
+    return found
 
 
 def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
@@ -73,6 +95,11 @@ def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
             for data in entry.paths:
                 actions.append((f"L0: version {entry.iteration} set aside ({data}.meta -> .meta.{branch})",
                                 ("l0", data + ".meta", f"{data}.meta.{branch}")))
+    # Host memory on other nodes (their L0 slots, the peer replicas they hold) is out of reach
+    # here: the record tells a resume from memory that what they hold above ``step`` is of the
+    # abandoned branch (checkpointing.memory_recovery).
+    actions.append((f"{save_dir}/{ROLLBACK_RECORD}: host-memory versions above {step} written before now are "
+                    "not resumed from", ("record", save_dir, step, branch)))
     return actions
 
 
@@ -91,6 +118,12 @@ def apply(actions: list[tuple[str, tuple]]) -> None:
             os.rename(os.path.join(action[1], TRACKER_NAME), os.path.join(action[2], TRACKER_NAME))
         elif kind == "l0":
             os.rename(action[1], action[2])
+        elif kind == "record":
+            _, root, step, branch = action
+            with open(os.path.join(root, ROLLBACK_RECORD), "a") as f:
+                f.write(json.dumps({"step": step, "time": time.time(), "branch": branch}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def main(argv=None) -> int:
@@ -98,15 +131,19 @@ def main(argv=None) -> int:
     parser.add_argument("step", nargs="?", type=int, help="the iteration to make the latest")
     parser.add_argument("--save", default="ckpts", help="the job's --save directory (L2; default: ckpts)")
     parser.add_argument("--local-dir", help="the job's --ckpt-local-dir (L1), if it had one")
-    parser.add_argument("--host-dir", default=host_pool.SHM_DIR,
-                        help=f"the job's --ckpt-host-dir (L0), if not {host_pool.SHM_DIR}")
+    parser.add_argument("--host-dir", action="append",
+                        help=f"the job's --ckpt-host-dir (L0), if not {host_pool.SHM_DIR}; with --list it may be given "
+                             "once per node directory (nodes sharing one machine), and peer replicas are listed "
+                             "with the nodes that hold them")
     parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
     parser.add_argument("--branch", help="name of the folder later checkpoints are moved into")
     parser.add_argument("--list", action="store_true", help="list every checkpoint on every level instead")
     parser.add_argument("--verify", action="store_true", help="with --list: also verify every checksum (reads all data)")
     args = parser.parse_args(argv)
+    host_dirs = args.host_dir or [host_pool.SHM_DIR]
+    args.host_dir = host_dirs[0]
     if args.list:
-        print(format_table(all_entries(args.save, args.local_dir, args.verify, args.host_dir), args.save, args.local_dir))
+        print(format_table(all_entries(args.save, args.local_dir, args.verify, host_dirs), args.save, args.local_dir))
         return 0
     if args.step is None:
         parser.error("give STEP, or --list")

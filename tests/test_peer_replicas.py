@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from tests.launch import TINY, read_scalars, run_pretrain, run_two_nodes
+from tests.launch import TINY, read_scalars, rollback, run_pretrain, run_two_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +60,9 @@ def _killed_at_9(tmp_path, nodes) -> dict[int, float]:
     assert sorted(losses) == list(range(1, 10))
     assert not os.listdir(tmp_path / "ckpt") or not any(p.startswith("iter_") for p in os.listdir(tmp_path / "ckpt"))
     assert any("-p" in name for name in _files(nodes["A"])), _files(nodes["A"])  # node A holds node B's replicas
+    listed = rollback("--list", "--save", tmp_path / "ckpt", "--host-dir", nodes["A"], "--host-dir", nodes["B"]).stdout
+    replicas = [line for line in listed.splitlines() if line.startswith("replica")]
+    assert replicas and all("on 2 node(s)" in line and "replicas of ranks 0-3" in line for line in replicas[-1:]), listed
     return losses
 
 
