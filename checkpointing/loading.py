@@ -240,7 +240,8 @@ class CheckpointLoader:
         if any(gather_from_all(self.group, read.reader.full_unpickling)):
             self.log(f"> checkpoint: {candidate.path} was read with full unpickling (--trust-checkpoint-pickles): "
                      "it holds objects that need it; checkpoints this run writes do not")
-        self.log(f"> loaded iteration {candidate.iteration} from {candidate.path} "
+        where = f"host memory (staged in {candidate.path})" if level == MEMORY else candidate.path
+        self.log(f"> loaded iteration {candidate.iteration} from {where} "
                  f"({read.bytes_read / 1e6:.1f} MB on the logging rank, {time.perf_counter() - started:.2f} s)")
         return start
 

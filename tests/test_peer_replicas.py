@@ -110,7 +110,7 @@ def test_node_replaced_resumes_from_memory_bit_for_bit(after_kill):
     assert "rank 2: a replica on node 0" in out and "rank 0: its own L0 slot on node 0" in out, out[-4000:]
     first = min(resumed)
     assert first >= 9, (first, out[-3000:])  # resumed from iteration >= 8
-    assert f"loaded iteration {first - 1} from" in out, out[-3000:]
+    assert f"loaded iteration {first - 1} from host memory (staged in" in out, out[-3000:]
     for it in range(first, 10):
         assert resumed[it] == killed[it], (it, resumed[it], killed[it])
     assert sorted(resumed) == list(range(first, 15))
