@@ -134,8 +134,9 @@ class Simulated:
         geometry, specs, _ = self.stage(tp_rank, pp_rank)
         return checkpoint_pieces(self.optimizer_pieces(rank), geometry.spans, specs, self.cfg.vocab_size, self.bf16)
 
-    def records(self, rank: int, version: int) -> list[ChunkRecord]:
-        """What ``write_rank_file`` returns on ``rank`` for a shared level (writer pieces only)."""
+    def records(self, rank: int, version: int, replicas: bool = False) -> list[ChunkRecord]:
+        """What ``write_rank_file`` returns on ``rank``: for a shared level (writer pieces only),
+        or with ``replicas`` for a node-local one (every piece; the others' as replica records)."""
         save, _ = self.pieces(rank)
         name = data_file_name(rank)
         dtypes = {"fp32_param": torch.float32, "exp_avg": torch.float32, "exp_avg_sq": torch.float32,
@@ -144,7 +145,7 @@ class Simulated:
         out: list[ChunkRecord] = []
         at = 0
         for i, piece in enumerate(save):
-            if not piece.is_writer:
+            if not (piece.is_writer or replicas):
                 continue
             same = (piece.array, piece.start, piece.shape)
             if same not in written:
@@ -153,7 +154,7 @@ class Simulated:
                 at += length
             offset, length, checksum = written[same]
             out.append(ChunkRecord(piece.key, piece.global_offset, piece.shape, piece.global_shape,
-                                   dtypes[piece.array], name, offset, length, checksum, rank, True))
+                                   dtypes[piece.array], name, offset, length, checksum, rank, piece.is_writer))
         items = [(keys.rng_key(rank), RNG_ITEM_BYTES)] + ([(keys.COMMON, COMMON_ITEM_BYTES)] if rank == 0 else [])
         for i, (key, length) in enumerate(items):
             out.append(ChunkRecord(key, None, None, None, None, name, at, length + version % 3,
@@ -172,8 +173,9 @@ def _checksum(version: int, rank: int, index: int) -> int:
 
 # -- the code as it was: the reference of the "before" column ------------------------------------
 
-def pairwise_tiling(key, global_shape, chunks) -> None:
-    """The tiling check as it was: every pair of chunks of a key compared."""
+def pairwise_tiling(key, global_shape, chunks, complete: bool = True) -> None:
+    """The tiling check as it was: every pair of chunks of a key compared (``complete``: as
+    ``checkpointing.metadata._check_tiling``'s; only whole jobs are built pairwise here)."""
     total = 0
     for c in chunks:
         if any(o < 0 or o + s > g for o, s, g in zip(c.offsets, c.sizes, global_shape)):
@@ -183,7 +185,7 @@ def pairwise_tiling(key, global_shape, chunks) -> None:
         for b in chunks[i + 1:]:
             if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
                 raise TilingError(f"{key}: chunks overlap at {a.offsets} / {b.offsets}")
-    if total != math.prod(global_shape):
+    if complete and total != math.prod(global_shape):
         raise TilingError(f"{key}: chunks cover {total} of {math.prod(global_shape)} elements")
 
 
@@ -209,11 +211,16 @@ def timed_pairwise_build(records, iteration, layout, cap_s: float) -> float | No
     parent, child = mp.get_context("fork").Pipe()
     process = mp.get_context("fork").Process(target=_build_pairwise, args=(records, iteration, layout, child))
     process.start()
-    ready = parent.poll(cap_s)
-    seconds = parent.recv() if ready else None
+    deadline = time.monotonic() + cap_s
+    while not parent.poll(0.2) and process.is_alive() and time.monotonic() < deadline:
+        pass
+    seconds = parent.recv() if parent.poll() else None
     if process.is_alive():
         process.kill()
     process.join()
+    if seconds is None and process.exitcode not in (0, -9):  # it failed, not ran out of time
+        raise RuntimeError(f"the pairwise metadata build failed in its child (exit code {process.exitcode}); "
+                           "its traceback is above")
     return seconds
 
 
@@ -240,6 +247,32 @@ def _plan_load(directory: str, index_class, pieces_of, sample: list[int]) -> tup
     return read_s, slowest, wanted
 
 
+def _plan_versions(gathered: list[list[ChunkRecord]], records_of, ranks, versions: int, layout, local_files,
+                   directory: str) -> dict:
+    """A level's save plan over ``ranks``, as the coordinator runs it into ``directory``: version 1
+    built from ``gathered`` (the sweep check) and written, versions 2.. filled and written.
+    Returns the plan's build and first write seconds, the .metadata size, the best fill and write
+    seconds, and each rank's pickled payload bytes at the last version."""
+    plans = [SavePlan() for _ in ranks]
+    sent = [p.rank.payload(rs) for p, rs in zip(plans, gathered)]
+    out: dict = {}
+    out["build_s"], metadata = _seconds(plans[0].metadata, sent, 1, layout, local_files)
+    out["first_write_s"], out["metadata_bytes"] = _write(directory, metadata)
+    for p in plans:
+        p.committed()
+    fills, writes = [], []
+    for version in range(2, 2 + versions):
+        payloads = [p.rank.payload(records_of(r, version)) for p, r in zip(plans, ranks)]
+        out["sizes"] = [len(pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)) for p in payloads]
+        seconds, metadata = _seconds(plans[0].metadata, payloads, version, layout, local_files)
+        fills.append(seconds)
+        writes.append(_write(directory, metadata)[0])
+        for p in plans:
+            p.committed()
+    out["fill_s"], out["write_s"] = min(fills), min(writes)
+    return out
+
+
 def run_case(case: ScaleCase, cap_s: float, versions: int = 3, sample_ranks: int = 4) -> dict:
     """Every figure of one case, before and after."""
     import torch.distributed.checkpoint.filesystem  # noqa: F401 - imported once, not inside the first timing
@@ -258,25 +291,11 @@ def run_case(case: ScaleCase, cap_s: float, versions: int = 3, sample_ranks: int
     row["before_build_s"] = timed_pairwise_build(flat, 1, layout, cap_s)
     with tempfile.TemporaryDirectory() as directory:
         # after: the plan's first version (built from scratch, the sweep check), then versions filled
-        plans = [SavePlan() for _ in range(world)]
-        sent = [p.rank.payload(rs) for p, rs in zip(plans, gathered)]
-        row["plan_build_s"], metadata = _seconds(plans[0].metadata, sent, 1, layout, None)
-        row["before_write_s"], row["metadata_bytes"] = _write(directory, metadata)
-        for p in plans:
-            p.committed()
-        fills, writes, payload_max, payload_total = [], [], 0, 0
-        for version in range(2, 2 + versions):
-            records = [sim.records(r, version) for r in range(world)]
-            payloads = [p.rank.payload(rs) for p, rs in zip(plans, records)]
-            sizes = [len(pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)) for p in payloads]
-            payload_max, payload_total = max(sizes), sum(sizes)
-            seconds, metadata = _seconds(plans[0].metadata, payloads, version, layout, None)
-            fills.append(seconds)
-            writes.append(_write(directory, metadata)[0])
-            for p in plans:
-                p.committed()
-        row["after_fill_s"], row["after_write_s"] = min(fills), min(writes)
-        row["after_rank_bytes_max"], row["after_gather_bytes"] = payload_max, payload_total
+        plan = _plan_versions(gathered, sim.records, range(world), versions, layout, None, directory)
+        row["plan_build_s"], row["before_write_s"] = plan["build_s"], plan["first_write_s"]
+        row["metadata_bytes"], row["after_fill_s"], row["after_write_s"] = (plan["metadata_bytes"], plan["fill_s"],
+                                                                            plan["write_s"])
+        row["after_rank_bytes_max"], row["after_gather_bytes"] = max(plan["sizes"]), sum(plan["sizes"])
         sample = sorted({0, target.layout.world - 1, *range(0, target.layout.world,
                                                              max(1, target.layout.world // sample_ranks))})[:sample_ranks + 1]
         load_pieces = lambda rank: target.pieces(rank)[1]  # noqa: E731 - a rank's pieces in the new layout
@@ -285,6 +304,41 @@ def run_case(case: ScaleCase, cap_s: float, versions: int = 3, sample_ranks: int
         if wanted != row["wanted"]:
             raise RuntimeError(f"{case.name}: the indexed plan found {wanted} chunks, the scan {row['wanted']}")
     return row
+
+
+def run_node_local(case: ScaleCase, node_size: int, versions: int = 3) -> dict:
+    """A node-local level (L1) on one node of ``node_size`` ranks (node 0: ranks 0..node_size-1,
+    the node with rank 0's ``common``): what its coordinator gathers, builds once, fills per
+    version and writes (``checkpointing.commit``: a node gathers its own ranks only)."""
+    cfg = model_config(case.model)
+    sim = Simulated(cfg, case.save, case.shard_size_mb, case.bf16)
+    ranks = list(range(min(node_size, case.save.world)))
+    local_files = [data_file_name(r) for r in ranks]
+    layout = sim.parallel_layout()
+    row: dict = {"case": case, "node_size": len(ranks)}
+    gathered = [sim.records(r, 1, replicas=True) for r in ranks]
+    row["records"] = sum(len(rs) for rs in gathered)
+    with tempfile.TemporaryDirectory() as directory:
+        plan = _plan_versions(gathered, lambda rank, version: sim.records(rank, version, replicas=True), ranks,
+                              versions, layout, local_files, directory)
+        row.update({k: plan[k] for k in ("build_s", "first_write_s", "metadata_bytes", "fill_s", "write_s")})
+        row["gather_bytes"] = sum(plan["sizes"])
+        row["read_s"], _ = _seconds(read_metadata, directory)
+    return row
+
+
+def node_local_table(rows: list[dict], cap_s: float) -> str:
+    """The markdown table of :func:`run_node_local` rows."""
+    lines = ["| case | node | records of the node | its coordinator gathers per version | build (once) | "
+             "fill per version | .metadata write, first / per version | .metadata size | read .metadata |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["case"]
+        lines.append(f"| {c.name} ({c.model}) | {r['node_size']} ranks of {c.save.world:,} | {r['records']:,} "
+                     f"| {_mb(r['gather_bytes'])} | {_s(r['build_s'], cap_s)} | {_s(r['fill_s'], cap_s)} "
+                     f"| {_s(r['first_write_s'], cap_s)} / {_s(r['write_s'], cap_s)} | {_mb(r['metadata_bytes'])} "
+                     f"| {_s(r['read_s'], cap_s)} |")
+    return "\n".join(lines)
 
 
 def _s(value: float | None, cap_s: float) -> str:

@@ -2,9 +2,15 @@
 
 1. The coordinator moves an existing ``iter_N`` aside (nothing is written over or deleted).
 2. Every rank writes and fsyncs its file and the directory.
-3. The chunk records are gathered; the coordinator checks they tile every tensor, writes the
-   metadata to a temporary name, fsyncs and renames it: the checkpoint is committed.
-4. Only then does the tracker move; then retention removes old committed checkpoints.
+3. Every rank learns whether every rank's file is durable (a small all-gather of errors).
+4. The chunk records (after a level's first version, only their checksums:
+   ``checkpointing.save_plan``) are gathered to the coordinator alone, which checks they tile
+   every tensor, writes the metadata to a temporary name, fsyncs and renames it: the
+   checkpoint is committed. On a node-local level each node's first rank is the coordinator of
+   its directory and gathers its node's ranks only, over the node's group: its ``.metadata``
+   describes that node's files, and what a node's coordinator does per version does not grow
+   with the job.
+5. Only then does the tracker move; then retention removes old committed checkpoints.
 
 Every rank learns every outcome, so a failure on one rank raises the same error on all of them
 and never leaves a partial checkpoint looking committed.
@@ -43,6 +49,19 @@ class SaveResult:
     seconds: float
 
 
+def _gather_to_coordinator(sent: Any, group, peers: list[int], node_group) -> list | None:
+    """Every rank's ``sent`` of ``peers`` in their order, on ``peers[0]`` (None on the others):
+    over ``node_group`` when the level is node-local and there is one, else over ``group``."""
+    coordinator = dist.get_rank(group) == peers[0]
+    shared = len(peers) == dist.get_world_size(group)
+    if shared or node_group is not None:  # peers[0] is rank 0 of either group
+        out = [None] * len(peers) if coordinator else None
+        dist.gather_object(sent, out, group=group if shared else node_group, group_dst=0)
+        return out
+    everyone = gather_from_all(group, sent)
+    return [everyone[r] for r in peers] if coordinator else None
+
+
 def _raise_if_failed(outcomes: list, what: str) -> None:
     errors = [f"rank {r}: {e}" for r, e in enumerate(outcomes) if isinstance(e, str)]
     if errors:
@@ -60,6 +79,7 @@ def save_and_commit(
     tracer=None,
     progress: Callable[[int], None] | None = None,
     plan: SavePlan | None = None,
+    node_group=None,
 ) -> SaveResult:
     """Collectively save one version to ``level.root`` (every rank of ``group`` calls it).
 
@@ -70,8 +90,11 @@ def save_and_commit(
     :func:`checkpointing.peers.directory_peers`); None: every rank's. When ``root`` is
     node-local (peers are not everyone), each node's first rank coordinates its directory, every
     rank also writes its replica pieces (so a node restores its ranks from its own disk), and
-    each node's metadata names the files it holds. The commit stays global: no node writes its
-    metadata before every rank of the job has its file durable.
+    each node's metadata describes its own ranks' chunks and names the files it holds. The
+    commit stays global: no node writes its metadata before every rank of the job has its file
+    durable. ``node_group``: the process group of ``level.peers`` (the flusher makes one per
+    node), over which a node-local level's records are gathered; None: they are gathered over
+    ``group`` and the node's taken (one-off callers).
 
     ``level.write_rate``: this rank writes its data file at most this many bytes per second.
     ``progress(i)``: called once this rank's piece ``i`` is written (``write_rank_file``).
@@ -114,8 +137,9 @@ def save_and_commit(
             sent = plan.rank.payload(records)
         except SavePlanChangedError as e:  # every rank must hear of it, or they would wait for this one
             sent = f"{type(e).__name__}: {e}"
-    gathered = gather_from_all(group, sent)
-    _raise_if_failed(gathered, f"saving iteration {iteration} to {directory}")
+    _raise_if_failed(gather_from_all(group, sent if isinstance(sent, str) else None),
+                     f"saving iteration {iteration} to {directory}")
+    gathered = _gather_to_coordinator(sent, group, peers, node_group)
 
     error = None
     if coordinator:

@@ -38,6 +38,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -131,6 +132,14 @@ class _Job:
     forced: bool
 
 
+def _node_groups(levels: list[Level], group) -> dict[str, Any]:
+    """A process group of this rank's node for each node-local level (peers are not everyone):
+    made by that node's ranks alone (``use_local_synchronization``: no job-wide barrier per node)."""
+    world = dist.get_world_size(group)
+    return {level.name: dist.new_group(sorted(level.peers), use_local_synchronization=True)
+            for level in levels if level.peers is not None and len(level.peers) < world}
+
+
 class Flusher:
     def __init__(self, spec: FlusherSpec, conn: Connection, block: cb.ControlBlock, group):
         self.spec, self.conn, self.block, self.group = spec, conn, block, group
@@ -141,6 +150,8 @@ class Flusher:
         self.replicas = ReplicaExchange(spec.replicas, spec.rank, group) if spec.replicas else None
         self.tracer = _RecordingTracer() if spec.trace else None
         self.queue: collections.deque[_Job] = collections.deque()
+        self.node_groups = _node_groups(spec.levels, group)
+        """Each node-local level's group of this rank's node (its commit gathers over it)."""
         self.save_plans: dict[str, SavePlan] = {}
         """Each level's save plan (``checkpointing.save_plan``), built at its first committed flush."""
         self.small_states: dict[int, dict] = {}
@@ -255,7 +266,8 @@ class Flusher:
             # One plan per level for this flusher's life (its layout): later versions gather checksums only
             plan = self.save_plans.setdefault(level.name, SavePlan())
             result = save_and_commit(level, job.version, self.slots[job.slot], self.spec.pieces, small_state,
-                                     self.spec.layout, self.group, tracer, progress, plan)
+                                     self.spec.layout, self.group, tracer, progress, plan,
+                                     self.node_groups.get(level.name))
             if tracer is not None:
                 tracer.complete(f"flush {level.name}", "ckpt", started, time.perf_counter_ns(), iteration=job.version)
             return result.bytes_written, result.seconds, None

@@ -54,19 +54,23 @@ class ChunkRecord:
     that each node can restore its own ranks without the others (see ``build_metadata``)."""
 
 
-def _check_tiling(key: str, global_shape: tuple[int, ...], chunks: list[ChunkRecord]) -> None:
-    """The chunks of ``key`` tile it exactly once (:func:`checkpointing.rectangles.check_tiling`)."""
-    check_tiling(key, global_shape, [c.offsets for c in chunks], [c.sizes for c in chunks], [c.rank for c in chunks])
+def _check_tiling(key: str, global_shape: tuple[int, ...], chunks: list[ChunkRecord], complete: bool) -> None:
+    """The chunks of ``key`` tile it exactly once (:func:`checkpointing.rectangles.check_tiling`);
+    ``complete`` False: they overlap nowhere (one node's part of it)."""
+    check_tiling(key, global_shape, [c.offsets for c in chunks], [c.sizes for c in chunks], [c.rank for c in chunks],
+                 complete)
 
 
 def build_metadata(records: list[ChunkRecord], iteration: int, layout: ParallelLayout | dict[str, Any],
                    local_files: list[str] | None = None) -> Metadata:
-    """DCP metadata of every chunk of every rank; checks that chunks tile each tensor once.
+    """DCP metadata of every chunk of ``records``; checks that chunks tile each tensor once.
 
     Replica records (``is_writer`` False, written on node-local levels) stay out of the DCP
     view, which must tile each tensor once; they are listed in ``gpt_ckpt["replicas"]`` by
-    (file, key, offsets). ``local_files``: on a node-local level, the data files this node holds
-    (the others are on other nodes' disks).
+    (file, key, offsets). ``local_files``: on a node-local level, the data files this node holds;
+    ``records`` are then that node's ranks' only (``checkpointing.commit``: each node's coordinator
+    gathers its own ranks), the DCP view is the node's part of each tensor, and the tiling check
+    refuses overlaps but not gaps (the other nodes' parts; the shared level checks the whole).
     """
     by_key: dict[str, list[ChunkRecord]] = defaultdict(list)
     replicas: dict[tuple[str, str, tuple[int, ...]], tuple[int, int]] = {}
@@ -98,7 +102,7 @@ def build_metadata(records: list[ChunkRecord], iteration: int, layout: ParallelL
             state_dict_metadata[key] = BytesStorageMetadata()
             storage_data[MetadataIndex(key)] = _StorageInfo(first.relative_path, first.offset, first.length)
         else:
-            _check_tiling(key, first.global_shape, chunks)
+            _check_tiling(key, first.global_shape, chunks, complete=local_files is None)
             state_dict_metadata[key] = TensorStorageMetadata(
                 properties=TensorProperties(dtype=first.dtype),
                 size=torch.Size(first.global_shape),

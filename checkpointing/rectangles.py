@@ -38,10 +38,11 @@ def _sweep_axis(offsets: Sequence[Sequence[int]]) -> int:
 
 
 def check_tiling(key: str, global_shape: tuple[int, ...], offsets: Sequence[tuple[int, ...]],
-                 sizes: Sequence[tuple[int, ...]], ranks: Sequence[int]) -> None:
+                 sizes: Sequence[tuple[int, ...]], ranks: Sequence[int], complete: bool = True) -> None:
     """Raise :class:`TilingError` unless the rectangles lie inside ``global_shape``, overlap
     nowhere and cover it exactly once (no overlap and a total volume equal to the tensor's: no gap).
-    ``ranks`` name the writers in the messages."""
+    ``ranks`` name the writers in the messages. ``complete`` False: a part of the tensor (one
+    node's ranks' chunks on a node-local level), checked for bounds and overlaps, not for gaps."""
     total = 0
     for off, size, rank in zip(offsets, sizes, ranks):
         if any(o < 0 or s < 0 or o + s > g for o, s, g in zip(off, size, global_shape)):
@@ -65,7 +66,7 @@ def check_tiling(key: str, global_shape: tuple[int, ...], offsets: Sequence[tupl
                                       f"{offsets[a]} / {offsets[b]}")
             if sizes[i][axis] > 0:
                 heapq.heappush(open_, (start + sizes[i][axis], i))
-    if total != math.prod(global_shape):
+    if complete and total != math.prod(global_shape):
         raise TilingError(f"{key}: chunks cover {total} of {math.prod(global_shape)} elements")
 
 

@@ -128,6 +128,38 @@ def test_tiling_accepts_exact_covers_and_refuses_overlaps_and_gaps(shape, cuts):
         check(shape, [(tuple(n - x + 1 for x, n in zip(s, shape)), s)] + rects[1:])
 
 
+@pytest.mark.parametrize("shape, cuts", [((10,), [(3, 7)]), ((6, 4), [(1, 5), (2,)])])
+def test_one_nodes_part_may_leave_gaps_but_not_overlap(shape, cuts):
+    """A node-local level's metadata describes its node's chunks only (``complete=False``)."""
+    rects = grid(shape, cuts)
+    part = rects[::2]
+    check_tiling("t", shape, [o for o, _ in part], [s for _, s in part], list(range(len(part))), complete=False)
+    with pytest.raises(TilingError, match="overlap"):
+        check_tiling("t", shape, [o for o, _ in part + part[:1]], [s for _, s in part + part[:1]],
+                     list(range(len(part) + 1)), complete=False)
+    with pytest.raises(TilingError, match="cover"):  # the whole job's view must cover
+        check(shape, part)
+
+
+def test_a_nodes_filled_metadata_equals_its_own_build_and_the_whole_job_refuses_its_gaps():
+    """Node 0 of the TP2xDP2 layout (ranks 0 and 1, one DP replica: rows 0-3 of ``w``) on a
+    node-local level: its coordinator's records only, filled = built from scratch; the same
+    records as a shared level's would be a gap."""
+    plans = [SavePlan() for _ in range(2)]
+    local_files = ["__0_0.distcp", "__1_0.distcp"]
+    for version in range(1, 5):
+        records = [rank_records(r, version, replicas=True) for r in range(2)]
+        sent = [plan.rank.payload(rs) for plan, rs in zip(plans, records)]
+        filled = plans[0].metadata(sent, version, LAYOUT, local_files)
+        scratch = build_metadata([r for rs in records for r in rs], version, LAYOUT, local_files)
+        assert pickle.dumps(filled) == pickle.dumps(scratch) and filled.gpt_ckpt == scratch.gpt_ckpt
+        assert sorted(c.offsets for c in filled.state_dict_metadata["w"].chunks) == [(0, 0), (0, 3)]
+        for plan in plans:
+            plan.committed()
+    with pytest.raises(TilingError, match="cover"):
+        build_metadata([r for rs in records for r in rs], 4, LAYOUT, None)
+
+
 def test_tiling_refuses_an_overlap_hidden_behind_a_gap_of_equal_volume():
     # volumes sum to the whole, but one cell is covered twice and another not at all
     rects = [((0, 0), (2, 2)), ((0, 2), (2, 2)), ((2, 0), (2, 3)), ((2, 2), (1, 1)), ((3, 3), (1, 1))]
