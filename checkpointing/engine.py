@@ -46,12 +46,13 @@ from checkpointing.engine_stats import EngineStats, FlushRecord
 from checkpointing.errors import FlusherError
 from checkpointing.flusher import FlusherSpec
 from checkpointing.flusher_handle import FlusherHandle, meeting_point
-from checkpointing.host_pool import ArraySpec, HostPool, job_tag
+from checkpointing.flusher_template import current_template
+from checkpointing.host_pool import HostPool, pool_files
 from checkpointing.items import CheckpointableState
 from checkpointing.landing import Landing, PendingVersion
-from checkpointing.levels import L1, L2, PEER, Level
+from checkpointing.levels import Level
 from checkpointing.pacing import training_pacing
-from checkpointing.peer_replicas import Partners, ReplicaSpec, partners
+from checkpointing.peer_replicas import ReplicaSpec
 from checkpointing.snapshots import CopiedSnapshots
 from checkpointing.trace import NullTracer
 
@@ -63,13 +64,15 @@ class CheckpointEngine:
 
     def __init__(self, state: CheckpointableState, pool: HostPool, levels: list[Level], group,
                  log: Callable[[str], None] = print, tracer=None, zero_copy: bool = False,
-                 flusher_timeout: float = 300.0, replicas: ReplicaSpec | None = None):
+                 flusher_timeout: float = 300.0, replicas: ReplicaSpec | None = None,
+                 flusher_start: str = "template"):
         """``zero_copy``: the state's owner writes each step into a pool slot (``begin_step``);
         needs at least two slots (the current version and the one being written).
         ``flusher_timeout``: seconds the flusher may go without a sign of life (a heartbeat; while
         training waits on it, progress) before training stops with an error. ``replicas``: with a
         :data:`~checkpointing.levels.PEER` level, whom the flusher sends this rank's versions to
-        and whose it holds (their slots are ``pool.replica_slots``)."""
+        and whose it holds (their slots are ``pool.replica_slots``). ``flusher_start``: ``template``
+        forks the flusher from this process's template where one was started, ``interpreter`` starts one."""
         if zero_copy and len(pool.slots) < 2:
             raise ValueError("zero-copy snapshots need at least 2 host-pool slots (the current version and "
                              "the next); raise --ckpt-host-versions or --ckpt-host-budget-gb")
@@ -85,6 +88,7 @@ class CheckpointEngine:
         self.layout = state.layout
         """The state's layout: the one its L0 snapshots restore into."""
         self.flusher_timeout = flusher_timeout
+        self.flusher_start = flusher_start
         self.replicas = replicas
         self.rank = dist.get_rank(group)
         self.stats = EngineStats(stall_by_shard=[0.0] * len(state.shards))
@@ -113,48 +117,11 @@ class CheckpointEngine:
         """Versions whose description the flusher has not confirmed (or, on CUDA, whose copy is
         still in flight)."""
         self.block = cb.ControlBlock(pool.control_path, create=True)
-        self.flusher = self._start_flusher()
-
-    @classmethod
-    def for_config(cls, cfg, state: CheckpointableState, group, log, tracer=None,
-                   local_peers: list[int] | None = None) -> "CheckpointEngine":
-        """``local_peers``: the ranks sharing this rank's ``--ckpt-local-dir`` (its node).
-        ``cfg.snapshot`` ``auto`` takes zero-copy snapshots where the state can
-        (``state.zero_copy_refusal`` is None), ``zero-copy`` insists."""
-        refusal = state.zero_copy_refusal
-        zero_copy = cfg.snapshot != "copy" and refusal is None
-        if cfg.snapshot == "zero-copy" and not zero_copy:
-            raise ValueError(f"--ckpt-snapshot zero-copy: {refusal}; use --ckpt-snapshot copy (or auto)")
-        specs = {name: ArraySpec(a.numel(), a.dtype) for name, a in state.arrays.items()}
-        budget = int(cfg.host_budget_gb * 2**30) if cfg.host_budget_gb else None
-        # Zero-copy: one slot more than the versions kept, for the step being written.
-        slots = cfg.host_versions + 1 if zero_copy else cfg.host_versions
-        mine, replica_specs, source_shards = None, None, None
-        if cfg.peer_replicas:
-            mine, replica_specs, source_shards = _replica_partners(cfg, specs, list(state.shards), group)
-        pool = HostPool(job_tag(cfg.save), dist.get_rank(group), specs, slots, budget, cfg.host_dir, replica_specs)
-        rate = cfg.write_rate_limit_mb * 1e6 if cfg.write_rate_limit_mb else None
-        levels = []
-        replicas = None
-        if mine is not None:
-            replicas = ReplicaSpec(mine.targets, mine.sources, replica_specs, source_shards,
-                                   {s: [slot.path for slot in held] for s, held in pool.replica_slots.items()})
-            levels.append(Level(PEER, pool.directory, cfg.replica_interval, None))  # first: memory before disks
-        if cfg.local_dir:
-            levels.append(Level(L1, cfg.local_dir, cfg.local_interval, cfg.local_retain_last, local_peers, rate))
-        levels.append(Level(L2, cfg.save, cfg.l2_interval, cfg.save_retain_last, None, rate))
-        engine = cls(state, pool, levels, group, log, tracer, zero_copy, cfg.flusher_timeout, replicas)
-        how = "zero-copy: steps write into the pool" if zero_copy else "copied at each request"
-        where = {PEER: (f"replicas on {cfg.peer_replicas} other node(s) ({len(mine.nodes)} nodes; rank {engine.rank} "
-                        f"sends to ranks {list(mine.targets)}, holds ranks {list(mine.sources)}: "
-                        f"{pool.replica_bytes / 2**30:.2f} GiB)") if mine else ""}
-        log(f"> async checkpointing: L0 {len(pool.slots)} slots in shared memory ({pool.bytes / 2**30:.2f} GiB "
-            f"per rank; {how}); " + "; ".join(f"{lv.name} {where.get(lv.name, lv.root)} every {lv.interval}"
-                                             for lv in levels)
-            + (f"; writes at most {cfg.write_rate_limit_mb:g} MB/s per rank" if rate else "")
-            + f"; flusher process up in {engine.stats.flusher_start_seconds:.1f} s "
-              f"({engine.stats.flusher_rss_bytes / 2**20:.0f} MiB resident on rank {engine.rank})")
-        return engine
+        try:
+            self.flusher = self._start_flusher()
+        except BaseException:
+            self._remove_empty_pool()
+            raise
 
     # -- the flusher process -------------------------------------------------------------------------
     def _start_flusher(self) -> FlusherHandle:
@@ -163,7 +130,9 @@ class CheckpointEngine:
                            self.pool.control_path, [s.path for s in self.pool.slots], [s.meta_path for s in self.pool.slots],
                            dict(self.pool.specs), list(self.state.shards), list(self.state.save_pieces),
                            list(self.levels), self.layout, not isinstance(self.tracer, NullTracer), self.replicas)
-        return FlusherHandle(spec, self.block, self.flusher_timeout, self.stats, self._handle, self._committed_line)
+        template = current_template() if self.flusher_start == "template" else None
+        return FlusherHandle(spec, self.block, self.flusher_timeout, self.stats, self._handle, self._committed_line,
+                             template, pool_files(self.pool))
 
     def _handle(self, message) -> None:
         """The flusher's answers about this engine's work: a description written, a job done."""
@@ -487,6 +456,8 @@ class CheckpointEngine:
                 self.wait_idle(drain=True)
                 self.flusher.send(("stop",))
                 self._wait_until(lambda: self.flusher.cpu_final is not None, "its stop")
+            elif not self.flusher.ready:  # still starting: nothing was sent to it, nothing of it to keep
+                self.flusher.kill()
             elif self.flusher.running():
                 try:  # what was requested gets its L0 description; nothing else is waited for
                     self._landing.hand_over(wait=True)
@@ -498,17 +469,13 @@ class CheckpointEngine:
             self.flusher.end(timeout=30 if drain else 10)
             if self.snapshots is not None:
                 self.snapshots.close()
+            if not self.flusher.ready:  # it never started
+                self._remove_empty_pool()
 
+    def _remove_empty_pool(self) -> None:
+        """Remove the pool if no version reached it (RAM no recovery needs); one that holds a version is kept."""
+        files = pool_files(self.pool)
+        if files.holds_no_version():
+            files.remove()
+            self.log(f"> rank {self.rank}: the L0 pool, which held no version, was removed")
 
-def _replica_partners(cfg, specs: dict[str, ArraySpec], shards: list[tuple[int, int]], group):
-    """(this rank's partners, its sources' arrays, their shards) for ``--ckpt-peer-replicas``;
-    collective over ``group``. Nodes are the ranks that share the pool directory."""
-    from checkpointing import private_files
-    from checkpointing.agreement import gather_from_all
-    from checkpointing.peers import directory_peers
-
-    directory, _ = private_files.pool_dir(cfg.host_dir)
-    node_peers = gather_from_all(group, directory_peers(directory, group))
-    mine: Partners = partners(node_peers, dist.get_rank(group), cfg.peer_replicas, cfg.host_dir)
-    everyone = gather_from_all(group, (specs, shards))
-    return mine, {s: everyone[s][0] for s in mine.sources}, {s: everyone[s][1] for s in mine.sources}

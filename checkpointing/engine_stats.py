@@ -51,8 +51,12 @@ class EngineStats:
     """CPU time the flusher took to start (interpreter, torch, its group)."""
     flusher_start_seconds: float = 0.0
     """From starting the flusher process to its group being up."""
+    flusher_ready_wait_seconds: float = 0.0
+    """What the training thread waited for the flusher to be ready (it starts beside the load and
+    the first step; the first message to it waits only if it is not up yet)."""
     flusher_rss_bytes: int = 0
-    """The flusher's resident memory once started, the pool's shared pages it maps excluded."""
+    """The flusher's unshared resident memory once started (its private pages: neither the pool's nor the
+    trainer's it shares copy-on-write when forked from the template)."""
 
     @property
     def training_thread_seconds(self) -> float:

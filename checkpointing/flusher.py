@@ -336,12 +336,13 @@ def _lower_priority() -> None:
 
 
 def _resident_bytes() -> int:
-    """Resident memory not shared with another process (the pool's pages are shared)."""
+    """Resident memory of this process alone (``Private_Clean`` + ``Private_Dirty``): neither the
+    pool's shared pages nor, for a flusher forked from the template, the trainer's pages it still
+    shares copy-on-write."""
     try:
-        with open("/proc/self/statm") as f:
-            _, resident, shared, *_ = (int(x) for x in f.read().split())
-        return (resident - shared) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
+        with open("/proc/self/smaps_rollup") as f:
+            return sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean:", "Private_Dirty:"))) * 1024
+    except (OSError, ValueError, IndexError):
         return 0
 
 
@@ -357,6 +358,7 @@ def main(argv: list[str]) -> int:
     _lower_priority()
     torch.set_num_threads(1)
     faults.reach("flusher.start")  # a flusher that dies before it can report (tests/test_flusher.py)
+    time.sleep(faults.delay("flusher.start"))  # a slow start (tests/test_flusher_template.py)
     block = cb.ControlBlock(spec.control_path, create=False)
     block[cb.PID] = os.getpid()
     block[cb.HEARTBEAT_NS] = time.monotonic_ns()

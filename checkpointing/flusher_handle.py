@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from checkpointing import flusher
 from checkpointing.engine_stats import EngineStats
 from checkpointing.errors import FlusherError
 from checkpointing.flusher import FlusherSpec
+from checkpointing.flusher_template import FlusherTemplate, exit_status
+from checkpointing.host_pool import PoolFiles
 
 _engines_started = itertools.count()
 """Engines this process started: every rank starts them in the same order, so the n-th engine's
@@ -45,25 +46,19 @@ def meeting_point(world: int) -> tuple[tuple[str, int] | None, str]:
     return store, f"gptckpt-flusher/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_engines_started)}/"
 
 
-def exit_status(returncode: int) -> str:
-    """How a process ended, as in "the flusher was killed by SIGKILL"."""
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
-
-
 class FlusherHandle:
-    """This rank's flusher process, started by the constructor (which returns once its group is up)."""
+    """This rank's flusher process, started by the constructor, which returns at once: its group
+    comes up beside the trainer's work, and what needs it first waits (:meth:`wait_ready`)."""
 
     def __init__(self, spec: FlusherSpec, block: cb.ControlBlock, timeout: float, stats: EngineStats,
-                 on_answer: Callable[[tuple], None], committed_line: Callable[[], str]):
+                 on_answer: Callable[[tuple], None], committed_line: Callable[[], str],
+                 template: FlusherTemplate | None = None, pool: PoolFiles | None = None):
         """``timeout``: seconds it may go without a heartbeat or, while training waits on it,
         progress; ``stats``: where its start-up, memory and CPU go; ``on_answer``: the engine's
         handler of its answers (``described``, ``done``); ``committed_line``: what the engine
-        has committed, for the error messages."""
+        has committed, for the error messages; ``template``: fork it from this pre-imported
+        template (None: start its own interpreter); ``pool``: the engine's L0 files, for the
+        template to remove if the trainer dies before a version reaches them."""
         self.rank = spec.rank
         self.block = block
         self.timeout = timeout
@@ -74,34 +69,50 @@ class FlusherHandle:
         """The traceback it sent before it ended on an error."""
         self.cpu_final: float | None = None
         """Its CPU time, once it stopped as asked."""
+        self._started = time.monotonic()
+        self.ready = False
+        """Whether its group is up: the engine's first message that needs it waits for it
+        (:meth:`wait_ready`), so that its start runs beside the trainer's load and first step."""
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-        env["OMP_NUM_THREADS"] = "1"
-        started = time.monotonic()
-        self._proc = subprocess.Popen([sys.executable, "-m", "checkpointing.flusher", str(theirs.fileno()), str(os.getpid())],
-                                      pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        if template is not None:  # forked from the pre-imported template: no interpreter start
+            self.how_started = "forked from the template"
+            self._proc = template.spawn(theirs.fileno(), pool)
+        else:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+            env["OMP_NUM_THREADS"] = "1"
+            self.how_started = "its own interpreter"
+            self._proc = subprocess.Popen([sys.executable, "-m", "checkpointing.flusher", str(theirs.fileno()),
+                                           str(os.getpid())], pass_fds=[theirs.fileno()], env=env,
+                                          stdin=subprocess.DEVNULL)
         theirs.close()
         self._conn = Connection(ours.detach())
         flusher.send(self._conn, spec)
-        while True:  # its group forms once every rank's flusher is up
+
+    def wait_ready(self) -> None:
+        """Return once its group is up (every rank's flusher has started); raise if it died."""
+        if self.ready:
+            return
+        began = time.monotonic()
+        try:
+            self._wait_ready()
+        finally:
+            self.stats.flusher_ready_wait_seconds += time.monotonic() - began
+
+    def _wait_ready(self) -> None:
+        while not self.ready:
             try:
                 if self._conn.poll(0.05):
-                    message = flusher.receive(self._conn)
-                    if message[0] == "ready":
-                        break
-                    self._answer(message)
+                    self._answer(flusher.receive(self._conn))
+                    continue
             except (EOFError, OSError):
                 # It ended before it could say why (a traceback before its error handler, a
                 # signal): its exit status, and its stderr above (the trainer's), are what is known.
                 self._wait_for_exit()
-                self.check(waited_since=started)
+                self.check()
                 raise FlusherError(f"rank {self.rank}: the checkpoint flusher (pid {self._proc.pid}) closed its socket "
                                    f"while starting; its output is above this trainer's") from None
-            self.check(waited_since=started)
-        stats.flusher_start_seconds = time.monotonic() - started
-        stats.flusher_rss_bytes = message[2]
-        stats.flusher_start_cpu_seconds = message[3]
+            self.check()
 
     @property
     def pid(self) -> int:
@@ -110,9 +121,18 @@ class FlusherHandle:
     def running(self) -> bool:
         return self._proc.poll() is None
 
+    def kill(self) -> None:
+        """SIGKILL it (one that never got work: nothing of it is kept)."""
+        self._proc.kill()
+
     def _answer(self, message: tuple) -> None:
         kind = message[0]
-        if kind == "fatal":
+        if kind == "ready":
+            self.ready = True
+            self.stats.flusher_start_seconds = time.monotonic() - self._started
+            self.stats.flusher_rss_bytes = message[2]
+            self.stats.flusher_start_cpu_seconds = message[3]
+        elif kind == "fatal":
             self.error = message[1]
         elif kind == "stopped":
             self.cpu_final = message[1]
@@ -134,7 +154,8 @@ class FlusherHandle:
             self._wait_for_exit()
             self.check()
             raise FlusherError(f"rank {self.rank}: the checkpoint flusher's socket closed; {self._committed_line()}")
-        self.stats.flusher_cpu_seconds = self._cpu_since_ready()
+        if self.ready:
+            self.stats.flusher_cpu_seconds = self._cpu_since_ready()
 
     def _wait_for_exit(self) -> None:
         """Its end of the socket closes as it exits: wait for the exit, so that its status can be named."""
@@ -143,9 +164,9 @@ class FlusherHandle:
         except subprocess.TimeoutExpired:
             pass
 
-    def check(self, waited_since: float | None = None) -> None:
-        """Raise :class:`FlusherError` if it died, failed or stopped answering. ``waited_since``:
-        while it starts (no heartbeat yet), since when."""
+    def check(self) -> None:
+        """Raise :class:`FlusherError` if it died, failed or stopped answering (while it starts,
+        before its first heartbeat: for ``timeout`` seconds since it was started)."""
         code = self._proc.poll()
         if code == 0 and self.cpu_final is not None:
             return  # it stopped as asked
@@ -161,7 +182,7 @@ class FlusherHandle:
                                f"rather than go on without checkpoints; {self._committed_line()}{detail}")
         now = time.monotonic_ns()
         beat = self.block[cb.HEARTBEAT_NS]
-        since = (now - beat) / 1e9 if beat else (time.monotonic() - waited_since if waited_since else 0.0)
+        since = (now - beat) / 1e9 if beat else time.monotonic() - self._started
         if since > self.timeout:
             self._proc.kill()
             raise FlusherError(f"rank {self.rank}: the checkpoint flusher (pid {self._proc.pid}) has not answered for "
@@ -171,6 +192,7 @@ class FlusherHandle:
     def wait_until(self, done: Callable[[], bool], what: str) -> None:
         """Read its answers until ``done()``; raise if it dies or its work stops moving for
         ``timeout`` seconds (sleeps of 0.1-1 ms: the GIL is free meanwhile)."""
+        self.wait_ready()
         pause, last, moved = 1e-4, None, time.monotonic()
         while True:
             self.poll()
@@ -189,6 +211,7 @@ class FlusherHandle:
             pause = min(pause * 2, 1e-3)
 
     def send(self, message: tuple) -> None:
+        self.wait_ready()
         try:
             flusher.send(self._conn, message)
         except OSError as error:

@@ -248,12 +248,37 @@ class HostPool:
         """The words this rank's trainer and flusher share (``checkpointing.control_block``)."""
 
 
+@dataclass(frozen=True)
+class PoolFiles:
+    """An engine's L0 pool as the template sees it: every file, and the slot descriptions among them."""
+
+    files: tuple[str, ...]
+    descriptions: tuple[str, ...]
+    """A slot holds a version once its description exists (``checkpointing.host_pool``)."""
+
+    def holds_no_version(self) -> bool:
+        return not any(os.path.lexists(path) for path in self.descriptions)
+
+    def remove(self) -> None:
+        for path in self.files:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def pool_files(pool: HostPool) -> PoolFiles:
+    """``pool``'s files, and the slot descriptions among them (a version is in the pool once one exists)."""
+    slots = pool.slots + [s for held in pool.replica_slots.values() for s in held]
+    return PoolFiles(tuple([p for slot in slots for p in (slot.path, slot.meta_path)] + [pool.control_path]),
+                     tuple(slot.meta_path for slot in pool.slots))
+
+
 def remove_pool(pool: HostPool) -> int:
     """Remove ``pool``'s files (slots, descriptions, the control block; the mapped memory goes with the last
     reference to it); returns the bytes freed."""
     freed = 0
-    slots = pool.slots + [s for held in pool.replica_slots.values() for s in held]
-    for path in [p for slot in slots for p in (slot.path, slot.meta_path)] + [pool.control_path]:
+    for path in pool_files(pool).files:
         try:
             freed += os.lstat(path).st_size
             os.unlink(path)

@@ -91,9 +91,9 @@ class CheckpointManager:
 
             self.memory = prepare(cfg, state, self.group, log)
         if cfg.async_save:
-            from checkpointing.engine import CheckpointEngine
+            from checkpointing.engine_setup import engine_for_config
 
-            self.engine = CheckpointEngine.for_config(cfg, state, self.group, log, tracer, self.local_peers)
+            self.engine = engine_for_config(cfg, state, self.group, log, tracer, self.local_peers)
 
     def _find_peers(self) -> list[int] | None:
         """Which ranks share this rank's L1 directory (its node); checks that L2 is shared."""

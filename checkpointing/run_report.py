@@ -69,7 +69,7 @@ def cost_lines(everyone: list[dict], machine: tuple[float, float] | None, cpus: 
     rss = max(m["flusher_rss_bytes"] for m in everyone)
     lines.append(f"  flusher processes: {flusher['flusher_cpu_seconds']:.2f} s of CPU on rank {flusher['rank']} "
                  f"({per_it:.1f} ms per request, the final save included); up in {start:.1f} s "
-                 f"({start_cpu:.1f} s of CPU), {rss / 2**20:.0f} MiB resident (worst rank)")
+                 f"({start_cpu:.1f} s of CPU), {rss / 2**20:.0f} MiB unshared resident (worst rank)")
     if machine is not None:
         lines.append(f"  machine: {100 * machine[0]:.1f}% idle, {100 * machine[1]:.1f}% stolen by the hypervisor "
                      f"over the run ({cpus} CPUs; what the flushers took is idle the machine no longer had)")

@@ -12,6 +12,10 @@ import sys
 import traceback
 import warnings
 
+# OpenBLAS (numpy's) starts a thread pool at import unless told one thread: a process with a
+# second thread cannot fork the checkpoint flushers' template safely, and training uses torch's
+# kernels, not numpy's BLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # megatron-core warns at import about fused kernels (Apex, TE) that a CPU machine never has.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,6 +33,11 @@ def main() -> int:
         return 2
     from trainer.device import DeviceError, select_device
     from trainer.training import pretrain, shutdown
+
+    if job.checkpoint.async_save and job.checkpoint.flusher_start == "template":  # before the device and any thread: the flushers are forked from it
+        from checkpointing.flusher_template import start_template
+
+        start_template()
 
     try:
         device_ctx = select_device()

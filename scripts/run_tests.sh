@@ -4,6 +4,6 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/setup_env.sh
-export OMP_NUM_THREADS=1
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 # --durations: CI's log shows where the suite's time goes (it must stay well inside CI's limit).
 exec .venv/bin/python -m pytest -q --durations=25 "$@"

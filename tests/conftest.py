@@ -1,8 +1,17 @@
 import os
 
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS thread pool: this process forks the flusher template
+
 import pytest
 import torch
 import torch.distributed as dist
+
+from checkpointing.flusher_template import start_template
+
+# The engines made in this process fork their flushers from a template, as the trainer's do; it
+# is forked now, while this process has one thread (None, and flushers start their own
+# interpreter, if it already has more).
+start_template()
 
 # The slow tier: each module whose tests start processes (torchrun jobs, trainers, the engine's
 # flusher, fault trials) or train end to end declares `pytestmark = pytest.mark.slow` itself;

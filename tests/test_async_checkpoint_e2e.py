@@ -49,10 +49,30 @@ def runs(tmp_path_factory):
     for mode, extra, hold in (("copy", [], "request"), ("zero-copy", ["--ckpt-host-versions", "1"], "flush")):
         proc = run_pretrain(async_args + extra + ["--ckpt-snapshot", mode, "--save", str(base / f"{mode}-l2"),
                                                   "--ckpt-local-dir", str(base / f"{mode}-l1"),
-                                                  "--tensorboard-dir", str(base / f"tb-{mode}")],
+                                                  "--tensorboard-dir", str(base / f"tb-{mode}"),
+                                                  "--metrics-file", str(base / f"metrics-{mode}.jsonl")],
                             nproc=2, env={"GPT_CKPT_HOLD": hold})
         stdout[mode] = proc.stdout
     return base, stdout
+
+
+def test_the_start_up_report_names_its_parts(runs):
+    """After the first iteration: the console's line and the metrics file's ``startup`` object,
+    with the flusher forked from the template (no interpreter of its own) beside them."""
+    from trainer import startup
+    from trainer.metrics_file import read_metrics_file
+
+    base, stdout = runs
+    for mode in ("copy", "zero-copy"):
+        record = read_metrics_file(str(base / f"metrics-{mode}.jsonl")).startup
+        assert list(record["parts"]) == [startup.INTERPRETER, startup.PROCESS_GROUPS, startup.MODEL, startup.ENGINE,
+                                         startup.LOAD, startup.FIRST_ITERATION]
+        assert record["seconds"] == pytest.approx(sum(record["parts"].values()), abs=0.01)
+        assert record["flusher"]["started"] == "forked from the template"
+        assert 0 < record["flusher"]["unshared_mib"] < 64, record["flusher"]
+        line = re.search(r"> start-up [\d.]+ s to the end of the first iteration: interpreter and imports [\d.]+ s, "
+                         r"process groups .*checkpoint flusher \(forked from the template\) ready", stdout[mode])
+        assert line, stdout[mode][:3000]
 
 
 def test_losses_equal_training_without_checkpoints(runs):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from checkpointing.errors import FlusherError
+from checkpointing.host_pool import pool_files
 from tests.helpers import SyntheticState, make_engine, shared_memory_removed_after
 
 pytestmark = pytest.mark.slow
@@ -108,11 +109,18 @@ def test_a_flusher_killed_in_a_flush_leaves_it_uncommitted_and_training_stops(tm
 
 @pytest.mark.parametrize("action", ["kill", "fail"])
 def test_a_flusher_that_dies_while_starting_is_named(tmp_path, single_process_group, monkeypatch, action):
-    """Before its error handler runs, so it sends nothing: the engine names it and its exit."""
+    """Before its error handler runs, so it sends nothing: the engine names it and its exit at the
+    first request (it starts beside the trainer's work); the empty pool is removed."""
     monkeypatch.setenv("GPT_CKPT_FAULT", f"flusher.start:{action}")
+    state = SyntheticState()
+    engine, _ = make_engine(tmp_path, single_process_group, state, zero_copy=True)
+    state.optimizer_step(engine)
     with pytest.raises(FlusherError, match=r"rank 0: the checkpoint flusher \(pid \d+\) "
                                            + ("was killed by SIGKILL" if action == "kill" else "exited with status")):
-        make_engine(tmp_path, single_process_group, SyntheticState(), zero_copy=True)
+        engine.request(1)
+    engine.close(drain=False)
+    assert _gone(engine.flusher_pid)
+    assert not any(os.path.exists(path) for path in pool_files(engine.pool).files), "an empty pool is not left behind"
 
 
 def test_a_hung_flusher_stops_training_within_its_timeout(tmp_path, single_process_group):
@@ -151,7 +159,11 @@ def test_a_flushers_own_failure_is_reported_whole(tmp_path, single_process_group
 
 TRAINER = textwrap.dedent("""
     import os, sys, time
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sys.path.insert(0, {root!r})
+    if {template!r}:
+        from checkpointing.flusher_template import start_template
+        assert start_template() is not None
     import torch.distributed as dist
     from tests.helpers import SyntheticState, make_engine, free_port
     import pathlib
@@ -167,12 +179,14 @@ TRAINER = textwrap.dedent("""
 
 
 @pytest.mark.slow  # a trainer process of its own per case
-@pytest.mark.parametrize("ending", ["time.sleep(600)", "raise RuntimeError('training failed')", "sys.exit(0)"])
-def test_the_flusher_never_outlives_its_trainer(tmp_path, ending):
+@pytest.mark.parametrize("ending,template", [("time.sleep(600)", True), ("raise RuntimeError('training failed')", True),
+                                             ("sys.exit(0)", True), ("time.sleep(600)", False)])
+def test_the_flusher_never_outlives_its_trainer(tmp_path, ending, template):
     """SIGKILL of the trainer, an uncaught error, an exit without closing the engine: the
-    flusher goes with it (parent-death signal, end of the socket)."""
+    flusher goes with it (parent-death signal, end of the socket), forked from the template or
+    started with its own interpreter."""
     tag = f"test-outlive-{os.getpid()}-{time.monotonic_ns()}"
-    code = TRAINER.format(root=ROOT, tmp=str(tmp_path), tag=tag, ending=ending)
+    code = TRAINER.format(root=ROOT, tmp=str(tmp_path), tag=tag, ending=ending, template=template)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["GPT_CKPT_DELAY"] = "flush:2000"  # the flusher is in a flush when its trainer goes
     trainer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

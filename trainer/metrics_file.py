@@ -3,11 +3,14 @@ the console.
 
 The logging rank (the last one, which has the loss and prints the console lines) appends one
 object per logged iteration, right after that iteration's checkpoint request, one per evaluation
-on the validation split, and one at the end of the run::
+on the validation split, one after the first iteration with where the start-up went
+(``trainer.startup``), and one at the end of the run::
 
     {"kind": "iteration", "iteration": 10, "lm_loss": 6.93, "learning_rate": 0.003, "grad_norm": 1.2,
      "iteration_time_ms": 68.5, "tokens_per_s": 3740.0, "consumed_samples": 80, "time": 1764670000.1,
      "checkpoint_stall_ms": 0.4, "checkpoint_stall_total_ms": 3.1}
+    {"kind": "startup", "seconds": 6.1, "parts": {"interpreter and imports": 3.2, ...},
+     "first_iteration_end_unix": 1764670000.0, "flusher": {"ready_seconds": 0.3, ...}}
     {"kind": "validation", "iteration": 10, "lm_loss": 7.01}
     {"kind": "summary", "iteration": 12, "iterations_trained": 12, "train_seconds": 0.9,
      "device": "cpu", "interrupted": false, "peak_rss_mib": [2210.4, 2198.7], "checkpoint": {...}}
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 ITERATION = "iteration"
 VALIDATION = "validation"
 SUMMARY = "summary"
+STARTUP = "startup"
 
 
 def peak_resident_mib() -> float:
@@ -88,6 +92,11 @@ class MetricsFile:
             record["checkpoint_stall_total_ms"] = 1000 * engine.stats.stall_seconds
         self._write(record)
 
+    def startup(self, record: dict) -> None:
+        """Where this rank's start-up went (``trainer.startup.StartupClock.record``), after its first iteration."""
+        if self._file is not None:
+            self._write({"kind": STARTUP, **record})
+
     def validation(self, iteration: int, loss: float) -> None:
         """The validation loss of the evaluation after ``iteration``."""
         if self._file is not None:
@@ -126,6 +135,8 @@ class MetricsRecords:
     validations: list[dict] = field(default_factory=list)
     summary: dict | None = None
     """The last summary object (None: the run did not reach its end)."""
+    startup: dict | None = None
+    """The last start-up object (None: no first iteration ended)."""
 
 
 def read_metrics_file(path: str) -> MetricsRecords:
@@ -143,6 +154,8 @@ def read_metrics_file(path: str) -> MetricsRecords:
                 continue
             if record.get("kind") == SUMMARY:
                 records.summary = record
+            elif record.get("kind") == STARTUP:
+                records.startup = record
             elif record.get("kind") in by_kind:
                 by_kind[record["kind"]].append(record)
     return records

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from checkpointing import faults
+from checkpointing.flusher_template import start_template
 from checkpointing.manager import check_checkpoint_dirs
 from checkpointing.trace import Tracer
 from models.cpu_compat import apply_cpu_compat
@@ -35,6 +36,8 @@ from trainer.metrics_file import MetricsFile, peak_resident_mib
 from trainer.metrics_log import MetricsLogger
 from trainer.optimizer import DistributedAdam
 from trainer.parallel_dims import ParallelGroups
+from trainer import startup
+from trainer.startup import StartupClock
 from trainer.pipeline_schedule import PipelineShape, forward_backward_1f1b, forward_only
 
 
@@ -196,18 +199,24 @@ def describe_job(job: JobConfig, trainer: Trainer) -> str:
 
 def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainResult:
     """Train as configured; every rank of the job calls it."""
+    clock = StartupClock()
+    clock.mark(startup.INTERPRETER)
+    if job.checkpoint.async_save and job.checkpoint.flusher_start == "template":
+        start_template()  # before any thread or process group: the flushers are forked from it
     device_ctx = device_ctx or select_device()
     apply_cpu_compat(device_ctx.device)  # before any megatron-core call; does nothing on CUDA
     tcfg = job.training
     init_distributed(device_ctx, tcfg.distributed_timeout_minutes)
     groups = job.parallel.initialize()
     check_checkpoint_dirs(job.checkpoint, groups.rank)  # before the model: fail in seconds
+    clock.mark(startup.PROCESS_GROUPS)
     logger = MetricsLogger(groups.is_logging_rank, tcfg.train_iters, tcfg.tensorboard_dir)
     metrics = MetricsFile(tcfg.metrics_file, groups.is_logging_rank)
     result = TrainResult()
     checkpointer = None
     try:
         trainer = Trainer(job, device_ctx, groups)
+        clock.mark(startup.MODEL)
         # The model, its optimizer and megatron-core's modules are built once and live for the
         # run: move them out of the collector's reach, or a full collection pass over them (a
         # pause that grows with the model) lands in a checkpoint restore or the first steps.
@@ -222,7 +231,9 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
             trainer.phase = tracer.phase_hook()
         if job.checkpoint.save or job.checkpoint.load:
             checkpointer = Checkpointer(job.checkpoint, trainer, logger, tracer, telemetry=bool(tcfg.tensorboard_dir))
+            clock.mark(startup.ENGINE)
             trainer.iteration = checkpointer.load()
+            clock.mark(startup.LOAD)
         tokens = job.data.global_batch_size * job.model.seq_length
         stop = StopSignal.install()
         logger.start(trainer.iteration)
@@ -248,6 +259,11 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
             if checkpointer is not None:
                 with trainer.phase("checkpoint"):
                     checkpointer.after_step(it)
+            if clock.ended_unix is None:
+                engine = checkpointer.engine if checkpointer is not None else None
+                clock.finish(engine.stats if engine else None, engine.flusher.how_started if engine else None)
+                logger.info(clock.line())
+                metrics.startup(clock.record())
             if logged:
                 metrics.iteration(it, loss, lr, grad_norm, elapsed, tokens, consumed, checkpointer)
             faults.reach("iteration", it)  # fault-injection tests kill ranks here
