@@ -13,6 +13,10 @@ from checkpointing.flusher_template import start_template
 # interpreter, if it already has more).
 start_template()
 
+from models.megatron_import import import_megatron_core  # noqa: E402
+
+import_megatron_core()  # as the trainer does: megatron-core's import-time torch.compile deferred
+
 # The slow tier: each module whose tests start processes (torchrun jobs, trainers, the engine's
 # flusher, fault trials) or train end to end declares `pytestmark = pytest.mark.slow` itself;
 # tests/test_slow_marks.py fails where one that starts processes does not. `scripts/run_tests.sh

@@ -25,6 +25,7 @@ from checkpointing.trace import Tracer
 from models.cpu_compat import apply_cpu_compat
 from models.fusions import resolve_fusions
 from models.gpt import build_gpt_model
+from models.megatron_import import import_megatron_core
 from models.param_layout import global_param_specs
 from trainer.checkpointer import Checkpointer
 from trainer.config import JobConfig
@@ -204,6 +205,7 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
     if job.checkpoint.async_save and job.checkpoint.flusher_start == "template":
         start_template()  # before any thread or process group: the flushers are forked from it
     device_ctx = device_ctx or select_device()
+    import_megatron_core()  # its first import: torch.compile deferred (no Inductor at start-up)
     apply_cpu_compat(device_ctx.device)  # before any megatron-core call; does nothing on CUDA
     tcfg = job.training
     init_distributed(device_ctx, tcfg.distributed_timeout_minutes)

@@ -1,0 +1,126 @@
+"""The start-up bench: launch to the end of the first iteration of a job as users launch it, and
+the flusher's start and CPU per GB written, in interleaved rounds (ratios within one run: this
+machine is shared and noisy).
+
+``startup``: a 2-process TP2 tiny GPT under torchrun, without checkpointing, with
+``--async-save`` and its flusher forked from the template, and with ``--ckpt-flusher-start
+interpreter`` (a fresh Python per flusher, as before the template). Launch-to-first-iteration is
+the bench's launch time against the logging rank's ``first_iteration_end_unix``; the parts and the
+flusher's figures are the metrics file's ``startup`` object.
+
+``cpu-per-gb``: the host-bound model (``benchmarks/host_bound.py``), one process, every version
+to disk: the flusher's CPU (its own process clock, start-up apart) over the bytes it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import time
+
+from benchmarks.host_bound import HOST_BOUND_MODEL
+from benchmarks.processes import PRETRAIN, LoggedProcess, job_env
+from trainer.metrics_file import read_metrics_file
+
+TINY_TP2 = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 256 --seq-length 32 "
+            "--max-position-embeddings 32 --vocab-size 1024 --mock-data --micro-batch-size 2 --global-batch-size 4 "
+            "--lr 1e-3 --tensor-model-parallel-size 2 --train-iters 3 --log-interval 1").split()
+STARTUP_ROWS = {
+    "none": [],
+    "--async-save (template)": ["--async-save", "--save-interval", "1"],
+    "--async-save (interpreter)": ["--async-save", "--save-interval", "1", "--ckpt-flusher-start", "interpreter"],
+}
+
+
+def _run(cmd_args: list[str], base: str, nproc: int, what: str) -> tuple[float, str]:
+    """Run ``pretrain_gpt.py`` under torchrun; (its launch time, its metrics file)."""
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    metrics = os.path.join(base, "metrics.jsonl")
+    env = job_env({"OMP_NUM_THREADS": "1", "GPT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", PRETRAIN,
+           *cmd_args, "--metrics-file", metrics]
+    launched = time.time()
+    rc, _, _, text = LoggedProcess(cmd, env, os.path.join(base, "console.log"), 600).finish()
+    if rc != 0:
+        raise RuntimeError(f"{what}: pretrain_gpt.py failed:\n{text[-3000:]}")
+    return launched, metrics
+
+
+def run_startup(row: str, workdir: str) -> dict:
+    base = os.path.join(workdir, "startup", str(list(STARTUP_ROWS).index(row)))
+    extra = list(STARTUP_ROWS[row])
+    if extra:
+        extra += ["--save", os.path.join(base, "l2")]
+    launched, metrics = _run(TINY_TP2 + extra, base, 2, f"start-up {row}")
+    record = read_metrics_file(metrics).startup
+    shutil.rmtree(base, ignore_errors=True)
+    return {"launch": record["first_iteration_end_unix"] - launched, "own": record["seconds"],
+            "parts": record["parts"], "flusher": record.get("flusher")}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def part_startup(workdir: str, rounds: int) -> list[str]:
+    """Interleaved rounds of each row; a markdown table of medians."""
+    results = {row: [] for row in STARTUP_ROWS}
+    for r in range(rounds):
+        for row in STARTUP_ROWS:
+            results[row].append(run_startup(row, workdir))
+            got = results[row][-1]
+            print(f"  round {r + 1} {row}: launch to first iteration {got['launch']:.2f} s "
+                  f"(the job's own count {got['own']:.2f} s)", flush=True)
+    base = _median([x["launch"] for x in results["none"]])
+    lines = ["| row | launch to first iteration (median) | vs none | interpreter and imports | process groups | "
+             "model | engine | load | first iteration | flusher ready after | flusher start CPU | "
+             "flusher unshared | first iteration waited |", "|" + "---|" * 13]
+    for row, runs in results.items():
+        launch = _median([x["launch"] for x in runs])
+        parts = [_median([x["parts"].get(name, 0.0) for x in runs]) for name in runs[0]["parts"]]
+        flusher = [x["flusher"] for x in runs if x["flusher"]]
+        if flusher:
+            fl = (f"{_median([f['ready_seconds'] for f in flusher]):.2f} s | "
+                  f"{_median([f['cpu_seconds'] for f in flusher]):.2f} s | "
+                  f"{_median([f['unshared_mib'] for f in flusher]):.0f} MiB | "
+                  f"{_median([f['waited_seconds'] for f in flusher]):.2f} s")
+        else:
+            fl = "- | - | - | -"
+        lines.append(f"| {row} | {launch:.2f} s | {launch - base:+.2f} s | "
+                     + " | ".join(f"{p:.2f} s" for p in parts) + f" | {fl} |")
+    return lines
+
+
+def run_cpu_per_gb(start: str, iters: int, workdir: str) -> dict:
+    """The host-bound model, one process, every version to L2; the flusher's CPU per GB written."""
+    base = os.path.join(workdir, "cpu-per-gb", start)
+    args = HOST_BOUND_MODEL + ["--train-iters", str(iters), "--async-save", "--save-interval", "1",
+                               "--ckpt-flusher-start", start, "--save", os.path.join(base, "l2")]
+    _, metrics = _run(args, base, 1, f"cpu-per-gb {start}")
+    summary = read_metrics_file(metrics).summary["checkpoint"]
+    shutil.rmtree(base, ignore_errors=True)
+    rank = summary["ranks"][0]
+    written = sum(f["bytes"] for f in rank["flushes"] if f.get("error") is None)
+    versions = sum(1 for f in rank["flushes"] if f.get("error") is None)
+    return {"cpu": rank["flusher_cpu_seconds"], "gb": written / 1e9, "versions": versions}
+
+
+def part_cpu_per_gb(workdir: str, rounds: int, iters: int) -> list[str]:
+    results = {start: [] for start in ("template", "interpreter")}
+    for r in range(rounds):
+        for start in results:
+            got = run_cpu_per_gb(start, iters, workdir)
+            results[start].append(got)
+            print(f"  round {r + 1} {start}: {got['cpu']:.2f} CPU-s for {got['gb']:.3f} GB in {got['versions']} "
+                  f"versions = {got['cpu'] / max(got['gb'], 1e-9):.2f} CPU-s/GB", flush=True)
+    lines = ["| flusher start | versions written | GB written | flusher CPU | CPU-s per GB (median) | "
+             "ms of CPU per version |", "|---|---|---|---|---|---|"]
+    for start, runs in results.items():
+        per_gb = _median([x["cpu"] / max(x["gb"], 1e-9) for x in runs])
+        per_version = _median([1000 * x["cpu"] / max(x["versions"], 1) for x in runs])
+        lines.append(f"| {start} | {_median([x['versions'] for x in runs]):.0f} | {_median([x['gb'] for x in runs]):.3f} | "
+                     f"{_median([x['cpu'] for x in runs]):.2f} s | {per_gb:.2f} | {per_version:.0f} |")
+    return lines
