@@ -232,6 +232,21 @@ def run_lose_node(base: str, rng: random.Random, reference: dict[int, float]) ->
             shutil.rmtree(host, ignore_errors=True)
 
 
+def trial_kind(seed: int, index: int) -> str:
+    """What trial ``index`` of ``seed`` does, from :func:`run_trial`'s first draws: ``lose-node``,
+    ``kill <point>`` or a damage of :data:`DAMAGES` (the test picks a trial of each kind by it)."""
+    rng = random.Random(seed * 100_003 + index)
+    if rng.random() >= 0.5 and rng.choice(DAMAGES) == "lose-node":
+        return "lose-node"
+    rng = random.Random(seed * 100_003 + index)
+    if rng.random() < 0.5:
+        return f"kill {rng.choice(KILL_POINTS)}"
+    kind = rng.choice(DAMAGES)
+    while kind == "lose-node":
+        kind = rng.choice(DAMAGES)
+    return kind
+
+
 def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], finished_run: str,
               two_node_reference=None) -> TrialResult:
     """``two_node_reference()``: the uninterrupted two-node run's losses (made on first use)."""
@@ -322,8 +337,12 @@ class _Once:
             return self.value
 
 
-def run_trials(trials: int, seed: int, workdir: str, progress=print, parallel: int = 2) -> list[TrialResult]:
-    """``parallel`` trials at a time: each launch is mostly single-threaded start-up."""
+def run_trials(trials: int, seed: int, workdir: str, progress=print, parallel: int = 2,
+               indices: list[int] | None = None) -> list[TrialResult]:
+    """``parallel`` trials at a time: each launch is mostly single-threaded start-up.
+    ``indices``: run these trials of ``seed`` (``trials`` is then their number) instead of the first ``trials``."""
+    indices = list(range(trials)) if indices is None else list(indices)
+    trials = len(indices)
     reference = reference_losses(workdir)
     two_nodes = _Once(lambda: two_node_reference_losses(workdir))
     finished = os.path.join(workdir, "finished")
@@ -332,8 +351,8 @@ def run_trials(trials: int, seed: int, workdir: str, progress=print, parallel: i
     results: list[TrialResult] = [None] * trials  # type: ignore[list-item]
     try:
         with ThreadPoolExecutor(parallel) as pool:
-            futures = {pool.submit(run_trial, i, seed, workdir, reference, finished, two_nodes): i
-                       for i in range(trials)}
+            futures = {pool.submit(run_trial, index, seed, workdir, reference, finished, two_nodes): i
+                       for i, index in enumerate(indices)}
             for done, future in enumerate(as_completed(futures), 1):
                 i, result = futures[future], future.result()
                 results[i] = result
