@@ -88,7 +88,16 @@ class DirectFile:
 
     def write(self, data) -> None:
         """Append ``data`` (any bytes-like object), through the staging buffer."""
+        fill = self._fill
+        if type(data) is bytes and fill + len(data) < len(self._stage):  # the common case: a small blob that fits
+            self._stage_view[fill : fill + len(data)] = data
+            self._fill = fill + len(data)
+            return
         data = memoryview(data).cast("B")
+        if fill + len(data) < len(self._stage):
+            self._stage_view[fill : fill + len(data)] = data
+            self._fill = fill + len(data)
+            return
         while data:
             n = min(len(data), len(self._stage) - self._fill)
             self._stage_view[self._fill : self._fill + n] = data[:n]
