@@ -22,7 +22,10 @@ import time
 
 from benchmarks.host_bound import HOST_BOUND_MODEL
 from benchmarks.processes import PRETRAIN, LoggedProcess, job_env
+from trainer import startup
 from trainer.metrics_file import read_metrics_file
+
+PARTS = (startup.INTERPRETER, startup.PROCESS_GROUPS, startup.MODEL, startup.ENGINE, startup.LOAD, startup.FIRST_ITERATION)
 
 TINY_TP2 = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 256 --seq-length 32 "
             "--max-position-embeddings 32 --vocab-size 1024 --mock-data --micro-batch-size 2 --global-batch-size 4 "
@@ -80,7 +83,7 @@ def part_startup(workdir: str, rounds: int) -> list[str]:
              "flusher unshared | first iteration waited |", "|" + "---|" * 13]
     for row, runs in results.items():
         launch = _median([x["launch"] for x in runs])
-        parts = [_median([x["parts"].get(name, 0.0) for x in runs]) for name in runs[0]["parts"]]
+        parts = [_median([x["parts"][name] for x in runs if name in x["parts"]]) for name in PARTS]
         flusher = [x["flusher"] for x in runs if x["flusher"]]
         if flusher:
             fl = (f"{_median([f['ready_seconds'] for f in flusher]):.2f} s | "
@@ -90,7 +93,7 @@ def part_startup(workdir: str, rounds: int) -> list[str]:
         else:
             fl = "- | - | - | -"
         lines.append(f"| {row} | {launch:.2f} s | {launch - base:+.2f} s | "
-                     + " | ".join(f"{p:.2f} s" for p in parts) + f" | {fl} |")
+                     + " | ".join("-" if p != p else f"{p:.2f} s" for p in parts) + f" | {fl} |")
     return lines
 
 

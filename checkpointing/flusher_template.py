@@ -40,6 +40,7 @@ import pickle
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -93,8 +94,8 @@ class ForkedProcess:
         if self.returncode is None:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped elsewhere: it is gone, how is unknown
-                self.returncode = -signal.SIGKILL
+            except ChildProcessError:  # reaped by another os.wait() of this process: gone, its status lost
+                self.returncode = -signal.SIGKILL  # named as killed, the likeliest end of a flusher that goes unasked
                 return self.returncode
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
@@ -105,8 +106,6 @@ class ForkedProcess:
         pause = 1e-3
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                import subprocess
-
                 raise subprocess.TimeoutExpired(f"flusher {self.pid}", timeout)
             time.sleep(pause)
             pause = min(pause * 2, 0.05)

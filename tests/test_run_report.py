@@ -31,7 +31,7 @@ def test_the_summary_of_two_ranks():
         "  training process: 50.0 ms in request and fences on rank 0 (0.25% of the 20.0 s of CPU its process used), "
         "no checkpoint thread",
         "  flusher processes: 3.00 s of CPU on rank 1 (300.0 ms per request, the final save included); up in 2.5 s "
-        "(1.2 s of CPU), 160 MiB resident (worst rank)",
+        "(1.2 s of CPU), 160 MiB unshared resident (worst rank)",
         "  machine: 25.0% idle, 1.0% stolen by the hypervisor over the run (2 CPUs; what the flushers took is idle the "
         "machine no longer had)",
         "  iteration time: median 120.0 ms beside checkpoint work (3 iterations) against 100.0 ms without (4): +20.0%",

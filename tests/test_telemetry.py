@@ -103,7 +103,7 @@ def test_end_of_run_summary(run):
     # What checkpointing cost beyond blocking: the training thread's time in the engine, the
     # flusher processes' CPU, the machine's idle share, and iteration time beside it.
     assert "  training process: " in stdout and "no checkpoint thread" in stdout
-    assert "  flusher processes: " in stdout and "s of CPU" in stdout and "MiB resident" in stdout
+    assert "  flusher processes: " in stdout and "s of CPU" in stdout and "MiB unshared resident" in stdout
     assert "  machine: " in stdout and "% idle" in stdout
     assert "  iteration time: " in stdout
     assert "  L1: " in stdout and "  L2: " in stdout and "slowest level:" in stdout
