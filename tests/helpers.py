@@ -123,6 +123,22 @@ class SyntheticState:
         return state
 
 
+def process_gone(pid: int, within: float = 20.0) -> bool:
+    """Whether process ``pid`` has ended (a zombie not yet reaped by its parent counts as ended;
+    it is not reaped here, so that its parent still learns its exit status). A killed process's
+    leader shows as a zombie while its other threads still exit: good enough to say it ends."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=None, zero_copy=False,
                 flusher_timeout=60.0):
     """An engine over ``state`` with one level, L2 in ``tmp_path / "l2"`` every ``interval``

@@ -14,7 +14,7 @@ import torch
 
 from checkpointing.errors import FlusherError
 from checkpointing.host_pool import pool_files
-from tests.helpers import SyntheticState, make_engine, shared_memory_removed_after
+from tests.helpers import SyntheticState, make_engine, process_gone, shared_memory_removed_after
 
 pytestmark = pytest.mark.slow
 
@@ -35,22 +35,6 @@ def _threads() -> dict[int, str]:
     return tasks
 
 
-def _gone(pid: int, within: float = 20.0) -> bool:
-    """Whether process ``pid`` has ended (a zombie not yet reaped by its parent counts as ended;
-    it is not reaped here, so that its parent still learns its exit status). A killed process's
-    leader shows as a zombie while its other threads still exit: good enough to say it ends."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("zero_copy", [False, True])
 def test_no_checkpoint_thread_in_the_training_process(tmp_path, single_process_group, zero_copy):
     state = SyntheticState()
@@ -66,7 +50,7 @@ def test_no_checkpoint_thread_in_the_training_process(tmp_path, single_process_g
     engine.close()
     assert [f.version for f in engine.stats.flushes][-1] == 5
     assert engine.stats.flusher_cpu_seconds > 0, "the flusher's CPU is reported from its process clock"
-    assert _gone(engine.flusher_pid), "a closed engine's flusher exits"
+    assert process_gone(engine.flusher_pid), "a closed engine's flusher exits"
 
 
 def test_a_killed_idle_flusher_stops_training_at_the_next_request(tmp_path, single_process_group):
@@ -119,7 +103,7 @@ def test_a_flusher_that_dies_while_starting_is_named(tmp_path, single_process_gr
                                            + ("was killed by SIGKILL" if action == "kill" else "exited with status")):
         engine.request(1)
     engine.close(drain=False)
-    assert _gone(engine.flusher_pid)
+    assert process_gone(engine.flusher_pid)
     assert not any(os.path.exists(path) for path in pool_files(engine.pool).files), "an empty pool is not left behind"
 
 
@@ -141,7 +125,7 @@ def test_a_hung_flusher_stops_training_within_its_timeout(tmp_path, single_proce
     finally:
         os.kill(engine.flusher_pid, signal.SIGCONT)
     engine.close(drain=False)
-    assert _gone(engine.flusher_pid), "the hung flusher is killed"
+    assert process_gone(engine.flusher_pid), "the hung flusher is killed"
 
 
 def test_a_flushers_own_failure_is_reported_whole(tmp_path, single_process_group, monkeypatch):
@@ -154,7 +138,7 @@ def test_a_flushers_own_failure_is_reported_whole(tmp_path, single_process_group
         engine.wait_idle()
     assert "action must be kill, fail or readonly" in str(raised.value), "the flusher's traceback reaches the user"
     engine.close(drain=False)
-    assert _gone(engine.flusher_pid)
+    assert process_gone(engine.flusher_pid)
 
 
 TRAINER = textwrap.dedent("""
@@ -196,7 +180,7 @@ def test_the_flusher_never_outlives_its_trainer(tmp_path, ending, template):
         if ending.startswith("time.sleep"):
             trainer.kill()
         trainer.wait(timeout=60)
-        assert _gone(pid), f"flusher {pid} outlived its trainer ({ending})"
+        assert process_gone(pid), f"flusher {pid} outlived its trainer ({ending})"
     finally:
         trainer.kill()
         from checkpointing import host_pool

@@ -15,7 +15,7 @@ import torch
 
 from checkpointing import flusher_template
 from checkpointing.reader import CheckpointReader
-from tests.helpers import SyntheticState, make_engine, shared_memory_removed_after
+from tests.helpers import SyntheticState, make_engine, process_gone, shared_memory_removed_after
 
 pytestmark = pytest.mark.slow
 
@@ -31,19 +31,6 @@ def remove_pools():
 def _parent(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
-def _gone(pid: int, within: float = 20.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_forked_flusher_writes_every_version_bit_for_bit_through_the_fences(tmp_path, single_process_group):
@@ -67,7 +54,7 @@ def test_a_forked_flusher_writes_every_version_bit_for_bit_through_the_fences(tm
     assert (tmp_path / "l2" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
     # Its own pages only: a fresh interpreter holds ~145 MiB of its own
     assert 0 < engine.stats.flusher_rss_bytes < 64 * 2**20, engine.stats.flusher_rss_bytes
-    assert _gone(engine.flusher_pid)
+    assert process_gone(engine.flusher_pid)
 
 
 TRAINER = textwrap.dedent("""
@@ -130,11 +117,11 @@ def test_a_kill_at_start_up_leaves_no_process_and_no_pool(tmp_path, case):
             assert trainer.returncode == -signal.SIGKILL, (trainer.returncode, trainer.stderr[-2000:])
         if case == "trainer after a version":
             for pid in (template, int(lines[1])):
-                assert _gone(pid)
+                assert process_gone(pid)
             assert any(p.endswith(".meta") for p in host_pool.list_segments(tag)), "the pool with version 1 is kept"
             return
         for pid in [template] + ([int(lines[1])] if case != "template" else []):
-            assert _gone(pid), f"process {pid} outlived its trainer ({case} killed)"
+            assert process_gone(pid), f"process {pid} outlived its trainer ({case} killed)"
         deadline = time.monotonic() + 10
         while host_pool.list_segments(tag) and time.monotonic() < deadline:  # the template removes it as it goes
             time.sleep(0.05)
