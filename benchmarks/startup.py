@@ -8,6 +8,9 @@ interpreter`` (a fresh Python per flusher, as before the template). Launch-to-fi
 the bench's launch time against the logging rank's ``first_iteration_end_unix``; the parts and the
 flusher's figures are the metrics file's ``startup`` object.
 
+``before-after``: launch to the first iteration's console line of another checkout (an earlier
+commit, which has no ``startup`` record) against this one, with and without ``--async-save``.
+
 ``cpu-per-gb``: the host-bound model (``benchmarks/host_bound.py``), one process, every version
 to disk: the flusher's CPU (its own process clock, start-up apart) over the bytes it wrote.
 """
@@ -17,11 +20,12 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 
 from benchmarks.host_bound import HOST_BOUND_MODEL
-from benchmarks.processes import PRETRAIN, LoggedProcess, job_env
+from benchmarks.processes import PRETRAIN, REPO, LoggedProcess, job_env
 from trainer import startup
 from trainer.metrics_file import read_metrics_file
 
@@ -126,4 +130,43 @@ def part_cpu_per_gb(workdir: str, rounds: int, iters: int) -> list[str]:
         per_version = _median([1000 * x["cpu"] / max(x["versions"], 1) for x in runs])
         lines.append(f"| {start} | {_median([x['versions'] for x in runs]):.0f} | {_median([x['gb'] for x in runs]):.3f} | "
                      f"{_median([x['cpu'] for x in runs]):.2f} s | {per_gb:.2f} | {per_version:.0f} |")
+    return lines
+
+
+def launch_to_first_line(tree: str, async_save: bool, workdir: str) -> float | None:
+    """Seconds from launching ``tree``'s ``pretrain_gpt.py`` (2-process TP2 tiny GPT) under torchrun
+    to its first iteration's console line: what a tree without the ``startup`` record (an older
+    commit) can be timed by, read as its console prints."""
+    save = os.path.join(workdir, "before-after", "l2")
+    shutil.rmtree(os.path.dirname(save), ignore_errors=True)
+    extra = ["--async-save", "--save-interval", "1", "--save", save] if async_save else []
+    env = job_env({"OMP_NUM_THREADS": "1", "GPT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(tree, "scripts", "pretrain_gpt.py"), *TINY_TP2, *extra]
+    launched = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tree)
+    first = None
+    for line in proc.stdout:
+        if first is None and line.lstrip().startswith("iteration ") and "/" in line:
+            first = time.time() - launched
+    proc.wait(timeout=600)
+    shutil.rmtree(os.path.dirname(save), ignore_errors=True)
+    return first if proc.returncode == 0 else None
+
+
+def part_before_after(workdir: str, rounds: int, old_tree: str) -> list[str]:
+    """``old_tree`` (a checkout of an earlier commit) against this one, interleaved rounds."""
+    trees = {"before (" + os.path.basename(os.path.abspath(old_tree)) + ")": old_tree, "this tree": REPO}
+    times: dict[tuple[str, bool], list[float]] = {}
+    for r in range(rounds):
+        for name, tree in trees.items():
+            for async_save in (False, True):
+                got = launch_to_first_line(tree, async_save, workdir)
+                print(f"  round {r + 1} {name} {'--async-save' if async_save else 'none'}: {got}", flush=True)
+                if got is not None:
+                    times.setdefault((name, async_save), []).append(got)
+    lines = ["| tree | no checkpointing | --async-save | what --async-save adds |", "|---|---|---|---|"]
+    for name in trees:
+        plain, asyn = _median(times.get((name, False), [])), _median(times.get((name, True), []))
+        lines.append(f"| {name} | {plain:.2f} s | {asyn:.2f} s | {asyn - plain:+.2f} s |")
     return lines
