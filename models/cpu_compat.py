@@ -8,7 +8,7 @@ runs on the CPU on purpose (``GPT_FORCE_CPU=1``, e.g. ``scripts/run_demo.sh`` wi
 GPUs) is patched like a machine without any.
 Each patch is small, named, and tested in ``tests/test_cpu_compat.py``.
 
-Patches (see ``../shared/notes/megatron-core-on-cpu.md`` for how they were found):
+Patches (each found by running megatron-core's model code on a machine without CUDA):
 
 1. ``torch.cuda.current_device`` returns the CPU device. megatron-core allocates buffers with
    ``device=torch.cuda.current_device()`` (global memory buffer, attention masks, TP layers).
