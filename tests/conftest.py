@@ -46,6 +46,15 @@ def no_shared_memory_left_behind():
         yield
 
 
+@pytest.fixture
+def pools_removed():
+    """The pools a test's engines made are removed after it (``tests.helpers.shared_memory_removed_after``)."""
+    from tests.helpers import shared_memory_removed_after
+
+    with shared_memory_removed_after():
+        yield
+
+
 @pytest.fixture(scope="module")
 def megatron_state(single_process_group):
     """A 1-rank megatron-core (TP1, PP1) on CPU, for building the model in this process."""

@@ -43,10 +43,7 @@ def shared_memory_removed_after() -> Iterator[None]:
     and their descriptions) that appeared inside the block. Engines and jobs keep their pools on
     purpose (they outlive a crash); a test's would pile up on the machine.
 
-        @pytest.fixture(autouse=True)
-        def remove_pools():
-            with shared_memory_removed_after():
-                yield
+        pytestmark = pytest.mark.usefixtures("pools_removed")   # tests/conftest.py
     """
     from checkpointing import host_pool
 

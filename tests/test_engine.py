@@ -15,15 +15,9 @@ from checkpointing.levels import Level
 from checkpointing.host_pool import ArraySpec, HostPool
 from checkpointing.reader import CheckpointReader
 from checkpointing.shard_copy import HostShardCopier
-from tests.helpers import SHARDS, SyntheticState, make_engine, shared_memory_removed_after
+from tests.helpers import SHARDS, SyntheticState, make_engine
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def remove_pools():
-    with shared_memory_removed_after():
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pools_removed")]
 
 
 def test_copied_snapshots_are_the_state_after_their_step_and_fences_never_wait(tmp_path, single_process_group):

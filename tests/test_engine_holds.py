@@ -10,15 +10,9 @@ import torch
 from checkpointing import faults, pacing
 from checkpointing.control_block import ControlBlock
 from checkpointing.reader import CheckpointReader
-from tests.helpers import SyntheticState, make_engine, shared_memory_removed_after
+from tests.helpers import SyntheticState, make_engine
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def remove_pools():
-    with shared_memory_removed_after():
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pools_removed")]
 
 
 def test_hold_spec_names_points_and_iterations(monkeypatch):

@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from checkpointing.reader import CheckpointReader
-from tests.helpers import SHARDS, SyntheticState, make_engine, shared_memory_removed_after
+from tests.helpers import SHARDS, SyntheticState, make_engine
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def remove_pools():
-    with shared_memory_removed_after():
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pools_removed")]
 
 
 def _stored(tmp_path, version, state):

@@ -14,17 +14,11 @@ import torch
 
 from checkpointing.errors import FlusherError
 from checkpointing.host_pool import pool_files
-from tests.helpers import SyntheticState, make_engine, process_gone, shared_memory_removed_after
+from tests.helpers import SyntheticState, make_engine, process_gone
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pools_removed")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def remove_pools():
-    with shared_memory_removed_after():
-        yield
 
 
 def _threads() -> dict[int, str]:
