@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.helpers import JOB_VARIABLES, free_port, job_env  # noqa: F401  (tests/conftest.py imports free_port from here)
+from tests.zygote_launch import run_forked, zygote_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = ROOT / "scripts" / "pretrain_gpt.py"
@@ -29,15 +30,23 @@ def run_pretrain(args: list[str], nproc: int = 1, timeout: int = 300, check: boo
     """Run ``torchrun --standalone --nproc-per-node nproc <script> args`` (pretrain_gpt.py by default).
 
     One process without torchrun options runs as plain ``python``: the trainer makes it a
-    1-process job, and the launch is seconds faster."""
+    1-process job, and the launch is seconds faster. Without ``torchrun_args`` the ranks are
+    forked from the session's warm zygote (tests/job_zygote.py says what it keeps of torchrun);
+    ``GPT_TEST_LAUNCHER=torchrun`` starts fresh interpreters under torchrun instead."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GPT_FORCE_CPU="1", **(env or {}))
-    if nproc == 1 and not torchrun_args:
+    plain = nproc == 1 and not torchrun_args
+    if plain:
         env = job_env(**{k: v for k, v in env.items() if k not in JOB_VARIABLES})
-        cmd = [sys.executable, str(script), *args]
+    zygote = None if torchrun_args else zygote_for(env)
+    if zygote is not None:  # ranks forked from a warm interpreter (tests/job_zygote.py)
+        proc = run_forked(zygote, script, args, nproc, env, timeout, torchrun=not plain)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               *torchrun_args, str(script), *args]
-    proc = _run_group(cmd, timeout, env)
+        if plain:
+            cmd = [sys.executable, str(script), *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   *torchrun_args, str(script), *args]
+        proc = _run_group(cmd, timeout, env)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"pretrain_gpt.py failed ({proc.returncode}) with {nproc} processes: {' '.join(args)}\n"
@@ -130,8 +139,13 @@ def run_two_nodes(args: list[str], node_args: list[list[str]], nproc_per_node: i
 
 def script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``scripts/<name> args`` with this Python; fail the test with its output unless it succeeds."""
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env=job_env())
+    env, path = job_env(), ROOT / "scripts" / name
+    zygote = zygote_for(env)
+    if zygote is not None:
+        proc = run_forked(zygote, path, list(args), 1, env, timeout, torchrun=False)
+    else:
+        proc = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{name} {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
     return proc
 

@@ -4,12 +4,11 @@ from checksums after the first version like the shared level's; the commit stays
 over the job. Four gloo ranks as two nodes (``tests/workers/node_local_commit_worker.py``); and
 the scale simulator's node-local figures (``benchmarks.scale.run_node_local``)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -18,10 +17,7 @@ WORKER = ROOT / "tests" / "workers" / "node_local_commit_worker.py"
 
 
 def test_each_node_commits_its_own_ranks_and_a_failure_commits_nowhere(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", GPT_FORCE_CPU="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                           str(WORKER), str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_pretrain([str(tmp_path)], nproc=4, script=WORKER, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert sorted(p.name for p in tmp_path.glob("ok-*")) == [f"ok-{r}" for r in range(4)]
     for node in (0, 1):  # versions 1 and 2 committed on each node, 3 on neither

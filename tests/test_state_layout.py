@@ -4,17 +4,13 @@ This is what makes the checkpoint format reshardable: every element of every glo
 tensor is written by exactly one rank, and its value is the layout-independent initial value.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from models.config import GPTModelConfig
 from models.gpt import initial_value
 from models.param_layout import GlobalParamSpec
-from tests.launch import ROOT, TINY
+from tests.launch import ROOT, TINY, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +40,7 @@ def assemble(entries, key_offset, key_values):
     (2, []),  # DP2 with a replicated optimizer: only DP rank 0 writes
 ])
 def test_every_element_is_written_once_with_its_global_value(nproc, layout, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", GPT_FORCE_CPU="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                    str(WORKER), str(tmp_path), *ARGS, *layout], check=True, env=env, cwd=ROOT,
-                   capture_output=True, timeout=300)
+    run_pretrain([str(tmp_path), *ARGS, *layout], nproc=nproc, script=WORKER)
     dumps = [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
     assert max(d["num_shards"] for d in dumps) > 3, "small shards must cut parameters into pieces"
     writers = [p for d in dumps for p in d["pieces"] if p["is_writer"]]
