@@ -16,6 +16,7 @@ passes ``trust=True`` (``--trust-checkpoint-pickles``: the user vouches for the 
 
 from __future__ import annotations
 
+import enum
 import io
 import pickle
 from typing import Any, BinaryIO
@@ -78,10 +79,21 @@ def _allowed_dcp_global(module: str, name: str) -> bool:
     return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
 
 
+def _enum_member(owner: Any, name: Any) -> Any:
+    """``getattr`` as Python 3.11.0-3.11.4 pickle enum members with it (Debian 12 ships 3.11.2):
+    a member of an enum class this unpickler admits, by its name, and nothing else."""
+    if (isinstance(owner, type) and issubclass(owner, enum.Enum) and isinstance(name, str)
+            and name in owner.__members__ and _allowed_dcp_global(owner.__module__, owner.__qualname__)):
+        return owner.__members__[name]
+    raise CheckpointUntrustedError(f"it calls getattr({owner!r:.80}, {name!r:.80}), which is not an enum member of DCP's metadata")
+
+
 class _DcpMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if _allowed_dcp_global(module, name):
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         raise CheckpointUntrustedError(f"it names {module}.{name}, which is not part of DCP's metadata")
 
 

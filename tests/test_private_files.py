@@ -134,3 +134,42 @@ def test_host_pool_list_names_a_refused_directory(tmp_path, capsys):
     os.symlink(tmp_path, tmp_path / f"gptckpt-{os.getuid()}")
     assert host_pool.main(["--ckpt-host-dir", str(tmp_path)]) == 0
     assert "refused: it is a symbolic link" in capsys.readouterr().out
+
+
+class _ViaGetattr:
+    """Pickles as ``getattr(owner, name)``: how Python 3.11.0-3.11.4 pickle an enum member."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_enum_members_pickled_through_getattr_load_and_nothing_else_does():
+    """Debian 12's Python 3.11.2 writes DCP's ``_MEM_FORMAT_ENCODING`` members as
+    ``builtins.getattr(cls, name)``: admitted for members of DCP's enums, refused for anything else."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, Metadata
+
+    member = _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    blob = pickle.dumps(_ViaGetattr(_MEM_FORMAT_ENCODING, member.name), protocol=5)
+    assert b"getattr" in blob
+    assert load_dcp_metadata(io.BytesIO(blob), ".metadata") == (member, False)
+    for owner, name in ((_MEM_FORMAT_ENCODING, "__class__"), (_MEM_FORMAT_ENCODING, "_missing_"),
+                        (Metadata, "__init__"), (torch.float32, "to")):
+        with pytest.raises(CheckpointUntrustedError, match="getattr"):
+            load_dcp_metadata(io.BytesIO(pickle.dumps(_ViaGetattr(owner, name), protocol=5)), ".metadata")
+
+
+def test_metadata_this_python_writes_is_read_back_without_trust(tmp_path):
+    """The round trip that Python 3.11.2 broke: run this module under /usr/bin/python3.11 too
+    (scripts/run_tests.sh does where it differs from the venv's)."""
+    import sys
+
+    from checkpointing.metadata import build_metadata, read_metadata, write_metadata
+    from checkpointing.metadata import ChunkRecord
+
+    record = ChunkRecord("w", (0,), (4,), (4,), torch.float32, "__0_0.distcp", 0, 64, 7, 0)
+    write_metadata(str(tmp_path), build_metadata([record], 3, synthetic_layout()))
+    metadata = read_metadata(str(tmp_path))
+    assert metadata.gpt_ckpt["iteration"] == 3 and not metadata.gpt_ckpt_full_unpickling, sys.version
