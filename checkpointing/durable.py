@@ -26,12 +26,13 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes, mode: int = 0o666) -> None:
+def atomic_write_bytes(path: str, data: bytes, mode: int = 0o666, sync_directory: bool = True) -> None:
     """Write ``data`` to ``path`` durably and atomically.
 
     The temporary file is created new (``O_EXCL | O_NOFOLLOW``: never through a link someone
     placed under its name) with ``mode`` (the umask applies). On any error it is removed and
-    ``path`` is left as it was.
+    ``path`` is left as it was. ``sync_directory`` False: the rename is made durable by the
+    caller's next write to the same directory (one directory fsync for both).
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
@@ -47,7 +48,8 @@ def atomic_write_bytes(path: str, data: bytes, mode: int = 0o666) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_directory(directory)
+        if sync_directory:
+            fsync_directory(directory)
     except OSError as error:
         try:
             os.unlink(tmp)

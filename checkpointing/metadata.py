@@ -8,8 +8,10 @@ as ``Metadata.gpt_ckpt``, a dict of builtins: pickle restores it, stock readers 
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -17,17 +19,25 @@ from typing import Any
 from typing import TYPE_CHECKING
 
 import torch
+import xxhash
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
 
 from checkpointing.durable import atomic_write_bytes
-from checkpointing.errors import CheckpointCorruptError
+from checkpointing.errors import CheckpointCorruptError, CheckpointUntrustedError
 from checkpointing.parallel_layout import ParallelLayout
 from checkpointing.rectangles import TilingError, check_tiling
-from checkpointing.safe_pickle import load_dcp_metadata
+from checkpointing.safe_pickle import check_pickle_bounds, load_dcp_metadata
 
 METADATA_NAME = ".metadata"
+METADATA_CHECKSUM_NAME = ".metadata.xxh3"
+"""``xxh3-64 <hex digest> <length>`` of ``.metadata``'s bytes, written before ``.metadata`` is
+renamed into place and checked before it is unpickled: a flipped byte is damage, never a decoded
+object. Stock DCP readers ignore the file."""
+_CHECKSUM_LINE = re.compile(rb"xxh3-64 ([0-9a-f]{16}) ([0-9]{1,15})\n")
+_CHECKSUM_LINE_MAX = 64
+_ITERATION_DIR = re.compile(r"iter_([0-9]+)")
 FORMAT_VERSION = 2
 """2: tensors with a padded vocabulary dimension (embedding, output layer) are stored with the
 true vocabulary's rows; 1: with Megatron's padding of the saving layout (still read)."""
@@ -132,8 +142,42 @@ def build_metadata(records: list[ChunkRecord], iteration: int, layout: ParallelL
 
 
 def write_metadata(directory: str, metadata: Metadata) -> None:
-    """The commit point: temporary name, fsync, rename, fsync of the directory."""
-    atomic_write_bytes(os.path.join(directory, METADATA_NAME), pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL))
+    """The commit point: temporary name, fsync, rename, fsync of the directory. The checksum of
+    its bytes goes first (``METADATA_CHECKSUM_NAME``), so a committed ``.metadata`` always has one."""
+    data = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+    atomic_write_bytes(os.path.join(directory, METADATA_CHECKSUM_NAME), metadata_checksum_line(data),
+                       sync_directory=False)  # the .metadata's rename below syncs the directory for both
+    atomic_write_bytes(os.path.join(directory, METADATA_NAME), data)
+
+
+def metadata_checksum_line(data: bytes) -> bytes:
+    return f"xxh3-64 {xxhash.xxh3_64_hexdigest(data)} {len(data)}\n".encode()
+
+
+def read_verified_metadata_bytes(directory: str) -> tuple[bytes, bool]:
+    """``.metadata``'s bytes, checked against its checksum file before anyone decodes them;
+    returns (bytes, whether they were verified). A directory without a checksum file (written
+    before it existed, or by another tool) is read unverified, its pickle scanned for opcodes
+    whose arguments no intact file holds (:func:`checkpointing.safe_pickle.check_pickle_bounds`).
+    Raises ``FileNotFoundError`` (no ``.metadata``: not committed) or :class:`CheckpointCorruptError`."""
+    path = os.path.join(directory, METADATA_NAME)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        with open(os.path.join(directory, METADATA_CHECKSUM_NAME), "rb") as f:
+            line = f.read(_CHECKSUM_LINE_MAX + 1)
+    except FileNotFoundError:
+        check_pickle_bounds(data, path)
+        return data, False
+    expected = _CHECKSUM_LINE.fullmatch(line)
+    if expected is None:
+        raise CheckpointCorruptError(f"{path}: its checksum file {METADATA_CHECKSUM_NAME} is damaged "
+                                     f"({line[:80]!r}); the checkpoint is treated as damaged")
+    digest, size = expected.group(1).decode(), int(expected.group(2))
+    if len(data) != size or xxhash.xxh3_64_hexdigest(data) != digest:
+        raise CheckpointCorruptError(f"{path}: its bytes do not match their checksum ({len(data)} bytes, "
+                                     f"{size} written); the checkpoint is damaged, nothing in it was decoded")
+    return data, True
 
 
 def read_metadata(directory: str, trust: bool = False) -> Metadata:
@@ -143,18 +187,35 @@ def read_metadata(directory: str, trust: bool = False) -> Metadata:
     anything but DCP's metadata classes raises ``CheckpointUntrustedError`` without running it,
     unless ``trust``. ``Metadata.gpt_ckpt_full_unpickling`` says whether ``trust`` was needed."""
     path = os.path.join(directory, METADATA_NAME)
+    data, verified = read_verified_metadata_bytes(directory)
     try:
-        with open(path, "rb") as f:
-            metadata, trusted = load_dcp_metadata(f, path, trust)
-    except FileNotFoundError:
+        metadata, trusted = load_dcp_metadata(io.BytesIO(data), path, trust)
+    except CheckpointUntrustedError:
         raise
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, IndexError) as error:
-        raise CheckpointCorruptError(f"{path} cannot be read ({error}); the checkpoint is damaged") from error
+    except Exception as error:  # unpickling damaged bytes raises anything (TypeError, KeyError, MemoryError...)
+        raise CheckpointCorruptError(f"{path} cannot be decoded ({type(error).__name__}: {str(error)[:200]}); "
+                                     "the checkpoint is damaged") from error
     facts = getattr(metadata, "gpt_ckpt", None)
     if not isinstance(facts, dict) or facts.get("format_version") not in READABLE_FORMATS:
         raise CheckpointCorruptError(
             f"{path} is not a gpt-ckpt checkpoint of format {' or '.join(map(str, READABLE_FORMATS))} (no checksums); "
             "convert it or load it with torch.distributed.checkpoint directly"
         )
+    _check_facts(metadata, facts, directory)
     metadata.gpt_ckpt_full_unpickling = trusted
+    metadata.gpt_ckpt_verified = verified
     return metadata
+
+
+def _check_facts(metadata: Metadata, facts: dict, directory: str) -> None:
+    """The decoded metadata makes sense: its iteration is its directory's, its parts have the
+    types the loader uses. Anything else is damage (a flip the checksum file could not catch)."""
+    where = os.path.join(directory, METADATA_NAME)
+    iteration = facts.get("iteration")
+    named = _ITERATION_DIR.fullmatch(os.path.basename(os.path.normpath(directory)))
+    if not isinstance(iteration, int) or iteration < 0 or (named and int(named.group(1)) != iteration):
+        raise CheckpointCorruptError(f"{where} says iteration {iteration!r}, its directory "
+                                     f"{os.path.basename(os.path.normpath(directory))}; the checkpoint is damaged")
+    if not (isinstance(facts.get("checksums"), dict) and isinstance(getattr(metadata, "storage_data", None), dict)
+            and isinstance(getattr(metadata, "state_dict_metadata", None), dict)):
+        raise CheckpointCorruptError(f"{where}: its tables have the wrong types; the checkpoint is damaged")

@@ -79,6 +79,24 @@ def _allowed_dcp_global(module: str, name: str) -> bool:
     return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
 
 
+_MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+def check_pickle_bounds(data: bytes, where: str) -> None:
+    """Refuse a pickle whose opcodes could make the unpickler allocate beyond its own size: a
+    memo index past the opcodes that could have filled it (one flipped bit of ``BINPUT`` into
+    ``LONG_BINPUT`` asks for gigabytes), a length past the end of the data, an unknown opcode.
+    For pickles no checksum vouches for; raises :class:`CheckpointCorruptError`."""
+    import pickletools
+
+    try:
+        for count, (opcode, argument, _position) in enumerate(pickletools.genops(data)):
+            if opcode.name in _MEMO_OPCODES and (not isinstance(argument, int) or not 0 <= argument <= count):
+                raise CheckpointCorruptError(f"{where}: memo index {argument} at opcode {count}; the file is damaged")
+    except (ValueError, TypeError, UnicodeDecodeError) as error:  # what genops raises on bytes that are no pickle
+        raise CheckpointCorruptError(f"{where} is not a well-formed pickle ({error}); the file is damaged") from error
+
+
 def _enum_member(owner: Any, name: Any) -> Any:
     """``getattr`` as Python 3.11.0-3.11.4 pickle enum members with it (Debian 12 ships 3.11.2):
     a member of an enum class this unpickler admits, by its name, and nothing else."""

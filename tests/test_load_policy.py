@@ -105,7 +105,7 @@ def _save(root, iteration, state, layout, group, node_local=False):
                              state.save_pieces, state.capture_small_state(iteration), layout, group)
     if node_local:
         metadata = read_metadata(result.path)
-        del metadata.gpt_ckpt_full_unpickling
+        del metadata.gpt_ckpt_full_unpickling, metadata.gpt_ckpt_verified  # what read_metadata adds
         metadata.gpt_ckpt["local_files"] = ["__0_0.distcp"]
         write_metadata(result.path, metadata)
     return result.path
