@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
+from checkpointing.private_files import POOL_DIR_PREFIX
 from cli.flags import flag, flag_name
 
 
@@ -108,13 +111,13 @@ class CheckpointConfig:
             raise ValueError(f"--ckpt-step must be >= 0, got {self.ckpt_step}")
         if self.local_retain_last < 1:
             raise ValueError(f"--ckpt-local-retain-last must be >= 1, got {self.local_retain_last}")
-        if self.write_rate_limit_mb is not None and self.write_rate_limit_mb <= 0:
+        if self.write_rate_limit_mb is not None and not 0 < self.write_rate_limit_mb < math.inf:
             raise ValueError(f"--ckpt-write-rate-limit must be > 0 MB/s, got {self.write_rate_limit_mb}")
         if self.write_rate_limit_mb is not None and not self.async_save:
             raise ValueError("--ckpt-write-rate-limit needs --async-save (it paces the engine's flushes)")
-        if self.flusher_timeout <= 0:
-            raise ValueError(f"--ckpt-flusher-timeout must be > 0 seconds, got {self.flusher_timeout}")
-        if self.host_budget_gb is not None and self.host_budget_gb <= 0:
+        if not 0 < self.flusher_timeout < math.inf:  # nan fails too
+            raise ValueError(f"--ckpt-flusher-timeout must be a number of seconds > 0, got {self.flusher_timeout}")
+        if self.host_budget_gb is not None and not 0 < self.host_budget_gb < math.inf:
             raise ValueError(f"--ckpt-host-budget-gb must be > 0, got {self.host_budget_gb}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
@@ -134,6 +137,9 @@ class CheckpointConfig:
             raise ValueError("--ckpt-peer-interval needs --ckpt-peer-replicas K (K >= 1)")
         if self.local_dir is not None and not self.async_save:
             raise ValueError("--ckpt-local-dir needs --async-save (L1 is a level of the async engine)")
+        overlap = overlapping_levels(self.save, self.local_dir, self.host_dir if self.async_save else None)
+        if overlap:
+            raise ValueError(overlap)
 
     @property
     def l2_interval(self) -> int | None:
@@ -154,3 +160,30 @@ class CheckpointConfig:
         """Whether a load restores RNG states (not with ``--no-load-rng`` or ``--finetune``)."""
         return self.load_rng and not self.finetune
 
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or inside it (both resolved)."""
+    return os.path.commonpath([path, directory]) == directory
+
+
+def overlapping_levels(save: str | None, local_dir: str | None, host_dir: str | None) -> str | None:
+    """Why the levels' directories overlap, or None. L2 (``--save``) and L1 (``--ckpt-local-dir``)
+    may be neither one directory nor inside each other: each level's retention would delete the
+    other's versions. L0's pool (``<--ckpt-host-dir>/gptckpt-<uid>``) may not hold either, nor
+    lie inside either; a level in another directory of the same tmpfs is fine."""
+    real = {name: os.path.realpath(path) for name, path in (("--save", save), ("--ckpt-local-dir", local_dir)) if path}
+    if len(real) == 2:
+        l2, l1 = real["--save"], real["--ckpt-local-dir"]
+        if _inside(l1, l2) or _inside(l2, l1):
+            how = "the same directory" if l1 == l2 else "inside one another"
+            return (f"--save {save} and --ckpt-local-dir {local_dir} are {how}: L1's retention would delete L2's "
+                    "checkpoints; give L1 a directory of its own (node-local, e.g. /local/ckpt)")
+    if host_dir:
+        host = os.path.realpath(host_dir)
+        pool = os.path.join(host, f"{POOL_DIR_PREFIX}{os.getuid()}")
+        for name, path in real.items():
+            if _inside(path, pool) or _inside(host, path):
+                return (f"--ckpt-host-dir {host_dir} (L0's pool) and {name} {save if name == '--save' else local_dir} "
+                        "overlap; give each level a directory of its own")
+    return None

@@ -12,6 +12,7 @@ The manager sees the trainer only through :class:`checkpointing.items.Checkpoint
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -36,23 +37,57 @@ class SaveDirError(OSError):
 
 
 def probe_writable(directory: str, rank: int) -> None:
-    """Create ``directory`` and a file in it, or raise naming the directory and the rank."""
+    """Create ``directory`` and a file in it, or raise naming the directory, the rank and what
+    to do: free space where the disk is full, fix permissions where it is not writable."""
     probe = os.path.join(directory, f".write-probe-{rank}-{uuid.uuid4().hex[:8]}")
     try:
         os.makedirs(directory, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.unlink(probe)
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+                f.flush()
+        finally:
+            if os.path.lexists(probe):
+                os.unlink(probe)
     except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            todo = (f"free space there (uncommitted iter_* directories, old checkpoints: scripts/rollback.sh "
+                    f"--list --save {directory}) or pass another directory")
+        else:
+            todo = "fix its permissions or pass another directory"
         raise SaveDirError(error.errno, f"rank {rank}: checkpoint directory {directory} is not writable "
-                                        f"({error.strerror or error}); fix its permissions or pass another --save") from None
+                                        f"({error.strerror or error}); {todo}") from None
 
 
-def check_checkpoint_dirs(cfg: CheckpointConfig, rank: int) -> None:
-    """Every rank checks the directories it will write, before any heavy work."""
-    for directory in (cfg.save, cfg.local_dir):
-        if directory:
-            probe_writable(directory, rank)
+def claim_checkpoint_dirs(cfg: CheckpointConfig, rank: int, group=None) -> None:
+    """Every rank checks the directories it will write and locks them for this job
+    (:mod:`checkpointing.job_lock`), before any heavy work and before anything is read. Collective
+    over ``group`` (None: the default group): a refusal on any rank is raised on every rank."""
+    from checkpointing import job_lock, private_files
+    from checkpointing.host_pool import job_tag
+
+    error: tuple[bool, str] | None = None
+    """(whether another job holds it, the message)"""
+    try:
+        for directory in (cfg.save, cfg.local_dir):
+            if directory:
+                probe_writable(directory, rank)
+        if cfg.save and rank == 0:
+            job_lock.hold(job_lock.lock_path_for_save(cfg.save), f"--save {cfg.save}")
+        if cfg.local_dir:
+            job_lock.hold(job_lock.lock_path_for_local(cfg.local_dir, rank), f"--ckpt-local-dir {cfg.local_dir}")
+        if cfg.async_save:
+            pool, refused = private_files.usual_pool_dir(cfg.host_dir)
+            if refused is None:  # else the pool goes to a fresh directory of this process's (said when it opens)
+                job_lock.hold(job_lock.lock_path_for_pool(pool, job_tag(cfg.save), rank),
+                              f"the L0 pool of --save {cfg.save} in {pool}")
+    except (OSError, job_lock.CheckpointInUseError) as refused:
+        message = str(refused) if str(refused).startswith("rank ") else f"rank {rank}: {refused}"
+        error = (isinstance(refused, job_lock.CheckpointInUseError), message)
+    errors = [e for e in (gather_from_all(group, error) if dist.is_initialized() else [error]) if e]
+    if errors:
+        in_use, message = errors[0]
+        raise job_lock.CheckpointInUseError(message) if in_use else SaveDirError(message)
 
 
 class CheckpointManager:
@@ -207,6 +242,10 @@ class CheckpointManager:
         from checkpointing.host_pool import remove_pool
 
         freed = remove_pool(self.engine.pool)
+        from checkpointing import job_lock
+
+        pool = self.engine.pool
+        job_lock.drop(job_lock.lock_path_for_pool(pool.directory, pool.tag, self.rank))
         self.log(f"> L0 pool freed ({freed / 2**20:.1f} MiB of shared memory on the logging rank; "
                  "--ckpt-keep-host-pool keeps it)")
 

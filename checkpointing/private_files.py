@@ -54,19 +54,24 @@ def pool_dir(base: str) -> tuple[str, str | None]:
     0700 if absent, checked if present. Returns (directory, note): when the usual one cannot be
     used (another user made it first, a link, open to others), a fresh private directory for
     this process, and a note saying why (snapshots in it do not carry over to the next run)."""
-    os.makedirs(base, exist_ok=True)
-    path = os.path.join(base, f"{POOL_DIR_PREFIX}{os.getuid()}")
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    why = problem(path, directory=True, private=True)
+    path, why = usual_pool_dir(base)
     if why is None:
         return path, None
     fresh = tempfile.mkdtemp(prefix=f"{POOL_DIR_PREFIX}{os.getuid()}-", dir=base)  # 0700, a new name
     return fresh, (f"WARNING: L0 directory {path} refused: {why}; it was not read. This run's host-memory "
                    f"snapshots go to {fresh} instead and will not be found by the next run: remove {path} "
                    "(or ask its owner to)")
+
+
+def usual_pool_dir(base: str) -> tuple[str, str | None]:
+    """``base/gptckpt-<uid>``, created 0700 if absent, and why it cannot be used (None: it can)."""
+    os.makedirs(base, exist_ok=True)
+    path = os.path.join(base, f"{POOL_DIR_PREFIX}{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    return path, problem(path, directory=True, private=True)
 
 
 def own_pool_dirs(base: str) -> list[str]:

@@ -32,8 +32,10 @@ def main() -> int:
             print(f"pretrain_gpt.py: error: {error}", file=sys.stderr)
         return 2
     from trainer.device import DeviceError, select_device
+    from trainer.process_life import die_with_launcher
     from trainer.training import pretrain, shutdown
 
+    die_with_launcher()  # a launcher killed outright leaves no trainer running on its checkpoint
     if job.checkpoint.async_save and job.checkpoint.flusher_start == "template":  # before the device and any thread: the flushers are forked from it
         from checkpointing.flusher_template import start_template
 

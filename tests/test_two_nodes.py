@@ -72,7 +72,7 @@ def test_two_nodes_resume_from_node_local_then_from_shared_level(tmp_path, nodes
     assert sorted(phase1) == list(range(1, 12)), sorted(phase1)
     assert _committed(local_a) == _committed(local_b) == [4, 8], (_committed(local_a), _committed(local_b))
     assert _committed(save) == []
-    assert sorted(p.name for p in (local_a / "iter_0000008").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (local_a / "iter_0000008").iterdir()) == [".metadata", ".metadata.xxh3", "__0_0.distcp", "__1_0.distcp"]
     state, detail = check_directory(str(local_b / "iter_0000008"), verify=True)
     assert (state, detail) == ("committed", "node-local: this node's 2 of the job's data files")
 
@@ -123,4 +123,4 @@ def test_slurm_batch_script_runs_two_nodes(tmp_path):
     for node in (0, 1):
         local = tmp_path / f"node{node}" / "local"
         assert _committed(local) == [3, 6], node
-        assert sorted(p.name for p in (local / "iter_0000006").iterdir()) == [".metadata", f"__{node}_0.distcp"]
+        assert sorted(p.name for p in (local / "iter_0000006").iterdir()) == [".metadata", ".metadata.xxh3", f"__{node}_0.distcp"]

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from checkpointing import faults
 from checkpointing.flusher_template import start_template
-from checkpointing.manager import check_checkpoint_dirs
+from checkpointing.manager import claim_checkpoint_dirs
 from checkpointing.trace import Tracer
 from models.cpu_compat import apply_cpu_compat
 from models.fusions import resolve_fusions
@@ -210,7 +210,7 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
     tcfg = job.training
     init_distributed(device_ctx, tcfg.distributed_timeout_minutes)
     groups = job.parallel.initialize()
-    check_checkpoint_dirs(job.checkpoint, groups.rank)  # before the model: fail in seconds
+    claim_checkpoint_dirs(job.checkpoint, groups.rank)  # before the model and any read: fail in seconds
     clock.mark(startup.PROCESS_GROUPS)
     logger = MetricsLogger(groups.is_logging_rank, tcfg.train_iters, tcfg.tensorboard_dir)
     metrics = MetricsFile(tcfg.metrics_file, groups.is_logging_rank)
