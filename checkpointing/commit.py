@@ -30,7 +30,7 @@ import torch.distributed as dist
 from checkpointing import faults
 from checkpointing.agreement import gather_from_all
 from checkpointing.discovery import iteration_dir, list_checkpoints
-from checkpointing.durable import CheckpointWriteError, write_tracker
+from checkpointing.durable import TRACKER_NAME, CheckpointWriteError, read_tracker, write_tracker
 from checkpointing.items import TensorPiece
 from checkpointing.levels import Level
 from checkpointing.metadata import METADATA_NAME, build_metadata, write_metadata
@@ -62,10 +62,43 @@ def _gather_to_coordinator(sent: Any, group, peers: list[int], node_group) -> li
     return [everyone[r] for r in peers] if coordinator else None
 
 
-def _raise_if_failed(outcomes: list, what: str) -> None:
+def _raise_if_failed(outcomes: list, what: str, partial: str | None = None, before_commit: bool = True) -> None:
+    """Raise :class:`CheckpointWriteError` on every rank if any rank's outcome is an error
+    (a string). ``partial``: the uncommitted directory this rank created, removed first, so a full
+    disk gets its space back and the next version is tried on a clean level."""
     errors = [f"rank {r}: {e}" for r, e in enumerate(outcomes) if isinstance(e, str)]
     if errors:
-        raise CheckpointWriteError(None, f"{what} failed, nothing was committed: " + "; ".join(errors))
+        said = ", nothing was committed" if before_commit else " at its commit"  # the coordinator's error says how far it got
+        raise CheckpointWriteError(None, f"{what} failed{said}: " + "; ".join(errors)
+                                   + (_remove_partial(partial) if partial else ""))
+
+
+def _remove_partial(directory: str) -> str:
+    """Remove the ``iter_N`` this save created and could not commit; returns what to add to the
+    message. Its ``.metadata`` may be there (renamed into place, then the directory's fsync
+    failed): it goes first, so a crash midway leaves an uncommitted directory, never a committed
+    partial one."""
+    failures: list[str] = []
+    try:
+        os.unlink(os.path.join(directory, METADATA_NAME))
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        return f" (its directory {directory} could not be un-committed: {error}; remove it by hand)"
+    shutil.rmtree(directory, onerror=lambda _f, path, info: failures.append(f"{path}: {info[1]}"))
+    if failures:
+        return f" (its partial directory {directory} could not be removed: {failures[0]}; remove it by hand)"
+    root = os.path.dirname(directory)
+    try:  # the tracker was renamed into place, then the directory's fsync failed: back to the previous version
+        if read_tracker(root) == int(os.path.basename(directory).split("_")[-1]):
+            committed = [c.iteration for c in list_checkpoints(root) if c.committed]
+            if committed:
+                write_tracker(root, committed[-1])
+            else:
+                os.unlink(os.path.join(root, TRACKER_NAME))
+    except (OSError, ValueError) as error:
+        return f" (its partial directory {directory} was removed, but its tracker could not be restored: {error})"
+    return f" (its partial directory {directory} was removed)"
 
 
 def save_and_commit(
@@ -137,11 +170,13 @@ def save_and_commit(
             sent = plan.rank.payload(records)
         except SavePlanChangedError as e:  # every rank must hear of it, or they would wait for this one
             sent = f"{type(e).__name__}: {e}"
+    partial = directory if coordinator else None
     _raise_if_failed(gather_from_all(group, sent if isinstance(sent, str) else None),
-                     f"saving iteration {iteration} to {directory}")
+                     f"saving iteration {iteration} to {directory}", partial)
     gathered = _gather_to_coordinator(sent, group, peers, node_group)
 
     error = None
+    committed = False
     if coordinator:
         try:
             commit_started = time.perf_counter_ns()
@@ -154,12 +189,15 @@ def save_and_commit(
             write_metadata(directory, metadata)
             faults.reach(f"{level.name}.tracker", iteration)
             write_tracker(root, iteration)
+            committed = True  # a failure before here un-commits the version: all of a save, or none of it
             tracer.complete(f"commit {level.name}", "ckpt", commit_started, time.perf_counter_ns(), iteration=iteration)
             if retain_last:
                 apply_retention(root, retain_last)
         except (OSError, ValueError) as e:
-            error = f"committing {directory}: {e}"
-    _raise_if_failed(gather_from_all(group, error), f"saving iteration {iteration}")
+            error = (f"{directory} is committed, but then: {e}" if committed
+                     else f"committing {directory}: {e}; nothing was committed")
+    _raise_if_failed(gather_from_all(group, error), f"saving iteration {iteration}",
+                     partial if not committed else None, before_commit=False)
     if plan is not None:
         plan.committed()
     mine = sum(r.length for r in {(r.relative_path, r.offset): r for r in records}.values())

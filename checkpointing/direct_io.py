@@ -169,12 +169,18 @@ class DirectFile:
             self.abort()
 
     def abort(self) -> None:
-        """Close without writing what is staged (after an error)."""
+        """Close without writing what is staged (after an error). Never raises but for the
+        ``close`` of the descriptor: an error on the way out must not hide the one that led here."""
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-            self._stage_view.release()
-            self._stage.close()
+            fd, self.fd = self.fd, -1
+            try:
+                self._stage_view.release()
+                self._stage.close()
+            except BufferError:
+                # A slice of the staging buffer is still referenced (by the traceback of the write
+                # that failed): the buffer is freed with the last reference instead.
+                self._stage_view = self._stage = None
+            os.close(fd)
 
     def __enter__(self) -> "DirectFile":
         return self

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -109,6 +110,41 @@ def test_failed_save_commits_nothing_and_keeps_the_previous(ckpt, point):
     proc = run_pretrain(ARGS + ["--train-iters", "20", "--load", str(ckpt), "--save", str(ckpt), "--save-interval", "20"],
                         check=False, env={"GPT_CKPT_FAULT": f"sync.{point}:fail"})
     assert proc.returncode != 0 and "nothing was committed" in proc.stderr and "No space left" in proc.stderr
+    assert f"its partial directory {ckpt / 'iter_0000020'} was removed" in proc.stderr
     state = {c.iteration: c.committed for c in list_checkpoints(str(ckpt))}
-    assert state == {10: True, 15: True, 20: False}
+    assert state == {10: True, 15: True}
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "15"
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 5 MiB tmpfs at ``tmp_path / "small"``: room for one version of the tiny model (3.4 MiB),
+    not two; skips where mounting needs privileges this test lacks."""
+    path = tmp_path / "small"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or 'mount failed'}): "
+                    "the real full-disk run needs root or a user namespace")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_an_async_job_on_a_full_disk_warns_goes_on_and_resumes(tmp_path, small_filesystem):
+    """A real full disk: training goes on with a warning per failed version, no partial
+    directory is left, and the next launch resumes (from L0, the newest version)."""
+    args = [*TINY, "--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--lr", "1e-3", "--log-interval", "5", "--async-save", "--save-interval", "1",
+            "--save", str(small_filesystem / "ckpt"), "--load", str(small_filesystem / "ckpt")]
+    proc = run_pretrain([*args, "--train-iters", "20", "--save-retain-last", "1"], check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "WARNING: L2 flush of iteration 2 " in out and "No space left on device" in out, out[-3000:]
+    assert "was removed); the version stays in L0 (host memory), training goes on" in out
+    assert " iteration       20/" in proc.stdout
+    assert sorted(p.name for p in (small_filesystem / "ckpt").iterdir()) == [
+        ".gpt-ckpt.lock", "iter_0000001", "latest_checkpointed_iteration.txt"]  # no partial version left
+    resumed = run_pretrain([*args, "--train-iters", "22", "--save-retain-last", "1"], check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "loaded iteration 20 from L0" in resumed.stdout, resumed.stdout[-2000:]
+    assert " iteration       22/" in resumed.stdout
