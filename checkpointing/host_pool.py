@@ -21,9 +21,11 @@ import glob
 import hashlib
 import io
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 from checkpointing import private_files
 from checkpointing.durable import atomic_write_bytes
@@ -69,10 +71,39 @@ def read_description(meta_path: str) -> dict | None:
             return None
         raise
     with open(meta_path, "rb") as f:
-        description, _ = load_objects(f.read(), f"L0 description {meta_path}")
+        blob = verified_description_bytes(f.read(_DESCRIPTION_BYTES_MAX + 1), meta_path)
+    description, _ = load_objects(blob, f"L0 description {meta_path}")
     if not isinstance(description, dict) or not {"version", "objects", "layout"} <= set(description):
         raise CheckpointError(f"L0 description {meta_path} does not describe a slot")
     return description
+
+
+_DESCRIPTION_MAGIC = b"GPTL0D1\n"
+_DESCRIPTION_HEAD = struct.Struct("<8sQQ")
+"""A description file: magic, xxh3-64 and length of the ``torch.save`` bytes that follow."""
+_DESCRIPTION_BYTES_MAX = 1 << 30
+
+
+def framed_description(blob: bytes) -> bytes:
+    """A description's bytes as its file holds them: checksummed, so that a flipped bit is found
+    before anything is decoded (a flip inside the pickle could otherwise change an RNG state or
+    where a tensor lies, and be read back silently)."""
+    return _DESCRIPTION_HEAD.pack(_DESCRIPTION_MAGIC, xxhash.xxh3_64_intdigest(blob), len(blob)) + blob
+
+
+def verified_description_bytes(data: bytes, where: str) -> bytes:
+    """The ``torch.save`` bytes of a description file, checked against its checksum; raises
+    :class:`CheckpointError` (damaged: not recovered, not decoded)."""
+    head = _DESCRIPTION_HEAD.size
+    if len(data) < head or data[:len(_DESCRIPTION_MAGIC)] != _DESCRIPTION_MAGIC:
+        raise CheckpointError(f"L0 description {where} has no checksum header (damaged, or written by an older "
+                              "version); not recovered, nothing in it was decoded")
+    _, checksum, length = _DESCRIPTION_HEAD.unpack_from(data)
+    blob = data[head:]
+    if length != len(blob) or xxhash.xxh3_64_intdigest(blob) != checksum:
+        raise CheckpointError(f"L0 description {where} does not match its checksum (damaged); not recovered, "
+                              "nothing in it was decoded")
+    return blob
 
 
 def description_blob(version: int, small_state: dict, layout: ParallelLayout | dict, pieces=None,
@@ -98,7 +129,8 @@ def write_description(meta_path: str, version: int, small_state: dict, layout: P
                       specs: dict[str, ArraySpec] | None = None) -> None:
     """The L0 commit of a slot: what it holds, written atomically (by the flusher process). The
     small state is stored under ``objects``, the key every description has had."""
-    atomic_write_bytes(meta_path, description_blob(version, small_state, layout, pieces, specs), mode=0o600)
+    atomic_write_bytes(meta_path, framed_description(description_blob(version, small_state, layout, pieces, specs)),
+                       mode=0o600)
 
 
 def encode_piece(piece: TensorPiece) -> tuple:

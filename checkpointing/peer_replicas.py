@@ -43,7 +43,7 @@ import xxhash
 
 from checkpointing.durable import atomic_write_bytes
 from checkpointing.errors import CheckpointError
-from checkpointing.host_pool import ArraySpec, map_arrays
+from checkpointing.host_pool import ArraySpec, framed_description, map_arrays
 from checkpointing.safe_pickle import load_objects
 
 _TAG_LENGTH, _TAG_HEADER, _TAG_DATA, _TAG_TRAILER = 71, 72, 73, 74
@@ -198,7 +198,7 @@ class ReplicaExchange:
         description.update(source=source, holder=self.rank, checksum=checksum)
         blob = io.BytesIO()
         torch.save(description, blob)
-        atomic_write_bytes(path + ".meta", blob.getvalue(), mode=0o600)
+        atomic_write_bytes(path + ".meta", framed_description(blob.getvalue()), mode=0o600)
         self.newest[source] = index
         return None
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from checkpointing import host_pool, private_files
-from checkpointing.errors import CheckpointUntrustedError
+from checkpointing.errors import CheckpointError, CheckpointUntrustedError
 from checkpointing.host_pool import ArraySpec, HostPool, HostSlot
 from checkpointing.safe_pickle import load_dcp_metadata, load_objects
 from tests.helpers import PickleMarker, synthetic_layout
@@ -90,12 +90,34 @@ def test_a_description_that_would_run_code_is_not_recovered(tmp_path):
     slot = HostSlot(os.path.join(directory, "gptckpt-job-r0-s0"), SPECS)
     slot.describe(5, {"common": {"iteration": 5}}, synthetic_layout())
     assert HostSlot(slot.path, SPECS).version == 5  # a real description is recovered
-    with open(slot.meta_path, "wb") as f:
-        pickle.dump({"version": 7, "objects": PickleMarker(tmp_path / "marker"), "layout": {}}, f)
+    planted = pickle.dumps({"version": 7, "objects": PickleMarker(tmp_path / "marker"), "layout": {}})
+    with open(slot.meta_path, "wb") as f:  # framed with a valid checksum: the planter knows the format
+        f.write(host_pool.framed_description(planted))
     notes: list[str] = []
     assert HostSlot(slot.path, SPECS, notes).version is None
     assert not (tmp_path / "marker").exists()
     assert any("not recovered" in n and "full unpickling" in n for n in notes), notes
+
+
+def test_a_flipped_bit_in_a_description_is_found_before_it_is_decoded(tmp_path):
+    """Seeded fuzz: every single-bit flip of a slot's description is refused as damaged (before,
+    most flips were read back silently, changing RNG states or where a tensor lies)."""
+    import random
+
+    directory, _ = private_files.pool_dir(str(tmp_path))
+    slot = HostSlot(os.path.join(directory, "gptckpt-job-r0-s0"), SPECS)
+    slot.describe(5, {"common": {"iteration": 5}, "rng": torch.get_rng_state()}, synthetic_layout())
+    pristine = open(slot.meta_path, "rb").read()
+    for bit in random.Random(20261207).sample(range(8 * len(pristine)), 300):
+        flipped = bytearray(pristine)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with open(slot.meta_path, "wb") as f:
+            f.write(flipped)
+        with pytest.raises(CheckpointError, match="checksum"):
+            host_pool.read_description(slot.meta_path)
+    with open(slot.meta_path, "wb") as f:
+        f.write(pristine)
+    assert host_pool.read_description(slot.meta_path)["version"] == 5
 
 
 def test_rng_states_and_arguments_load_without_full_unpickling():

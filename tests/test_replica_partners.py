@@ -70,7 +70,7 @@ def test_memory_inventory_skips_what_a_rollback_abandoned(tmp_path):
         with open(path, "wb") as f:
             f.write(b"\0" * slot_bytes(specs))
         with open(path + ".meta", "wb") as f:
-            f.write(host_pool.description_blob(version, {}, layout, [piece], specs, **extra))
+            f.write(host_pool.framed_description(host_pool.description_blob(version, {}, layout, [piece], specs, **extra)))
     notes = []
     assert sorted(h.version for h in scan(str(tmp_path), tag, notes)) == [7, 9] and not notes
     rolled = [{"step": 8, "time": time.time() + 1.0, "branch": "b"}]

@@ -53,6 +53,10 @@ def test_a_tampered_metadata_is_refused_without_running_it(tmp_path):
     run_pretrain(ARGS + ["--train-iters", "2", "--save", str(ckpt), "--save-interval", "2"])
     marker = tmp_path / "marker"
     (ckpt / "iter_0000002" / ".metadata").write_bytes(pickle.dumps(PickleMarker(marker)))
+    proc = run_pretrain(ARGS + ["--load", str(ckpt)], check=False)  # its checksum no longer matches: damaged
+    assert proc.returncode != 0 and not marker.exists()
+    assert "do not match their checksum" in proc.stdout + proc.stderr
+    (ckpt / "iter_0000002" / ".metadata.xxh3").unlink()  # a planter who knows the format removes the checksum
     proc = run_pretrain(ARGS + ["--load", str(ckpt)], check=False)
     assert proc.returncode != 0 and not marker.exists()
     assert "names io.open, which is not part of DCP's metadata" in proc.stdout + proc.stderr
