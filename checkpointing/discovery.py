@@ -55,7 +55,12 @@ def load_candidates(root: str, step: int | None = None) -> tuple[list[StoredChec
     committed = [c for c in stored if c.committed]
     if step is not None:
         return [c for c in committed if c.iteration == step], notes
-    tracker = read_tracker(root)
+    try:
+        tracker = read_tracker(root)
+    except (ValueError, OSError) as error:  # edited or damaged by something else: a hint lost, not a stop
+        notes.append(f"WARNING: the tracker of {root} is damaged ({error}); every committed checkpoint is a "
+                     "candidate, newest first")
+        tracker = None
     if tracker is not None:
         for c in committed:
             if c.iteration > tracker:

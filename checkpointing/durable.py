@@ -78,3 +78,14 @@ def read_tracker(save_dir: str) -> int | None:
     if not re.fullmatch(r"\d+", text):
         raise ValueError(f"{path} should hold an iteration number, found {text[:40]!r}")
     return int(text)
+
+
+def describe_tracker(save_dir: str) -> str:
+    """What the tracker of ``save_dir`` says, for listings: its iteration, ``None``, or that it
+    is damaged (never raises)."""
+    if not os.path.isdir(save_dir):
+        return "None"
+    try:
+        return str(read_tracker(save_dir))
+    except (ValueError, OSError) as error:
+        return f"damaged ({error})"

@@ -17,7 +17,7 @@ import xxhash
 
 from checkpointing import host_pool
 from checkpointing.discovery import list_checkpoints
-from checkpointing.durable import read_tracker
+from checkpointing.durable import describe_tracker
 from checkpointing.errors import CheckpointCorruptError, CheckpointError, CheckpointUntrustedError
 from checkpointing.levels import L0, L1, L2
 
@@ -171,5 +171,5 @@ def format_table(entries: list[Entry], save_dir: str, local_dir: str | None) -> 
         lines.append(f"{e.level:<6}{e.iteration:>10}  {e.state:<10}{e.size_bytes / 2**20:>9.1f} MiB  {e.path}{detail}")
     for level, root in ((L1, local_dir), (L2, save_dir)):
         if root:
-            lines.append(f"{level} tracker ({root}): {read_tracker(root) if os.path.isdir(root) else None}")
+            lines.append(f"{level} tracker ({root}): {describe_tracker(root)}")
     return "\n".join(lines)

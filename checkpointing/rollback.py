@@ -28,7 +28,7 @@ import time
 
 from checkpointing import host_pool
 from checkpointing.discovery import list_checkpoints
-from checkpointing.durable import TRACKER_NAME, fsync_directory, read_tracker, write_tracker
+from checkpointing.durable import TRACKER_NAME, describe_tracker, fsync_directory, write_tracker
 from checkpointing.inventory import all_entries, check_directory, format_table, l0_entries
 from checkpointing.levels import L1, L2
 
@@ -86,7 +86,7 @@ def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
                             ("move", c.path, target)))
         kept = [c.iteration for c in held[level] if c.iteration <= step]
         if kept:
-            actions.append((f"{level}: tracker {read_tracker(root)} -> {kept[-1]}", ("tracker", root, kept[-1])))
+            actions.append((f"{level}: tracker {describe_tracker(root)} -> {kept[-1]}", ("tracker", root, kept[-1])))
         elif os.path.exists(os.path.join(root, TRACKER_NAME)):
             actions.append((f"{level}: no committed checkpoint at or before {step}: tracker removed "
                             f"(moved to {target})", ("tracker-aside", root, target)))
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         return 0
     if args.step is None:
         parser.error("give STEP, or --list")
-    latest = read_tracker(args.save) if os.path.isdir(args.save) else None
+    latest = describe_tracker(args.save).split(" ")[0]  # names the branch: "damaged" where it is
     branch = args.branch or f"rollback-{time.strftime('%Y%m%d-%H%M%S')}-from-{latest}"
     try:
         actions = plan(args.step, args.save, args.local_dir, branch, args.host_dir)

@@ -112,3 +112,20 @@ def test_a_memo_index_past_the_pickle_is_refused_before_it_is_allocated(two_vers
         f.write(data)
     with pytest.raises(CheckpointCorruptError, match="memo index 2147483647"):
         read_metadata(newest)
+
+
+@pytest.mark.parametrize("tracker", [b"abc\n", b"-5\n", b"", b"\xff\xfe", "directory"])
+def test_a_damaged_tracker_is_a_lost_hint_not_a_stop(two_versions, tmp_path, tracker):
+    from checkpointing.discovery import load_candidates
+    from checkpointing.durable import TRACKER_NAME
+
+    loader, logs, _ = two_versions
+    path = tmp_path / "shared" / TRACKER_NAME
+    path.unlink()
+    if tracker == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(tracker)
+    candidates, notes = load_candidates(str(tmp_path / "shared"))
+    assert [c.iteration for c in candidates] == [8, 4] and any("tracker" in n and "damaged" in n for n in notes)
+    assert loader.load()[0] == 8
