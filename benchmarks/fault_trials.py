@@ -5,8 +5,9 @@ every 4th) and either kills it at a point on the checkpoint path (the trainer in
 step, which writes the snapshot into the pool with zero-copy snapshots, or between iterations,
 also while its flusher is in a flush; the flusher process in each level's data write, metadata
 write and tracker update, in an L0 description, or idle) or lets it finish and then
-damages its checkpoints (flipped bits, truncation, a deleted rank file, a full disk or a
-read-only directory while saving, lost node-local data). It then resumes and checks that
+damages its checkpoints (flipped bits of data or metadata, truncation, a deleted rank file, a
+full disk (injected, or a real small tmpfs) or a read-only directory while saving, lost
+node-local data, a second job on the same ``--save``). It then resumes and checks that
 
 - the resume loads the newest checkpoint that is committed and valid on any level (L0 shared
   memory included), never a damaged one;
@@ -22,13 +23,15 @@ import glob
 import os
 import random
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from benchmarks.processes import run_trainer
+from benchmarks.processes import PRETRAIN, LoggedProcess, job_env, run_trainer
 from benchmarks.two_nodes import run_two_node_trainer
 from checkpointing import host_pool
 from checkpointing.durable import read_tracker
@@ -52,10 +55,17 @@ flusher must go with it). The flusher process: ``L*.write``/``L*.metadata``/``L*
 flush or its commit), ``describe`` (writing an L0 description), ``flusher.idle`` (after a job,
 waiting for the next); the trainer must then stop with an error, and the restart resume."""
 DAMAGES = ["flip", "truncate", "delete-rank-file", "delete-metadata", "full-disk", "read-only", "lose-node-local",
-           "lose-node"]
+           "lose-node", "flip-metadata", "enospc", "second-job"]
 """``lose-node``: a job of two nodes (one rank each, DP2) with peer replicas, killed after an
 iteration, node B replaced (its host memory and node-local disk gone): the restart must resume
-from host memory (node A's own slots and its replicas of node B's rank), never from L2 alone."""
+from host memory (node A's own slots and its replicas of node B's rank), never from L2 alone.
+``flip-metadata``: one bit of the newest committed ``.metadata`` flipped. ``enospc``: L1 or L2 on
+a real tmpfs too small for every version (where this process may mount one; else the injected
+ENOSPC of ``full-disk``): training goes on past the full disk. ``second-job``: a second job on the
+same ``--save`` while the first is held at its first flush: it must be refused, and the first
+finish as if alone."""
+SMALL_FS_MIB = (5, 8, 12)
+"""Sizes of the ``enospc`` trials' tmpfs: one version of the trial model's rank is 3.4 MiB."""
 PEER_ARGS = ["--ckpt-peer-replicas", "1"]
 # A fault on a level's write fires only if that version is flushed; without the hold, a version
 # superseded before its flush started is skipped (by design) and the fault is never reached, as
@@ -140,6 +150,15 @@ def _damage(base: str, kind: str, rng: random.Random) -> str:
     if kind == "delete-metadata":
         os.unlink(os.path.join(target.path, ".metadata"))
         return f"{target.level} iteration {target.iteration} un-committed"
+    if kind == "flip-metadata":
+        path = os.path.join(target.path, ".metadata")
+        with open(path, "r+b") as f:
+            at = rng.randrange(os.fstat(f.fileno()).st_size)
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ (1 << rng.randrange(8))]))
+        return f"bit flipped at byte {at} of {target.level} iteration {target.iteration}'s .metadata"
     if kind == "lose-node-local":
         shutil.rmtree(local, ignore_errors=True)
         host_pool.remove_segments(save)
@@ -277,7 +296,22 @@ def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], 
             kind = rng.choice(DAMAGES)
             while kind == "lose-node":  # drawn above only where the first draw picked it
                 kind = rng.choice(DAMAGES)
-            if kind in ("full-disk", "read-only"):
+            if kind == "enospc":
+                level = rng.choice([L1, L2])
+                size = rng.choice(SMALL_FS_MIB)
+                cannot = _mount_small(_dirs(base)[0 if level == L2 else 1], size)
+                if cannot is None:
+                    _run(base, "train", _args(base, TRAIN), HOLD)
+                    detail = f"{level} on a {size} MiB tmpfs during training"
+                else:
+                    fault = f"{level}.write:fail:{rng.choice([4, 8])}"
+                    _run(base, "train", _args(base, TRAIN), {"GPT_CKPT_FAULT": fault, **HOLD})
+                    detail = f"{fault} during training (no tmpfs: {cannot})"
+            elif kind == "second-job":
+                detail = _second_job(base)
+                if detail.startswith("NOT REFUSED"):
+                    return TrialResult(kind, detail, -1, None, False, detail)
+            elif kind in ("full-disk", "read-only"):
                 level = rng.choice([L1, L2])
                 fault = f"{level}.write:{'fail' if kind == 'full-disk' else 'readonly'}:{rng.choice([4, 8])}"
                 _run(base, "train", _args(base, TRAIN), {"GPT_CKPT_FAULT": fault, **HOLD})
@@ -303,7 +337,41 @@ def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], 
         return TrialResult(kind, detail, expected, loaded, True)
     finally:
         host_pool.remove_segments(save)
+        for directory in _dirs(base):
+            if os.path.ismount(directory):
+                subprocess.run(["umount", "-l", directory], check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _mount_small(directory: str, mib: int) -> str | None:
+    """Mount a ``mib`` MiB tmpfs at ``directory``; None, or why it cannot be done here."""
+    os.makedirs(directory, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", directory],
+                          capture_output=True, text=True)
+    return None if done.returncode == 0 else (done.stderr.strip() or f"mount exited with {done.returncode}")
+
+
+def _second_job(base: str) -> str:
+    """The ``second-job`` trial's runs: the first job held at its first flush (a disk gate), a
+    second on the same ``--save``, then the first let go; returns the detail."""
+    gate = os.path.join(base, "gate")
+    first = LoggedProcess([sys.executable, PRETRAIN, *_args(base, TRAIN)],
+                          job_env({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GPT_FORCE_CPU": "1",
+                                   "GPT_CKPT_DISK_GATE": gate, **HOLD}),
+                          os.path.join(base, "train.log"), 300)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and first.proc.poll() is None and not l0_entries(_dirs(base)[0]):
+            time.sleep(0.2)  # until its first version is in L0: it holds every lock, and waits at the gate
+        rc, second = _run(base, "second", _args(base, TRAIN), check=False)
+    finally:
+        open(gate, "w").close()
+        rc_first, timed_out, _, _ = first.finish()
+    if rc == 0 or "in use by another job" not in second:
+        return f"NOT REFUSED: the second job exited with {rc}: {_failure_lines(second)}"
+    if rc_first != 0 or timed_out:
+        return f"NOT REFUSED: the first job failed beside the second ({rc_first}, timed out {timed_out})"
+    return "a second job on the same --save was refused; the first went on"
 
 
 def reference_losses(workdir: str) -> dict[int, float]:
