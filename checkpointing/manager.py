@@ -29,6 +29,7 @@ from checkpointing.items import CheckpointableState
 from checkpointing.levels import sync_level
 from checkpointing.loading import CheckpointLoader
 from checkpointing.peers import directory_peers
+from checkpointing.private_files import open_own
 from checkpointing.run_report import rank_numbers, summary_lines
 
 
@@ -69,6 +70,12 @@ def claim_checkpoint_dirs(cfg: CheckpointConfig, rank: int, group=None) -> None:
     error: tuple[bool, str] | None = None
     """(whether another job holds it, the message)"""
     try:
+        for flag, path in (("--load", cfg.load), ("--ckpt-host-dir", cfg.host_dir if cfg.async_save else None)):
+            if path and os.path.lexists(path) and not os.path.isdir(path):
+                raise SaveDirError(errno.ENOTDIR, f"rank {rank}: {flag} {path} is not a directory; pass the "
+                                                  "directory that holds the checkpoints (iter_NNNNNNN/)"
+                                   if flag == "--load" else f"rank {rank}: {flag} {path} is not a directory; pass a "
+                                   "tmpfs directory such as /dev/shm")
         for directory in (cfg.save, cfg.local_dir):
             if directory:
                 probe_writable(directory, rank)
@@ -263,7 +270,7 @@ class CheckpointManager:
         mine = rank_numbers(self.rank, stats, time.process_time() - self._cpu_started, self.iteration_seconds,
                             sum(a.numel() * a.element_size() for a in self.state.arrays.values()))
         if self.tracer is not None and self.trace_dir:
-            with open(os.path.join(self.trace_dir, f"checkpoint-stats-rank{mine['rank']}.json"), "w") as f:
+            with open_own(os.path.join(self.trace_dir, f"checkpoint-stats-rank{mine['rank']}.json"), "w") as f:
                 json.dump(mine, f)
         everyone = gather_from_all(self.group, mine)
         run = {"levels": [lv.name for lv in self.engine.levels], "train_seconds": train_seconds,

@@ -84,6 +84,23 @@ def own_pool_dirs(base: str) -> list[str]:
     return [os.path.join(base, n) for n in names if problem(os.path.join(base, n), directory=True, private=True) is None]
 
 
+def open_own(path: str, how: str = "w"):
+    """Open a report file (metrics, trace) for writing (``how``: ``"w"`` or ``"a"``), never through a
+    link someone placed under its name nor into another user's file: raises
+    :class:`UnsafePathError` naming it. The umask sets a new file's mode."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if how == "a" else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as error:
+        why = problem(path) or error.strerror or str(error)
+        raise UnsafePathError(f"refused {path}: {why}; nothing was written to it") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        os.close(fd)
+        raise UnsafePathError(f"refused {path}: it is not a regular file of this user's; nothing was written to it")
+    return os.fdopen(fd, how)
+
+
 def create_new(path: str, mode: int = 0o666) -> int:
     """Open a new file for writing (the umask applies to ``mode``); fails if anything, a link
     included, is already there. Returns the descriptor."""

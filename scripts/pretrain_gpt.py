@@ -46,8 +46,18 @@ def main() -> int:
     except DeviceError as error:
         print(f"pretrain_gpt.py: error on rank {os.environ.get('RANK', '0')}: {error}", file=sys.stderr)
         return 2
+    from checkpointing.errors import CheckpointError, CheckpointWriteError, FlusherError
+    from checkpointing.manager import SaveDirError
+
     try:
         pretrain(job, device_ctx)
+    except (CheckpointError, CheckpointWriteError, SaveDirError) as error:
+        if isinstance(error, FlusherError) or os.environ.get("GPT_TRACEBACK"):
+            traceback.print_exc()  # a flusher's failure is ours to debug: its traceback matters
+        else:  # an error raised on purpose: its message names the file and what to do
+            print(f"pretrain_gpt.py: error on rank {os.environ.get('RANK', '0')}: {error}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)  # as below: no clean teardown while peers may wait in a collective
     except BaseException:
         # Do not tear the process groups down cleanly: peers may be blocked in a collective with
         # this rank, and a clean destroy would wait for them. Exiting closes our connections, so

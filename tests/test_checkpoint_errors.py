@@ -102,6 +102,7 @@ def test_unwritable_save_dir_fails_at_startup(tmp_path):
     proc = run_pretrain(ARGS + ["--train-iters", "1000", "--save", str(tmp_path / "file" / "ckpt")], check=False)
     assert proc.returncode != 0
     assert f"checkpoint directory {tmp_path / 'file' / 'ckpt'} is not writable" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr  # one line that says what to do
     assert "iteration " not in proc.stdout, "no training before the error"
 
 

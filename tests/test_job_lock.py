@@ -88,3 +88,14 @@ def test_levels_that_overlap_are_refused(tmp_path, save, local, host, refused):
 def test_not_a_number_is_refused(flag, value):
     with pytest.raises(ValueError, match="must be"):
         CheckpointConfig(save="/tmp/x", async_save=True, **{flag: value})
+
+
+@pytest.mark.parametrize("flag", ["load", "host_dir"])
+def test_a_file_where_a_directory_belongs_is_named(tmp_path, flag):
+    from checkpointing.manager import SaveDirError, claim_checkpoint_dirs
+
+    file = tmp_path / "file"
+    file.write_text("x")
+    cfg = CheckpointConfig(save=str(tmp_path / "ckpt"), async_save=True, **{flag: str(file)})
+    with pytest.raises(SaveDirError, match=f"--{'load' if flag == 'load' else 'ckpt-host-dir'} {file} is not a directory"):
+        claim_checkpoint_dirs(cfg, 0)

@@ -1,8 +1,11 @@
 """The JSON-lines metrics file (``--metrics-file``), written and read back without a trainer."""
 
 import json
+import os
 import math
 from types import SimpleNamespace
+
+import pytest
 
 from checkpointing.engine_stats import EngineStats
 from trainer.metrics_file import MetricsFile, peak_resident_mib, read_metrics_file
@@ -93,3 +96,20 @@ def test_the_peak_device_memory_in_the_summary(tmp_path):
     metrics.summary(3, 3, 0.3, "cuda:0", False, peak_rss_mib=[812.5], peak_device_mib=[40960.5])
     metrics.close()
     assert read_metrics_file(str(tmp_path / "m.jsonl")).summary["peak_device_mib"] == [40960.5]
+
+
+def test_report_files_are_never_written_through_a_planted_link(tmp_path):
+    """A metrics or trace file name someone linked elsewhere (``fs.protected_symlinks=0`` hosts
+    follow links in sticky directories) is refused, and the link's target is left as it was."""
+    from checkpointing.private_files import UnsafePathError
+    from checkpointing.trace import Tracer
+
+    target = tmp_path / "victim"
+    target.write_text("precious")
+    for name in ("metrics.jsonl", "rank0.json"):
+        os.symlink(target, tmp_path / name)
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        MetricsFile(str(tmp_path / "metrics.jsonl"), True)
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        Tracer(0).write(str(tmp_path / "rank0.json"))
+    assert target.read_text() == "precious"

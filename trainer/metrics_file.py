@@ -42,6 +42,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from checkpointing.private_files import open_own
+
 ITERATION = "iteration"
 VALIDATION = "validation"
 SUMMARY = "summary"
@@ -70,7 +72,7 @@ class MetricsFile:
         self._file = None
         if path and enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._file = open(path, "a")
+            self._file = open_own(path, "a")  # never through a planted link
 
     def _write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
