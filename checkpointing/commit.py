@@ -19,6 +19,7 @@ and never leaves a partial checkpoint looking committed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -205,16 +206,33 @@ def save_and_commit(
 
 
 def apply_retention(root: str, keep: int) -> list[str]:
-    """Remove committed checkpoints older than the newest ``keep`` committed ones.
+    """Remove committed checkpoints older than the newest ``keep`` committed ones, and what can no
+    longer be of use below the oldest one kept: uncommitted ``iter_N`` (a crashed save, which no
+    run completes) and ``iter_N.superseded-*`` copies (moved aside when ``iter_N`` was saved again).
 
     A checkpoint is un-committed first (its metadata removed), then its files deleted, so a
-    crash in between leaves an uncommitted directory, never a committed partial one.
-    Uncommitted directories are left alone for the user to inspect.
+    crash in between leaves an uncommitted directory, never a committed partial one. Only a
+    level with retention (``--save-retain-last``, ``--ckpt-local-retain-last``) deletes anything.
     """
-    committed = [c for c in list_checkpoints(root) if c.committed]
+    stored = list_checkpoints(root)
+    committed = [c for c in stored if c.committed]
     removed = []
     for c in committed[:-keep] if keep > 0 else []:
         os.unlink(os.path.join(c.path, METADATA_NAME))
         shutil.rmtree(c.path)
         removed.append(c.path)
+    kept = committed[-keep:] if keep > 0 else committed
+    if kept:
+        oldest = kept[0].iteration
+        stale = [c.path for c in stored if not c.committed and c.iteration < oldest]
+        for entry in os.scandir(root):
+            match = _SUPERSEDED.match(entry.name)
+            if match and int(match.group(1)) < oldest and entry.is_dir(follow_symlinks=False):
+                stale.append(entry.path)
+        for path in sorted(stale):
+            shutil.rmtree(path)
+            removed.append(path)
     return removed
+
+
+_SUPERSEDED = re.compile(r"^iter_(\d{7})\.superseded-")

@@ -63,9 +63,27 @@ def pool_dir(base: str) -> tuple[str, str | None]:
                    "(or ask its owner to)")
 
 
+def check_pool_parent(base: str) -> None:
+    """Raise :class:`UnsafePathError` if another user could rename entries of ``base`` (the L0
+    pool's parent, ``--ckpt-host-dir``): owned by someone other than this user or root, or
+    writable by others without the sticky bit (``/dev/shm`` is root's, mode 1777: fine). A group
+    writable one is allowed: a umask of 002 makes them, and the group is the user's choice."""
+    st = os.stat(base)
+    if st.st_uid not in (os.getuid(), 0):
+        why = f"it is owned by uid {st.st_uid}"
+    elif st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
+        why = f"its mode {stat.S_IMODE(st.st_mode):04o} lets any user rename what is in it (no sticky bit)"
+    else:
+        return
+    raise UnsafePathError(f"refused --ckpt-host-dir {base}: {why}, so another user could move the L0 pool aside "
+                          "unnoticed; pass a directory of your own, or one with the sticky bit (chmod +t)")
+
+
 def usual_pool_dir(base: str) -> tuple[str, str | None]:
-    """``base/gptckpt-<uid>``, created 0700 if absent, and why it cannot be used (None: it can)."""
+    """``base/gptckpt-<uid>``, created 0700 if absent, and why it cannot be used (None: it can).
+    Raises :class:`UnsafePathError` where ``base`` itself is unsafe (:func:`check_pool_parent`)."""
     os.makedirs(base, exist_ok=True)
+    check_pool_parent(base)
     path = os.path.join(base, f"{POOL_DIR_PREFIX}{os.getuid()}")
     try:
         os.mkdir(path, 0o700)

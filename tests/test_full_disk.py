@@ -71,3 +71,22 @@ def test_every_failure_point_of_a_save_ends_in_a_write_error_and_leaves_the_leve
         _save(root, 3, state, single_process_group)  # the next version goes through
         assert read_tracker(str(root)) == 3, (name, k)
     assert absorbed == [("mkdir", 1)]  # os.makedirs(root, exist_ok=True) of a level that exists
+
+
+def test_retention_reclaims_crashed_saves_and_superseded_copies_below_what_it_keeps(tmp_path, single_process_group):
+    """Only with retention; only below the oldest version kept (nothing a run could still use)."""
+    from checkpointing.commit import apply_retention
+
+    state = SyntheticState(shard_numel=1 << 10)
+    root = tmp_path / "l2"
+    for iteration in (2, 4, 6):
+        _save(root, iteration, state, single_process_group)
+    (root / "iter_0000003").mkdir()  # a save that crashed before its commit
+    (root / "iter_0000007").mkdir()  # one in progress above the newest
+    (root / "iter_0000001.superseded-20261207-090000-11").mkdir()
+    (root / "iter_0000005.superseded-20261207-090000-12").mkdir()
+    removed = apply_retention(str(root), 2)
+    assert sorted(os.path.basename(p) for p in removed) == [
+        "iter_0000001.superseded-20261207-090000-11", "iter_0000002", "iter_0000003"]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("iter_")) == [
+        "iter_0000004", "iter_0000005.superseded-20261207-090000-12", "iter_0000006", "iter_0000007"]

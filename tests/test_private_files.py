@@ -195,3 +195,23 @@ def test_metadata_this_python_writes_is_read_back_without_trust(tmp_path):
     write_metadata(str(tmp_path), build_metadata([record], 3, synthetic_layout()))
     metadata = read_metadata(str(tmp_path))
     assert metadata.gpt_ckpt["iteration"] == 3 and not metadata.gpt_ckpt_full_unpickling, sys.version
+
+
+def test_a_pool_parent_others_can_rename_in_is_refused(tmp_path):
+    """Another user who can rename entries of --ckpt-host-dir could move the pool aside."""
+    base = tmp_path / "host"
+    base.mkdir()
+    os.chmod(base, 0o777)
+    with pytest.raises(private_files.UnsafePathError, match="no sticky bit"):
+        private_files.pool_dir(str(base))
+    os.chmod(base, 0o1777)  # as /dev/shm
+    assert private_files.pool_dir(str(base)) == (str(base / f"gptckpt-{os.getuid()}"), None)
+
+
+@as_root
+def test_a_pool_parent_of_another_user_is_refused(tmp_path):
+    base = tmp_path / "host"
+    base.mkdir()
+    os.chown(base, NOBODY, NOBODY)
+    with pytest.raises(private_files.UnsafePathError, match=f"owned by uid {NOBODY}"):
+        private_files.pool_dir(str(base))
