@@ -205,16 +205,24 @@ def _stage(cfg, state, group, log, nodes, node, leader, directory, version, layo
     started = time.perf_counter()
     rank = dist.get_rank(group)
     token = gather_from_all(group, uuid.uuid4().hex[:8])[0]
-    root = os.path.join(directory, f"recovery-{host_pool.job_tag(cfg.save)}-{token}")
+    prefix = f"recovery-{host_pool.job_tag(cfg.save)}-"
+    root = os.path.join(directory, f"{prefix}{token}")
     staged = iteration_dir(root, version)
+    stale: list[str] = []
     if leader:
+        # Staging left by a run of this job killed midway: this job holds the job's locks
+        # (checkpointing.job_lock), so no other run is using it.
+        for entry in os.scandir(directory):
+            if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+                stale.append(entry.path)
         os.makedirs(staged, mode=0o700)
     # Each node's states are staged by its ranks in turn (a node holds its ranks' and its sources').
     holders = {}
     for i, (source, h) in enumerate(sorted(chosen.items())):
         ranks = nodes[h.node]
         holders[source] = ranks[i % len(ranks)]
-    gather_from_all(group, None)  # the directories exist
+    removed = [path for paths in gather_from_all(group, stale) for path in paths]  # and the directories exist
     records, error = [], None
     for source, h in sorted(chosen.items()):
         if holders[source] != rank:
@@ -232,18 +240,22 @@ def _stage(cfg, state, group, log, nodes, node, leader, directory, version, layo
         gather_from_all(group, None)
         candidate.remove()
         return None
-    metadata = None
-    if rank == 0:
-        metadata = build_metadata([r for rs in gathered for r in rs], version, dict(layout), None)
-    shared = [metadata]
-    dist.broadcast_object_list(shared, src=0, group=group)
-    if leader:
-        write_metadata(staged, shared[0])
-    gather_from_all(group, None)
-    candidate.network_bytes = _ship_missing(group, nodes, node, staged, state, holders, version)
+    try:
+        metadata = None
+        if rank == 0:
+            metadata = build_metadata([r for rs in gathered for r in rs], version, dict(layout), None)
+        shared = [metadata]
+        dist.broadcast_object_list(shared, src=0, group=group)
+        if leader:
+            write_metadata(staged, shared[0])
+        gather_from_all(group, None)
+        candidate.network_bytes = _ship_missing(group, nodes, node, staged, state, holders, version)
+    except BaseException:
+        candidate.remove()  # no staging left behind in host memory, whatever stopped it
+        raise
     nodes_line = ", ".join(f"rank {s}: {chosen[s].where(nodes)}" for s in sorted(chosen)[:16])
     more = f", ... ({len(chosen)} saved ranks)" if len(chosen) > 16 else ""
-    candidate.lines = [
+    candidate.lines = [f"> removed {path}, staging left by an earlier run of this job" for path in removed] + [
         f"> checkpoint: iteration {version} is held in host memory ({ParallelLayout.from_dict(dict(layout)).describe()}"
         f" saved it): {nodes_line}{more}",
         f"> checkpoint: staged from host memory in {time.perf_counter() - started:.2f} s "

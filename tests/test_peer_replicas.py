@@ -14,6 +14,7 @@ with two nodes on this machine (``tests/launch.run_two_nodes``: each node its ow
 import os
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -120,10 +121,15 @@ def test_node_lost_restart_on_survivors_in_smaller_layout(after_kill):
     """(b)"""
     tmp_path, nodes, killed = after_kill
     save = tmp_path / "ckpt"
+    from checkpointing.host_pool import job_tag
+
+    stale = Path(nodes["A"]) / f"gptckpt-{os.getuid()}" / f"recovery-{job_tag(str(save))}-deadbeef" / "iter_0000005"
+    stale.mkdir(parents=True)  # staging of a run killed midway
     proc = run_pretrain(ARGS + CKPT[:-2] + ["--save", str(save), "--load", str(save), "--ckpt-host-dir", nodes["A"],
                                             "--tensorboard-dir", str(tmp_path / "survivors")], nproc=2)
     out = proc.stdout
     assert "is held in host memory (TP2xDP2 saved it)" in out and "0 bytes read from --save" in out, out[-4000:]
+    assert f"removed {stale.parent}, staging left by an earlier run of this job" in out and not stale.parent.exists()
     resumed = read_scalars(tmp_path / "survivors", "lm loss")
     first = min(resumed)
     assert first >= 9, (first, out[-3000:])
