@@ -273,6 +273,12 @@ class CheckpointEngine:
         return sorted(s.version for s in self.pool.slots
                       if s.version is not None and s.small_state is not None and s.layout == self.layout)
 
+    def held_versions_written(self) -> list[tuple[int, float]]:
+        """(version, when its description was written) of :meth:`held_versions`: a rollback's
+        record tells by the time which of them a rollback abandoned."""
+        held = set(self.held_versions())
+        return sorted((s.version, s.described_at()) for s in self.pool.slots if s.version in held)
+
     def restore(self, version: int) -> dict:
         """Copy L0 ``version`` into the state's live arrays; returns its small state (the
         ``common`` item is in rank 0's only). Call before training starts."""

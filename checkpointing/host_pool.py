@@ -209,6 +209,13 @@ class HostSlot:
             self.notes.append(f"WARNING: L0 snapshot {self.path} not recovered: {error}")
             return None
 
+    def described_at(self) -> float:
+        """When the slot's description was written (0.0: none)."""
+        try:
+            return os.stat(self.meta_path).st_mtime
+        except OSError:
+            return 0.0
+
     def invalidate(self) -> None:
         """Forget what the slot holds, in memory and on disk."""
         self.version = self.small_state = self.layout = None

@@ -38,8 +38,10 @@ from checkpointing.errors import (
 from checkpointing.items import CheckpointableState, LoadedParts
 from checkpointing.levels import L0, L1, L2, MEMORY
 from checkpointing.load_outcome import Attempt, Outcome, agree
+from checkpointing.metadata import METADATA_NAME
 from checkpointing.parallel_layout import ParallelLayout, how_saved
 from checkpointing.reader import CheckpointReader
+from checkpointing.rollback import abandoning, rollbacks
 from checkpointing.writer import data_file_name
 
 LOADED = Attempt(Outcome.LOADED)
@@ -95,12 +97,24 @@ class CheckpointLoader:
         the same list in the same order."""
         found: list[tuple[int, int, str, StoredCheckpoint]] = []
         levels = [(L1, self.cfg.local_dir), (L2, self.cfg.load)]
+        rolled_back = rollbacks(self.cfg.load)
         for speed, (level, root) in enumerate(levels):
             if not root:
                 continue
             stored, notes = load_candidates(root, self.cfg.ckpt_step)
             for note in notes:
                 self.log(f"> checkpoint: {note}")
+            # A level rollback.sh was not told of (an L1 without --local-dir) still holds the
+            # abandoned branch: rollbacks.jsonl in --load says which versions are of it.
+            kept = []
+            for c in stored:
+                record = abandoning(rolled_back, c.iteration, _written(c.path))
+                if record is None:
+                    kept.append(c)
+                else:
+                    self.log(f"> checkpoint: {c.path} is of the branch the rollback to {record['step']} abandoned "
+                             f"({record.get('branch', '?')}); not loaded")
+            stored = kept
             seen = gather_from_all(self.group, [c.iteration for c in stored])
             everywhere = set.intersection(*[set(s) for s in seen])
             for c in stored:
@@ -269,8 +283,13 @@ class CheckpointLoader:
 
     # -- L0 ------------------------------------------------------------------------------------------
     def _l0_candidate(self) -> int | None:
-        """The newest snapshot every rank holds in shared memory, in this layout, or None."""
-        shared = common_to_all(self.group, self.engine.held_versions())
+        """The newest snapshot every rank holds in shared memory, in this layout, or None; not
+        one of a branch a rollback abandoned (``rollbacks.jsonl``, however the rollback was told
+        of the pool)."""
+        rolled_back = rollbacks(self.cfg.load)
+        held = [v for v, written in self.engine.held_versions_written()
+                if abandoning(rolled_back, v, written) is None]
+        shared = common_to_all(self.group, held)
         if self.cfg.ckpt_step is not None:
             shared &= {self.cfg.ckpt_step}
         return max(shared) if shared else None
@@ -313,3 +332,11 @@ class CheckpointLoader:
             return CheckpointCorruptError(f"every committed checkpoint is damaged ({paths}; see the warnings above){tail}")
         return CheckpointCorruptError(f"No checkpoint can be loaded: {'; '.join(a.reason for a in passed)}; {paths} "
                                       f"{'is' if len(damaged) == 1 else 'are'} damaged (see the warnings above){tail}")
+
+
+def _written(directory: str) -> float:
+    """When a committed checkpoint was committed: its ``.metadata``'s modification time."""
+    try:
+        return os.stat(os.path.join(directory, METADATA_NAME)).st_mtime
+    except OSError:
+        return 0.0

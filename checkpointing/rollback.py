@@ -58,6 +58,13 @@ def rollbacks(save_dir: str | None) -> list[dict]:
     return found
 
 
+def abandoning(records: list[dict], iteration: int, written: float) -> dict | None:
+    """The rollback (of :func:`rollbacks`) whose branch a version of ``iteration`` written at
+    ``written`` (seconds since the epoch) belongs to: one to a step below ``iteration``, made
+    after the version was written. None: the version is on the current branch."""
+    return next((r for r in records if iteration > r["step"] and written < r["time"]), None)
+
+
 def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
          host_dir: str = host_pool.SHM_DIR) -> list[tuple[str, str]]:
     """(description, action) pairs; nothing is changed here."""
@@ -77,6 +84,10 @@ def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
     if step not in [c.iteration for cs in held.values() for c in cs]:
         raise RollbackRefused(f"iteration {step} is only in host memory (L0), which a rollback cannot keep as "
                               f"the latest across restarts; roll back to one on disk: {[i for i in everywhere if i != step][-4:]}")
+    taken = [os.path.join(root, "branches", branch) for _, root in levels
+             if os.path.lexists(os.path.join(root, "branches", branch))]
+    if taken:  # refused before anything moves: a rollback is done whole or not at all
+        raise RollbackRefused(f"branch {branch!r} exists already ({', '.join(taken)}); pass another --branch")
     actions = []
     for level, root in levels:
         later = [c for c in list_checkpoints(root) if c.iteration > step]

@@ -77,3 +77,27 @@ def test_list_shows_committed_partial_and_corrupt(tmp_path):
     relisted = {line.split()[1]: line for line in rollback("--list", "--save", save).stdout.splitlines() if line.startswith("L2 ")}
     assert "committed" in relisted["6"], "a cheap --list checks presence and sizes only"
     assert "checksum mismatch" in rollback("--list", "--save", save, "--verify").stdout
+
+
+def test_every_level_honours_a_rollback_it_was_not_told_of_and_a_branch_name_is_not_reused(tmp_path):
+    """``rollback.sh 20 --save DIR`` alone (no --local-dir, no --host-dir): the usual command line
+    then resumes from 20, not from L1's or a non-default L0's versions of the abandoned branch
+    (``rollbacks.jsonl`` says which they are). A second rollback naming the same --branch is
+    refused before anything moves."""
+    save, local, host = tmp_path / "ckpt", tmp_path / "local", tmp_path / "shm"
+    args = COMMON + ["--mock-data", "--vocab-size", "1024", "--train-iters", "30", "--save", str(save), "--load",
+                     str(save), "--async-save", "--save-interval", "1", "--ckpt-local-dir", str(local),
+                     "--ckpt-local-interval", "5", "--ckpt-local-retain-last", "100", "--ckpt-persistent-interval",
+                     "10", "--ckpt-host-dir", str(host)]
+    try:
+        run_pretrain(args + ["--ckpt-keep-host-pool"], env={"GPT_CKPT_HOLD": "request"})
+        out = rollback(20, "--save", save, "--branch", "b").stdout
+        assert "L2: tracker 30 -> 20" in out and "L1" not in out and "L0" not in out, out
+        again = rollback(10, "--save", save, "--branch", "b", check=False)
+        assert again.returncode == 2 and "branch 'b' exists already" in again.stderr, again.stderr
+        assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "20", "nothing moved"
+        proc = run_pretrain(args + ["--train-iters", "22"])
+        assert "loaded iteration 20 from" in proc.stdout, proc.stdout[-3000:]
+        assert f"{local / 'iter_0000030'} is of the branch the rollback to 20 abandoned (b); not loaded" in proc.stdout
+    finally:
+        host_pool.remove_segments(str(save), str(host))
