@@ -27,7 +27,7 @@ def engine_for_config(cfg, state: CheckpointableState, group, log, tracer=None,
     slots = cfg.host_versions + 1 if zero_copy else cfg.host_versions
     mine, replica_specs, source_shards = None, None, None
     if cfg.peer_replicas:
-        mine, replica_specs, source_shards = _replica_partners(cfg, specs, list(state.shards), group)
+        mine, replica_specs, source_shards = _replica_partners(cfg, specs, list(state.shards), group, log)
     pool = HostPool(job_tag(cfg.save), dist.get_rank(group), specs, slots, budget, cfg.host_dir, replica_specs)
     rate = cfg.write_rate_limit_mb * 1e6 if cfg.write_rate_limit_mb else None
     levels = []
@@ -42,7 +42,7 @@ def engine_for_config(cfg, state: CheckpointableState, group, log, tracer=None,
     engine = CheckpointEngine(state, pool, levels, group, log, tracer, zero_copy, cfg.flusher_timeout, replicas,
                               cfg.flusher_start)
     how = "zero-copy: steps write into the pool" if zero_copy else "copied at each request"
-    where = {PEER: (f"replicas on {cfg.peer_replicas} other node(s) ({len(mine.nodes)} nodes; rank {engine.rank} "
+    where = {PEER: (f"replicas on {len(mine.targets)} other node(s) ({len(mine.nodes)} nodes; rank {engine.rank} "
                     f"sends to ranks {list(mine.targets)}, holds ranks {list(mine.sources)}: "
                     f"{pool.replica_bytes / 2**30:.2f} GiB)") if mine else ""}
     log(f"> async checkpointing: L0 {len(pool.slots)} slots in shared memory ({pool.bytes / 2**30:.2f} GiB "
@@ -51,15 +51,22 @@ def engine_for_config(cfg, state: CheckpointableState, group, log, tracer=None,
         + (f"; writes at most {cfg.write_rate_limit_mb:g} MB/s per rank" if rate else "")
         + f"; flusher process {engine.flusher.how_started}, starting beside the model's load")
     return engine
-def _replica_partners(cfg, specs: dict[str, ArraySpec], shards: list[tuple[int, int]], group):
-    """(this rank's partners, its sources' arrays, their shards) for ``--ckpt-peer-replicas``;
-    collective over ``group``. Nodes are the ranks that share the pool directory."""
+def _replica_partners(cfg, specs: dict[str, ArraySpec], shards: list[tuple[int, int]], group, log):
+    """(this rank's partners, its sources' arrays, their shards) for ``--ckpt-peer-replicas``, or
+    Nones where the job has one node; collective over ``group``. Nodes are the ranks that share
+    the pool directory; fewer nodes than replicas asked for keep fewer, said in a warning."""
     from checkpointing import private_files
     from checkpointing.agreement import gather_from_all
+    from checkpointing.peer_replicas import node_list, replicas_for
     from checkpointing.peers import directory_peers
 
     directory, _ = private_files.pool_dir(cfg.host_dir)
     node_peers = gather_from_all(group, directory_peers(directory, group))
-    mine: Partners = partners(node_peers, dist.get_rank(group), cfg.peer_replicas, cfg.host_dir)
+    k, warning = replicas_for(len(node_list(node_peers)), cfg.peer_replicas, cfg.host_dir)
+    if warning:
+        log(warning)
+    if k == 0:
+        return None, None, None
+    mine: Partners = partners(node_peers, dist.get_rank(group), k, cfg.host_dir)
     everyone = gather_from_all(group, (specs, shards))
     return mine, {s: everyone[s][0] for s in mine.sources}, {s: everyone[s][1] for s in mine.sources}

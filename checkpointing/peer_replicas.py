@@ -73,6 +73,22 @@ def node_list(node_peers: list[list[int]]) -> list[list[int]]:
     return sorted({tuple(sorted(p)) for p in node_peers}, key=lambda n: n[0])  # type: ignore[return-value]
 
 
+def replicas_for(node_count: int, k: int, host_dir: str) -> tuple[int, str | None]:
+    """The replicas a job of ``node_count`` nodes keeps when ``--ckpt-peer-replicas k`` asks for
+    more than it has nodes to hold (a restart on the survivors of a lost node, with the same
+    command line): at most one per other node, 0 on one node; and the warning that says so (None
+    when ``k`` fits). Refusing would make the user edit the command at the worst moment."""
+    if k < node_count:
+        return k, None
+    fit = node_count - 1
+    if fit == 0:
+        return 0, (f"WARNING: --ckpt-peer-replicas {k}: every rank of this job shares --ckpt-host-dir {host_dir} "
+                   "(one node), where a replica would be lost with the node it protects: no replicas this run "
+                   "(they resume on more nodes)")
+    return fit, (f"WARNING: --ckpt-peer-replicas {k} needs at least {k + 1} nodes; this job has {node_count}: "
+                 f"{fit} replica(s) per version this run")
+
+
 def partners(node_peers: list[list[int]], rank: int, k: int, host_dir: str) -> Partners:
     """The partners of ``rank`` under the rule above; raises :class:`PeerReplicaError` if the job
     has fewer than K + 1 nodes or nodes of different sizes."""

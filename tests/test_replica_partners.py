@@ -77,3 +77,13 @@ def test_memory_inventory_skips_what_a_rollback_abandoned(tmp_path):
     held = scan(str(tmp_path), tag, notes, rolled)
     assert [(h.version, h.replica) for h in held] == [(7, False)]
     assert any("a rollback abandoned" in n for n in notes)
+
+
+def test_fewer_nodes_than_replicas_keep_fewer_and_say_so():
+    from checkpointing.peer_replicas import replicas_for
+
+    assert replicas_for(4, 2, "/dev/shm") == (2, None)
+    k, warning = replicas_for(2, 2, "/dev/shm")
+    assert k == 1 and "needs at least 3 nodes; this job has 2: 1 replica(s) per version" in warning
+    k, warning = replicas_for(1, 1, "/dev/shm")
+    assert k == 0 and "one node" in warning and "no replicas this run" in warning
