@@ -137,7 +137,10 @@ def test_an_async_job_on_a_full_disk_warns_goes_on_and_resumes(tmp_path, small_f
     args = [*TINY, "--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
             "--lr", "1e-3", "--log-interval", "5", "--async-save", "--save-interval", "1",
             "--save", str(small_filesystem / "ckpt"), "--load", str(small_filesystem / "ckpt")]
-    proc = run_pretrain([*args, "--train-iters", "20", "--save-retain-last", "1"], check=False)
+    # Held: every version is flushed (none superseded however loaded the machine), so version 2
+    # is the first to meet the full disk.
+    proc = run_pretrain([*args, "--train-iters", "20", "--save-retain-last", "1"], check=False,
+                        env={"GPT_CKPT_HOLD": "request"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "WARNING: L2 flush of iteration 2 " in out and "No space left on device" in out, out[-3000:]
