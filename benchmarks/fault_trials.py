@@ -31,7 +31,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from benchmarks.processes import PRETRAIN, LoggedProcess, job_env, run_trainer
+from benchmarks.processes import PRETRAIN, LoggedProcess, run_trainer, trainer_env
 from benchmarks.two_nodes import run_two_node_trainer
 from checkpointing import host_pool
 from checkpointing.durable import read_tracker
@@ -133,14 +133,7 @@ def _damage(base: str, kind: str, rng: random.Random) -> str:
         return "nothing committed to damage"
     data = sorted(glob.glob(os.path.join(target.path, "__*.distcp")))[0]
     if kind == "flip":
-        with open(data, "r+b") as f:
-            size = os.fstat(f.fileno()).st_size
-            at = rng.randrange(size)
-            f.seek(at)
-            byte = f.read(1)
-            f.seek(at)
-            f.write(bytes([byte[0] ^ (1 << rng.randrange(8))]))
-        return f"bit flipped at byte {at} of {target.level} iteration {target.iteration}"
+        return f"bit flipped at byte {_flip_bit(data, rng)} of {target.level} iteration {target.iteration}"
     if kind == "truncate":
         os.truncate(data, rng.randrange(os.path.getsize(data)))
         return f"{target.level} iteration {target.iteration} truncated"
@@ -151,19 +144,24 @@ def _damage(base: str, kind: str, rng: random.Random) -> str:
         os.unlink(os.path.join(target.path, ".metadata"))
         return f"{target.level} iteration {target.iteration} un-committed"
     if kind == "flip-metadata":
-        path = os.path.join(target.path, ".metadata")
-        with open(path, "r+b") as f:
-            at = rng.randrange(os.fstat(f.fileno()).st_size)
-            f.seek(at)
-            byte = f.read(1)
-            f.seek(at)
-            f.write(bytes([byte[0] ^ (1 << rng.randrange(8))]))
+        at = _flip_bit(os.path.join(target.path, ".metadata"), rng)
         return f"bit flipped at byte {at} of {target.level} iteration {target.iteration}'s .metadata"
     if kind == "lose-node-local":
         shutil.rmtree(local, ignore_errors=True)
         host_pool.remove_segments(save)
         return "node replaced: L0 and L1 gone"
     raise ValueError(kind)
+
+
+def _flip_bit(path: str, rng: random.Random) -> int:
+    """Flip one random bit of ``path``; returns the byte's offset."""
+    with open(path, "r+b") as f:
+        at = rng.randrange(os.fstat(f.fileno()).st_size)
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ (1 << rng.randrange(8))]))
+    return at
 
 
 def _failure_lines(log: str, limit: int = 2500) -> str:
@@ -356,9 +354,7 @@ def _second_job(base: str) -> str:
     second on the same ``--save``, then the first let go; returns the detail."""
     gate = os.path.join(base, "gate")
     first = LoggedProcess([sys.executable, PRETRAIN, *_args(base, TRAIN)],
-                          job_env({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GPT_FORCE_CPU": "1",
-                                   "GPT_CKPT_DISK_GATE": gate, **HOLD}),
-                          os.path.join(base, "train.log"), 300)
+                          trainer_env({"GPT_CKPT_DISK_GATE": gate, **HOLD}), os.path.join(base, "train.log"), 300)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and first.proc.poll() is None and not l0_entries(_dirs(base)[0]):

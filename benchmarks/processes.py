@@ -146,13 +146,19 @@ class TrainerFailed(RuntimeError):
     """A trainer run that a bench builds on (not one it measures) failed: its log says why."""
 
 
+def trainer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a trainer run as a 1-process job of its own on the CPU with one OpenMP
+    thread, ``extra`` on top."""
+    return job_env({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GPT_FORCE_CPU": "1", **(extra or {})})
+
+
 def run_trainer(args: list[str], log_path: str, env: dict[str, str] | None = None, timeout_s: float = 300,
                 check: bool = True) -> tuple[int, bool, str]:
     """``pretrain_gpt.py args`` as a 1-process job of its own on the CPU with one OpenMP thread
     (``env`` on top): (exit code, timed out, its output). ``check``: raise
     :class:`TrainerFailed` unless it ended with 0 in time."""
-    env = job_env({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GPT_FORCE_CPU": "1", **(env or {})})
-    rc, timed_out, _, text = LoggedProcess([sys.executable, PRETRAIN, *args], env, log_path, timeout_s).finish()
+    rc, timed_out, _, text = LoggedProcess([sys.executable, PRETRAIN, *args], trainer_env(env), log_path,
+                                           timeout_s).finish()
     if check and (rc != 0 or timed_out):
         why = f"timed out after {timeout_s:.0f} s" if timed_out else f"exit code {rc}"
         raise TrainerFailed(f"pretrain_gpt.py {' '.join(args)}: {why} (log {log_path}):\n{text[-4000:]}")

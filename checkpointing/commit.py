@@ -34,7 +34,7 @@ from checkpointing.discovery import iteration_dir, list_checkpoints
 from checkpointing.durable import TRACKER_NAME, CheckpointWriteError, read_tracker, write_tracker
 from checkpointing.items import TensorPiece
 from checkpointing.levels import Level
-from checkpointing.metadata import METADATA_NAME, build_metadata, write_metadata
+from checkpointing.metadata import ITER_DIR, METADATA_NAME, build_metadata, write_metadata
 from checkpointing.parallel_layout import ParallelLayout
 from checkpointing.save_plan import SavePlan, SavePlanChangedError
 from checkpointing.trace import NullTracer
@@ -91,7 +91,7 @@ def _remove_partial(directory: str) -> str:
         return f" (its partial directory {directory} could not be removed: {failures[0]}; remove it by hand)"
     root = os.path.dirname(directory)
     try:  # the tracker was renamed into place, then the directory's fsync failed: back to the previous version
-        if read_tracker(root) == int(os.path.basename(directory).split("_")[-1]):
+        if read_tracker(root) == int(ITER_DIR.match(os.path.basename(directory)).group(1)):
             committed = [c.iteration for c in list_checkpoints(root) if c.committed]
             if committed:
                 write_tracker(root, committed[-1])

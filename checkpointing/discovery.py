@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from checkpointing.durable import read_tracker
-from checkpointing.metadata import METADATA_NAME
-
-ITER_DIR = re.compile(r"^iter_(\d{7})$")
+from checkpointing.metadata import ITER_DIR, METADATA_NAME
 
 
 def iteration_dir(root: str, iteration: int) -> str:

@@ -241,6 +241,12 @@ REPLICA_SLOTS = 2
 received into the other slot."""
 
 
+def lock_path(directory: str, tag: str, rank: int) -> str:
+    """The rank's pool lock (``checkpointing.job_lock``), named like its slots: ``--list`` and the
+    pool's removal see it."""
+    return os.path.join(directory, f"{PREFIX}{tag}-r{rank}.lock")
+
+
 def replica_slot_path(directory: str, tag: str, holder: int, source: int, index: int) -> str:
     """Where ``holder`` keeps replica slot ``index`` of ``source``'s versions."""
     return os.path.join(directory, f"{PREFIX}{tag}-r{holder}-p{source}-s{index}")
@@ -284,6 +290,8 @@ class HostPool:
             for source, source_specs in sorted(replica_specs.items())}
         """Each source rank's replica slots (their descriptions are ``checkpointing.peer_replicas``')."""
         self.control_path = os.path.join(self.directory, f"{PREFIX}{tag}-r{rank}.ctl")
+        self.lock_path = lock_path(self.directory, tag, rank)
+        """This rank's lock on the pool, taken at start-up (``checkpointing.manager.claim_checkpoint_dirs``)."""
         """The words this rank's trainer and flusher share (``checkpointing.control_block``)."""
 
 

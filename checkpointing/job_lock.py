@@ -69,11 +69,6 @@ def lock_path_for_local(local_dir: str, rank: int) -> str:
     return os.path.join(local_dir, f".gpt-ckpt-r{rank}.lock")
 
 
-def lock_path_for_pool(pool_dir: str, tag: str, rank: int) -> str:
-    """Beside the rank's slots, named like them (``host_pool --list`` and the pool's removal see it)."""
-    return os.path.join(pool_dir, f"gptckpt-{tag}-r{rank}.lock")
-
-
 def hold(path: str, what: str) -> None:
     """Take the lock at ``path`` for this process's lifetime, or raise
     :class:`CheckpointInUseError` naming the holder; taking one this process holds is a no-op.

@@ -65,17 +65,16 @@ def claim_checkpoint_dirs(cfg: CheckpointConfig, rank: int, group=None) -> None:
     (:mod:`checkpointing.job_lock`), before any heavy work and before anything is read. Collective
     over ``group`` (None: the default group): a refusal on any rank is raised on every rank."""
     from checkpointing import job_lock, private_files
-    from checkpointing.host_pool import job_tag
+    from checkpointing import host_pool
 
     error: tuple[bool, str] | None = None
     """(whether another job holds it, the message)"""
     try:
-        for flag, path in (("--load", cfg.load), ("--ckpt-host-dir", cfg.host_dir if cfg.async_save else None)):
+        for flag, path, wanted in (("--load", cfg.load, "the directory that holds the checkpoints (iter_NNNNNNN/)"),
+                                   ("--ckpt-host-dir", cfg.host_dir if cfg.async_save else None,
+                                    "a tmpfs directory such as /dev/shm")):
             if path and os.path.lexists(path) and not os.path.isdir(path):
-                raise SaveDirError(errno.ENOTDIR, f"rank {rank}: {flag} {path} is not a directory; pass the "
-                                                  "directory that holds the checkpoints (iter_NNNNNNN/)"
-                                   if flag == "--load" else f"rank {rank}: {flag} {path} is not a directory; pass a "
-                                   "tmpfs directory such as /dev/shm")
+                raise SaveDirError(errno.ENOTDIR, f"rank {rank}: {flag} {path} is not a directory; pass {wanted}")
         for directory in (cfg.save, cfg.local_dir):
             if directory:
                 probe_writable(directory, rank)
@@ -86,7 +85,7 @@ def claim_checkpoint_dirs(cfg: CheckpointConfig, rank: int, group=None) -> None:
         if cfg.async_save:
             pool, refused = private_files.usual_pool_dir(cfg.host_dir)
             if refused is None:  # else the pool goes to a fresh directory of this process's (said when it opens)
-                job_lock.hold(job_lock.lock_path_for_pool(pool, job_tag(cfg.save), rank),
+                job_lock.hold(host_pool.lock_path(pool, host_pool.job_tag(cfg.save), rank),
                               f"the L0 pool of --save {cfg.save} in {pool}")
     except (OSError, job_lock.CheckpointInUseError) as refused:
         message = str(refused) if str(refused).startswith("rank ") else f"rank {rank}: {refused}"
@@ -251,8 +250,7 @@ class CheckpointManager:
         freed = remove_pool(self.engine.pool)
         from checkpointing import job_lock
 
-        pool = self.engine.pool
-        job_lock.drop(job_lock.lock_path_for_pool(pool.directory, pool.tag, self.rank))
+        job_lock.drop(self.engine.pool.lock_path)
         self.log(f"> L0 pool freed ({freed / 2**20:.1f} MiB of shared memory on the logging rank; "
                  "--ckpt-keep-host-pool keeps it)")
 

@@ -37,7 +37,8 @@ renamed into place and checked before it is unpickled: a flipped byte is damage,
 object. Stock DCP readers ignore the file."""
 _CHECKSUM_LINE = re.compile(rb"xxh3-64 ([0-9a-f]{16}) ([0-9]{1,15})\n")
 _CHECKSUM_LINE_MAX = 64
-_ITERATION_DIR = re.compile(r"iter_([0-9]+)")
+ITER_DIR = re.compile(r"^iter_(\d{7})$")
+"""Megatron-LM's name of a checkpoint directory, ``iter_0000010``: the metadata's iteration must agree."""
 FORMAT_VERSION = 2
 """2: tensors with a padded vocabulary dimension (embedding, output layer) are stored with the
 true vocabulary's rows; 1: with Megatron's padding of the saving layout (still read)."""
@@ -212,7 +213,7 @@ def _check_facts(metadata: Metadata, facts: dict, directory: str) -> None:
     types the loader uses. Anything else is damage (a flip the checksum file could not catch)."""
     where = os.path.join(directory, METADATA_NAME)
     iteration = facts.get("iteration")
-    named = _ITERATION_DIR.fullmatch(os.path.basename(os.path.normpath(directory)))
+    named = ITER_DIR.match(os.path.basename(os.path.normpath(directory)))
     if not isinstance(iteration, int) or iteration < 0 or (named and int(named.group(1)) != iteration):
         raise CheckpointCorruptError(f"{where} says iteration {iteration!r}, its directory "
                                      f"{os.path.basename(os.path.normpath(directory))}; the checkpoint is damaged")
