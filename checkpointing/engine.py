@@ -297,6 +297,51 @@ class CheckpointEngine:
                 host.invalidate()
                 slot.version = None
 
+    # -- a live rollback (``checkpointing.live_rollback``), after ``wait_idle`` ------------------------
+    def restore_live(self, version: int) -> dict:
+        """Make L0 ``version`` the running state; returns its small state (``common`` in rank 0's
+        only). Zero-copy: the state takes the slot's arrays as its own, no byte is copied, and the
+        next step writes out of place, so the version stays in L0. Copied: the slot is copied
+        into the live arrays."""
+        index = next((i for i, s in enumerate(self.pool.slots) if s.version == version and s.small_state is not None),
+                     None)
+        if index is None:
+            raise ValueError(f"iteration {version} is not held in L0 on rank {self.rank}")
+        host = self.pool.slots[index]
+        if self.zero_copy:
+            self.state.adopt_arrays(host.arrays)
+            self._current = self.slots[index]
+        else:
+            for name, live in self.state.arrays.items():
+                live.copy_(host.arrays[name])
+        return dict(host.small_state)
+
+    def detach_for_read(self) -> None:
+        """Zero-copy, before a read from disk into the state: the state moves to a slot holding
+        no version the read must keep (the current version's slot is left as it is, so a failed
+        read can go back to it with :meth:`restore_live`). Copied: nothing to do (the live arrays
+        are not a slot)."""
+        if not self.zero_copy:
+            return
+        target = flush_rules.zero_copy_target(self.slots, self._current)
+        if target is None:
+            raise RuntimeError("no host-pool slot is free after the drain")  # wait_idle leaves none landing
+        target.version = None
+        self.pool.slots[target.index].invalidate()
+        self.state.adopt_arrays(self.pool.slots[target.index].arrays)
+        self._current = target
+
+    def drop_after(self, version: int) -> list[int]:
+        """Forget every L0 version after ``version`` (a branch a live rollback abandoned; their
+        slots are reused by the new branch); returns the versions dropped."""
+        dropped = []
+        for slot, host in zip(self.slots, self.pool.slots):
+            if host.version is not None and host.version > version and slot.pins == 0 and not slot.landing:
+                dropped.append(host.version)
+                host.invalidate()
+                slot.version = None
+        return sorted(dropped)
+
     def fence(self, shard_index: int) -> None:
         """Before the optimizer writes shard ``shard_index``: wait for its copy if not done
         (zero-copy: for every flush of the slot being written to have read it)."""

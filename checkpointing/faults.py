@@ -22,8 +22,15 @@ fast a loaded machine runs its threads (no iteration: every version):
 - ``read:N`` (zero-copy snapshots): a flush stops once it has read N shards of its slot, until an
   optimizer step is blocked in a fence on that slot (or the engine drains).
 
+- ``live-request:N``: rank 0 looks for a live-rollback request file at iteration N only (give
+  it several times for several N; ``trainer.live_rollback``), so a request a test placed before
+  the launch is taken at N.
+
 ``GPT_CKPT_DISK_GATE=<path>``: every flush waits until ``<path>`` exists (``{rank}`` in it becomes
 the rank): a stuck disk that a test frees by creating the file.
+
+``GPT_CKPT_INJECT_SPIKE=N[,M...]`` multiplies the loss iteration N reports by 100, once per
+process (:func:`injected_spike`): a loss spike for the automatic rollback's tests.
 
 The holds are read by ``checkpointing.pacing``: the engine's rules do not look at them.
 """
@@ -98,3 +105,24 @@ def hold_value(point: str) -> int | None:
         if name == point:
             return int(at)
     return None
+
+
+SPIKE_ENV = "GPT_CKPT_INJECT_SPIKE"
+_spikes_fired: set[int] = set()
+
+
+def injected_spike(iteration: int) -> float:
+    """The factor ``GPT_CKPT_INJECT_SPIKE=N[,M...]`` multiplies iteration N's reported loss by: 100
+    the first time this process reaches N, 1.0 otherwise (a replayed or skipped N is not hit
+    again). A test hook: ``trainer.live_rollback`` reads it, no production rule does."""
+    spec = os.environ.get(SPIKE_ENV)
+    if not spec or iteration in _spikes_fired:
+        return 1.0
+    try:
+        wanted = {int(item) for item in spec.split(",") if item.strip()}
+    except ValueError:
+        raise ValueError(f"{SPIKE_ENV}={spec}: give iterations separated by commas, e.g. 20,35") from None
+    if iteration not in wanted:
+        return 1.0
+    _spikes_fired.add(iteration)
+    return 100.0

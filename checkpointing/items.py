@@ -103,6 +103,10 @@ class CheckpointableState(Protocol):
     def capture_small_state(self, iteration: int) -> dict[str, Any]:
         """The small state after ``iteration`` (copied at once: it is small)."""
 
+    def adopt_arrays(self, arrays: dict[str, torch.Tensor]) -> None:
+        """Zero-copy snapshots: the state's ``arrays`` are from now on these (a host-pool slot's),
+        as after a step that wrote them (a live rollback to a version held in L0)."""
+
     def after_load(self, small_state: dict[str, Any], loaded: LoadedParts) -> list[str]:
         """Put the small state back and re-sync the trainer after any load; returns notes for
         the user (what was not restored, which settings differ from the saved run's). Raises

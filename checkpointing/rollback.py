@@ -14,6 +14,10 @@
 
 ``--list`` prints every checkpoint on every level with its state and size instead.
 
+``--live`` asks a running job to roll back in its own processes (``checkpointing.rollback_request``,
+``checkpointing.live_rollback``) and waits for its answer; ``--iterations-to-skip`` and the LR
+flags of ``LIVE_SETTINGS`` go with it.
+
 L0 and L1 are per node: on several nodes, run it on every node (L2, shared, is rolled back by
 the first) with the same ``--branch``.
 """
@@ -31,6 +35,7 @@ from checkpointing.discovery import list_checkpoints
 from checkpointing.durable import TRACKER_NAME, describe_tracker, fsync_directory, write_tracker
 from checkpointing.inventory import all_entries, check_directory, format_table, l0_entries
 from checkpointing.levels import L1, L2
+from checkpointing.rollback_request import LIVE_SETTINGS, RequestRefused, RollbackRequest, wait_for_answer, write_request
 
 
 class RollbackRefused(ValueError):
@@ -66,22 +71,28 @@ def abandoning(records: list[dict], iteration: int, written: float) -> dict | No
 
 
 def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
-         host_dir: str = host_pool.SHM_DIR) -> list[tuple[str, str]]:
-    """(description, action) pairs; nothing is changed here."""
-    levels = [(L1, local_dir), (L2, save_dir)] if local_dir else [(L2, save_dir)]
+         host_dir: str | None = host_pool.SHM_DIR, levels: list[tuple[str, str]] | None = None,
+         held_in_memory: tuple[int, ...] | None = None, record: bool = True) -> list[tuple[str, tuple]]:
+    """(description, action) pairs; nothing is changed here.
+
+    A stopped job (the defaults): L1 (with ``local_dir``) and L2, the L0 descriptions in
+    ``host_dir``, and the record. A running job's live rollback (``checkpointing.live_rollback``)
+    passes the ``levels`` this rank moves (its node's L1, L2 on rank 0), ``host_dir`` None (the
+    engine drops its own slots), ``held_in_memory``: the versions every rank holds in L0 (STEP
+    there is enough: the job goes on from it), and ``record`` on rank 0 only."""
+    if levels is None:
+        levels = [(L1, local_dir), (L2, save_dir)] if local_dir else [(L2, save_dir)]
     held = {}
     for level, root in levels:
         committed = [c for c in list_checkpoints(root) if c.committed and check_directory(c.path, False)[0] == "committed"]
         held[level] = committed
-    l0_versions = [e.iteration for e in l0_entries(save_dir, host_dir)]
+    l0_versions = [e.iteration for e in l0_entries(save_dir, host_dir)] if host_dir else list(held_in_memory or ())
     everywhere = sorted({c.iteration for cs in held.values() for c in cs} | set(l0_versions))
     if not any(c.iteration == step for cs in held.values() for c in cs) and step not in l0_versions:
-        below = [i for i in everywhere if i < step][-2:]
-        above = [i for i in everywhere if i > step][:2]
         raise RollbackRefused(
-            f"no committed checkpoint of iteration {step} on any level ({', '.join(r for _, r in levels if r)}); "
-            f"nearest: {below + above if below + above else 'none at all'}")
-    if step not in [c.iteration for cs in held.values() for c in cs]:
+            f"no committed checkpoint of iteration {step} on any level ({', '.join(r for _, r in levels if r)}"
+            f"{', L0' if l0_versions else ''}); nearest: {nearest(everywhere, step)}")
+    if held_in_memory is None and step not in [c.iteration for cs in held.values() for c in cs]:
         raise RollbackRefused(f"iteration {step} is only in host memory (L0), which a rollback cannot keep as "
                               f"the latest across restarts; roll back to one on disk: {[i for i in everywhere if i != step][-4:]}")
     taken = [os.path.join(root, "branches", branch) for _, root in levels
@@ -101,7 +112,7 @@ def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
         elif os.path.exists(os.path.join(root, TRACKER_NAME)):
             actions.append((f"{level}: no committed checkpoint at or before {step}: tracker removed "
                             f"(moved to {target})", ("tracker-aside", root, target)))
-    for entry in l0_entries(save_dir, host_dir):
+    for entry in l0_entries(save_dir, host_dir) if host_dir else ():
         if entry.iteration > step:
             for data in entry.paths:
                 actions.append((f"L0: version {entry.iteration} set aside ({data}.meta -> .meta.{branch})",
@@ -109,9 +120,16 @@ def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
     # Host memory on other nodes (their L0 slots, the peer replicas they hold) is out of reach
     # here: the record tells a resume from memory that what they hold above ``step`` is of the
     # abandoned branch (checkpointing.memory_recovery).
-    actions.append((f"{save_dir}/{ROLLBACK_RECORD}: host-memory versions above {step} written before now are "
-                    "not resumed from", ("record", save_dir, step, branch)))
+    if record:
+        actions.append((f"{save_dir}/{ROLLBACK_RECORD}: host-memory versions above {step} written before now are "
+                        "not resumed from", ("record", save_dir, step, branch)))
     return actions
+
+
+def nearest(steps: list[int], step: int) -> str:
+    """The two held steps below ``step`` and the two above, for a refusal's message."""
+    near = [i for i in steps if i < step][-2:] + [i for i in steps if i > step][:2]
+    return str(near) if near else "none at all"
 
 
 def apply(actions: list[tuple[str, tuple]]) -> None:
@@ -149,6 +167,16 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
     parser.add_argument("--branch", help="name of the folder later checkpoints are moved into")
     parser.add_argument("--list", action="store_true", help="list every checkpoint on every level instead")
+    live = parser.add_argument_group("a running job (docs/rolling-back.md)")
+    live.add_argument("--live", action="store_true",
+                      help="ask the job running on --save to roll back in its own processes, and wait for its answer")
+    live.add_argument("--timeout", type=float, default=600.0,
+                      help="with --live: seconds to wait for the job's answer (default: 600)")
+    live.add_argument("--iterations-to-skip", type=int, nargs="+", default=[], metavar="ITERATION",
+                      help="with --live: iterations whose batches the new branch skips")
+    for name, (_, kind) in LIVE_SETTINGS.items():
+        live.add_argument(name, dest=name[2:].replace("-", "_"), type=kind, metavar=kind.__name__.upper(),
+                          help=f"with --live: the new branch's {name}")
     parser.add_argument("--verify", action="store_true", help="with --list: also verify every checksum (reads all data)")
     args = parser.parse_args(argv)
     host_dirs = args.host_dir or [host_pool.SHM_DIR]
@@ -158,6 +186,17 @@ def main(argv=None) -> int:
         return 0
     if args.step is None:
         parser.error("give STEP, or --list")
+    settings = [(name, getattr(args, name[2:].replace("-", "_"))) for name in LIVE_SETTINGS
+                if getattr(args, name[2:].replace("-", "_")) is not None]
+    if args.live:
+        if args.dry_run or args.local_dir or args.host_dir != host_pool.SHM_DIR or len(host_dirs) > 1:
+            parser.error("--live takes STEP and --save only (the job knows its levels); --dry-run, --local-dir and "
+                         "--host-dir are for a stopped job")
+        return _ask_live(args.save, args.step, args.branch, tuple(args.iterations_to_skip), tuple(settings),
+                         args.timeout)
+    if args.iterations_to_skip or settings:
+        parser.error("--iterations-to-skip and the LR flags go with --live; a stopped job takes them on the command "
+                     "line it is relaunched with")
     latest = describe_tracker(args.save).split(" ")[0]  # names the branch: "damaged" where it is
     branch = args.branch or f"rollback-{time.strftime('%Y%m%d-%H%M%S')}-from-{latest}"
     try:
@@ -172,6 +211,33 @@ def main(argv=None) -> int:
         apply(actions)
         print(f"rolled back to iteration {args.step}; later checkpoints are in branches/{branch}/. "
               f"Resume with --load {args.save}")
+    return 0
+
+
+def _ask_live(save_dir: str, step: int, branch: str | None, skips: tuple[int, ...], settings: tuple,
+              timeout: float) -> int:
+    """Write the request, wait for the job's answer, print it: 0 rolled back, 2 refused, 3 no answer."""
+    try:
+        request = RollbackRequest.new(step, branch=branch, iterations_to_skip=skips, settings=settings)
+        if not os.path.isdir(save_dir):
+            raise RequestRefused(f"--save {save_dir} is not a directory: give the running job's --save")
+        path = write_request(save_dir, request)
+    except (RequestRefused, OSError) as error:
+        print(f"rollback.sh: refused: {error}", file=sys.stderr)
+        return 2
+    print(f"asked the job on {save_dir} to roll back to {request.describe()} ({path}); waiting for its answer ...",
+          flush=True)
+    answer = wait_for_answer(save_dir, request, timeout,
+                             lambda waited: print(f"  still waiting ({waited:.0f} s): the job takes requests between "
+                                                  "iterations", flush=True))
+    if answer is None:
+        print(f"rollback.sh: no answer in {timeout:.0f} s; is a job with --async-save running on --save {save_dir}? "
+              f"The request stays in {path} (remove it to withdraw it)", file=sys.stderr)
+        return 3
+    if not answer.done:
+        print(f"rollback.sh: refused by the job: {answer.message}", file=sys.stderr)
+        return 2
+    print(answer.message)
     return 0
 
 

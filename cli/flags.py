@@ -46,6 +46,9 @@ class Flag:
     """When the flag is not given, the value is derived from others (in ``trainer/arguments.py``);
     this says from what, for ``--help`` (e.g. ``"--seq-length"``). The command line then leaves
     the value as ``None``."""
+    nargs: str | None = None
+    """argparse's ``nargs`` for a field holding several values (a tuple): ``"+"`` takes one or more
+    (Megatron-LM's ``--iterations-to-skip 10 11``)."""
     off: str | None = None
     """For a boolean field that defaults to False: a second flag that sets it False again
     (``--no-bias-gelu-fusion``), accepted for Megatron-LM command lines."""
@@ -107,6 +110,8 @@ def add_flags(group: argparse._ActionsContainer, config_class: type) -> None:
         kwargs.update(default=default, type=spec.parse or _scalar_type(f, config_class), required=spec.required)
         if spec.choices is not None:
             kwargs["choices"] = spec.choices
+        if spec.nargs is not None:
+            kwargs["nargs"] = spec.nargs
         # The value's placeholder in --help and usage follows the flag, not the field's name.
         if spec.metavar is not None or spec.choices is None:
             kwargs["metavar"] = spec.metavar or spec.name[2:].upper().replace("-", "_")
@@ -142,7 +147,7 @@ def command_line(config_class: type, values: dict[str, Any], always: tuple[str, 
             elif spec.off:
                 out.append(spec.off)
             continue
-        out += [spec.name, str(value)]
+        out += [spec.name, *(map(str, value) if spec.nargs else [str(value)])]
     return out
 
 
@@ -168,7 +173,7 @@ def _help(doc: str | None, f: dataclasses.Field, spec: Flag, config_class: type)
         raise FlagDeclarationError(
             f"{config_class.__name__}.{f.name} ({spec.name}) has no docstring: it is the flag's --help")
     text = " ".join(doc.replace("``", "").split())
-    has_default = f.default not in (dataclasses.MISSING, None)
+    has_default = f.default not in (dataclasses.MISSING, None, ())
     fallback = ("on" if f.default else "off") if _is_bool(f) else f.default
     if spec.derived is not None:
         text += f" (default: {spec.derived}, else {fallback})" if has_default else f" (default: {spec.derived})"

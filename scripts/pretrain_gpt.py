@@ -48,10 +48,11 @@ def main() -> int:
         return 2
     from checkpointing.errors import CheckpointError, CheckpointWriteError, FlusherError
     from checkpointing.manager import SaveDirError
+    from trainer.live_rollback import RollbackLimitError
 
     try:
         pretrain(job, device_ctx)
-    except (CheckpointError, CheckpointWriteError, SaveDirError) as error:
+    except (CheckpointError, CheckpointWriteError, SaveDirError, RollbackLimitError) as error:
         if isinstance(error, FlusherError) or os.environ.get("GPT_TRACEBACK"):
             traceback.print_exc()  # a flusher's failure is ours to debug: its traceback matters
         else:  # an error raised on purpose: its message names the file and what to do

@@ -2,6 +2,7 @@
 # Roll a training job back to a past step on every level (later checkpoints are moved aside,
 # never deleted), or list every checkpoint:
 #   scripts/rollback.sh STEP [--save DIR] [--local-dir DIR] [--dry-run] [--branch NAME]
+#   scripts/rollback.sh STEP --live --save DIR [--iterations-to-skip N ...] [--lr LR]  (a running job)
 #   scripts/rollback.sh --list [--save DIR] [--local-dir DIR] [--verify]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

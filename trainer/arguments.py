@@ -21,6 +21,7 @@ from trainer.device import cuda_selected
 from trainer.lr_schedule import LRScheduleConfig
 from trainer.optimizer import OptimizerConfig
 from trainer.parallel_dims import ParallelDims
+from trainer.rollback_config import RollbackConfig
 from tokenization.tokenizer import build_tokenizer
 
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p.add_argument_group("learning rate"), LRScheduleConfig)
     add_flags(p.add_argument_group("activation recomputation"), RecomputeConfig)
     add_flags(p.add_argument_group("training, logging and evaluation"), TrainingConfig)
+    add_flags(p.add_argument_group("rolling back (docs/rolling-back.md)"), RollbackConfig)
     data = p.add_argument_group("data")
     add_flags(data, DataConfig)
     add_flags(data, JobConfig)
@@ -116,7 +118,8 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         dims = ParallelDims(world_size=world_size, **flag_values(args, ParallelDims))
         training = TrainingConfig(**flag_values(args, TrainingConfig),
                                   fusions=KernelFusions(**flag_values(args, KernelFusions)),
-                                  recompute=RecomputeConfig(**flag_values(args, RecomputeConfig)))
+                                  recompute=RecomputeConfig(**flag_values(args, RecomputeConfig)),
+                                  rollback=RollbackConfig(**flag_values(args, RollbackConfig)))
         if training.transformer_impl == "transformer_engine":
             reason = (transformer_engine_status() if cuda_selected()
                       else "this run is on the CPU (no GPU, or GPT_FORCE_CPU=1); TransformerEngine runs only on NVIDIA GPUs")
@@ -164,6 +167,9 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
         lr_values.setdefault("decay_iters", training.train_iters)
         lr = LRScheduleConfig(**lr_values)
         checkpoint = CheckpointConfig(**flag_values(args, CheckpointConfig))
+        if training.rollback.rollback_on_spike and not (checkpoint.async_save and checkpoint.save):
+            raise ArgumentError("--rollback-on-spike rolls back to versions the job holds: it needs --async-save "
+                                "and --save")
         if optimizer.cpu_offload and training.bf16 and checkpoint.async_save:
             raise ArgumentError("--optimizer-cpu-offload with --bf16 and --async-save is not supported yet: the "
                                 "snapshot would hold host main weights and device bf16 weights; drop one of them "

@@ -145,6 +145,15 @@ class TrainerCheckpointState:
             arrays["param"] = self.trainer.buffers.params[opt.start : opt.end]
         return arrays
 
+    def adopt_arrays(self, arrays: dict[str, torch.Tensor]) -> None:
+        opt = self.trainer.optimizer
+        opt.main_params, opt.exp_avg, opt.exp_avg_sq = arrays["fp32_param"], arrays["exp_avg"], arrays["exp_avg_sq"]
+
+    def job_changed(self) -> None:
+        """The trainer's job configuration was replaced (a live rollback's new LR schedule or
+        skipped iterations): checkpoints record the new one."""
+        self._job_dict = dataclasses.asdict(self.trainer.job)
+
     @property
     def load_arrays(self) -> dict[str, torch.Tensor]:
         return dict(self.arrays, param=self.trainer.buffers.params)
@@ -188,6 +197,7 @@ class TrainerCheckpointState:
                 "consumed_samples": iteration * t.job.data.global_batch_size,
                 "optimizer_step": t.optimizer.step_count,
                 "skipped_steps": t.optimizer.skipped_steps,
+                "iterations_to_skip": sorted(t.iterations_to_skip),
                 "layout": self.layout.to_dict(),
                 "device": t.device_ctx.device.type,
                 "args": self._job_dict,
@@ -214,6 +224,8 @@ class TrainerCheckpointState:
                 live[array][a:b].zero_()
             if loaded.weights_in_arrays:
                 opt.publish_main_params()
+            if loaded.resume:  # a resumed run skips what the saved run was told to skip
+                t.iterations_to_skip |= set(common.get("iterations_to_skip", ()))
             if loaded.optimizer:
                 opt.step_count = common["optimizer_step"]
                 opt.skipped_steps = common["skipped_steps"]

@@ -13,6 +13,7 @@ from models.gpt import ATTENTION_BACKENDS, TRANSFORMER_IMPLS, check_attention_ba
 from trainer.data import DataConfig
 from trainer.lr_schedule import LRScheduleConfig
 from trainer.optimizer import OptimizerConfig
+from trainer.rollback_config import RollbackConfig
 from trainer.parallel_dims import ParallelDims
 from tokenization.tokenizer import TOKENIZER_TYPES
 
@@ -57,6 +58,8 @@ class TrainingConfig:
     used only where it works on the run's device."""
     recompute: RecomputeConfig = RecomputeConfig()
     """Activation recomputation (:class:`models.config.RecomputeConfig` declares its flags)."""
+    rollback: RollbackConfig = RollbackConfig()
+    """Iterations to skip and rollbacks past loss spikes (:class:`RollbackConfig` declares its flags)."""
     distributed_timeout_minutes: float = flag("--distributed-timeout-minutes", 10.0)
     """A collective that waits longer than this fails, so a dead rank ends the job instead of
     hanging it."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer import iteration_signals
+
 
 @dataclass(frozen=True)
 class ParamSpan:
@@ -165,7 +167,13 @@ class FlatParamsAndGrads(RowGeometry):
         ]))
         offset = self.numel
         self.params = torch.empty(offset, dtype=dtype, device=device)
-        self.grads = torch.zeros(offset, dtype=torch.float32, device=device)
+        # The step's flags (``trainer.iteration_signals``) ride after the gradients: the
+        # data-parallel all-reduce of the gradients carries them at no extra collective.
+        self._grads_and_signals = torch.zeros(offset + iteration_signals.COUNT, dtype=torch.float32, device=device)
+        self.grads = self._grads_and_signals[:offset]
+        self.signals = self._grads_and_signals[offset:]
+        """This rank's flags for the step (set after ``zero_grads``), summed over data-parallel
+        ranks by ``reduce_grads`` where it all-reduces the whole buffer."""
         self._hooks = []
         for span, (_, p) in zip(self.spans, params):
             view = self.params[span.start : span.end].view(p.shape)
@@ -184,7 +192,7 @@ class FlatParamsAndGrads(RowGeometry):
 
     # -- gradient reduction -------------------------------------------------------------------
     def zero_grads(self) -> None:
-        self.grads.zero_()
+        self._grads_and_signals.zero_()
 
     def allreduce_tied_embedding_grads(self, embedding_group) -> None:
         """Sum the tied word-embedding gradient of the first and last pipeline stage."""
@@ -225,4 +233,4 @@ class FlatParamsAndGrads(RowGeometry):
             inputs[rank] = inputs[rank].clone()
             dist.reduce_scatter(self.grads[a:b], inputs, group=dp_group)
         else:
-            dist.all_reduce(self.grads, group=dp_group)
+            dist.all_reduce(self._grads_and_signals, group=dp_group)

@@ -12,6 +12,8 @@ on the validation split, one after the first iteration with where the start-up w
     {"kind": "startup", "seconds": 6.1, "parts": {"interpreter and imports": 3.2, ...},
      "first_iteration_end_unix": 1764670000.0, "flusher": {"ready_seconds": 0.3, ...}}
     {"kind": "validation", "iteration": 10, "lm_loss": 7.01}
+    {"kind": "rollback", "from_iteration": 30, "step": 25, "source": "L0", "seconds": 0.04,
+     "reason": "on command", "branch": "rollback-20261207-120000-from-30", "skipped": [], "time": ...}
     {"kind": "summary", "iteration": 12, "iterations_trained": 12, "train_seconds": 0.9,
      "device": "cpu", "interrupted": false, "peak_rss_mib": [2210.4, 2198.7], "checkpoint": {...}}
 
@@ -48,6 +50,7 @@ ITERATION = "iteration"
 VALIDATION = "validation"
 SUMMARY = "summary"
 STARTUP = "startup"
+ROLLBACK = "rollback"
 
 
 def peak_resident_mib() -> float:
@@ -97,12 +100,18 @@ class MetricsFile:
     def startup(self, record: dict) -> None:
         """Where this rank's start-up went (``trainer.startup.StartupClock.record``), after its first iteration."""
         if self._file is not None:
-            self._write({"kind": STARTUP, **record})
+            self._write({"kind": STARTUP, **record, "pid": os.getpid()})
 
     def validation(self, iteration: int, loss: float) -> None:
         """The validation loss of the evaluation after ``iteration``."""
         if self._file is not None:
             self._write({"kind": VALIDATION, "iteration": iteration, "lm_loss": loss})
+
+    def rollback(self, record: dict) -> None:
+        """A live rollback (``trainer.live_rollback``): from where to which step, from which level,
+        how long it took, why, and the iterations it skips."""
+        if self._file is not None:
+            self._write({"kind": ROLLBACK, **record, "time": time.time()})
 
     def summary(self, iteration: int, iterations_trained: int, train_seconds: float, device: str,
                 interrupted: bool, checkpoint: dict | None = None, peak_rss_mib: list[float] | None = None,
@@ -135,6 +144,7 @@ class MetricsRecords:
 
     iterations: list[dict] = field(default_factory=list)
     validations: list[dict] = field(default_factory=list)
+    rollbacks: list[dict] = field(default_factory=list)
     summary: dict | None = None
     """The last summary object (None: the run did not reach its end)."""
     startup: dict | None = None
@@ -147,7 +157,7 @@ def read_metrics_file(path: str) -> MetricsRecords:
     records = MetricsRecords()
     if not os.path.exists(path):
         return records
-    by_kind = {ITERATION: records.iterations, VALIDATION: records.validations}
+    by_kind = {ITERATION: records.iterations, VALIDATION: records.validations, ROLLBACK: records.rollbacks}
     with open(path) as f:
         for line in f:
             try:

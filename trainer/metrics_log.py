@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import time
 
@@ -19,12 +20,23 @@ class MetricsLogger:
         self.train_iters = train_iters
         self.stream = stream or sys.stdout
         self.writer = None
+        self.tensorboard_dir = tensorboard_dir
         self._start = time.monotonic()
         self._start_iteration = 0
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=1000)
+
+    def new_branch(self, name: str) -> None:
+        """After a live rollback: TensorBoard scalars go to ``<tensorboard dir>/<name>``, a run of
+        its own, so the replayed iterations overlay the abandoned ones instead of zig-zagging."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()
+        self.writer = SummaryWriter(log_dir=os.path.join(self.tensorboard_dir, name), max_queue=1000)
 
     def info(self, message: str) -> None:
         if self.enabled:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from cli.flags import flag, flag_name
+from trainer import iteration_signals
 from trainer.flat_buffers import FlatParamsAndGrads, RowGeometry
 
 
@@ -198,6 +199,9 @@ class DistributedAdam:
         self.skipped_steps = 0
         self.shards = [self._make_shard(i, lo, hi) for i, (lo, hi) in enumerate(cuts)]
         self.before_shard_update: list[ShardHook] = []
+        self.signals: list[bool] = [False] * iteration_signals.COUNT
+        """The step's flags as every rank sees them after :meth:`grad_norm` (one per
+        ``trainer.iteration_signals`` slot)."""
         self.versions: VersionStore | None = None
         """Set by the checkpoint engine for zero-copy snapshots: steps then write out of place."""
 
@@ -225,17 +229,22 @@ class DistributedAdam:
         return self.buffers.grads[self.start : self.end]
 
     def grad_norm(self) -> float:
-        """Global L2 norm of the gradients, each parameter element counted once."""
+        """Global L2 norm of the gradients, each parameter element counted once. The reductions
+        also carry the step's flags (``trainer.iteration_signals``): :attr:`signals` after it."""
         grads = self._owned_grads()
-        total = torch.zeros((), dtype=torch.float32, device=grads.device)
+        carried = torch.zeros(1 + self.buffers.signals.numel(), dtype=torch.float32, device=grads.device)
+        total = carried[0]
         for shard in self.shards:
             g = grads[shard.start - self.start : shard.end - self.start]
             for a, b in shard.norm_segments:
                 total += torch.dot(g[a:b], g[a:b])  # no temporary the size of the segment
+        carried[1:] = self.buffers.signals.to(carried.device)
         if self.distributed:
-            dist.all_reduce(total, group=self.dp_group)
-        dist.all_reduce(total, group=self.model_parallel_group)
-        return math.sqrt(total.item())
+            dist.all_reduce(carried, group=self.dp_group)
+        dist.all_reduce(carried, group=self.model_parallel_group)
+        values = carried.tolist()
+        self.signals = [flag > 0 for flag in values[1:]]
+        return math.sqrt(values[0])
 
     @torch.no_grad()
     def step(self, lr: float) -> float:

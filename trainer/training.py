@@ -32,6 +32,7 @@ from trainer.config import JobConfig
 from trainer.data import BatchSource, build_dataset
 from trainer.device import DeviceContext, select_device
 from trainer.flat_buffers import FlatParamsAndGrads
+from trainer.live_rollback import LiveRollbacks
 from trainer.lr_schedule import learning_rate
 from trainer.metrics_file import MetricsFile, peak_resident_mib
 from trainer.metrics_log import MetricsLogger
@@ -148,7 +149,13 @@ class Trainer:
             device=device_ctx.device,
         )
         self.iteration = 0
+        self.iterations_to_skip: set[int] = set(job.training.rollback.iterations_to_skip)
+        """Iterations whose batches are skipped (``--iterations-to-skip``, what a checkpoint recorded,
+        what a rollback added)."""
         self.phase = _no_phase
+        self.raise_flags = None
+        """``(iteration, loss) -> loss``, called inside each step before its reductions to raise the
+        step's flags (``trainer.live_rollback``); None: no flag is ever raised."""
 
     def _mean_loss(self, losses: list[torch.Tensor], num_microbatches: int) -> float:
         """Mean over micro-batches and data-parallel ranks; meaningful on the last stage."""
@@ -167,6 +174,10 @@ class Trainer:
         losses = forward_backward_1f1b(
             self.model, self.train_data.microbatches(self.iteration - 1), m, self.groups, self.shape, self.phase
         )
+        # Before the gradient reduction: a loss spike's flag rides on it (``trainer.iteration_signals``).
+        loss = self._mean_loss(losses, m)
+        if self.raise_flags is not None:
+            loss = self.raise_flags(self.iteration, loss)
         with self.phase("grad-reduce"):
             self.buffers.allreduce_tied_embedding_grads(self.groups.embedding_group)
             self.buffers.allreduce_sequence_parallel_grads(self.groups.tp_group)
@@ -174,7 +185,7 @@ class Trainer:
         lr = learning_rate(self.job.lr, self.iteration)
         with self.phase("optimizer"):
             grad_norm = self.optimizer.step(lr)
-        return self._mean_loss(losses, m), lr, grad_norm
+        return loss, lr, grad_norm
 
     def evaluate(self) -> float:
         self.model.eval()
@@ -237,9 +248,15 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
             trainer.iteration = checkpointer.load()
             clock.mark(startup.LOAD)
         tokens = job.data.global_batch_size * job.model.seq_length
+        rollbacks = LiveRollbacks(job, trainer, checkpointer, logger, metrics, groups)
+        trainer.raise_flags = rollbacks.raise_flags
         stop = StopSignal.install()
         logger.start(trainer.iteration)
         while trainer.iteration < tcfg.train_iters:
+            if trainer.iteration + 1 in trainer.iterations_to_skip:  # Megatron-LM's --iterations-to-skip
+                trainer.iteration += 1
+                logger.info(f"> iteration {trainer.iteration}: batch skipped (--iterations-to-skip)")
+                continue
             device_ctx.synchronize()
             started = time.perf_counter()
             with trainer.phase("iteration"):
@@ -269,6 +286,8 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
             if logged:
                 metrics.iteration(it, loss, lr, grad_norm, elapsed, tokens, consumed, checkpointer)
             faults.reach("iteration", it)  # fault-injection tests kill ranks here
+            if rollbacks.after_step(it, grad_norm):
+                continue  # in the same processes, from the step it went back to
             if trainer.valid_data is not None and it % tcfg.eval_interval == 0:
                 valid_loss = trainer.evaluate()
                 logger.validation(it, valid_loss)

@@ -1,0 +1,164 @@
+"""Rolling back inside the running job (``scripts/rollback.sh STEP --live``): the same processes
+go back to STEP from the fastest level holding it and replay the original run bit for bit, the
+abandoned versions are moved aside on every level, and a restart never resumes the old branch.
+
+The request is placed before the launch and taken at a fixed iteration
+(``GPT_CKPT_HOLD=live-request:N``, ``checkpointing.faults``), so the outcome does not depend on
+the machine's speed. Dropout is on: a replay equal bit for bit needs the RNG states back too.
+"""
+
+import json
+import os
+
+import pytest
+
+from checkpointing.rollback import rollbacks
+from checkpointing.rollback_request import ANSWER_NAME, RollbackRequest, write_request
+from tests.launch import run_pretrain
+from trainer.metrics_file import read_metrics_file
+
+pytestmark = pytest.mark.slow
+
+MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "256",
+         "--seq-length", "32", "--max-position-embeddings", "32", "--vocab-size", "1024", "--mock-data",
+         "--lr", "3e-3", "--log-interval", "1", "--seed", "7"]
+ASYNC = ["--async-save", "--save-interval", "1", "--ckpt-host-versions", "4", "--ckpt-persistent-interval", "5"]
+
+
+def losses_by_pass(metrics) -> list[dict[int, float]]:
+    """The logged losses, split where the iteration goes back (a rollback): one dict per pass."""
+    passes: list[dict[int, float]] = [{}]
+    last = 0
+    for record in metrics.iterations:
+        if record["iteration"] <= last:
+            passes.append({})
+        passes[-1][record["iteration"]] = record["lm_loss"]
+        last = record["iteration"]
+    return passes
+
+
+def job(tmp_path, layout: list[str], extra: list[str] = ()) -> tuple[list[str], dict]:
+    save, shm = tmp_path / "ckpt", tmp_path / "shm"
+    args = MODEL + layout + ASYNC + ["--save", str(save), "--load", str(save), "--ckpt-host-dir", str(shm),
+                                     "--metrics-file", str(tmp_path / "metrics.jsonl"), *extra]
+    return args, {"save": save, "shm": shm, "metrics": tmp_path / "metrics.jsonl"}
+
+
+def _committed_after(root, record_time: float) -> list[str]:
+    """``iter_*`` directories of ``root`` committed before the rollback's record (of the old branch)."""
+    old = []
+    for name in sorted(os.listdir(root)):
+        if name.startswith("iter_") and os.path.isfile(os.path.join(root, name, ".metadata")):
+            if os.stat(os.path.join(root, name, ".metadata")).st_mtime < record_time and int(name[5:]) > 0:
+                old.append(name)
+    return old
+
+
+def test_live_rollback_in_a_tp2_pp2_dp2_job_replays_bit_for_bit(tmp_path):
+    """8 processes; at iteration 20 the job goes back to 18 (in L0), in the same processes."""
+    local = tmp_path / "local"
+    args, where = job(tmp_path, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                                 "--micro-batch-size", "1", "--global-batch-size", "8", "--use-distributed-optimizer",
+                                 "--train-iters", "24"],
+                      ["--ckpt-local-dir", str(local), "--ckpt-local-interval", "2", "--tensorboard-dir",
+                       str(tmp_path / "tb")])
+    os.makedirs(where["save"])
+    write_request(str(where["save"]), RollbackRequest.new(18, branch="second-try"))
+    proc = run_pretrain(args, nproc=8, env={"GPT_CKPT_HOLD": "live-request:20"}, timeout=400)
+    assert "rolled back from iteration 20 to 18" in proc.stdout, proc.stdout[-3000:]
+    metrics = read_metrics_file(str(where["metrics"]))
+    # No process was started or stopped: one start-up, the rollback in the same trainer process.
+    startups = [json.loads(line) for line in open(where["metrics"]) if '"kind": "startup"' in line]
+    assert len(startups) == 1
+    (rollback,) = metrics.rollbacks
+    assert rollback["pid"] == startups[0]["pid"]
+    assert (rollback["step"], rollback["from_iteration"], rollback["source"]) == (18, 20, "L0")
+    first, replay = losses_by_pass(metrics)
+    assert sorted(replay) == list(range(19, 25))
+    for it in (19, 20):
+        assert replay[it] == first[it], (it, replay[it], first[it])  # same data, same RNG: the same bits
+    # The abandoned versions are moved aside on every level; what is left after 18 is the new branch's.
+    (record,) = rollbacks(str(where["save"]))
+    assert record["branch"] == "second-try"
+    for root in (where["save"], local):
+        moved = sorted(os.listdir(root / "branches" / "second-try"))
+        assert "iter_0000020" in moved, (root, moved)
+        assert _committed_after(root, record["time"]) == [n for n in _committed_after(root, record["time"])
+                                                          if int(n[5:]) <= 18], root
+    answer = json.loads((where["save"] / ANSWER_NAME).read_text())
+    assert answer["done"] and answer["source"] == "L0"
+    # TensorBoard: the new branch logs to a run of its own.
+    assert (tmp_path / "tb" / "branch-1").is_dir()
+
+
+def test_live_rollback_to_a_version_only_on_l2_replays_bit_for_bit(tmp_path):
+    """4 processes (TP2 x DP2, replicated optimizer: the flag crosses DP on the gradients' all-reduce);
+    at iteration 20 back to 10, which only L2 holds (L0 keeps the last 4)."""
+    args, where = job(tmp_path, ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
+                                 "--global-batch-size", "8", "--train-iters", "22"])
+    os.makedirs(where["save"])
+    write_request(str(where["save"]), RollbackRequest.new(10))
+    proc = run_pretrain(args, nproc=4, env={"GPT_CKPT_HOLD": "live-request:20"}, timeout=300)
+    metrics = read_metrics_file(str(where["metrics"]))
+    (rollback,) = metrics.rollbacks
+    assert rollback["source"] == "L2", proc.stdout[-3000:]
+    first, replay = losses_by_pass(metrics)
+    for it in range(11, 21):
+        assert replay[it] == first[it], it
+    assert max(replay) == 22
+    assert not [n for n in os.listdir(where["save"]) if n.startswith("iter_") and 10 < int(n[5:]) <= 20
+                and os.stat(where["save"] / n / ".metadata").st_mtime < rollbacks(str(where["save"]))[0]["time"]]
+
+
+def test_a_rank_killed_during_a_live_rollback_restarts_on_the_new_branch(tmp_path):
+    """Killed after the rollback's record, before anything moved: the restart resumes at STEP (from
+    L0), never from the abandoned 13 and 14 still beside it, and replays the first pass bit for bit."""
+    args, where = job(tmp_path, ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
+                                 "--global-batch-size", "4", "--train-iters", "16"])
+    os.makedirs(where["save"])
+    write_request(str(where["save"]), RollbackRequest.new(12))
+    killed = run_pretrain(args, nproc=2, check=False,
+                          env={"GPT_CKPT_HOLD": "live-request:14", "GPT_CKPT_FAULT": "rollback:kill:12:1"})
+    assert killed.returncode != 0
+    assert rollbacks(str(where["save"])), "the record is written before the kill point"
+    proc = run_pretrain(args, nproc=2)
+    assert "loaded iteration 12 from L0" in proc.stdout, proc.stdout[-3000:]
+    first, resumed = losses_by_pass(read_metrics_file(str(where["metrics"])))
+    assert min(resumed) == 13 and max(resumed) == 16
+    for it in (13, 14):
+        assert resumed[it] == first[it], it
+
+
+@pytest.mark.parametrize("case", ["not-held", "malformed", "another-user"])
+def test_a_refused_live_request_leaves_training_going_on(tmp_path, case):
+    """A step no level holds is refused naming the nearest held ones; a malformed request is refused
+    with a message; another user's request file is not read. In every case training goes on."""
+    args, where = job(tmp_path, ["--micro-batch-size", "2", "--train-iters", "8"])
+    save = where["save"]
+    os.makedirs(save)
+    request = save / "rollback-request.json"
+    if case == "not-held":
+        write_request(str(save), RollbackRequest.new(1))  # L0 holds 3..6, L2 5: 1 is nowhere
+    else:
+        request.write_text('{"step": "six", "id": "abc"}' if case == "malformed" else '{"step": 5, "id": "abc"}')
+        os.chmod(request, 0o600)
+        if case == "another-user":
+            if os.getuid() != 0:
+                pytest.skip("making a file another user's takes root")
+            os.chown(request, 12345, 12345)
+    proc = run_pretrain(args, env={"GPT_CKPT_HOLD": "live-request:6"})
+    assert "live rollback request refused" in proc.stdout, proc.stdout[-2000:]
+    metrics = read_metrics_file(str(where["metrics"]))
+    assert not metrics.rollbacks and [r["iteration"] for r in metrics.iterations] == list(range(1, 9))
+    assert not request.exists()
+    answer = save / ANSWER_NAME
+    if case == "not-held":
+        message = json.loads(answer.read_text())["message"]
+        assert not json.loads(answer.read_text())["done"] and "no level holds iteration 1" in message, message
+        assert "nearest held: [" in message and "none at all" not in message, message
+    elif case == "malformed":
+        assert "the step must be an iteration" in json.loads(answer.read_text())["message"]
+    else:
+        assert not answer.exists()  # not ours: not read, so not answered
+        assert "owned by uid 12345" in proc.stdout
+        assert any(n.startswith("rollback-request.json.refused-") for n in os.listdir(save))
