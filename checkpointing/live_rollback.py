@@ -113,7 +113,7 @@ def roll_back_live(manager, step: int, current: int, branch: str) -> LiveRollbac
         notes = _restore_from_disk(manager, step, current, source)
     # 5. The record is the rollback's commit point: from here a restart resumes on the new
     #    branch (the loader passes over versions of the abandoned one on every level, moved yet or not).
-    apply([a for a in actions if a[1][0] == "record"])  # rank 0
+    apply([(d, (*a, {"live": True, "from": current})) for d, a in actions if a[0] == "record"])  # rank 0
     gather_from_all(manager.group, None)
     faults.reach("rollback", step)  # fault-injection tests kill a rank here
     errors = None

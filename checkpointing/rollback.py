@@ -126,6 +126,25 @@ def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
     return actions
 
 
+def format_branches(save_dir: str, local_dir: str | None) -> list[str]:
+    """Lines for ``--list``: each recorded rollback and what its branch folder holds on each level."""
+    records = rollbacks(save_dir)
+    if not records:
+        return []
+    lines = ["branches (abandoned by a rollback; move an iter_* back by hand to use it):"]
+    for record in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
+        held = []
+        for level, root in ((L1, local_dir), (L2, save_dir)):
+            folder = os.path.join(root or "", "branches", str(record.get("branch", "")))
+            if root and os.path.isdir(folder):
+                its = sorted(c.iteration for c in list_checkpoints(folder))
+                held.append(f"{level} {len(its)} version(s)" + (f" {its[0]}-{its[-1]}" if its else ""))
+        lines.append(f"  {when}: back to {record['step']}, branch {record.get('branch', '?')}"
+                     f"{' (live)' if record.get('live') else ''}: {', '.join(held) or 'nothing moved'}")
+    return lines
+
+
 def nearest(steps: list[int], step: int) -> str:
     """The two held steps below ``step`` and the two above, for a refusal's message."""
     near = [i for i in steps if i < step][-2:] + [i for i in steps if i > step][:2]
@@ -148,9 +167,10 @@ def apply(actions: list[tuple[str, tuple]]) -> None:
         elif kind == "l0":
             os.rename(action[1], action[2])
         elif kind == "record":
-            _, root, step, branch = action
+            _, root, step, branch, *more = action
+            extra = more[0] if more else {}
             with open(os.path.join(root, ROLLBACK_RECORD), "a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), "branch": branch}) + "\n")
+                f.write(json.dumps({"step": step, "time": time.time(), "branch": branch, **extra}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
 
@@ -183,6 +203,8 @@ def main(argv=None) -> int:
     args.host_dir = host_dirs[0]
     if args.list:
         print(format_table(all_entries(args.save, args.local_dir, args.verify, host_dirs), args.save, args.local_dir))
+        for line in format_branches(args.save, args.local_dir):
+            print(line)
         return 0
     if args.step is None:
         parser.error("give STEP, or --list")

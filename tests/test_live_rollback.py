@@ -162,3 +162,43 @@ def test_a_refused_live_request_leaves_training_going_on(tmp_path, case):
         assert not answer.exists()  # not ours: not read, so not answered
         assert "owned by uid 12345" in proc.stdout
         assert any(n.startswith("rollback-request.json.refused-") for n in os.listdir(save))
+
+
+SPIKE = ["--rollback-on-spike", "--rollback-distance", "3", "--skip-batches-on-rollback"]
+
+
+def test_a_loss_spike_rolls_back_once_and_skips_what_it_states(tmp_path):
+    """GPT_CKPT_INJECT_SPIKE=20: the job goes back to the newest version at or before 17, skips the
+    batches up to 20, and ends bit for bit where a run told to skip those iterations ends."""
+    args, where = job(tmp_path, ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
+                                 "--global-batch-size", "4", "--train-iters", "26"], SPIKE)
+    proc = run_pretrain(args, nproc=2, env={"GPT_CKPT_INJECT_SPIKE": "20"})
+    assert "loss spike at iteration 20" in proc.stdout, proc.stdout[-3000:]
+    metrics = read_metrics_file(str(where["metrics"]))
+    (rollback,) = metrics.rollbacks
+    step, skipped = rollback["step"], rollback["skipped"]
+    assert step <= 17 and skipped == list(range(step + 1, 21)), rollback
+    first = {r["iteration"]: r["lm_loss"] for r in metrics.iterations if r["time"] < rollback["time"]}
+    after = {r["iteration"]: r["lm_loss"] for r in metrics.iterations if r["time"] > rollback["time"]}
+    assert sorted(after) == list(range(21, 27))  # the skipped iterations are not trained
+    assert f"iteration {step + 1}: batch skipped" in proc.stdout
+    reference = tmp_path / "reference.jsonl"
+    run_pretrain(MODEL + ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4",
+                          "--train-iters", "26", "--metrics-file", str(reference),
+                          "--iterations-to-skip", *map(str, skipped)], nproc=2)
+    (expected,) = losses_by_pass(read_metrics_file(str(reference)))
+    assert sorted(expected) == [i for i in range(1, 27) if i not in skipped]
+    for it in list(range(1, step + 1)) + list(range(21, 27)):
+        assert (first if it <= step else after)[it] == expected[it], it
+
+
+def test_more_spikes_than_max_rollbacks_stop_the_job_with_one_clear_error(tmp_path):
+    args, where = job(tmp_path, ["--micro-batch-size", "2", "--train-iters", "24"], SPIKE + ["--max-rollbacks", "1"])
+    proc = run_pretrain(args, check=False, env={"GPT_CKPT_INJECT_SPIKE": "12,16"})
+    assert proc.returncode != 0
+    assert "--max-rollbacks 1 reached" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(read_metrics_file(str(where["metrics"])).rollbacks) == 1
+    # Nothing is lost: what was committed stays, and host memory keeps its versions for a restart.
+    assert (where["save"] / "latest_checkpointed_iteration.txt").read_text().strip() == "15"
+    assert "L0 pool" not in proc.stdout or "freed" not in proc.stdout
+    assert any(os.scandir(where["shm"]))

@@ -161,6 +161,7 @@ class LiveRollbacks:
         reason = self.spike or f"the gradient norm is {grad_norm}"
         self.spike = None
         if self.automatic >= self.cfg.max_rollbacks:
+            self.checkpointer.engine.wait_idle(drain=True)  # the queued flushes land: nothing is lost
             raise RollbackLimitError(
                 f"loss spike at iteration {iteration} ({reason}) after {self.automatic} rollback(s): --max-rollbacks "
                 f"{self.cfg.max_rollbacks} reached, the job stops. Every checkpoint is kept: scripts/rollback.sh --list "

@@ -1,0 +1,106 @@
+"""The live-rollback request file and answer (``checkpointing.rollback_request``) and
+``scripts/rollback.sh --live`` waiting for the job's answer (no job: the answer is written here)."""
+
+import json
+import os
+import stat
+import threading
+import time
+
+import pytest
+
+from checkpointing import rollback
+from checkpointing.rollback_request import (
+    ANSWER_NAME,
+    REQUEST_NAME,
+    RequestRefused,
+    RollbackAnswer,
+    RollbackRequest,
+    take_request,
+    write_answer,
+    write_request,
+)
+
+
+def test_a_request_is_private_taken_once_and_one_at_a_time(tmp_path):
+    request = RollbackRequest.new(12, iterations_to_skip=(15, 14, 14), settings=(("--lr", 1e-4),))
+    path = write_request(str(tmp_path), request)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with pytest.raises(RequestRefused, match="a request is waiting"):
+        write_request(str(tmp_path), RollbackRequest.new(3))
+    taken = take_request(str(tmp_path))
+    assert taken == request and taken.iterations_to_skip == (14, 15)
+    assert taken.schedule_changes() == {"lr": 1e-4}
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ((("--hidden-size", 128),), "--hidden-size cannot change on a live rollback"),
+    ((("--lr", "fast"),), "--lr takes a float"),
+])
+def test_a_setting_a_live_rollback_cannot_change_is_refused_by_name(settings, message):
+    with pytest.raises(RequestRefused, match=message):
+        RollbackRequest.new(5, settings=settings)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda p: (p.write_text('{"step": 5, "id": "x"}'), os.chmod(p, 0o644)), "lets group or others in"),
+    (lambda p: os.symlink("/etc/passwd", p), "symbolic link"),
+    (lambda p: (p.write_text("[5]"), os.chmod(p, 0o600)), "not a JSON object"),
+    (lambda p: (p.write_text('{"step": 5, "id": "x", "run": "rm -rf /"}'), os.chmod(p, 0o600)), "fields no request"),
+])
+def test_a_request_file_that_is_not_a_private_request_is_refused_and_set_aside(tmp_path, make, why):
+    make(tmp_path / REQUEST_NAME)
+    with pytest.raises(RequestRefused, match=why) as refused:
+        take_request(str(tmp_path))
+    assert "set aside" in str(refused.value)
+    assert not os.path.lexists(tmp_path / REQUEST_NAME)
+    assert [n for n in os.listdir(tmp_path) if n.startswith(REQUEST_NAME + ".refused-")]
+
+
+def _answer_when_asked(save, done: bool, message: str) -> threading.Thread:
+    def answer():
+        for _ in range(200):
+            if (save / REQUEST_NAME).exists():
+                request = take_request(str(save))
+                write_answer(str(save), RollbackAnswer(request.id, done, message, request.step, "L0", 0.1))
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("done, code", [(True, 0), (False, 2)])
+def test_rollback_sh_live_waits_for_the_jobs_answer(tmp_path, capsys, done, code):
+    thread = _answer_when_asked(tmp_path, done, "the job's words")
+    assert rollback.main(["7", "--live", "--save", str(tmp_path), "--timeout", "20"]) == code
+    thread.join()
+    out = capsys.readouterr()
+    assert "the job's words" in (out.out if done else out.err)
+
+
+def test_rollback_sh_live_without_an_answer_says_so_and_leaves_the_request(tmp_path, capsys):
+    assert rollback.main(["7", "--live", "--save", str(tmp_path), "--timeout", "0.2"]) == 3
+    assert "no answer in" in capsys.readouterr().err
+    assert json.loads((tmp_path / REQUEST_NAME).read_text())["step"] == 7
+    assert not (tmp_path / ANSWER_NAME).exists()
+
+
+def test_live_only_flags_are_refused_for_a_stopped_job(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        rollback.main(["7", "--save", str(tmp_path), "--lr", "1e-4"])
+    assert "go with --live" in capsys.readouterr().err
+
+
+def test_list_shows_each_rollbacks_branch(tmp_path, capsys):
+    for it in (20, 25):
+        folder = tmp_path / "branches" / "b1" / f"iter_{it:07d}"
+        folder.mkdir(parents=True)
+        (folder / ".metadata").write_bytes(b"")
+    (tmp_path / rollback.ROLLBACK_RECORD).write_text(
+        json.dumps({"step": 15, "time": time.time(), "branch": "b1", "live": True}) + "\n")
+    assert rollback.main(["--list", "--save", str(tmp_path), "--host-dir", str(tmp_path / "shm")]) == 0
+    out = capsys.readouterr().out
+    assert "back to 15, branch b1 (live): L2 2 version(s) 20-25" in out, out
