@@ -27,10 +27,11 @@ SUMMARY_PREFIXES = ("> checkpointing summary", "  training process", "  flusher 
 """The trainer's console lines each round shows as printed."""
 
 
-def run_host_bound(row: str, iters: int, warmup: int, workdir: str) -> dict:
+def run_host_bound(row: str, iters: int, warmup: int, workdir: str, pretrain: str = PRETRAIN) -> dict:
     """``pretrain_gpt.py`` as a user runs it, one OpenMP thread; the time between consecutive
     iterations' objects in its metrics file (one per iteration, written right after the
-    iteration's checkpoint request) is what an iteration costs with everything around it."""
+    iteration's checkpoint request) is what an iteration costs with everything around it.
+    ``pretrain``: the ``pretrain_gpt.py`` to run (another checkout's, for a comparison)."""
     base = os.path.join(workdir, "host-bound", row.split()[0].replace(" ", "_"))
     shutil.rmtree(base, ignore_errors=True)
     extra = list(HOST_BOUND_ROWS[row])
@@ -40,7 +41,7 @@ def run_host_bound(row: str, iters: int, warmup: int, workdir: str) -> dict:
             extra += ["--ckpt-local-dir", os.path.join(base, "l1")]
     metrics = os.path.join(base, "metrics.jsonl")
     env = job_env({"OMP_NUM_THREADS": "1", "GPT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", PRETRAIN,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", pretrain,
            *HOST_BOUND_MODEL, "--train-iters", str(warmup + iters), "--metrics-file", metrics, *extra]
     rc, _, _, text = LoggedProcess(cmd, env, os.path.join(base, "console.log"), None).finish()
     lines = text.splitlines(keepends=True)

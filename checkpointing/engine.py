@@ -186,11 +186,12 @@ class CheckpointEngine:
         self.flusher.wait_until(done, what)
 
     # -- the training thread -----------------------------------------------------------------------
-    def request(self, version: int, force_flush: bool = False) -> None:
+    def request(self, version: int, force_flush: bool = False, l0_only: bool = False) -> None:
         """Snapshot the state after step ``version``; returns once a slot is claimed.
 
         ``force_flush`` flushes this version to every level whatever the intervals (the end
-        of training).
+        of training); ``l0_only`` flushes it nowhere (a live rollback describes its step again
+        with the new branch's small state).
         """
         started_ns = time.perf_counter_ns()
         started = time.perf_counter()
@@ -200,7 +201,7 @@ class CheckpointEngine:
         self._landing.hand_over()
         if self._pacing.holds_request(version):  # the background work catches up first
             self._wait_until(lambda: not self._landing and not self._jobs, "a held request")
-        due = [level for level in self.levels if force_flush or level.is_due(version)]
+        due = [] if l0_only else [level for level in self.levels if force_flush or level.is_due(version)]
         seq = next(self._seqs)
         if self.zero_copy:
             slot = self._current_slot()  # the step already wrote this version there

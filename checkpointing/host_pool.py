@@ -27,14 +27,14 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
-from checkpointing import private_files
+from checkpointing import levels, private_files
 from checkpointing.durable import atomic_write_bytes
 from checkpointing.errors import CheckpointError
 from checkpointing.items import TensorPiece
 from checkpointing.parallel_layout import ParallelLayout
 from checkpointing.safe_pickle import load_objects
 
-SHM_DIR = "/dev/shm"
+SHM_DIR = levels.SHM_DIR
 PREFIX = "gptckpt-"
 ALIGN = 4096
 

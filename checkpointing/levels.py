@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SHM_DIR = "/dev/shm"
+"""The default parent of the L0 pool (``--ckpt-host-dir``)."""
 L0 = "L0"
 """The host pool: snapshots in shared memory (``checkpointing.host_pool``)."""
 L1 = "L1"

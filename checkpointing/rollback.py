@@ -30,11 +30,8 @@ import os
 import sys
 import time
 
-from checkpointing import host_pool
-from checkpointing.discovery import list_checkpoints
 from checkpointing.durable import TRACKER_NAME, describe_tracker, fsync_directory, write_tracker
-from checkpointing.inventory import all_entries, check_directory, format_table, l0_entries
-from checkpointing.levels import L1, L2
+from checkpointing.levels import L1, L2, SHM_DIR
 from checkpointing.rollback_request import LIVE_SETTINGS, RequestRefused, RollbackRequest, wait_for_answer, write_request
 
 
@@ -71,7 +68,7 @@ def abandoning(records: list[dict], iteration: int, written: float) -> dict | No
 
 
 def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
-         host_dir: str | None = host_pool.SHM_DIR, levels: list[tuple[str, str]] | None = None,
+         host_dir: str | None = SHM_DIR, levels: list[tuple[str, str]] | None = None,
          held_in_memory: tuple[int, ...] | None = None, record: bool = True) -> list[tuple[str, tuple]]:
     """(description, action) pairs; nothing is changed here.
 
@@ -80,6 +77,9 @@ def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
     passes the ``levels`` this rank moves (its node's L1, L2 on rank 0), ``host_dir`` None (the
     engine drops its own slots), ``held_in_memory``: the versions every rank holds in L0 (STEP
     there is enough: the job goes on from it), and ``record`` on rank 0 only."""
+    from checkpointing.discovery import list_checkpoints
+    from checkpointing.inventory import check_directory, l0_entries
+
     if levels is None:
         levels = [(L1, local_dir), (L2, save_dir)] if local_dir else [(L2, save_dir)]
     held = {}
@@ -128,6 +128,8 @@ def plan(step: int, save_dir: str, local_dir: str | None, branch: str,
 
 def format_branches(save_dir: str, local_dir: str | None) -> list[str]:
     """Lines for ``--list``: each recorded rollback and what its branch folder holds on each level."""
+    from checkpointing.discovery import list_checkpoints
+
     records = rollbacks(save_dir)
     if not records:
         return []
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--save", default="ckpts", help="the job's --save directory (L2; default: ckpts)")
     parser.add_argument("--local-dir", help="the job's --ckpt-local-dir (L1), if it had one")
     parser.add_argument("--host-dir", action="append",
-                        help=f"the job's --ckpt-host-dir (L0), if not {host_pool.SHM_DIR}; with --list it may be given "
+                        help=f"the job's --ckpt-host-dir (L0), if not {SHM_DIR}; with --list it may be given "
                              "once per node directory (nodes sharing one machine), and peer replicas are listed "
                              "with the nodes that hold them")
     parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
@@ -199,9 +201,11 @@ def main(argv=None) -> int:
                           help=f"with --live: the new branch's {name}")
     parser.add_argument("--verify", action="store_true", help="with --list: also verify every checksum (reads all data)")
     args = parser.parse_args(argv)
-    host_dirs = args.host_dir or [host_pool.SHM_DIR]
+    host_dirs = args.host_dir or [SHM_DIR]
     args.host_dir = host_dirs[0]
     if args.list:
+        from checkpointing.inventory import all_entries, format_table  # torch: not for --live's quick answer
+
         print(format_table(all_entries(args.save, args.local_dir, args.verify, host_dirs), args.save, args.local_dir))
         for line in format_branches(args.save, args.local_dir):
             print(line)
@@ -211,7 +215,7 @@ def main(argv=None) -> int:
     settings = [(name, getattr(args, name[2:].replace("-", "_"))) for name in LIVE_SETTINGS
                 if getattr(args, name[2:].replace("-", "_")) is not None]
     if args.live:
-        if args.dry_run or args.local_dir or args.host_dir != host_pool.SHM_DIR or len(host_dirs) > 1:
+        if args.dry_run or args.local_dir or args.host_dir != SHM_DIR or len(host_dirs) > 1:
             parser.error("--live takes STEP and --save only (the job knows its levels); --dry-run, --local-dir and "
                          "--host-dir are for a stopped job")
         return _ask_live(args.save, args.step, args.branch, tuple(args.iterations_to_skip), tuple(settings),

@@ -202,3 +202,40 @@ def test_more_spikes_than_max_rollbacks_stop_the_job_with_one_clear_error(tmp_pa
     assert (where["save"] / "latest_checkpointed_iteration.txt").read_text().strip() == "15"
     assert "L0 pool" not in proc.stdout or "freed" not in proc.stdout
     assert any(os.scandir(where["shm"]))
+
+
+def test_a_live_rollback_can_lower_the_lr_and_skip_batches_and_a_resume_keeps_skipping(tmp_path):
+    """The new branch's LR schedule and skipped iterations come with the request; checkpoints
+    record the skips, so a relaunch past them skips them too."""
+    from trainer.lr_schedule import LRScheduleConfig, learning_rate
+
+    args, where = job(tmp_path, ["--micro-batch-size", "2", "--train-iters", "9"], ["--tensorboard-dir",
+                                                                                 str(tmp_path / "tb")])
+    os.makedirs(where["save"])
+    write_request(str(where["save"]), RollbackRequest.new(5, iterations_to_skip=(7, 11), settings=(("--lr", 1e-3),)))
+    proc = run_pretrain(args, env={"GPT_CKPT_HOLD": "live-request:7"})
+    assert "iteration 7: batch skipped" in proc.stdout, proc.stdout[-2000:]
+    metrics = read_metrics_file(str(where["metrics"]))
+    (rollback,) = metrics.rollbacks
+    after = {r["iteration"]: r["learning_rate"] for r in metrics.iterations if r["time"] > rollback["time"]}
+    assert sorted(after) == [6, 8, 9]
+    lowered = LRScheduleConfig(lr=1e-3, decay_iters=9)
+    for it, lr in after.items():
+        assert lr == learning_rate(lowered, it), (it, lr)
+    relaunched = run_pretrain([a if a != "9" else "12" for a in args])  # from the final version, 9
+    assert "loaded iteration 9" in relaunched.stdout and "iteration 11: batch skipped" in relaunched.stdout, \
+        relaunched.stdout[-2000:]
+
+
+def test_a_restart_right_after_a_live_rollback_keeps_the_new_branchs_skips(tmp_path):
+    """Killed at the iteration boundary right after the rollback, before the new branch wrote a
+    version: the step is described again in L0 with the branch's skips, and the restart skips them."""
+    args, where = job(tmp_path, ["--micro-batch-size", "2", "--train-iters", "9"])
+    os.makedirs(where["save"])
+    write_request(str(where["save"]), RollbackRequest.new(5, iterations_to_skip=(6, 7)))
+    killed = run_pretrain(args, check=False, env={"GPT_CKPT_HOLD": "live-request:7,request",
+                                                  "GPT_CKPT_FAULT": "step:kill:8"})  # the branch's first step
+    assert killed.returncode != 0 and rollbacks(str(where["save"]))
+    proc = run_pretrain(args)
+    assert "loaded iteration 5 from L0" in proc.stdout and "iteration 7: batch skipped" in proc.stdout, \
+        proc.stdout[-2000:]

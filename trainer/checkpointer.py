@@ -60,6 +60,11 @@ class Checkpointer:
         if self.telemetry is not None:
             self.telemetry.after_step(iteration)
 
+    def skipped(self, iteration: int) -> None:
+        """``iteration`` was skipped (``--iterations-to-skip``): the next step is ``iteration + 1``'s."""
+        if self.engine is not None:
+            self.engine.set_iteration(iteration + 1)
+
     def finish(self, iteration: int, train_seconds: float = 0.0, interrupted: bool = False) -> dict | None:
         """The final save and drain; returns the end-of-run summary's numbers (None: no summary)."""
         return self.manager.finish(iteration, train_seconds, interrupted)

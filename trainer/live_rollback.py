@@ -203,10 +203,17 @@ class LiveRollbacks:
         trainer.job = dataclasses.replace(job, lr=dataclasses.replace(job.lr, **request.schedule_changes()),
                                           training=dataclasses.replace(job.training, rollback=rollback))
         self.checkpointer.state.job_changed()
+        # L0 describes the step again with the new branch's small state (its skips, its LR
+        # schedule), so a restart before the branch's first new version resumes with them.
+        self.checkpointer.engine.request(request.step, l0_only=True)
+        self.checkpointer.manager.last_saved = request.step
         for note in done.notes:
             self.logger.info(f"> {note}")
         self.branches += 1
         self.logger.new_branch(f"branch-{self.branches}")
+        if self.logger.writer is not None:  # the new branch's run starts with the rollback and its cost
+            self.logger.writer.add_scalar("rollback/seconds", done.seconds, request.step)
+            self.logger.writer.add_scalar("rollback/from-iteration", iteration, request.step)
         if self.checkpointer.telemetry is not None:
             self.checkpointer.telemetry.writer = self.logger.writer
         message = (f"rolled back from iteration {iteration} to {request.step} in {done.seconds:.2f} s (state from "

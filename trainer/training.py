@@ -256,6 +256,8 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
             if trainer.iteration + 1 in trainer.iterations_to_skip:  # Megatron-LM's --iterations-to-skip
                 trainer.iteration += 1
                 logger.info(f"> iteration {trainer.iteration}: batch skipped (--iterations-to-skip)")
+                if checkpointer is not None:
+                    checkpointer.skipped(trainer.iteration)
                 continue
             device_ctx.synchronize()
             started = time.perf_counter()
