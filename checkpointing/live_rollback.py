@@ -59,7 +59,7 @@ class LiveRollbackDone:
     """Of which waiting for queued flushes of the abandoned branch."""
     branch: str
     moved: int
-    """Checkpoint directories moved aside on this rank's levels (rank 0: L2, a node's first rank: L1)."""
+    """Checkpoint directories moved aside, on every level and node."""
     notes: tuple[str, ...] = ()
 
 
@@ -132,7 +132,7 @@ def roll_back_live(manager, step: int, current: int, branch: str) -> LiveRollbac
     if manager.last_saved is not None and manager.last_saved > step:
         manager.last_saved = None
     manager.loaded = step
-    moved = sum(1 for _, a in actions if a[0] == "move")
+    moved = sum(gather_from_all(manager.group, sum(1 for _, a in actions if a[0] == "move")))
     return LiveRollbackDone(step, current, source, time.perf_counter() - started, drained, branch, moved, notes)
 
 

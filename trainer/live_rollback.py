@@ -216,9 +216,11 @@ class LiveRollbacks:
             self.logger.writer.add_scalar("rollback/from-iteration", iteration, request.step)
         if self.checkpointer.telemetry is not None:
             self.checkpointer.telemetry.writer = self.logger.writer
+        moved = (f"{done.moved} later checkpoint(s) moved to branches/{done.branch}/" if done.moved
+                 else f"no later checkpoint on disk (branch {done.branch})")
         message = (f"rolled back from iteration {iteration} to {request.step} in {done.seconds:.2f} s (state from "
-                   f"{done.source}; {done.drain_seconds:.2f} s of it finishing flushes); later versions are in "
-                   f"branches/{done.branch}/, training goes on at iteration {request.step + 1}")
+                   f"{done.source}; {done.drain_seconds:.2f} s of it finishing flushes); {moved}; training goes on "
+                   f"at iteration {request.step + 1}")
         self.logger.info(f"> {message}")
         self.metrics.rollback({"from_iteration": iteration, "step": request.step, "source": done.source,
                                "seconds": done.seconds, "drain_seconds": done.drain_seconds, "reason": reason,
