@@ -164,6 +164,10 @@ class CheckpointEngine:
                 self.stats.flushes.append(FlushRecord(job.level, job.version, nbytes, seconds, error))
                 if error is None:
                     self._last_committed[job.level] = job.version
+                    root = next(lv.root for lv in self.levels if lv.name == job.level)
+                    where = f" ({root})" if root else ""  # the peer level has no directory
+                    self.log(f"  saved checkpoint at iteration {job.version:7d} to {job.level}{where} in {seconds:.2f} s "
+                             f"[{nbytes / 1e6:.1f} MB from this rank]")
                 else:
                     root = next(lv.root for lv in self.levels if lv.name == job.level)
                     self.log(f"WARNING: {job.level} flush of iteration {job.version} to {root} failed: {error}; the "

@@ -103,6 +103,10 @@ class CheckpointableState(Protocol):
     def capture_small_state(self, iteration: int) -> dict[str, Any]:
         """The small state after ``iteration`` (copied at once: it is small)."""
 
+    def model_flag_differences(self, saved_args: dict) -> list[str]:
+        """``--flag: saved, now`` for each model setting the checkpoint's recorded arguments
+        (``common["args"]``) give otherwise than this run (for a mismatch's message)."""
+
     def adopt_arrays(self, arrays: dict[str, torch.Tensor]) -> None:
         """Zero-copy snapshots: the state's ``arrays`` are from now on these (a host-pool slot's),
         as after a step that wrote them (a live rollback to a version held in L0)."""

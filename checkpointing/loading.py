@@ -41,7 +41,7 @@ from checkpointing.load_outcome import Attempt, Outcome, agree
 from checkpointing.metadata import METADATA_NAME
 from checkpointing.parallel_layout import ParallelLayout, how_saved
 from checkpointing.reader import CheckpointReader
-from checkpointing.rollback import abandoning, rollbacks
+from checkpointing.rollback import abandoning, nearest, rollbacks
 from checkpointing.writer import data_file_name
 
 LOADED = Attempt(Outcome.LOADED)
@@ -178,11 +178,22 @@ class CheckpointLoader:
                 return refusal, None
             return LOADED, self._read_node_local(reader)
         except CheckpointMismatchError as error:
-            return Attempt(Outcome.MISMATCH, str(error)), None
+            return Attempt(Outcome.MISMATCH, f"{error}{self._flags_that_differ(candidate)}"), None
         except CheckpointUntrustedError as error:
             return Attempt(Outcome.UNTRUSTED, str(error)), None
         except (CheckpointCorruptError, OSError) as error:
             return Attempt(Outcome.DAMAGED, str(error)), None
+
+    def _flags_that_differ(self, candidate: StoredCheckpoint) -> str:
+        """For a mismatch: the model flags whose saved value differs from this run's, from the
+        checkpoint's recorded arguments (empty when they cannot be read here)."""
+        try:
+            common = CheckpointReader(candidate.path, verify=self.cfg.verify_checksums,
+                                      trust_pickles=self.cfg.trust_pickles).read_object(keys.COMMON)
+        except (CheckpointCorruptError, CheckpointUntrustedError, CheckpointMismatchError, OSError, KeyError):
+            return ""
+        differ = self.state.model_flag_differences(common.get("args", {})) if isinstance(common, dict) else []
+        return f". The model flags that differ: {'; '.join(differ)}" if differ else ""
 
     def _node_local_refusal(self, reader: CheckpointReader) -> Attempt | None:
         """Why this run cannot use a node-local checkpoint (None: it can)."""
@@ -312,11 +323,23 @@ class CheckpointLoader:
         cfg = self.cfg
         if cfg.ckpt_step is not None:
             raise CheckpointNotFoundError(
-                f"--ckpt-step {cfg.ckpt_step}: no committed checkpoint of that iteration in {cfg.load}")
+                f"--ckpt-step {cfg.ckpt_step}: no committed checkpoint of that iteration in {cfg.load}"
+                f"{f' or {cfg.local_dir}' if cfg.local_dir else ''}; nearest held: "
+                f"{nearest(self._held_steps(), cfg.ckpt_step)}")
         if cfg.finetune:
             raise CheckpointNotFoundError(f"--finetune: no committed checkpoint in {cfg.load} to start from")
         self.log(f"> no committed checkpoint in {cfg.load}: training starts from scratch")
         return 0
+
+    def _held_steps(self) -> list[int]:
+        """Every committed step on L1 and L2 (not one of an abandoned branch), and L0's, this rank sees."""
+        rolled_back = rollbacks(self.cfg.load)
+        steps = {c.iteration for root in (self.cfg.local_dir, self.cfg.load) if root
+                 for c in load_candidates(root)[0] if abandoning(rolled_back, c.iteration, _written(c.path)) is None}
+        if self.engine is not None:
+            steps |= {v for v, written in self.engine.held_versions_written()
+                      if abandoning(rolled_back, v, written) is None}
+        return sorted(steps)
 
     def _nothing_loaded(self, refused: list[_Refused]) -> Exception:
         """The error when every candidate was refused: what each came to, in its own words."""

@@ -75,6 +75,10 @@ def claim_checkpoint_dirs(cfg: CheckpointConfig, rank: int, group=None) -> None:
                                     "a tmpfs directory such as /dev/shm")):
             if path and os.path.lexists(path) and not os.path.isdir(path):
                 raise SaveDirError(errno.ENOTDIR, f"rank {rank}: {flag} {path} is not a directory; pass {wanted}")
+        if cfg.load and not os.path.lexists(cfg.load) and not _same_path(cfg.load, cfg.save):
+            # A misspelled --load would otherwise start from scratch with one easy-to-miss line.
+            raise SaveDirError(errno.ENOENT, f"--load {cfg.load} does not exist; check the path. A fresh run "
+                                             "leaves --load out, or gives it the same directory as --save")
         for directory in (cfg.save, cfg.local_dir):
             if directory:
                 probe_writable(directory, rank)
@@ -94,6 +98,10 @@ def claim_checkpoint_dirs(cfg: CheckpointConfig, rank: int, group=None) -> None:
     if errors:
         in_use, message = errors[0]
         raise job_lock.CheckpointInUseError(message) if in_use else SaveDirError(message)
+
+
+def _same_path(a: str, b: str | None) -> bool:
+    return b is not None and os.path.abspath(a) == os.path.abspath(b)
 
 
 class CheckpointManager:

@@ -5,6 +5,10 @@
         --pipeline-model-parallel-size 2 --use-distributed-optimizer --mock-data ...
 
 Arguments keep Megatron-LM's names; ``--help`` lists them.
+
+An error the project raises on purpose (a bad argument, a checkpoint that cannot be used, a
+directory that cannot be written) is printed once, by rank 0, as one line; ``GPT_DEBUG=1`` prints
+its traceback on every rank instead. Any other exception prints its traceback.
 """
 
 import os
@@ -53,10 +57,12 @@ def main() -> int:
     try:
         pretrain(job, device_ctx)
     except (CheckpointError, CheckpointWriteError, SaveDirError, RollbackLimitError) as error:
-        if isinstance(error, FlusherError) or os.environ.get("GPT_TRACEBACK"):
+        if isinstance(error, FlusherError) or os.environ.get("GPT_DEBUG") or os.environ.get("GPT_TRACEBACK"):
             traceback.print_exc()  # a flusher's failure is ours to debug: its traceback matters
-        else:  # an error raised on purpose: its message names the file and what to do
-            print(f"pretrain_gpt.py: error on rank {os.environ.get('RANK', '0')}: {error}", file=sys.stderr)
+        elif os.environ.get("RANK", "0") == "0":
+            # An error raised on purpose names the file and what to do. These are agreed over the
+            # ranks (every rank raises the same one), so rank 0 says it once; the others exit quietly.
+            print(f"pretrain_gpt.py: error: {error}", file=sys.stderr)
         sys.stderr.flush()
         os._exit(1)  # as below: no clean teardown while peers may wait in a collective
     except BaseException:

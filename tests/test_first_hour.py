@@ -1,0 +1,52 @@
+"""What a new user reads in the first hour, as Megatron-LM users read it: the console line's
+means over the log interval, validation perplexity, a line per committed checkpoint, a trace
+that a resume does not overwrite."""
+
+import math
+import re
+
+import pytest
+
+from tests.launch import TINY, read_scalars, run_pretrain
+
+pytestmark = pytest.mark.slow
+
+ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
+               "--lr", "1e-3", "--log-interval", "5"]
+
+
+def test_the_console_line_is_the_mean_over_the_log_interval_with_validation_perplexity(tmp_path):
+    proc = run_pretrain(ARGS + ["--train-iters", "10", "--tensorboard-dir", str(tmp_path / "tb"),
+                                "--eval-interval", "10", "--eval-iters", "1"])
+    per_iteration = read_scalars(tmp_path / "tb", "lm loss")  # float32 in the event file
+    for line in proc.stdout.splitlines():
+        match = re.search(r"iteration +(\d+)/.*\| lm loss: (\S+) .*number of skipped iterations: +(\d+)", line)
+        if match:
+            it, logged = int(match.group(1)), float(match.group(2))
+            mean = sum(per_iteration[i] for i in range(it - 4, it + 1)) / 5
+            assert math.isclose(logged, mean, rel_tol=1e-6), (it, logged, mean)
+            assert per_iteration[it] != pytest.approx(logged, rel=1e-9)  # not the iteration's own
+            assert match.group(3) == "0"
+    assert len(re.findall(r"\| lm loss: ", proc.stdout)) == 2
+    match = re.search(r"validation loss at iteration 10 \| lm loss value: (\S+) \| lm loss PPL: (\S+)", proc.stdout)
+    assert match and math.isclose(float(match.group(2)), math.exp(float(match.group(1))), rel_tol=1e-5), proc.stdout
+
+
+def test_each_committed_checkpoint_gets_a_line_and_a_resume_keeps_the_earlier_trace(tmp_path):
+    save, trace = tmp_path / "ckpt", tmp_path / "trace"
+    common = ARGS + ["--save", str(save), "--load", str(save), "--async-save", "--save-interval", "1",
+                     "--ckpt-persistent-interval", "3", "--trace-dir", str(trace)]
+    first = run_pretrain(common + ["--train-iters", "6"])
+    saved = re.findall(r"saved checkpoint at iteration +(\d+) to L2", first.stdout)
+    assert "6" in saved and set(saved) <= {"3", "6"}, first.stdout[-2000:]
+    run_pretrain(common + ["--train-iters", "8"])
+    assert (trace / "rank0.json").exists() and (trace / "rank0-run1.json").exists()
+
+
+def test_an_error_raised_on_purpose_is_said_once_by_rank_0_without_a_traceback(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    proc = run_pretrain(ARGS + ["--tensor-model-parallel-size", "2", "--train-iters", "2", "--load",
+                                str(tmp_path / "ckpt"), "--ckpt-step", "7"], nproc=2, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("--ckpt-step 7: no committed checkpoint") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "nearest held: none at all" in proc.stderr, proc.stderr
