@@ -26,6 +26,7 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tokenization.data_record import write_record  # noqa: E402
 from tokenization.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 from trainer.prepare import build_indexed_dataset, iter_documents, shakespeare_documents  # noqa: E402
 
@@ -101,6 +102,9 @@ def main() -> int:
         tokenizer = build_tokenizer(args.tokenizer_type, None if args.tokenizer_type in TRAINABLE else args.vocab_size,
                                     args.vocab_file, args.merge_file, args.tokenizer_model)
         counts = build_indexed_dataset(documents(), tokenizer, args.output_prefix)
+        write_record(args.output_prefix, args.tokenizer_type, tokenizer.vocab_size, counts["max_token_id"],
+                     {"vocab_file": args.vocab_file, "merge_file": args.merge_file,
+                      "tokenizer_model": args.tokenizer_model})
     except (ValueError, FileNotFoundError) as error:
         print(f"prepare_data.py: error: {error}", file=sys.stderr)
         return 2
@@ -109,7 +113,8 @@ def main() -> int:
     print(f"> wrote {args.output_prefix}.bin/.idx: {counts['documents']} documents, {counts['tokens']} tokens, "
           f"{counts['bytes']} bytes ({counts['tokens'] / max(counts['bytes'], 1):.3f} tokens per byte, "
           f"{args.tokenizer_type} of {tokenizer.vocab_size} entries)")
-    print(f"> train with --data-path {args.output_prefix} --tokenizer-type {args.tokenizer_type}{files}")
+    print(f"> train with --data-path {args.output_prefix} (its tokenizer, {args.tokenizer_type}{files}, is recorded "
+          f"in {args.output_prefix}.tokenizer.json and taken from there)")
     return 0
 
 

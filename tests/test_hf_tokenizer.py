@@ -149,7 +149,7 @@ def test_prepare_data_trains_writes_and_reads_a_tokenizer_directory(tmp_path, mo
                             monkeypatch, capsys)
     assert rc == 0, out
     directory = f"{tmp_path}/a-tokenizer"
-    assert f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {directory}" in out
+    assert f"HuggingFaceTokenizer --tokenizer-model {directory}, is recorded in" in out
     tok = HuggingFaceTokenizer(directory)
     assert tok.vocab_size == 300 and tok.eod_token == EOD_TOKEN
     assert json.loads((tmp_path / "a-tokenizer" / "tokenizer_config.json").read_text())["eos_token"] == EOD_TOKEN

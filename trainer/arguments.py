@@ -22,6 +22,7 @@ from trainer.lr_schedule import LRScheduleConfig
 from trainer.optimizer import OptimizerConfig
 from trainer.parallel_dims import ParallelDims
 from trainer.rollback_config import RollbackConfig
+from tokenization.data_record import FILE_FLAGS, files_checksum, read_record, record_path
 from tokenization.tokenizer import build_tokenizer
 
 
@@ -108,6 +109,42 @@ def _check_layout(model: GPTModelConfig, dims: ParallelDims) -> None:
         )
 
 
+def _take_data_record(args: argparse.Namespace) -> dict | None:
+    """The tokenizer ``--data-path`` was prepared with (``tokenization.data_record``): the default
+    for the tokenizer flags left out; a different one given is refused, naming both. Sets the
+    flags it supplies on ``args``. None: no data, or data prepared before records were written."""
+    if not args.data_path:
+        return None
+    try:
+        record = read_record(args.data_path)
+    except ValueError as error:
+        raise ArgumentError(str(error)) from None
+    if record is None:
+        return None
+    where = record_path(args.data_path)
+    recorded = record["tokenizer_type"]
+    if args.tokenizer_type is not None and args.tokenizer_type != recorded:
+        raise ArgumentError(f"--tokenizer-type {args.tokenizer_type}, but --data-path {args.data_path} was prepared "
+                            f"with {recorded} ({where}): drop --tokenizer-type, or prepare the data again")
+    args.tokenizer_type = recorded
+    files = record.get("files") or {}
+    given = {name: getattr(args, name) for name in FILE_FLAGS if getattr(args, name)}
+    if given:
+        checksum = files_checksum({name: os.path.abspath(path) for name, path in given.items()})
+        if record.get("files_xxh3") and checksum != record["files_xxh3"]:
+            named = ", ".join(f"{FILE_FLAGS[n]} {p}" for n, p in given.items())
+            recorded_files = ", ".join(f"{FILE_FLAGS[n]} {p}" for n, p in files.items())
+            raise ArgumentError(f"{named} differ from the tokenizer --data-path {args.data_path} was prepared with "
+                                f"({recorded_files}; {where}): drop them, or prepare the data again")
+    else:
+        for name, path in files.items():
+            if name in FILE_FLAGS:
+                setattr(args, name, path)
+    if recorded == "NullTokenizer" and args.vocab_size is None:
+        args.vocab_size = record.get("vocab_size")
+    return record
+
+
 def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig:
     """Validate parsed arguments for a job of ``world_size`` processes.
 
@@ -127,6 +164,7 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
                 raise ArgumentError(f"--transformer-impl transformer_engine: {reason}. Use --transformer-impl local.")
         if args.mock_data == (args.data_path is not None):
             raise ArgumentError("pass exactly one of --mock-data and --data-path PREFIX")
+        record = _take_data_record(args)
         tokenizer_type = args.tokenizer_type or ("ByteTokenizer" if args.data_path else "NullTokenizer")
         vocab_size = args.vocab_size
         if vocab_size is None and tokenizer_type == "NullTokenizer" and args.model_size:
@@ -148,6 +186,11 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
                 f"--vocab-size {args.vocab_size} disagrees with {tokenizer_type}'s vocabulary of "
                 f"{tokenizer.vocab_size}; drop --vocab-size"
             )
+        if record is not None and tokenizer.vocab_size <= record["max_token_id"]:
+            raise ArgumentError(
+                f"--data-path {args.data_path} holds token id {record['max_token_id']}, but this run's vocabulary "
+                f"({tokenizer_type}) has {tokenizer.vocab_size} entries: give the tokenizer the data was prepared with "
+                f"({record_path(args.data_path)})")
         model = _model_config(args, tokenizer.vocab_size)
         _check_layout(model, dims)
         data_values = flag_values(args, DataConfig)

@@ -83,10 +83,11 @@ def build_indexed_dataset(documents: Iterable[str], tokenizer, output_prefix: st
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.int32
     builder = IndexedDatasetBuilder(get_bin_path(output_prefix), dtype=dtype)
-    docs = tokens = nbytes = 0
+    docs = tokens = nbytes = max_id = 0
     with progress_bar(desc="tokenizing", unit="doc") as bar:
         for text in documents:
             ids = tokenizer.tokenize(text) + [tokenizer.eod]
+            max_id = max(max_id, max(ids))
             builder.add_item(torch.tensor(ids, dtype=torch.int64))
             builder.end_document()
             docs += 1
@@ -99,4 +100,4 @@ def build_indexed_dataset(documents: Iterable[str], tokenizer, output_prefix: st
     if docs == 0:
         raise ValueError("no input documents")
     builder.finalize(get_idx_path(output_prefix))
-    return {"documents": docs, "tokens": tokens, "bytes": nbytes}
+    return {"documents": docs, "tokens": tokens, "bytes": nbytes, "max_token_id": max_id}
