@@ -1,4 +1,4 @@
-"""Durable, atomic file operations for the commit protocol (DESIGN.md, "Format and commit").
+"""Durable, atomic file operations for the commit protocol (``docs/architecture.md``, "The commit and fence rules").
 
 A reader sees either the old content of a path or the complete new one, never a prefix:
 content goes to a temporary name in the same directory, is fsynced, renamed over the final

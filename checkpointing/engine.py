@@ -1,5 +1,4 @@
-"""The asynchronous multi-level checkpoint engine, training process side (DESIGN.md, "The
-checkpoint engine"; ``docs/architecture.md`` has the whole picture).
+"""The asynchronous multi-level checkpoint engine, training process side (``docs/architecture.md``).
 
 The training process runs no checkpoint thread. It keeps only the entry points, all called on
 the training thread:

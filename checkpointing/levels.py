@@ -1,4 +1,4 @@
-"""A storage level of the checkpoint (DESIGN.md, "Levels"): where it is, how often, how many kept.
+"""A storage level of the checkpoint (``docs/architecture.md``): where it is, how often, how many kept.
 
 L0 is the host pool (``checkpointing.host_pool``); the levels here are directories: L1
 node-local, L2 the shared ``--save``; ``sync`` is the synchronous save to ``--save`` without the

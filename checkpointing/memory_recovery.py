@@ -1,5 +1,5 @@
 """Resume from host memory anywhere in the job: own L0 slots and peer replicas, in the layout that
-saved them or resharded into another (DESIGN.md: "Node loss is served from memory").
+saved them or resharded into another (a node lost is served from memory: ``docs/architecture.md``, "What a run resumes from").
 
 After a node is replaced, its ranks have nothing in their pool, but the ranks of the next K nodes
 hold replicas of their versions (``checkpointing.peer_replicas``). After a node is gone for good,

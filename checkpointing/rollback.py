@@ -181,8 +181,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rollback.sh", description="Roll a training job back to a past step.")
     parser.add_argument("step", nargs="?", type=int, help="the iteration to make the latest")
     parser.add_argument("--save", default="ckpts", help="the job's --save directory (L2; default: ckpts)")
-    parser.add_argument("--local-dir", help="the job's --ckpt-local-dir (L1), if it had one")
-    parser.add_argument("--host-dir", action="append",
+    # The trainer's own flag names are accepted too, so a job's command line can be copied as it is.
+    parser.add_argument("--local-dir", "--ckpt-local-dir", dest="local_dir",
+                        help="the job's --ckpt-local-dir (L1), if it had one")
+    parser.add_argument("--host-dir", "--ckpt-host-dir", dest="host_dir", action="append",
                         help=f"the job's --ckpt-host-dir (L0), if not {SHM_DIR}; with --list it may be given "
                              "once per node directory (nodes sharing one machine), and peer replicas are listed "
                              "with the nodes that hold them")

@@ -104,3 +104,10 @@ def test_list_shows_each_rollbacks_branch(tmp_path, capsys):
     assert rollback.main(["--list", "--save", str(tmp_path), "--host-dir", str(tmp_path / "shm")]) == 0
     out = capsys.readouterr().out
     assert "back to 15, branch b1 (live): L2 2 version(s) 20-25" in out, out
+
+
+def test_rollback_sh_takes_the_trainers_flag_names_too(tmp_path, capsys):
+    (tmp_path / "local").mkdir()
+    assert rollback.main(["--list", "--save", str(tmp_path), "--ckpt-local-dir", str(tmp_path / "local"),
+                          "--ckpt-host-dir", str(tmp_path / "shm")]) == 0
+    assert f"L1 tracker ({tmp_path / 'local'})" in capsys.readouterr().out
