@@ -24,8 +24,8 @@ class CheckpointConfig:
     """Checkpoint every this many iterations; with ``--async-save`` this is the L0 (host memory)
     interval."""
     load: str | None = flag("--load", None)
-    """Resume from the newest committed checkpoint in this directory; missing or empty starts
-    from scratch."""
+    """Resume from the newest committed checkpoint in this directory; an empty one starts from
+    scratch, and one that does not exist is refused (a typo) unless it is ``--save`` too."""
     ckpt_step: int | None = flag("--ckpt-step", None)
     """Load exactly this iteration; an error if it is damaged or absent."""
     ckpt_format: str = flag("--ckpt-format", "torch_dist", choices=("torch_dist",))
@@ -72,7 +72,8 @@ class CheckpointConfig:
     local_retain_last: int = flag("--ckpt-local-retain-last", 2)
     """L1: committed checkpoints kept."""
     persistent_interval: int | None = flag("--ckpt-persistent-interval", None, derived="--save-interval")
-    """L2: flush to ``--save`` every this many iterations."""
+    """L2: flush to ``--save`` every this many iterations. Not given, it is ``--save-interval``, the
+    L0 interval under ``--async-save``: every version held in memory also goes to disk."""
     write_rate_limit_mb: float | None = flag("--ckpt-write-rate-limit", None, metavar="MB_PER_S")
     """L1 and L2: each rank writes at most this many MB (10^6 bytes) per second on average;
     not given: as fast as the disk goes. Bounds how much flushing

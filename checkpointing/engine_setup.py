@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from checkpointing.engine import CheckpointEngine
-from checkpointing.host_pool import ArraySpec, HostPool, job_tag
+from checkpointing.host_pool import ArraySpec, HostPool, job_tag, slot_bytes
 from checkpointing.items import CheckpointableState
 from checkpointing.levels import L1, L2, PEER, Level
 from checkpointing.peer_replicas import Partners, ReplicaSpec, partners
@@ -50,7 +50,30 @@ def engine_for_config(cfg, state: CheckpointableState, group, log, tracer=None,
                                          for lv in levels)
         + (f"; writes at most {cfg.write_rate_limit_mb:g} MB/s per rank" if rate else "")
         + f"; flusher process {engine.flusher.how_started}, starting beside the model's load")
+    for warning in every_iteration_warnings(levels, slot_bytes(specs), engine.rank):
+        log(warning)
     return engine
+
+
+DISK_EVERY_ITERATION_WARNING_BYTES = 100e6
+"""A rank's state above this, flushed to a disk level every iteration, gets a warning at start."""
+
+
+def every_iteration_warnings(levels: list[Level], state_bytes: int, rank: int,
+                             threshold: float = DISK_EVERY_ITERATION_WARNING_BYTES) -> list[str]:
+    """A warning per disk level written every iteration when the state is over ``threshold``:
+    under ``--async-save``, ``--save-interval 1`` is the host-memory interval and, unless
+    ``--ckpt-persistent-interval`` says otherwise, the disk's too."""
+    warnings = []
+    for lv in levels:
+        if lv.name in (L1, L2) and lv.interval == 1 and state_bytes > threshold:
+            flag = "--ckpt-local-interval" if lv.name == L1 else "--ckpt-persistent-interval (default: --save-interval)"
+            warnings.append(
+                f"WARNING: {lv.name} ({lv.root}) is written every iteration: {state_bytes / 1e6:.0f} MB per iteration "
+                f"from rank {rank}, which only the disk's speed bounds (older versions are skipped when it cannot keep "
+                f"up). Under --async-save, --save-interval is the host-memory (L0) interval; set {flag} to what the "
+                "disk should get")
+    return warnings
 def _replica_partners(cfg, specs: dict[str, ArraySpec], shards: list[tuple[int, int]], group, log):
     """(this rank's partners, its sources' arrays, their shards) for ``--ckpt-peer-replicas``, or
     Nones where the job has one node; collective over ``group``. Nodes are the ranks that share

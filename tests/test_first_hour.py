@@ -50,3 +50,4 @@ def test_an_error_raised_on_purpose_is_said_once_by_rank_0_without_a_traceback(t
     assert proc.returncode != 0
     assert proc.stderr.count("--ckpt-step 7: no committed checkpoint") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "nearest held: none at all" in proc.stderr, proc.stderr
+
