@@ -51,3 +51,21 @@ def test_an_error_raised_on_purpose_is_said_once_by_rank_0_without_a_traceback(t
     assert proc.stderr.count("--ckpt-step 7: no committed checkpoint") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "nearest held: none at all" in proc.stderr, proc.stderr
 
+
+
+def test_a_blend_of_two_prefixes_resumes_bit_for_bit(tmp_path):
+    from tokenization.tokenizer import ByteTokenizer
+    from trainer.prepare import build_indexed_dataset
+
+    for name, text in (("a", "the cat sat on the mat. " * 300), ("b", "a dog ran in the fog. " * 300)):
+        build_indexed_dataset(iter([text]), ByteTokenizer(), str(tmp_path / name))
+    common = TINY + ["--data-path", "0.3", str(tmp_path / "a"), "0.7", str(tmp_path / "b"), "--micro-batch-size", "2",
+                     "--global-batch-size", "4", "--lr", "1e-3", "--log-interval", "1", "--train-iters", "6"]
+    run_pretrain(common + ["--tensorboard-dir", str(tmp_path / "tb1"), "--save", str(tmp_path / "ckpt"),
+                           "--save-interval", "3", "--exit-interval", "3"])
+    run_pretrain(common + ["--tensorboard-dir", str(tmp_path / "tb2"), "--load", str(tmp_path / "ckpt")])
+    run_pretrain(common + ["--tensorboard-dir", str(tmp_path / "tb3")])
+    resumed, whole = read_scalars(tmp_path / "tb2", "lm loss"), read_scalars(tmp_path / "tb3", "lm loss")
+    assert sorted(resumed) == [4, 5, 6]
+    for it in resumed:
+        assert resumed[it] == whole[it], it

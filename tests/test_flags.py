@@ -16,7 +16,7 @@ README = Path(ROOT) / "README.md"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]")
 # Flags of other commands that the README's training and checkpointing sections mention in
 # spans that start with a flag: scripts/prepare_data.py's, checkpointing.host_pool's, torchrun's.
-OTHER_COMMANDS = {"--shakespeare", "--train-tokenizer", "--list", "--remove", "--max-restarts"}
+OTHER_COMMANDS = {"--shakespeare", "--train-tokenizer", "--input", "--list", "--remove", "--max-restarts"}
 TRAINER_SECTIONS = ("## Training\n", "### On GPUs", "### Real text", "## Checkpointing", "### Fine-tuning",
                     "### Stall timelines")
 BASE = ["--model-size", "tiny", "--mock-data", "--vocab-size", "1024", "--train-iters", "10", "--lr", "1e-3"]

@@ -16,7 +16,7 @@ from models.config import PRESETS, GPTModelConfig, RecomputeConfig
 from models.fusions import KernelFusions
 from models.gpt import transformer_engine_status
 from trainer.config import JobConfig, TrainingConfig
-from trainer.data import DataConfig
+from trainer.data import DataConfig, parse_data_path
 from trainer.device import cuda_selected
 from trainer.lr_schedule import LRScheduleConfig
 from trainer.optimizer import OptimizerConfig
@@ -110,21 +110,32 @@ def _check_layout(model: GPTModelConfig, dims: ParallelDims) -> None:
 
 
 def _take_data_record(args: argparse.Namespace) -> dict | None:
-    """The tokenizer ``--data-path`` was prepared with (``tokenization.data_record``): the default
-    for the tokenizer flags left out; a different one given is refused, naming both. Sets the
-    flags it supplies on ``args``. None: no data, or data prepared before records were written."""
+    """The tokenizer ``--data-path`` was prepared with (``tokenization.data_record``; in a blend,
+    every prefix's, which must agree): the default for the tokenizer flags left out; a different
+    one given is refused, naming both. Sets the flags it supplies on ``args``. Returns the record
+    (``max_token_id`` the largest over the blend); None: no data, or data prepared before records
+    were written."""
     if not args.data_path:
         return None
     try:
-        record = read_record(args.data_path)
+        prefixes = [prefix for _, prefix in parse_data_path(args.data_path)]
+        records = {prefix: read_record(prefix) for prefix in prefixes}
     except ValueError as error:
         raise ArgumentError(str(error)) from None
-    if record is None:
+    found = {p: r for p, r in records.items() if r is not None}
+    if not found:
         return None
-    where = record_path(args.data_path)
+    kinds = {(r["tokenizer_type"], r.get("files_xxh3")) for r in found.values()}
+    if len(kinds) > 1 or len(found) < len(records):
+        listed = "; ".join(f"{p}: {r['tokenizer_type'] if r else 'no record'}" for p, r in records.items())
+        raise ArgumentError(f"the prefixes of --data-path were prepared with different tokenizers ({listed}): a blend "
+                            "needs one tokenizer; prepare them again with the same one")
+    prefix, record = next(iter(found.items()))
+    record = dict(record, max_token_id=max(r["max_token_id"] for r in found.values()))
+    where = record_path(prefix)
     recorded = record["tokenizer_type"]
     if args.tokenizer_type is not None and args.tokenizer_type != recorded:
-        raise ArgumentError(f"--tokenizer-type {args.tokenizer_type}, but --data-path {args.data_path} was prepared "
+        raise ArgumentError(f"--tokenizer-type {args.tokenizer_type}, but --data-path {prefix} was prepared "
                             f"with {recorded} ({where}): drop --tokenizer-type, or prepare the data again")
     args.tokenizer_type = recorded
     files = record.get("files") or {}
@@ -134,7 +145,7 @@ def _take_data_record(args: argparse.Namespace) -> dict | None:
         if record.get("files_xxh3") and checksum != record["files_xxh3"]:
             named = ", ".join(f"{FILE_FLAGS[n]} {p}" for n, p in given.items())
             recorded_files = ", ".join(f"{FILE_FLAGS[n]} {p}" for n, p in files.items())
-            raise ArgumentError(f"{named} differ from the tokenizer --data-path {args.data_path} was prepared with "
+            raise ArgumentError(f"{named} differ from the tokenizer --data-path {prefix} was prepared with "
                                 f"({recorded_files}; {where}): drop them, or prepare the data again")
     else:
         for name, path in files.items():
@@ -142,6 +153,7 @@ def _take_data_record(args: argparse.Namespace) -> dict | None:
                 setattr(args, name, path)
     if recorded == "NullTokenizer" and args.vocab_size is None:
         args.vocab_size = record.get("vocab_size")
+    record["prefix"] = prefix
     return record
 
 
@@ -188,9 +200,9 @@ def job_config_from_args(args: argparse.Namespace, world_size: int) -> JobConfig
             )
         if record is not None and tokenizer.vocab_size <= record["max_token_id"]:
             raise ArgumentError(
-                f"--data-path {args.data_path} holds token id {record['max_token_id']}, but this run's vocabulary "
-                f"({tokenizer_type}) has {tokenizer.vocab_size} entries: give the tokenizer the data was prepared with "
-                f"({record_path(args.data_path)})")
+                f"--data-path {' '.join(args.data_path)} holds token id {record['max_token_id']}, but this run's "
+                f"vocabulary ({tokenizer_type}) has {tokenizer.vocab_size} entries: give the tokenizer the data was "
+                f"prepared with ({record_path(record['prefix'])})")
         model = _model_config(args, tokenizer.vocab_size)
         _check_layout(model, dims)
         data_values = flag_values(args, DataConfig)

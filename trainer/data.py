@@ -4,6 +4,10 @@ The order of samples is a pure function of the seed and the global sample index,
 resume at any iteration: iteration ``it`` (0-based) of a global batch ``G`` reads global samples
 ``[it * G, (it + 1) * G)``; data-parallel rank ``d`` takes the ``d``-th contiguous part of it,
 cut into micro-batches.
+
+A blend (``--data-path 0.3 A 0.7 B``, Megatron-LM's weighted prefixes) keeps that property: which
+prefix global sample ``i`` comes from is a pure function of ``i`` (:class:`BlendedDataset`), and
+each prefix is read in its own seeded order.
 """
 
 from __future__ import annotations
@@ -30,6 +34,25 @@ def parse_split(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+def parse_data_path(values) -> tuple[tuple[float, str], ...]:
+    """``--data-path``'s words as (normalised weight, prefix) pairs: one prefix (weight 1), or
+    Megatron-LM's ``W1 P1 W2 P2 ...``."""
+    values = list(values)
+    if len(values) == 1:
+        return ((1.0, values[0]),)
+    if not values:
+        return ()
+    try:
+        weights = [float(w) for w in values[0::2]]
+    except ValueError:
+        weights = []
+    if len(values) % 2 or not weights or min(weights) <= 0:
+        raise ValueError(f"--data-path {' '.join(values)}: give one PREFIX, or WEIGHT PREFIX pairs with positive "
+                         "weights (e.g. --data-path 0.3 data/a 0.7 data/b)")
+    total = sum(weights)
+    return tuple((w / total, p) for w, p in zip(weights, values[1::2]))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where samples come from and how they are batched."""
@@ -42,9 +65,10 @@ class DataConfig:
     """Samples per micro-batch on one rank."""
     mock_data: bool = flag("--mock-data", False)
     """Deterministic synthetic, learnable token sequences."""
-    data_path: str | None = flag("--data-path", None)
+    data_path: tuple[str, ...] | None = flag("--data-path", None, nargs="+", parse=str, metavar="[WEIGHT] PREFIX")
     """Prefix of an indexed dataset, ``PREFIX.bin`` and ``PREFIX.idx`` (``scripts/prepare_data.py``
-    makes them)."""
+    makes them), or a blend as Megatron-LM takes it: ``W1 PREFIX1 W2 PREFIX2 ...`` (the weights are
+    normalised)."""
     split: tuple[float, float, float] = flag("--split", (969.0, 30.0, 1.0), parse=parse_split, metavar="TRAIN,VALID,TEST")
     """Train, validation and test weights of ``--data-path``'s samples."""
 
@@ -57,12 +81,20 @@ class DataConfig:
         if len(self.split) != 3 or min(self.split) < 0 or sum(self.split) <= 0:
             raise ValueError(f"--split needs three non-negative weights, got {self.split}")
         if self.data_path is not None:
-            for suffix in (".bin", ".idx"):
-                if not os.path.isfile(self.data_path + suffix):
-                    raise ValueError(
-                        f"--data-path {self.data_path}: {self.data_path + suffix} does not exist; "
-                        "make it with scripts/prepare_data.py"
-                    )
+            if isinstance(self.data_path, str):
+                object.__setattr__(self, "data_path", (self.data_path,))
+            object.__setattr__(self, "data_path", tuple(self.data_path))
+            for _, prefix in self.blend:
+                for suffix in (".bin", ".idx"):
+                    if not os.path.isfile(prefix + suffix):
+                        raise ValueError(
+                            f"--data-path {prefix}: {prefix + suffix} does not exist; make it with scripts/prepare_data.py"
+                        )
+
+    @property
+    def blend(self) -> tuple[tuple[float, str], ...]:
+        """(normalised weight, prefix) of each dataset of ``--data-path``."""
+        return parse_data_path(self.data_path or ())
 
 
 def _seed_of(*parts) -> int:
@@ -98,7 +130,8 @@ class IndexedGPTDataset:
     visited in a seeded permutation per epoch.
     """
 
-    def __init__(self, prefix: str, seq_length: int, seed: int, split: str, weights):
+    def __init__(self, prefix: str, seq_length: int, seed: int, split: str, weights, salt: int | None = None):
+        """``salt``: in a blend, the prefix's place in it (each prefix then has an order of its own)."""
         from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path
 
         index = IndexedDataset(prefix)
@@ -115,17 +148,68 @@ class IndexedGPTDataset:
             raise ValueError(f"{prefix}: the {split} split of --split {tuple(weights)} holds no sample")
         self.seed = seed
         self.split = split
+        self.salt = salt
         self._epoch = -1
         self._order: np.ndarray | None = None
 
     def sample(self, index: int) -> torch.Tensor:
         epoch, position = divmod(index, self.num_samples)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(_seed_of(self.seed, "order", self.split, epoch))
+            parts = (self.seed, "order", self.split, epoch) + (() if self.salt is None else (self.salt,))
+            g = torch.Generator().manual_seed(_seed_of(*parts))
             self._order = torch.randperm(self.num_samples, generator=g).numpy()
             self._epoch = epoch
         start = (self.first + int(self._order[position])) * self.seq_length
         return torch.from_numpy(self.tokens[start : start + self.seq_length + 1].astype(np.int64))
+
+
+class BlendedDataset:
+    """Megatron-LM's data blend: global sample ``i`` comes from dataset ``j`` with probability
+    ``weights[j]``, as a pure function of ``i``.
+
+    Sample ``i`` goes to the dataset whose cumulative-weight interval holds ``frac(i * phi)``, phi
+    the golden ratio's conjugate: a low-discrepancy sequence, so any run of n samples holds
+    ``weights[j] * n`` of dataset ``j`` within a few samples, with no random state to carry. Its
+    position in dataset ``j`` is the count of earlier samples sent there, computed per block of
+    :data:`BLOCK` indices (vectorised) and cached, so a resume at any iteration costs one pass
+    over the blocks before it.
+    """
+
+    BLOCK = 1 << 16
+    PHI = (5 ** 0.5 - 1) / 2
+
+    def __init__(self, datasets: list, weights: list[float]):
+        self.datasets = datasets
+        self.edges = np.cumsum(np.asarray(weights, dtype=np.float64) / sum(weights))[:-1]
+        self._starts: list[np.ndarray] = [np.zeros(len(datasets), dtype=np.int64)]
+        """Per block, each dataset's count of the samples of all earlier blocks."""
+        self._block: tuple[int, np.ndarray, np.ndarray] | None = None
+        """(block number, dataset of each index in it, position of each index in its dataset)."""
+
+    def _choices(self, first: int, count: int) -> np.ndarray:
+        index = np.arange(first, first + count, dtype=np.float64)
+        return np.searchsorted(self.edges, np.mod(index * self.PHI, 1.0), side="right")
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(dataset, position in it) of global sample ``index``."""
+        block, offset = divmod(index, self.BLOCK)
+        if self._block is None or self._block[0] != block:
+            while len(self._starts) <= block:
+                done = len(self._starts) - 1
+                counts = np.bincount(self._choices(done * self.BLOCK, self.BLOCK), minlength=len(self.datasets))
+                self._starts.append(self._starts[-1] + counts)
+            choices = self._choices(block * self.BLOCK, self.BLOCK)
+            positions = np.empty(self.BLOCK, dtype=np.int64)
+            for j in range(len(self.datasets)):
+                mine = choices == j
+                positions[mine] = self._starts[block][j] + np.arange(int(mine.sum()))
+            self._block = (block, choices, positions)
+        _, choices, positions = self._block
+        return int(choices[offset]), int(positions[offset])
+
+    def sample(self, index: int) -> torch.Tensor:
+        dataset, position = self.locate(index)
+        return self.datasets[dataset].sample(position)
 
 
 @dataclass
@@ -180,4 +264,9 @@ def build_dataset(cfg: DataConfig, split: str, vocab_size: int, seed: int):
     """The ``split`` ("train", "valid") of the configured data; ``seed`` (``--seed``) orders it."""
     if cfg.mock_data:
         return MockGPTDataset(cfg.seq_length, vocab_size, seed, split)
-    return IndexedGPTDataset(cfg.data_path, cfg.seq_length, seed, split, cfg.split)
+    blend = cfg.blend
+    if len(blend) == 1:
+        return IndexedGPTDataset(blend[0][1], cfg.seq_length, seed, split, cfg.split)
+    # --split applies to each prefix; each has an order of its own.
+    return BlendedDataset([IndexedGPTDataset(prefix, cfg.seq_length, seed, split, cfg.split, salt=j)
+                           for j, (_, prefix) in enumerate(blend)], [w for w, _ in blend])
