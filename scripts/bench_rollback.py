@@ -88,7 +88,9 @@ def measure(size: str, workdir: str) -> dict:
     metrics = os.path.join(workdir, size, "metrics.jsonl")
     log = os.path.join(workdir, size, "job.log")
     os.makedirs(os.path.dirname(save), exist_ok=True)
-    args = [*model.split(), "--mock-data", "--lr", "1e-4", "--log-interval", "1", "--tensor-model-parallel-size", "2",
+    # --lr-decay-iters: the relaunch trains to another --train-iters on the same schedule.
+    args = [*model.split(), "--mock-data", "--lr", "1e-4", "--lr-decay-iters", "100000", "--log-interval", "1",
+            "--tensor-model-parallel-size", "2",
             "--async-save", "--save-interval", "1", "--ckpt-host-versions", "4", "--ckpt-persistent-interval",
             str(l2_every), "--save", save, "--load", save, "--metrics-file", metrics]
     row: dict = {"size": size}

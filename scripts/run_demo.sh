@@ -4,7 +4,8 @@
 # every 20th to runs/demo/local (L1) and every 50th to runs/demo/ckpt (L2), logging to TensorBoard
 # under runs/demo/tensorboard and a Perfetto trace per rank under runs/demo/trace.
 # A second run resumes where the first stopped. Extra arguments go to pretrain_gpt.py
-# (e.g. --train-iters 500 to train on).
+# (e.g. --train-iters 500 to train on: --lr-decay-iters is given, so the schedule a resume checks
+# stays the same).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -22,7 +23,7 @@ exec .venv/bin/torchrun --standalone --nproc-per-node "$nproc" scripts/pretrain_
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --use-distributed-optimizer \
   --model-size tiny --vocab-size 1024 --mock-data \
   --micro-batch-size 2 --global-batch-size 16 \
-  --train-iters 200 --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --lr-decay-style cosine \
+  --train-iters 200 --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --lr-decay-style cosine --lr-decay-iters 200 \
   --weight-decay 0.01 --clip-grad 1.0 --hidden-dropout 0 --attention-dropout 0 \
   --eval-interval 100 --eval-iters 2 --log-interval 10 \
   --save runs/demo/ckpt --load runs/demo/ckpt --async-save --save-interval 1 \

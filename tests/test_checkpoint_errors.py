@@ -12,7 +12,7 @@ from tests.launch import TINY, run_pretrain
 pytestmark = pytest.mark.slow
 
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
-               "--lr", "1e-3", "--log-interval", "5"]
+               "--lr", "1e-3", "--log-interval", "5", "--lr-decay-iters", "20"]
 DATA = "__0_0.distcp"
 
 
@@ -145,7 +145,7 @@ def test_an_async_job_on_a_full_disk_warns_goes_on_and_resumes(tmp_path, small_f
     """A real full disk: training goes on with a warning per failed version, no partial
     directory is left, and the next launch resumes (from L0, the newest version)."""
     args = [*TINY, "--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--lr", "1e-3", "--log-interval", "5", "--async-save", "--save-interval", "1",
+            "--lr", "1e-3", "--lr-decay-iters", "22", "--log-interval", "5", "--async-save", "--save-interval", "1",
             "--save", str(small_filesystem / "ckpt"), "--load", str(small_filesystem / "ckpt")]
     # Held: every version is flushed (none superseded however loaded the machine), so version 2
     # is the first to meet the full disk.

@@ -35,7 +35,7 @@ def test_the_console_line_is_the_mean_over_the_log_interval_with_validation_perp
 def test_each_committed_checkpoint_gets_a_line_and_a_resume_keeps_the_earlier_trace(tmp_path):
     save, trace = tmp_path / "ckpt", tmp_path / "trace"
     common = ARGS + ["--save", str(save), "--load", str(save), "--async-save", "--save-interval", "1",
-                     "--ckpt-persistent-interval", "3", "--trace-dir", str(trace)]
+                     "--ckpt-persistent-interval", "3", "--trace-dir", str(trace), "--lr-decay-iters", "8"]
     first = run_pretrain(common + ["--train-iters", "6"])
     saved = re.findall(r"saved checkpoint at iteration +(\d+) to L2", first.stdout)
     assert "6" in saved and set(saved) <= {"3", "6"}, first.stdout[-2000:]
@@ -69,3 +69,25 @@ def test_a_blend_of_two_prefixes_resumes_bit_for_bit(tmp_path):
     assert sorted(resumed) == [4, 5, 6]
     for it in resumed:
         assert resumed[it] == whole[it], it
+
+
+def test_a_resume_with_another_lr_schedule_is_refused_unless_told_which_wins(tmp_path):
+    from trainer.lr_schedule import LRScheduleConfig, learning_rate
+
+    save = tmp_path / "ckpt"
+    schedule = ["--lr-decay-style", "cosine", "--min-lr", "3e-4", "--lr-decay-iters", "8"]
+    run_pretrain(ARGS + schedule + ["--train-iters", "4", "--save", str(save), "--save-interval", "4"])
+    resume = ARGS + ["--train-iters", "6", "--load", str(save), "--log-interval", "1"]
+    refused = run_pretrain(resume, check=False)  # the schedule flags left out: linear to 0 over 6
+    assert refused.returncode != 0, refused.stdout[-2000:]
+    assert "--lr-decay-style: cosine saved, linear now" in refused.stderr and "--min-lr: 0.0003 saved, 0.0 now" in \
+        refused.stderr, refused.stderr
+    taken = run_pretrain(resume + ["--use-checkpoint-opt_param-scheduler", "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert "the LR schedule is the checkpoint's" in taken.stdout
+    from trainer.metrics_file import read_metrics_file
+
+    saved = LRScheduleConfig(lr=1e-3, min_lr=3e-4, decay_iters=8, decay_style="cosine")
+    for record in read_metrics_file(str(tmp_path / "m.jsonl")).iterations:
+        assert record["learning_rate"] == learning_rate(saved, record["iteration"])
+    overridden = run_pretrain(resume + ["--override-opt_param-scheduler"])
+    assert "the LR schedule is this run's" in overridden.stdout

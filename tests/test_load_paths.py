@@ -87,7 +87,7 @@ def test_a_checkpoint_of_the_previous_format_still_loads(tmp_path):
     full_pt = tmp_path / "full.pt"
     dcp_to_torch_save(FIXTURE / "iter_0000003", full_pt)
     assert torch.load(full_pt, weights_only=False)["embedding.word_embeddings.weight"].shape[0] == 256
-    proc = run_pretrain([str(full_pt), str(tmp_path), *FIXTURE_ARGS, "--load", str(FIXTURE)],
+    proc = run_pretrain([str(full_pt), str(tmp_path), *FIXTURE_ARGS, "--load", str(FIXTURE), "--override-opt_param-scheduler"],
                         nproc=1, script=RESHARD_WORKER)
     assert "loaded iteration 3" in proc.stdout
     iteration, loss = (tmp_path / "loss-0.txt").read_text().split()
@@ -103,7 +103,8 @@ def test_a_checkpoint_from_another_device_restores_weights_and_says_rng_was_not(
     assert common["device"] == "cuda" and common["iteration"] == 3
     full_pt = tmp_path / "full.pt"
     dcp_to_torch_save(tmp_path / "ckpt" / "iter_0000003", full_pt)
-    proc = run_pretrain([str(full_pt), str(tmp_path), *COMMON, "--train-iters", "4", "--load", str(tmp_path / "ckpt")],
+    proc = run_pretrain([str(full_pt), str(tmp_path), *COMMON, "--train-iters", "4", "--load", str(tmp_path / "ckpt"),
+                         "--override-opt_param-scheduler"],
                         nproc=1, script=RESHARD_WORKER)
     assert "written on cuda, this run is on cpu" in proc.stdout
     assert "weights and optimizer state are restored exactly" in proc.stdout

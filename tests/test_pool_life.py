@@ -16,7 +16,7 @@ from tests.launch import PRETRAIN, ROOT, TINY, run_pretrain
 pytestmark = pytest.mark.slow
 
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
-               "--lr", "3e-3", "--log-interval", "1", "--async-save", "--save-interval", "2"]
+               "--lr", "3e-3", "--log-interval", "1", "--async-save", "--save-interval", "2", "--lr-decay-iters", "8"]
 
 
 def _pool(save) -> list[str]:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 COMMON = TINY[:TINY.index("--seq-length")] + ["--seq-length", "32", "--max-position-embeddings", "32",
                                                "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
-                                               "--log-interval", "10"]
+                                               "--log-interval", "10", "--lr-decay-iters", "30"]
 
 
 @pytest.fixture(params=["mock", "real"])

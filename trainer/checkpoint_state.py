@@ -115,6 +115,8 @@ class TrainerCheckpointState:
         self.legacy_padded_keys = frozenset(
             k for name in VOCAB_PARAMS for k in (name, *(keys.optimizer_key(a, name) for a in OPTIMIZER_ARRAYS)))
         self._job_dict = dataclasses.asdict(trainer.job)  # frozen: converted once, not at every request
+        self.schedule_from_checkpoint = False
+        """Set by a live rollback around its restore: the version's own LR schedule comes back."""
         self.layout = ParallelLayout(
             tensor_parallel=trainer.job.parallel.tensor_parallel,
             pipeline_parallel=trainer.job.parallel.pipeline_parallel,
@@ -250,7 +252,10 @@ class TrainerCheckpointState:
                 opt.exp_avg_sq.zero_()
                 opt.step_count = opt.skipped_steps = 0
         notes = []
-        changes = changed_settings(common.get("args", {}), self._job_dict) if "args" in common else []
+        if loaded.resume:
+            notes += self._check_schedule(common.get("args", {}).get("lr", {}))
+        changes = [c for c in (changed_settings(common.get("args", {}), self._job_dict) if "args" in common else [])
+                   if not (loaded.resume and c.startswith("lr."))]  # a resume's schedule is checked above
         if changes:
             listed = "; ".join(changes[:MAX_LISTED_CHANGES])
             more = f"; and {len(changes) - MAX_LISTED_CHANGES} more" if len(changes) > MAX_LISTED_CHANGES else ""
@@ -263,6 +268,32 @@ class TrainerCheckpointState:
             if note is not None:
                 notes.append(note)
         return notes
+
+    def _check_schedule(self, saved: dict) -> list[str]:
+        """A resumed run's LR schedule against the checkpoint's, as Megatron-LM checks it: refused
+        where it differs, unless ``--override-opt_param-scheduler`` (this run's) or
+        ``--use-checkpoint-opt_param-scheduler`` (the checkpoint's; also a live rollback's, which
+        goes back to a version with the schedule it had) says which wins. Returns notes."""
+        from cli.flags import flag_name
+        from trainer.lr_schedule import LRScheduleConfig, schedule_differences
+
+        t = self.trainer
+        differ = schedule_differences(saved, t.job.lr)
+        if not differ:
+            return []
+        listed = "; ".join(f"{flag_name(LRScheduleConfig, name)}: {was} saved, {now} now"
+                           for name, (was, now) in differ.items())
+        if t.job.lr.use_checkpoint_scheduler or self.schedule_from_checkpoint:
+            t.job = dataclasses.replace(t.job, lr=dataclasses.replace(t.job.lr, **{n: v[0] for n, v in differ.items()}))
+            self.job_changed()
+            return [] if self.schedule_from_checkpoint else [f"checkpoint: the LR schedule is the checkpoint's ({listed})"]
+        if t.job.lr.override_scheduler:
+            return [f"checkpoint: the LR schedule is this run's (--override-opt_param-scheduler: {listed})"]
+        raise CheckpointMismatchError(
+            f"the LR schedule differs from the checkpoint's ({listed}): give the saved values, or "
+            "--override-opt_param-scheduler (this run's win) or --use-checkpoint-opt_param-scheduler (the "
+            "checkpoint's win). --lr-decay-iters defaults to --train-iters: give it to train longer with the same "
+            "schedule")
 
     def _check_same_model(self, common: dict) -> None:
         saved = common.get("args", {}).get("model", {}).get("vocab_size")

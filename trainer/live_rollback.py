@@ -190,11 +190,14 @@ class LiveRollbacks:
     def _roll_back(self, request: RollbackRequest, iteration: int, reason: str) -> bool:
         trainer = self.trainer
         try:
+            self.checkpointer.state.schedule_from_checkpoint = True
             with trainer.phase("rollback"):  # the stall timeline shows it, with its cost
                 done = roll_back_live(self.checkpointer.manager, request.step, iteration, request.branch)
         except LiveRollbackRefused as error:
             self._refuse(request.id if reason == "on command" else None, str(error), request.step)
             return False
+        finally:
+            self.checkpointer.state.schedule_from_checkpoint = False
         trainer.iteration = request.step
         trainer.iterations_to_skip |= set(request.iterations_to_skip)
         job = trainer.job

@@ -24,8 +24,16 @@ class LRScheduleConfig:
     """Iteration at which decay reaches ``--min-lr``."""
     decay_style: str = flag("--lr-decay-style", "linear", choices=DECAY_STYLES)
     """How the learning rate decays after warmup: ``constant``, ``linear`` or ``cosine``."""
+    override_scheduler: bool = flag("--override-opt_param-scheduler", False)
+    """On resume, this run's schedule flags replace the checkpoint's where they differ (Megatron-LM's
+    flag). Without it or ``--use-checkpoint-opt_param-scheduler``, a schedule that differs is refused."""
+    use_checkpoint_scheduler: bool = flag("--use-checkpoint-opt_param-scheduler", False)
+    """On resume, the checkpoint's schedule replaces this run's flags where they differ (Megatron-LM's flag)."""
 
     def __post_init__(self) -> None:
+        if self.override_scheduler and self.use_checkpoint_scheduler:
+            raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler contradict each "
+                             "other: give one")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
@@ -40,6 +48,17 @@ class LRScheduleConfig:
             raise ValueError(
                 f"--lr-warmup-iters {self.warmup_iters} exceeds --lr-decay-iters {self.decay_iters}"
             )
+
+
+SCHEDULE_FIELDS = ("lr", "min_lr", "warmup_iters", "decay_iters", "decay_style")
+"""What a resume compares with the checkpoint's schedule (Megatron-LM compares the same)."""
+
+
+def schedule_differences(saved: dict, current: LRScheduleConfig) -> dict[str, tuple]:
+    """``{field: (saved, now)}`` of the schedule fields ``saved`` (a checkpoint's recorded ``lr``
+    section) gives otherwise than ``current``; fields it does not record are not compared."""
+    return {name: (saved[name], getattr(current, name)) for name in SCHEDULE_FIELDS
+            if name in saved and saved[name] != getattr(current, name)}
 
 
 def learning_rate(cfg: LRScheduleConfig, iteration: int) -> float:
