@@ -209,6 +209,7 @@ class LiveRollbacks:
         # L0 describes the step again with the new branch's small state (its skips, its LR
         # schedule), so a restart before the branch's first new version resumes with them.
         self.checkpointer.engine.request(request.step, l0_only=True)
+        self.checkpointer.engine.wait_idle(drain=False)  # its description written before training goes on
         self.checkpointer.manager.last_saved = request.step
         for note in done.notes:
             self.logger.info(f"> {note}")
