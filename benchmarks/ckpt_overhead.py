@@ -13,7 +13,7 @@ from benchmarks.ckpt_state import build_trainer, state_bytes
 from benchmarks.methods import METHODS, CopyFloor, EngineMethod, label, split_spec
 from benchmarks.proc_cpu import thread_cpu_seconds
 from benchmarks.processes import BENCH_CHECKPOINT, child_json, job_env
-from checkpointing.engine_stats import idle_and_steal, machine_cpu_times
+from checkpointing.engine import idle_and_steal, machine_cpu_times
 
 DEFAULT_METHODS = ("none,none@passive,engine-l0,engine-l0@passive,engine-zc-l0,engine-zc-l0@passive,engine-disk,"
                    "engine-zc-disk,engine-zc-disk@passive,checkfreq,dcp-async-staged,dcp-async-thread")
@@ -71,7 +71,7 @@ def _flusher_cpu(method) -> float | None:
     """The engine's flusher process's CPU seconds so far (its clock, from the control block)."""
     if not isinstance(method, EngineMethod):
         return None
-    from checkpointing import control_block
+    from checkpointing.engine import control_block
 
     return method.engine.block[control_block.CPU_NS] / 1e9
 

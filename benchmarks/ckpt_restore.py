@@ -16,7 +16,7 @@ from benchmarks.raw_io import dd_read, drop_cache, raw_direct_read
 
 
 def optimizer_pieces(state):
-    from checkpointing import keys
+    from checkpointing.format import keys
 
     return [p for p in state.load_pieces if keys.is_optimizer_key(p.key)]
 
@@ -42,7 +42,7 @@ def child_restore(directory: str, reader_file: str | None) -> None:
     import gc
     import json
 
-    from checkpointing import keys
+    from checkpointing.format import keys
     from trainer.checkpoint_state import TrainerCheckpointState
 
     if reader_file:
@@ -53,7 +53,7 @@ def child_restore(directory: str, reader_file: str | None) -> None:
         spec.loader.exec_module(module)
         reader_class = module.CheckpointReader
     else:
-        from checkpointing.reader import CheckpointReader as reader_class
+        from checkpointing.format import CheckpointReader as reader_class
     trainer = build_trainer()
     state = TrainerCheckpointState(trainer)
     pieces = optimizer_pieces(state)
@@ -94,9 +94,9 @@ def part_restore(trainer, workdir: str, rounds: int, reader_file: str | None) ->
     raw read's of the same round."""
     import torch.distributed as dist
 
-    from checkpointing.commit import save_and_commit
-    from checkpointing.discovery import iteration_dir
-    from checkpointing.levels import sync_level
+    from checkpointing.format import save_and_commit
+    from checkpointing.format import iteration_dir
+    from checkpointing.base import sync_level
     from trainer.checkpoint_state import TrainerCheckpointState
 
     state = TrainerCheckpointState(trainer)

@@ -1,5 +1,5 @@
 """The checkpoint engine's counters of a trainer run (rank 0's numbers in its metrics file's
-summary, ``checkpointing.run_report.rank_numbers``), summed up for the GPU bench's report."""
+summary, ``checkpointing.engine.run_report.rank_numbers``), summed up for the GPU bench's report."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def measure_hardware(json_path: str) -> int:
     rates["pinned (torch.empty(pin_memory=True))"] = rate(pinned)
     del pinned
     # The engine's pool: a /dev/shm file mapped shared, touched, then page-locked with
-    # cudaHostRegister (checkpointing/host_pool.py HostSlot, shard_copy.py CudaShardCopier.register).
+    # cudaHostRegister (checkpointing/storage/host_pool.py HostSlot, shard_copy.py CudaShardCopier.register).
     path = f"/dev/shm/bench-trainer-gpu-d2h-{os.getpid()}"
     try:
         shm = torch.from_file(path, shared=True, size=n, dtype=torch.uint8)

@@ -28,7 +28,7 @@ class RunResult:
     tail: str = ""
     parsed: ParsedLog = field(default_factory=ParsedLog)
     stats: dict | None = None
-    """The engine's counters on rank 0 (``checkpointing.run_report.rank_numbers``; None: no engine)."""
+    """The engine's counters on rank 0 (``checkpointing.engine.run_report.rank_numbers``; None: no engine)."""
 
     @property
     def ok(self) -> bool:
@@ -70,7 +70,7 @@ class Running:
 def free_run_space(spec: RunSpec) -> None:
     """The engine run's pool (GBs of /dev/shm) and checkpoints (GBs of disk) go right after it."""
     if spec.pool_save_dir:
-        from checkpointing.host_pool import remove_segments
+        from checkpointing.storage import remove_segments
 
         freed = remove_segments(spec.pool_save_dir)
         if freed:

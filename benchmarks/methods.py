@@ -38,8 +38,8 @@ class EngineMethod(Method):
         import torch.distributed as dist
 
         from checkpointing.engine import CheckpointEngine
-        from checkpointing.levels import L1, L2, Level
-        from checkpointing.host_pool import ArraySpec, HostPool
+        from checkpointing.base import L1, L2, Level
+        from checkpointing.storage import ArraySpec, HostPool
         from trainer.checkpoint_state import TrainerCheckpointState
 
         self.name = name
@@ -81,7 +81,7 @@ class EngineMethod(Method):
         self.bytes_copied = self.engine.stats.bytes_copied
 
     def close(self):
-        from checkpointing.host_pool import remove_pool
+        from checkpointing.storage import remove_pool
 
         self.engine.close(drain=True)
         remove_pool(self.engine.pool)  # slots, descriptions and the control block

@@ -1,5 +1,5 @@
 """CPU accounting from ``/proc``: what each thread of this process used. The machine's idle and
-steal shares come from ``checkpointing.engine_stats`` (``machine_cpu_times``, ``idle_and_steal``),
+steal shares come from ``checkpointing.engine.engine_stats`` (``machine_cpu_times``, ``idle_and_steal``),
 which the trainer's end-of-run summary reads too."""
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ checksums drawn at random). It then measures, per checkpoint version:
 ``before``: the metadata built from every rank's records at every version, the tiling checked
 by comparing every pair of chunks of a key (the code as it was, kept here as the reference), a
 load planned by scanning every chunk of a key. ``after``: the save plan
-(``checkpointing.save_plan``: built and checked once, then checksums only), the sweep tiling
-check, the indexed load plan (``checkpointing.load_plan``).
+(``checkpointing.format.save_plan``: built and checked once, then checksums only), the sweep tiling
+check, the indexed load plan (``checkpointing.format.load_plan``).
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from functools import lru_cache
 import torch
 
 from benchmarks.scale_model import model_config, stage_params
-from checkpointing import keys
-from checkpointing.items import TensorPiece
-from checkpointing.load_plan import ChunkIndex, wanted_chunks
-from checkpointing.metadata import ChunkRecord, build_metadata, read_metadata, write_metadata
-from checkpointing.parallel_layout import ParallelLayout
-from checkpointing.rectangles import TilingError, overlap
-from checkpointing.save_plan import SavePlan
-from checkpointing.writer import data_file_name, tensor_chunk_length
+from checkpointing.format import keys
+from checkpointing.format import TensorPiece
+from checkpointing.format import ChunkIndex, wanted_chunks
+from checkpointing.format import ChunkRecord, build_metadata, read_metadata, write_metadata
+from checkpointing.base import ParallelLayout
+from checkpointing.format import TilingError, overlap
+from checkpointing.format import SavePlan
+from checkpointing.format import data_file_name, tensor_chunk_length
 from models.config import GPTModelConfig
 from trainer.checkpoint_state import checkpoint_pieces
 from trainer.flat_buffers import RowGeometry, layout_spans
@@ -175,7 +175,7 @@ def _checksum(version: int, rank: int, index: int) -> int:
 
 def pairwise_tiling(key, global_shape, chunks, complete: bool = True) -> None:
     """The tiling check as it was: every pair of chunks of a key compared (``complete``: as
-    ``checkpointing.metadata._check_tiling``'s; only whole jobs are built pairwise here)."""
+    ``checkpointing.format.metadata._check_tiling``'s; only whole jobs are built pairwise here)."""
     total = 0
     for c in chunks:
         if any(o < 0 or o + s > g for o, s, g in zip(c.offsets, c.sizes, global_shape)):
@@ -198,7 +198,7 @@ class ScanIndex(ChunkIndex):
 
 
 def _build_pairwise(records, iteration, layout, conn) -> None:
-    import checkpointing.metadata as metadata_module
+    from checkpointing.format import metadata as metadata_module
 
     metadata_module._check_tiling = pairwise_tiling
     started = time.perf_counter()
@@ -309,7 +309,7 @@ def run_case(case: ScaleCase, cap_s: float, versions: int = 3, sample_ranks: int
 def run_node_local(case: ScaleCase, node_size: int, versions: int = 3) -> dict:
     """A node-local level (L1) on one node of ``node_size`` ranks (node 0: ranks 0..node_size-1,
     the node with rank 0's ``common``): what its coordinator gathers, builds once, fills per
-    version and writes (``checkpointing.commit``: a node gathers its own ranks only)."""
+    version and writes (``checkpointing.format.commit``: a node gathers its own ranks only)."""
     cfg = model_config(case.model)
     sim = Simulated(cfg, case.save, case.shard_size_mb, case.bf16)
     ranks = list(range(min(node_size, case.save.world)))

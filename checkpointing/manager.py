@@ -1,13 +1,13 @@
 """The checkpoint manager: one rank's load and save policy for one run.
 
-What to resume from, and how: :class:`checkpointing.loading.CheckpointLoader` (candidates across
+What to resume from, and how: :class:`checkpointing.recovery.loading.CheckpointLoader` (candidates across
 levels, one loop over them, a refusal that names its reason). The manager drops the L0 versions
 the load did not keep.
 
 When to save: at ``--save-interval`` (through the engine with ``--async-save``, else a
 synchronous save), and once at the end of the run; then a summary of what checkpointing cost.
 
-The manager sees the trainer only through :class:`checkpointing.items.CheckpointableState`.
+The manager sees the trainer only through :class:`checkpointing.format.items.CheckpointableState`.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from checkpointing.agreement import gather_from_all
-from checkpointing.commit import save_and_commit
-from checkpointing.config import CheckpointConfig
-from checkpointing.engine_stats import idle_and_steal, machine_cpu_times
-from checkpointing.items import CheckpointableState
-from checkpointing.levels import sync_level
-from checkpointing.loading import CheckpointLoader
-from checkpointing.peers import directory_peers
-from checkpointing.private_files import open_own
-from checkpointing.run_report import rank_numbers, summary_lines
+from checkpointing.base.agreement import gather_from_all
+from checkpointing.format.commit import save_and_commit
+from checkpointing.base.config import CheckpointConfig
+from checkpointing.engine.engine_stats import idle_and_steal, machine_cpu_times
+from checkpointing.format.items import CheckpointableState
+from checkpointing.base.levels import sync_level
+from checkpointing.recovery.loading import CheckpointLoader
+from checkpointing.storage.peers import directory_peers
+from checkpointing.base.private_files import open_own
+from checkpointing.engine.run_report import rank_numbers, summary_lines
 
 
 class SaveDirError(OSError):
@@ -62,10 +62,10 @@ def probe_writable(directory: str, rank: int) -> None:
 
 def claim_checkpoint_dirs(cfg: CheckpointConfig, rank: int, group=None) -> None:
     """Every rank checks the directories it will write and locks them for this job
-    (:mod:`checkpointing.job_lock`), before any heavy work and before anything is read. Collective
+    (:mod:`checkpointing.base.job_lock`), before any heavy work and before anything is read. Collective
     over ``group`` (None: the default group): a refusal on any rank is raised on every rank."""
-    from checkpointing import job_lock, private_files
-    from checkpointing import host_pool
+    from checkpointing.base import job_lock, private_files
+    from checkpointing.storage import host_pool
 
     error: tuple[bool, str] | None = None
     """(whether another job holds it, the message)"""
@@ -134,13 +134,13 @@ class CheckpointManager:
         together), by whether checkpoint work ran in that time (a save, a copy, a flush)."""
         self.engine = None
         self.memory = None
-        """A version staged from host memory for the load (``checkpointing.memory_recovery``)."""
+        """A version staged from host memory for the load (``checkpointing.recovery.memory_recovery``)."""
         if cfg.async_save and cfg.load:  # before the engine opens its pool over the slot files
-            from checkpointing.memory_recovery import prepare
+            from checkpointing.recovery.memory_recovery import prepare
 
             self.memory = prepare(cfg, state, self.group, log)
         if cfg.async_save:
-            from checkpointing.engine_setup import engine_for_config
+            from checkpointing.engine.engine_setup import engine_for_config
 
             self.engine = engine_for_config(cfg, state, self.group, log, tracer, self.local_peers)
 
@@ -164,7 +164,7 @@ class CheckpointManager:
 
     # -- load ---------------------------------------------------------------------------------------
     def load(self) -> int:
-        """Load the newest committed checkpoint this run can use (``checkpointing.loading``);
+        """Load the newest committed checkpoint this run can use (``checkpointing.recovery.loading``);
         returns the iteration training goes on from (0: from scratch, or ``--finetune``).
 
         With the engine, a version in host memory (L0) that survived the previous run is taken
@@ -251,12 +251,12 @@ class CheckpointManager:
         if self.cfg.keep_host_pool or interrupted or not committed:
             why = ("--ckpt-keep-host-pool" if self.cfg.keep_host_pool else "stopped by a signal" if interrupted
                    else f"iteration {iteration} is not on every level")
-            self.log(f"> L0 pool kept in shared memory ({why}): python -m checkpointing.host_pool --list shows it")
+            self.log(f"> L0 pool kept in shared memory ({why}): python -m checkpointing.storage.host_pool --list shows it")
             return
-        from checkpointing.host_pool import remove_pool
+        from checkpointing.storage.host_pool import remove_pool
 
         freed = remove_pool(self.engine.pool)
-        from checkpointing import job_lock
+        from checkpointing.base import job_lock
 
         job_lock.drop(self.engine.pool.lock_path)
         self.log(f"> L0 pool freed ({freed / 2**20:.1f} MiB of shared memory on the logging rank; "
@@ -269,7 +269,7 @@ class CheckpointManager:
 
     def _summary(self, train_seconds: float) -> dict:
         """Gather every rank's numbers; the logging rank prints the summary
-        (``checkpointing.run_report``). With a tracer, each rank's numbers go beside its trace.
+        (``checkpointing.engine.run_report``). With a tracer, each rank's numbers go beside its trace.
         Returns what the summary was made of: the arguments of ``summary_lines`` but ``mine``,
         every rank's numbers as ``ranks`` (for ``--metrics-file``)."""
         stats = self.engine.stats

@@ -87,35 +87,66 @@ def flagged_fields(config_class: type) -> list[tuple[dataclasses.Field, Flag]]:
 def add_flags(group: argparse._ActionsContainer, config_class: type) -> None:
     """Add an argument to ``group`` for every flagged field of ``config_class``; its ``dest`` is the
     field's name, its help the field's docstring."""
-    docs = field_docstrings(config_class)
     for f, spec in flagged_fields(config_class):
-        help_text = _help(docs.get(f.name), f, spec, config_class)
-        kwargs: dict[str, Any] = dict(dest=f.name, help=help_text)
-        if _is_bool(f):
-            # Not given, a derived switch is None, so that what it derives from (a preset) decides.
-            given_default = None if spec.derived is not None else f.default
-            if f.default is True:
-                if not spec.name.startswith("--no-"):
-                    raise FlagDeclarationError(
-                        f"{config_class.__name__}.{f.name} defaults to True: its flag must be a --no- switch, "
-                        f"not {spec.name}")
-                group.add_argument(spec.name, action="store_false", default=given_default, **kwargs)
-            else:
-                group.add_argument(spec.name, action="store_true", default=given_default, **kwargs)
-            if spec.off:
-                group.add_argument(spec.off, dest=f.name, action="store_false",
-                                   help=f"the default: {spec.name} off (accepted for Megatron-LM command lines)")
-            continue
-        default = None if spec.derived is not None or f.default is dataclasses.MISSING else f.default
-        kwargs.update(default=default, type=spec.parse or _scalar_type(f, config_class), required=spec.required)
-        if spec.choices is not None:
-            kwargs["choices"] = spec.choices
-        if spec.nargs is not None:
-            kwargs["nargs"] = spec.nargs
-        # The value's placeholder in --help and usage follows the flag, not the field's name.
-        if spec.metavar is not None or spec.choices is None:
-            kwargs["metavar"] = spec.metavar or spec.name[2:].upper().replace("-", "_")
-        group.add_argument(spec.name, **kwargs)
+        _add_argument(group, config_class, f, spec)
+
+
+def add_flag(group: argparse._ActionsContainer, config_class: type, field_name: str, **overrides: Any) -> None:
+    """Add the one argument ``config_class.field_name`` declares, as the trainer has it (name,
+    help, parsing), for a tool's command line (``rollback.sh``, ``convert_checkpoint.py``): the
+    tools and the trainer then spell and explain a flag one way. ``overrides`` are argparse's
+    keywords that differ for the tool (a ``default``, ``action="append"``)."""
+    for f, spec in flagged_fields(config_class):
+        if f.name == field_name:
+            _add_argument(group, config_class, f, spec, **overrides)
+            return
+    raise FlagDeclarationError(f"{config_class.__name__}.{field_name} declares no flag")
+
+
+def refuse_renamed(group: argparse._ActionsContainer, renamed: dict[str, str]) -> None:
+    """Old spellings of a flag, each refused with its new name (``--local-dir`` ->
+    ``--ckpt-local-dir``) rather than silently taken or reported as unknown."""
+
+    class _Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{option_string} is now {renamed[option_string]} (the trainer's name for it)")
+
+    for old in renamed:
+        group.add_argument(old, action=_Renamed, nargs="?", help=argparse.SUPPRESS)
+
+
+def _add_argument(group: argparse._ActionsContainer, config_class: type, f: dataclasses.Field, spec: Flag,
+                  **overrides: Any) -> None:
+    help_text = _help(field_docstrings(config_class).get(f.name), f, spec, config_class)
+    kwargs: dict[str, Any] = dict(dest=f.name, help=help_text)
+    if _is_bool(f):
+        # Not given, a derived switch is None, so that what it derives from (a preset) decides.
+        given_default = None if spec.derived is not None else f.default
+        if f.default is True:
+            if not spec.name.startswith("--no-"):
+                raise FlagDeclarationError(
+                    f"{config_class.__name__}.{f.name} defaults to True: its flag must be a --no- switch, "
+                    f"not {spec.name}")
+            group.add_argument(spec.name, **{"action": "store_false", "default": given_default, **kwargs, **overrides})
+        else:
+            group.add_argument(spec.name, **{"action": "store_true", "default": given_default, **kwargs, **overrides})
+        if spec.off:
+            group.add_argument(spec.off, dest=f.name, action="store_false",
+                               help=f"the default: {spec.name} off (accepted for Megatron-LM command lines)")
+        return
+    default = None if spec.derived is not None or f.default is dataclasses.MISSING else f.default
+    kwargs.update(default=default, type=spec.parse or _scalar_type(f, config_class), required=spec.required)
+    if spec.choices is not None:
+        kwargs["choices"] = spec.choices
+    if spec.nargs is not None:
+        kwargs["nargs"] = spec.nargs
+    # The value's placeholder in --help and usage follows the flag, not the field's name.
+    if spec.metavar is not None or spec.choices is None:
+        kwargs["metavar"] = spec.metavar or spec.name[2:].upper().replace("-", "_")
+    kwargs.update(overrides)
+    if "default" in overrides and overrides["default"] is not None and "(default: " not in kwargs["help"]:
+        kwargs["help"] += f" (default: {overrides['default']})"
+    group.add_argument(spec.name, **kwargs)
 
 
 def flag_values(args: argparse.Namespace, config_class: type) -> dict[str, Any]:

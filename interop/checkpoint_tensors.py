@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from checkpointing import keys
-from checkpointing.discovery import list_checkpoints, load_candidates
-from checkpointing.errors import CheckpointError, CheckpointNotFoundError
-from checkpointing.items import TensorPiece
-from checkpointing.metadata import METADATA_NAME
-from checkpointing.reader import CheckpointReader
+from checkpointing.format import keys
+from checkpointing.format import list_checkpoints, load_candidates
+from checkpointing.base import CheckpointError, CheckpointNotFoundError
+from checkpointing.format import TensorPiece
+from checkpointing.format import METADATA_NAME
+from checkpointing.format import CheckpointReader
 from models.vocab import VOCAB_PARAMS, true_vocab_rows
 
 

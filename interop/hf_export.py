@@ -123,7 +123,7 @@ def _family(ckpt: CheckpointTensors, activation: str | None) -> _Family:
 def export_to_hf(cfg: ExportConfig) -> ExportResult:
     """Write the checkpoint as a ``transformers`` model directory; raises
     :class:`~interop.conversion_error.ConversionError` (what the architecture cannot express, or
-    missing tokenizer files) or a ``checkpointing.errors.CheckpointError`` (a damaged or foreign
+    missing tokenizer files) or a ``checkpointing.base.errors.CheckpointError`` (a damaged or foreign
     checkpoint)."""
     from safetensors.torch import save_file
 

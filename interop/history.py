@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from checkpointing.discovery import list_checkpoints
+from checkpointing.format import list_checkpoints
 from interop.checkpoint_tensors import CheckpointTensors
 from trainer.progress import bytes_bar
 

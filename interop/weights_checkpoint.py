@@ -14,10 +14,10 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from checkpointing import keys
-from checkpointing.commit import SaveResult, save_and_commit
-from checkpointing.items import TensorPiece
-from checkpointing.levels import sync_level
+from checkpointing.format import keys
+from checkpointing.format import SaveResult, save_and_commit
+from checkpointing.format import TensorPiece
+from checkpointing.base import sync_level
 
 
 @contextlib.contextmanager

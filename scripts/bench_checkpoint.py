@@ -4,7 +4,7 @@
 1 process, a GPT whose checkpointed training state (fp32 main weights and both Adam moments) is
 about 1 GB. Five parts:
 
-- ``format``: one synchronous save (``checkpointing.commit``) and one load (resharding reader,
+- ``format``: one synchronous save (``checkpointing.format.commit``) and one load (resharding reader,
   checksums verified) next to the machine's raw write+fsync and cold read of the same bytes.
 - ``flush-cost``: the CPU and wall time of one flush of the state against the raw ``O_DIRECT``
   write the CheckFreq-style row makes, and of the xxh3 checksums alone: what the engine's extra
@@ -63,7 +63,7 @@ def main() -> int:
                              "(OMP_WAIT_POLICY of its process)")
     parser.add_argument("--workdir", help="where checkpoints go (default: a temporary directory)")
     parser.add_argument("--reader-file", help="restore: also time the CheckpointReader defined in this file, e.g. the "
-                        "one before issue 18 (git show 2ffe828:checkpointing/reader.py > /tmp/reader_before.py)")
+                        "one before issue 18 (git show 2ffe828:checkpointing/format/reader.py > /tmp/reader_before.py)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-restore", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -54,7 +54,7 @@ def main() -> int:
     import torch
 
     import bench_checkpoint as bench
-    from checkpointing.shard_copy import copy_bytes
+    from checkpointing.engine import copy_bytes
 
     trainer = bench.build_trainer()
     for _ in range(2):

@@ -24,10 +24,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from checkpointing.engine import CheckpointEngine  # noqa: E402
-from checkpointing.levels import L1, L2, Level  # noqa: E402
-from checkpointing.host_pool import ArraySpec, HostPool, list_segments  # noqa: E402
-from checkpointing.items import TensorPiece  # noqa: E402
-from checkpointing.parallel_layout import ParallelLayout  # noqa: E402
+from checkpointing.base import L1, L2, Level  # noqa: E402
+from checkpointing.storage import ArraySpec, HostPool, list_segments  # noqa: E402
+from checkpointing.format import TensorPiece  # noqa: E402
+from checkpointing.base import CheckpointConfig, ParallelLayout  # noqa: E402
+from cli.flags import add_flag  # noqa: E402
 
 
 class FlatState:
@@ -62,7 +63,7 @@ def main() -> int:
     parser.add_argument("--compute-ms", type=float, default=150.0, help="forward+backward time to aim for")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--host-dir", default="/dev/shm")
+    add_flag(parser, CheckpointConfig, "host_dir")
     parser.add_argument("--out", help="also write the table here (markdown)")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -37,7 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpointing import host_pool  # noqa: E402
+from checkpointing.storage import host_pool  # noqa: E402
 from trainer.metrics_file import read_metrics_file  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -54,7 +54,7 @@ class Steps:
 
     def copy(self):
         """As the engine's CPU copier does: one memmove, on one thread."""
-        from checkpointing.shard_copy import copy_bytes
+        from checkpointing.engine import copy_bytes
 
         copy_bytes(self.dst, self.src)
 
@@ -93,8 +93,8 @@ class Steps:
     def our_writer(self):
         import torch
 
-        from checkpointing.items import TensorPiece
-        from checkpointing.writer import write_rank_file
+        from checkpointing.format import TensorPiece
+        from checkpointing.format import write_rank_file
 
         arrays = {"state": self.src.view(torch.float32)}
         n, pieces, start = GB // 4, [], 0

@@ -18,7 +18,9 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpointing.errors import CheckpointError  # noqa: E402
+from checkpointing.base import CheckpointConfig  # noqa: E402
+from cli.flags import add_flag  # noqa: E402
+from checkpointing.base import CheckpointError  # noqa: E402
 from interop.history import checkpoint_history, checkpoint_paths, format_history, write_tensorboard  # noqa: E402
 
 
@@ -28,9 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard-dir", help="also write the history as TensorBoard scalars (history/*) here")
     p.add_argument("--top", type=int, default=3, help="layers listed per iteration (default 3)")
     p.add_argument("--exclude", type=int, nargs="+", default=[], metavar="N", help="leave out these iterations")
-    p.add_argument("--no-verify-checkpoint-checksums", dest="verify_checksums", action="store_false")
-    p.add_argument("--trust-checkpoint-pickles", dest="trust_pickles", action="store_true",
-                   help="read the pickled small objects of an older checkpoint format (only your own checkpoints)")
+    add_flag(p, CheckpointConfig, "verify_checksums")  # declared once, as the trainer has them
+    add_flag(p, CheckpointConfig, "trust_pickles")
     return p
 
 

@@ -19,6 +19,9 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from checkpointing.base import CheckpointConfig  # noqa: E402  (no torch: --help answers at once)
+from cli.flags import add_flag  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,9 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--to hf: GPT-2's activation_function (default: what the run computed: gelu, the exact GELU, "
                         "unless it used --bias-gelu-fusion on CUDA)")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="--to hf: largest safetensors file")
-    p.add_argument("--no-verify-checkpoint-checksums", dest="verify_checksums", action="store_false")
-    p.add_argument("--trust-checkpoint-pickles", dest="trust_pickles", action="store_true",
-                   help="read the pickled small objects of an older checkpoint format (only your own checkpoints)")
+    add_flag(p, CheckpointConfig, "verify_checksums")  # declared once, as the trainer has them
+    add_flag(p, CheckpointConfig, "trust_pickles")
     p.add_argument("--allow-activation-mismatch", action="store_true",
                    help="--from hf: import a model with tanh-approximated GELU (gelu_new) although this trainer's "
                         "MLP computes the exact GELU (except with --bias-gelu-fusion on CUDA)")
@@ -99,7 +101,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     try:
-        from checkpointing.errors import CheckpointError
+        from checkpointing.base import CheckpointError
         from interop.conversion_error import ConversionError
 
         (_export if args.to else _import)(args)

@@ -20,8 +20,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpointing.errors import CheckpointCorruptError, CheckpointUntrustedError  # noqa: E402
-from checkpointing.metadata import METADATA_CHECKSUM_NAME, METADATA_NAME, read_metadata  # noqa: E402
+from checkpointing.base import CheckpointCorruptError, CheckpointUntrustedError  # noqa: E402
+from checkpointing.format import METADATA_CHECKSUM_NAME, METADATA_NAME, read_metadata  # noqa: E402
 
 
 def classify(directory: str, flips: int, seed: int) -> tuple[int, collections.Counter, float]:

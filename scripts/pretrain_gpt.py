@@ -41,7 +41,7 @@ def main() -> int:
 
     die_with_launcher()  # a launcher killed outright leaves no trainer running on its checkpoint
     if job.checkpoint.async_save and job.checkpoint.flusher_start == "template":  # before the device and any thread: the flushers are forked from it
-        from checkpointing.flusher_template import start_template
+        from checkpointing.engine import start_template
 
         start_template()
 
@@ -50,7 +50,7 @@ def main() -> int:
     except DeviceError as error:
         print(f"pretrain_gpt.py: error on rank {os.environ.get('RANK', '0')}: {error}", file=sys.stderr)
         return 2
-    from checkpointing.errors import CheckpointError, CheckpointWriteError, FlusherError
+    from checkpointing.base import CheckpointError, CheckpointWriteError, FlusherError
     from checkpointing.manager import SaveDirError
     from trainer.live_rollback import RollbackLimitError
 

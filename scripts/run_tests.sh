@@ -15,4 +15,6 @@ if [[ $# -eq 0 && -x $system_python ]] && [[ $($system_python -V 2>&1) != $(.ven
     tests/test_load_policy.py tests/test_direct_io.py
 fi
 # --durations: CI's log shows where the suite's time goes (it must stay well inside CI's limit).
-exec .venv/bin/python -m pytest -q --durations=25 "$@"
+# Two workers (pytest-xdist), each test file whole on one (its module fixtures made once): the
+# multi-process tests leave a core idle much of the time. `-n 0` after this runs in one process.
+exec .venv/bin/python -m pytest -q --durations=25 -n "${GPT_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -10,7 +10,7 @@
 # torch is pinned in both branches: an unpinned torch pulls whatever is newest, and on a machine
 # without the local CPU wheel a multi-GB CUDA build. Nothing here depends on TransformerEngine:
 # it has no wheel for current torch, so pip builds its extension from source (minutes, a CUDA
-# toolkit, network), and no README command uses it. It is installed only when asked for, and a
+# toolkit, network), and no command in README.md or docs/ needs it. It is installed only when asked for, and a
 # failed TE install is a warning, not the end of setup.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

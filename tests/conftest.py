@@ -1,17 +1,41 @@
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS thread pool: this process forks the flusher template
+
+# Each pytest process (each pytest-xdist worker) keeps its jobs' L0 pools in a tmpfs directory of
+# its own, the default of --ckpt-host-dir for it and every job it starts (read by
+# checkpointing.levels at import, so set before anything imports it): the clean-ups below then
+# remove only this process's pools, never those of a test running beside it in another worker.
+# A directory inherited from a parent pytest (xdist's controller) is not this process's own; one
+# the user set before running pytest is used as it is.
+_INHERITED = os.environ.get("GPT_CKPT_HOST_DIR")
+if _INHERITED is None or _INHERITED == os.environ.get("GPT_TESTS_OWN_HOST_DIR"):
+    _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    _OWN_HOST_DIR = tempfile.mkdtemp(prefix=f"gpt-tests-{_worker}-",
+                                     dir="/dev/shm" if os.path.isdir("/dev/shm") else None)  # 0700
+    os.environ["GPT_CKPT_HOST_DIR"] = os.environ["GPT_TESTS_OWN_HOST_DIR"] = _OWN_HOST_DIR
+else:
+    _OWN_HOST_DIR = None
+
+
+def pytest_unconfigure(config):
+    """This process's pool directory goes with it (xdist's controller's too, which runs no test)."""
+    if _OWN_HOST_DIR is not None:
+        shutil.rmtree(_OWN_HOST_DIR, ignore_errors=True)
+
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from checkpointing.flusher_template import start_template
+from checkpointing.engine.flusher_template import start_template
 
 # The engines made in this process fork their flushers from a template, as the trainer's do; it
-# is forked now, while this process has one thread (None, and flushers start their own
-# interpreter, if it already has more).
-start_template()
+# is forked now, while this process has one thread, or, in a pytest-xdist worker (which runs
+# execnet's thread), started as its own interpreter.
+start_template(spawn=True)
 
 from models.megatron_import import import_megatron_core  # noqa: E402
 

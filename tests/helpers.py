@@ -45,7 +45,7 @@ def shared_memory_removed_after() -> Iterator[None]:
 
         pytestmark = pytest.mark.usefixtures("pools_removed")   # tests/conftest.py
     """
-    from checkpointing import host_pool
+    from checkpointing.storage import host_pool
 
     before = set(host_pool.list_segments())
     try:
@@ -58,7 +58,7 @@ def shared_memory_removed_after() -> Iterator[None]:
 
 def synthetic_layout(data_parallel: int = 1, tensor_parallel: int = 1):
     """The layout a synthetic state records (data parallel over its ranks), or another one."""
-    from checkpointing.parallel_layout import ParallelLayout
+    from checkpointing.base.parallel_layout import ParallelLayout
 
     return ParallelLayout(tensor_parallel=tensor_parallel, pipeline_parallel=1, data_parallel=data_parallel,
                           distributed_optimizer=False, num_layers=1, bf16=False)
@@ -75,7 +75,7 @@ class SyntheticState:
 
     def __init__(self, shard_numel: int = 1 << 14, shards: int = SHARDS, device: str = "cpu",
                  rank: int = 0, world_size: int = 1):
-        from checkpointing.items import TensorPiece
+        from checkpointing.format.items import TensorPiece
 
         n = shards * shard_numel
         self.rank = rank
@@ -141,9 +141,9 @@ def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=No
     """An engine over ``state`` with one level, L2 in ``tmp_path / "l2"`` every ``interval``
     versions, and an L0 pool of ``slots`` slots (``zero_copy``: the state's steps write into
     them); returns it and the list its log lines go to."""
-    from checkpointing.engine import CheckpointEngine
-    from checkpointing.levels import Level
-    from checkpointing.host_pool import ArraySpec, HostPool
+    from checkpointing.engine.checkpoint_engine import CheckpointEngine
+    from checkpointing.base.levels import Level
+    from checkpointing.storage.host_pool import ArraySpec, HostPool
 
     specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}
     pool = HostPool(tag or f"test-{os.getpid()}-{time.monotonic_ns()}", 0, specs, slots, budget)

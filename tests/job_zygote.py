@@ -231,7 +231,7 @@ def _warm_imports() -> None:
     from models.megatron_import import import_megatron_core
 
     import_megatron_core()
-    import checkpointing.flusher  # noqa: F401
+    import checkpointing.engine.flusher  # noqa: F401
     import checkpointing.manager  # noqa: F401
     import trainer.arguments  # noqa: F401
     import trainer.training  # noqa: F401

@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
     async_args = ARGS + ["--save-interval", "1", "--async-save", "--ckpt-local-interval", "1",
                          "--ckpt-local-retain-last", "100"]
     stdout = {}
-    # Held (checkpointing/faults.py), so that the outcome does not depend on the machine's speed.
+    # Held (checkpointing/base/faults.py), so that the outcome does not depend on the machine's speed.
     # copy: the version is copied at its request (on the host: no fence waits), and each request
     # waits until the previous version is flushed (no version is superseded: every one reaches
     # both levels).

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from checkpointing.discovery import list_checkpoints
+from checkpointing.format.discovery import list_checkpoints
 from tests.launch import TINY, run_pretrain
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
-"""The restore path of issue 18: chunks decoded where they were read (``checkpointing.chunk_decode``)
-and read in large ranges on a thread of their own (``checkpointing.reader``).
+"""The restore path of issue 18: chunks decoded where they were read (``checkpointing.format.chunk_decode``)
+and read in large ranges on a thread of their own (``checkpointing.format.reader``).
 
 A chunk decoded in place equals ``torch.load`` of it bit for bit; anything the decoder does not
 recognise goes through ``torch.load(weights_only=True)`` as before, so damage is still named and
@@ -18,13 +18,13 @@ import pytest
 import torch
 import xxhash
 
-from checkpointing import reader as reader_module
-from checkpointing.chunk_decode import FramingError, decode_tensor
-from checkpointing.errors import CheckpointCorruptError, CheckpointUntrustedError
-from checkpointing.items import TensorPiece
-from checkpointing.metadata import ChunkRecord, build_metadata, write_metadata
-from checkpointing.reader import CheckpointReader
-from checkpointing.writer import _without_zip_crc32, data_file_name, standalone, write_rank_file
+from checkpointing.format import reader as reader_module
+from checkpointing.format.chunk_decode import FramingError, decode_tensor
+from checkpointing.base.errors import CheckpointCorruptError, CheckpointUntrustedError
+from checkpointing.format.items import TensorPiece
+from checkpointing.format.metadata import ChunkRecord, build_metadata, write_metadata
+from checkpointing.format.reader import CheckpointReader
+from checkpointing.format.writer import _without_zip_crc32, data_file_name, standalone, write_rank_file
 from tests.helpers import PickleMarker, synthetic_layout
 
 CASES = {

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from checkpointing.errors import CheckpointCorruptError
+from checkpointing.base.errors import CheckpointCorruptError
 from interop.history import checkpoint_history, checkpoint_paths, format_history, layer_of
 
 FIXTURE = "tests/fixtures/ckpt_v1_tp2_vocab100"
@@ -38,7 +38,7 @@ def test_a_format1_checkpoint_counts_its_true_vocabulary_only(tmp_path):
 
 
 def test_a_damaged_chunk_is_named(tmp_path):
-    from checkpointing.reader import CheckpointReader
+    from checkpointing.format.reader import CheckpointReader
 
     shutil.copytree(FIXTURE, tmp_path / "ckpt")
     path = str(tmp_path / "ckpt" / "iter_0000003")

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from checkpointing import direct_io
-from checkpointing.direct_io import BLOCK, DirectFile
-from checkpointing.durable import CheckpointWriteError
-from checkpointing.items import TensorPiece
-from checkpointing.writer import data_file_name, write_rank_file
+from checkpointing.base import direct_io
+from checkpointing.base.direct_io import BLOCK, DirectFile
+from checkpointing.base.durable import CheckpointWriteError
+from checkpointing.format.items import TensorPiece
+from checkpointing.format.writer import data_file_name, write_rank_file
 
 
 def _state():

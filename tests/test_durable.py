@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from checkpointing import durable
+from checkpointing.base import durable
 
 
 def test_write_replaces_atomically_and_leaves_no_temporary(tmp_path):

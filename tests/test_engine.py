@@ -9,12 +9,14 @@ import psutil
 import pytest
 import torch
 
-from checkpointing import direct_io, host_pool
-from checkpointing.engine import CheckpointEngine
-from checkpointing.levels import Level
-from checkpointing.host_pool import ArraySpec, HostPool
-from checkpointing.reader import CheckpointReader
-from checkpointing.shard_copy import HostShardCopier
+from checkpointing.base import direct_io
+
+from checkpointing.storage import host_pool
+from checkpointing.engine.checkpoint_engine import CheckpointEngine
+from checkpointing.base.levels import Level
+from checkpointing.storage.host_pool import ArraySpec, HostPool
+from checkpointing.format.reader import CheckpointReader
+from checkpointing.engine.shard_copy import HostShardCopier
 from tests.helpers import SHARDS, SyntheticState, make_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pools_removed")]
@@ -198,7 +200,7 @@ def test_failed_flush_is_reported_training_goes_on_and_next_version_is_tried(tmp
 def test_host_pool_command_lists_and_removes_a_jobs_segments(tmp_path, capsys):
     tag = host_pool.job_tag(str(tmp_path))
     HostPool(tag, 0, {"a": ArraySpec(1000, torch.float32)}, 2, None)
-    for listing in ([], ["--list"]):  # listing is the default; the README spells it out
+    for listing in ([], ["--list"]):  # listing is the default; docs/checkpointing.md spells it out
         assert host_pool.main([*listing, "--save", str(tmp_path)]) == 0
         assert capsys.readouterr().out.count(f"gptckpt-{tag}-r0-s") == 2
     host_pool.main(["--save", str(tmp_path), "--remove"])

@@ -1,4 +1,4 @@
-"""The engine's CUDA path (``checkpointing.shard_copy.CudaShardCopier``) on a synthetic state on
+"""The engine's CUDA path (``checkpointing.engine.shard_copy.CudaShardCopier``) on a synthetic state on
 the GPU: a dedicated copy stream into the registered shared-memory pool, one CUDA event per
 shard as its fence. Skipped without CUDA; ``scripts/gpu_check.sh`` runs it on a GPU machine.
 
@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from checkpointing.shard_copy import CudaShardCopier, HostShardCopier, copier_for
+from checkpointing.engine.shard_copy import CudaShardCopier, HostShardCopier, copier_for
 from tests.helpers import make_engine, synthetic_layout
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -24,7 +24,7 @@ class CudaState:
     """Two flat fp32 arrays on the GPU in ``SHARDS`` shards (64 MiB per shard and array)."""
 
     def __init__(self, shard_numel: int = 1 << 24):
-        from checkpointing.items import TensorPiece
+        from checkpointing.format.items import TensorPiece
 
         n = SHARDS * shard_numel
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -53,7 +53,7 @@ def test_the_device_picks_the_copier():
 
 
 def test_every_version_equals_the_state_after_its_step_with_gpu_fences(tmp_path, single_process_group):
-    from checkpointing.reader import CheckpointReader
+    from checkpointing.format.reader import CheckpointReader
 
     state = CudaState()
     engine, _ = make_engine(tmp_path, single_process_group, state, slots=2, interval=1)

@@ -1,15 +1,17 @@
-"""``GPT_CKPT_HOLD`` (``checkpointing.faults``): the holds that make the outcome of a trainer test
+"""``GPT_CKPT_HOLD`` (``checkpointing.base.faults``): the holds that make the outcome of a trainer test
 independent of the machine's speed. ``request`` makes every due version reach its level (nothing
 is superseded) and fixes what L0 and the levels hold when training passes an iteration: checked
 against the engine's own record, with a disk slower than the steps (which, without the hold,
-supersedes versions). The holds live in ``checkpointing.pacing``, not in the engine's rules."""
+supersedes versions). The holds live in ``checkpointing.engine.pacing``, not in the engine's rules."""
 
 import pytest
 import torch
 
-from checkpointing import faults, pacing
-from checkpointing.control_block import ControlBlock
-from checkpointing.reader import CheckpointReader
+from checkpointing.base import faults
+
+from checkpointing.engine import pacing
+from checkpointing.engine.control_block import ControlBlock
+from checkpointing.format.reader import CheckpointReader
 from tests.helpers import SyntheticState, make_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pools_removed")]

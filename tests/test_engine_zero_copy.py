@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from checkpointing.reader import CheckpointReader
+from checkpointing.format.reader import CheckpointReader
 from tests.helpers import SHARDS, SyntheticState, make_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pools_removed")]

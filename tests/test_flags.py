@@ -1,4 +1,4 @@
-"""Each flag is declared once, on its config field: the parser, the configs and the README agree."""
+"""Each flag is declared once, on its config field: the parser, the configs and the docs agree."""
 
 import argparse
 import dataclasses
@@ -12,26 +12,49 @@ from cli.flags import FlagDeclarationError, add_flags, field_docstrings, flag, f
 from tests.launch import ROOT
 from trainer.arguments import ArgumentError, build_parser, parse_job_config
 
-README = Path(ROOT) / "README.md"
+DOCS = (Path(ROOT) / "README.md", *sorted((Path(ROOT) / "docs").glob("*.md")))
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]")
-# Flags of other commands that the README's training and checkpointing sections mention in
-# spans that start with a flag: scripts/prepare_data.py's, checkpointing.host_pool's, torchrun's.
+HEADING = re.compile(r"#+ (.*)")
+# Flags of other commands that the docs' training and checkpointing sections mention in
+# spans that start with a flag: scripts/prepare_data.py's, checkpointing.storage.host_pool's, torchrun's.
 OTHER_COMMANDS = {"--shakespeare", "--train-tokenizer", "--input", "--list", "--remove", "--max-restarts"}
-TRAINER_SECTIONS = ("## Training\n", "### On GPUs", "### Real text", "## Checkpointing", "### Fine-tuning",
-                    "### Stall timelines")
+# The titles of the headings (any level) whose sections document the trainer's flags, in
+# docs/training.md and docs/checkpointing.md.
+TRAINER_SECTIONS = {"Training", "On GPUs", "Real text", "Checkpointing", "Fine-tuning and layout changes",
+                    "The asynchronous engine", "Stock readers and restarts", "Stall timelines"}
 BASE = ["--model-size", "tiny", "--mock-data", "--vocab-size", "1024", "--train-iters", "10", "--lr", "1e-3"]
 
 
-def readme_trainer_flags(text: str) -> set[str]:
-    """Flags the README shows for ``pretrain_gpt.py``: every flag after ``pretrain_gpt.py`` in a
+def docs_text() -> str:
+    """README.md and every page of docs/, one after the other."""
+    return "\n\n".join(page.read_text() for page in DOCS)
+
+
+def sections(text: str) -> list[tuple[str, str]]:
+    """(heading title, text) of each section: one starts at a markdown heading of any level outside
+    a code block (a ``# comment`` in a bash block starts none)."""
+    found: list[tuple[str, list[str]]] = [("", [])]
+    fenced = False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else HEADING.fullmatch(line)
+        if heading:
+            found.append((heading.group(1).strip(), []))
+        found[-1][1].append(line)
+    return [(title, "\n".join(lines)) for title, lines in found]
+
+
+def documented_trainer_flags(text: str) -> set[str]:
+    """Flags the docs show for ``pretrain_gpt.py``: every flag after ``pretrain_gpt.py`` in a
     command (continuation lines joined), and inline spans that start with a flag in the training
     and checkpointing sections."""
     flags: set[str] = set()
     for command in text.replace("\\\n", " ").splitlines():
         if "pretrain_gpt.py " in command:
             flags.update(FLAG.findall(command.split("pretrain_gpt.py ", 1)[1].split("#")[0]))
-    for section in re.split(r"\n(?=##+ )", text):
-        if section.startswith(TRAINER_SECTIONS):
+    for title, section in sections(text):
+        if title in TRAINER_SECTIONS:
             for span in re.findall(r"`(--[^`]*)`", section):
                 flags.update(FLAG.findall(span))
     return flags - OTHER_COMMANDS
@@ -41,15 +64,15 @@ def missing_from(parser: argparse.ArgumentParser, flags: set[str]) -> list[str]:
     return sorted(set(flags) - set(parser._option_string_actions))
 
 
-def test_every_flag_the_readme_shows_exists():
-    flags = readme_trainer_flags(README.read_text())
+def test_every_flag_the_docs_show_exists():
+    flags = documented_trainer_flags(docs_text())
     assert len(flags) > 40  # the extraction found the documented flags, not nothing
     assert missing_from(build_parser(), flags) == []
 
 
 def test_a_flag_removed_from_the_parser_is_caught():
     parser = build_parser()
-    flags = readme_trainer_flags(README.read_text())
+    flags = documented_trainer_flags(docs_text())
     del parser._option_string_actions["--ckpt-local-interval"]
     assert missing_from(parser, flags) == ["--ckpt-local-interval"]
 
@@ -118,3 +141,30 @@ def test_a_field_without_docstring_or_with_a_wrong_switch_is_a_declaration_error
     for config in (Undocumented, WrongSwitch):
         with pytest.raises(FlagDeclarationError):
             add_flags(argparse.ArgumentParser(), config)
+
+
+def test_tools_declare_no_checkpoint_flag_by_hand():
+    """``rollback.sh``, ``host_pool``, ``convert_checkpoint.py``, ``ckpt_history.py`` and the
+    benches take the checkpoint flags from ``CheckpointConfig`` (``cli.flags.add_flag``): one
+    name and one help for each, everywhere."""
+    from checkpointing.base import CheckpointConfig
+    from cli.flags import flagged_fields
+
+    names = {spec.name for _, spec in flagged_fields(CheckpointConfig)}
+    by_hand = {}
+    for path in [*Path(ROOT).glob("scripts/*.py"), *Path(ROOT).glob("checkpointing/**/*.py"),
+                 *Path(ROOT).glob("interop/*.py"), *Path(ROOT).glob("benchmarks/*.py")]:
+        for name in re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", path.read_text()):
+            if name in names:
+                by_hand.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    assert by_hand == {}
+
+
+def test_old_spellings_are_refused_with_the_new_name(capsys):
+    from checkpointing.recovery import rollback
+
+    for old, new in (("--local-dir", "--ckpt-local-dir"), ("--host-dir", "--ckpt-host-dir")):
+        with pytest.raises(SystemExit) as exit_:
+            rollback.main(["20", "--save", "ckpt", old, "/x"])
+        assert exit_.value.code == 2
+        assert f"{old} is now {new}" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """The flush queue's rules on plain records: supersede, orphan/reclaim, slot choice, fence progress."""
 
-from checkpointing.flush_rules import (
+from checkpointing.engine.flush_rules import (
     JobState,
     SlotState,
     free_slot,

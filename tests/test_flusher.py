@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from checkpointing.errors import FlusherError
-from checkpointing.host_pool import pool_files
+from checkpointing.base.errors import FlusherError
+from checkpointing.storage.host_pool import pool_files
 from tests.helpers import SyntheticState, make_engine, process_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pools_removed")]
@@ -140,7 +140,7 @@ TRAINER = textwrap.dedent("""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sys.path.insert(0, {root!r})
     if {template!r}:
-        from checkpointing.flusher_template import start_template
+        from checkpointing.engine.flusher_template import start_template
         assert start_template() is not None
     import torch.distributed as dist
     from tests.helpers import SyntheticState, make_engine, free_port
@@ -177,7 +177,7 @@ def test_the_flusher_never_outlives_its_trainer(tmp_path, ending, template):
         assert process_gone(pid), f"flusher {pid} outlived its trainer ({ending})"
     finally:
         trainer.kill()
-        from checkpointing import host_pool
+        from checkpointing.storage import host_pool
 
         for path in host_pool.list_segments(tag):
             os.unlink(path)

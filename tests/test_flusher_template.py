@@ -1,4 +1,4 @@
-"""Flushers forked from the pre-imported template (``checkpointing.flusher_template``): they do
+"""Flushers forked from the pre-imported template (``checkpointing.engine.flusher_template``): they do
 what a flusher with its own interpreter does (bit-for-bit versions through the zero-copy fences,
 commits), are the trainer's children, and cost a few MiB; killing the template, a flusher or the
 trainer at start-up leaves no process and no pool file behind."""
@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from checkpointing import flusher_template
-from checkpointing.reader import CheckpointReader
+from checkpointing.engine import flusher_template
+from checkpointing.format.reader import CheckpointReader
 from tests.helpers import SyntheticState, make_engine, process_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pools_removed")]
@@ -55,8 +55,12 @@ TRAINER = textwrap.dedent("""
     import os, signal, sys, pathlib
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sys.path.insert(0, {root!r})
-    from checkpointing import flusher_template
-    template = flusher_template.start_template()
+    from checkpointing.engine import flusher_template
+    if {spawned!r}:  # a process already running a thread: the template is an interpreter of its own
+        import threading
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+        assert flusher_template.start_template() is None  # no fork of a threaded process
+    template = flusher_template.start_template(spawn={spawned!r})
     print(template.pid, flush=True)
     import torch.distributed as dist
     from tests.helpers import SyntheticState, make_engine, free_port
@@ -86,11 +90,14 @@ TRAINER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("case", ["template", "flusher", "trainer", "trainer after a version"])
-def test_a_kill_at_start_up_leaves_no_process_and_no_pool(tmp_path, case):
+@pytest.mark.parametrize("case, spawned", [("template", False), ("flusher", False), ("trainer", False),
+                                           ("trainer after a version", False), ("template", True), ("trainer", True),
+                                           ("trainer after a version", True)])
+def test_a_kill_at_start_up_leaves_no_process_and_no_pool(tmp_path, case, spawned):
     """The template, a flusher or the trainer killed while the flusher starts: every process goes,
-    with the pool no version reached. A pool that holds a version is kept (for recovery)."""
-    from checkpointing import host_pool
+    with the pool no version reached. A pool that holds a version is kept (for recovery). The same
+    for a template started as its own interpreter (``spawned``: the trainer ran a thread)."""
+    from checkpointing.storage import host_pool
 
     tag = f"test-template-{case}-{os.getpid()}-{time.monotonic_ns()}"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -98,7 +105,7 @@ def test_a_kill_at_start_up_leaves_no_process_and_no_pool(tmp_path, case):
         env["GPT_CKPT_FAULT"] = "flusher.start:kill"
     if case == "trainer":
         env["GPT_CKPT_DELAY"] = "flusher.start:3000"
-    code = TRAINER.format(root=ROOT, tmp=str(tmp_path), tag=tag, case=case)
+    code = TRAINER.format(root=ROOT, tmp=str(tmp_path), tag=tag, case=case, spawned=spawned)
     trainer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     lines = trainer.stdout.splitlines()
     try:

@@ -11,10 +11,10 @@ import os
 
 import pytest
 
-from checkpointing.commit import save_and_commit
-from checkpointing.discovery import list_checkpoints
-from checkpointing.durable import CheckpointWriteError, read_tracker
-from checkpointing.levels import Level
+from checkpointing.format.commit import save_and_commit
+from checkpointing.format.discovery import list_checkpoints
+from checkpointing.base.durable import CheckpointWriteError, read_tracker
+from checkpointing.base.levels import Level
 from tests.helpers import SyntheticState
 
 FALLIBLE = ("open", "pwrite", "ftruncate", "fsync", "replace", "rename", "mkdir")
@@ -75,7 +75,7 @@ def test_every_failure_point_of_a_save_ends_in_a_write_error_and_leaves_the_leve
 
 def test_retention_reclaims_crashed_saves_and_superseded_copies_below_what_it_keeps(tmp_path, single_process_group):
     """Only with retention; only below the oldest version kept (nothing a run could still use)."""
-    from checkpointing.commit import apply_retention
+    from checkpointing.format.commit import apply_retention
 
     state = SyntheticState(shard_numel=1 << 10)
     root = tmp_path / "l2"

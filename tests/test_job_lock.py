@@ -1,4 +1,4 @@
-"""One job at a time on a checkpoint (``checkpointing.job_lock``): a lock another job holds is
+"""One job at a time on a checkpoint (``checkpointing.base.job_lock``): a lock another job holds is
 refused naming its holder, a lock whose holder is gone is taken over, overlapping levels are
 refused. A second open file description of the lock file stands in for the other job (``flock``
 conflicts between descriptions, in one process too)."""
@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from checkpointing import job_lock
-from checkpointing.config import CheckpointConfig
-from checkpointing.job_lock import CheckpointInUseError
+from checkpointing.base import job_lock
+from checkpointing.base.config import CheckpointConfig
+from checkpointing.base.job_lock import CheckpointInUseError
 
 
 @pytest.fixture(autouse=True)

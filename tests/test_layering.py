@@ -11,6 +11,12 @@ project's modules:
   ``benchmarks`` (library code of the benches) sits below ``scripts`` (their thin command lines).
   ``tests`` may import anything.
 
+Inside ``checkpointing`` the same order holds between its subpackages (``CHECKPOINTING_LAYERS``:
+``base`` < ``format`` < ``storage`` < ``engine``, ``recovery`` < ``manager``), and the code
+outside it (tests aside) reaches it only through its public surface: the names a subpackage's
+``__init__`` lists in ``__all__`` (lazily exported: a name in its ``_EXPORTS`` counts as an import
+of the module that defines it), and the top-level ``checkpointing.manager``.
+
 The checker is the two small functions ``cycles`` and ``layer_violations`` over a graph
 ``{module: set of modules it imports}``; the tests below run them on the project's graph and on
 graphs with an added cycle and an added upward import, which they must refuse.
@@ -35,6 +41,19 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tests",),
 )
 """Top-level packages from the bottom up; a package imports only from the layers below its own."""
+
+CHECKPOINTING_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("checkpointing._exports",),
+    ("checkpointing.base",),
+    ("checkpointing.format",),
+    ("checkpointing.storage",),
+    ("checkpointing.engine", "checkpointing.recovery"),
+    ("checkpointing.manager",),
+)
+"""``checkpointing``'s subpackages from the bottom up (a module belongs to the longest name it
+starts with); each imports only from its own part and the parts below."""
+
+SUBPACKAGES = ("base", "format", "storage", "engine", "recovery")
 
 NOT_PROJECT = {"docs", "results", "build", "dist"}
 """Top-level folders that hold no project code (``.venv``, ``*.egg-info`` and hidden ones neither)."""
@@ -73,7 +92,11 @@ def imported_names(source: str, module: str, is_package: bool) -> set[str]:
     names: set[str] = set()
     package = module if is_package else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
+        if (is_package and isinstance(node, ast.Assign) and len(node.targets) == 1
+                and getattr(node.targets[0], "id", None) == "_EXPORTS" and isinstance(node.value, ast.Dict)):
+            # checkpointing._exports.lazy_exports: each public name is imported from its module on use
+            names.update(f"{module}.{value.value}" for value in node.value.values if isinstance(value, ast.Constant))
+        elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = imported_from(node, package)
@@ -163,6 +186,75 @@ def layer_violations(graph: dict[str, set[str]], layers: tuple[tuple[str, ...], 
     return found
 
 
+def part_of(module: str, layers: tuple[tuple[str, ...], ...]) -> str | None:
+    """The longest part name of ``layers`` that ``module`` is or lies inside of (None: none)."""
+    parts = [p for group in layers for p in group if module == p or module.startswith(p + ".")]
+    return max(parts, key=len, default=None)
+
+
+def sublayer_violations(graph: dict[str, set[str]], layers: tuple[tuple[str, ...], ...]) -> list[str]:
+    """Within the package the ``layers`` divide: each import from a part of the same or a higher
+    rank than the importer's own (its own part aside), and each module of that package in no part."""
+    rank = {part: r for r, group in enumerate(layers) for part in group}
+    package = layers[0][0].split(".")[0]
+    found = []
+    for module in sorted(graph):
+        if module.split(".")[0] != package or module == package:
+            continue
+        own = part_of(module, layers)
+        if own is None:
+            found.append(f"{module}: no place in the layers of {package}")
+            continue
+        for target in sorted(graph[module]):
+            other = part_of(target, layers)
+            if other is not None and other != own and rank[other] >= rank[own]:
+                found.append(f"{module} imports {target}: {own} may import only from {package}'s layers below it")
+    return found
+
+
+def surface_violations(imports: dict[str, list[tuple[str, str]]], public: dict[str, set[str]]) -> list[str]:
+    """Imports of ``checkpointing`` from outside it that pass its public surface by: ``imports``
+    is ``{module: [(imported module, name or "")]}`` of the code outside, ``public`` each
+    subpackage's ``__all__``."""
+    found = []
+    for module, pairs in sorted(imports.items()):
+        for target, name in pairs:
+            parts = target.split(".")
+            if parts[0] != "checkpointing":
+                continue
+            if target == "checkpointing" and name in (*public, "manager"):
+                continue
+            if target == "checkpointing.manager":
+                continue
+            if len(parts) == 2 and parts[1] in public and name in public[parts[1]]:
+                continue
+            found.append(f"{module} imports {target}{'.' + name if name else ''}: outside checkpointing, use a name "
+                         "a subpackage's __all__ lists (or checkpointing.manager)")
+    return found
+
+
+def outside_imports(root: Path, packages) -> dict[str, list[tuple[str, str]]]:
+    """``{module: [(imported module, name)]}`` of the ``checkpointing`` imports in ``packages``
+    (``import a.b`` gives ``("a.b", "")``)."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for module, path in module_files(root, packages).items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                pairs = [(a.name, "") for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                pairs = [(node.module, a.name) for a in node.names]
+            else:
+                continue
+            found.setdefault(module, []).extend(p for p in pairs if p[0].split(".")[0] == "checkpointing")
+    return found
+
+
+def public_names() -> dict[str, set[str]]:
+    import importlib
+
+    return {sub: set(importlib.import_module(f"checkpointing.{sub}").__all__) for sub in SUBPACKAGES}
+
+
 def project_packages(root: Path) -> list[str]:
     """Top-level folders holding Python files, hidden, virtual-environment and build ones aside."""
     return sorted(
@@ -228,7 +320,8 @@ def test_an_added_cycle_is_refused():
 
 def test_an_added_upward_import_is_refused():
     before = set(layer_violations(project_graph(), LAYERS))
-    for importer, imported in (("checkpointing.engine", "trainer.training"), ("tokenization.tokenizer", "interop.bpe"),
+    for importer, imported in (("checkpointing.engine.checkpoint_engine", "trainer.training"),
+                               ("tokenization.tokenizer", "interop.bpe"),
                                ("tokenization.tokenizer", "cli.flags"), ("benchmarks.runner", "scripts.bench_checkpoint"),
                                ("models.gpt", "trainer.training")):
         graph = project_graph()
@@ -240,3 +333,64 @@ def test_an_added_upward_import_is_refused():
 
 def test_a_package_without_a_layer_is_refused():
     assert layer_violations({"newpkg.thing": set()}, LAYERS) == ["newpkg.thing: package 'newpkg' has no place in LAYERS"]
+
+
+def test_checkpointing_subpackages_keep_their_order():
+    assert sublayer_violations(project_graph(), CHECKPOINTING_LAYERS) == []
+
+
+def test_an_upward_import_between_subpackages_is_refused():
+    assert set(p for g in CHECKPOINTING_LAYERS for p in g) >= {f"checkpointing.{s}" for s in SUBPACKAGES}
+    for importer, imported in (("checkpointing.base.errors", "checkpointing.format.metadata"),
+                               ("checkpointing.format.commit", "checkpointing.storage.host_pool"),
+                               ("checkpointing.recovery.loading", "checkpointing.engine.checkpoint_engine"),
+                               ("checkpointing.engine.flusher", "checkpointing.recovery.rollback"),
+                               ("checkpointing.storage.host_pool", "checkpointing.manager")):
+        graph = project_graph()
+        graph[importer].add(imported)
+        own = part_of(importer, CHECKPOINTING_LAYERS)
+        assert sublayer_violations(graph, CHECKPOINTING_LAYERS) == [
+            f"{importer} imports {imported}: {own} may import only from checkpointing's layers below it"]
+    assert sublayer_violations({"checkpointing.stray": set()}, CHECKPOINTING_LAYERS) == [
+        "checkpointing.stray: no place in the layers of checkpointing"]
+
+
+def test_code_outside_uses_the_public_surface():
+    outside = [p for p in project_packages(ROOT) if p not in ("checkpointing", "tests")]
+    assert surface_violations(outside_imports(ROOT, outside), public_names()) == []
+
+
+def test_an_internal_import_from_outside_is_refused():
+    public = public_names()
+    assert "HostPool" in public["storage"] and "CheckpointEngine" in public["engine"]
+    imports = {"trainer.x": [("checkpointing.storage", "HostPool"), ("checkpointing.manager", "CheckpointManager"),
+                             ("checkpointing.storage.host_pool", "HostPool"), ("checkpointing.engine", "landing"),
+                             ("checkpointing.base.errors", "")]}
+    assert surface_violations(imports, public) == [
+        "trainer.x imports checkpointing.storage.host_pool.HostPool: outside checkpointing, use a name a "
+        "subpackage's __all__ lists (or checkpointing.manager)",
+        "trainer.x imports checkpointing.engine.landing: outside checkpointing, use a name a subpackage's __all__ "
+        "lists (or checkpointing.manager)",
+        "trainer.x imports checkpointing.base.errors: outside checkpointing, use a name a subpackage's __all__ "
+        "lists (or checkpointing.manager)"]
+
+
+def test_each_public_name_resolves():
+    import importlib
+
+    for sub in SUBPACKAGES:
+        package = importlib.import_module(f"checkpointing.{sub}")
+        for name in package.__all__:
+            assert getattr(package, name) is not None, (sub, name)
+
+
+MAX_MODULE_LINES = 500
+"""A module past this is doing more than one thing: split it by purpose (as the engine's L0
+versions went to ``checkpointing.engine.held_versions``)."""
+
+
+def test_no_module_is_over_the_line_limit():
+    packages = [p for p in project_packages(ROOT) if p != "tests"]
+    long = {module: n for module, path in module_files(ROOT, packages).items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert long == {}, f"split these modules (over {MAX_MODULE_LINES} lines): {long}"

@@ -3,7 +3,7 @@ go back to STEP from the fastest level holding it and replay the original run bi
 abandoned versions are moved aside on every level, and a restart never resumes the old branch.
 
 The request is placed before the launch and taken at a fixed iteration
-(``GPT_CKPT_HOLD=live-request:N``, ``checkpointing.faults``), so the outcome does not depend on
+(``GPT_CKPT_HOLD=live-request:N``, ``checkpointing.base.faults``), so the outcome does not depend on
 the machine's speed. Dropout is on: a replay equal bit for bit needs the RNG states back too.
 """
 
@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from checkpointing.rollback import rollbacks
-from checkpointing.rollback_request import ANSWER_NAME, RollbackRequest, write_request
+from checkpointing.recovery.rollback import rollbacks
+from checkpointing.recovery.rollback_request import ANSWER_NAME, RollbackRequest, write_request
 from tests.launch import run_pretrain
 from trainer.metrics_file import read_metrics_file
 
@@ -195,7 +195,7 @@ def test_a_loss_spike_rolls_back_once_and_skips_what_it_states(tmp_path):
 def test_more_spikes_than_max_rollbacks_stop_the_job_with_one_clear_error(tmp_path):
     args, where = job(tmp_path, ["--micro-batch-size", "2", "--train-iters", "24"], SPIKE + ["--max-rollbacks", "1"])
     proc = run_pretrain(args, check=False, env={"GPT_CKPT_INJECT_SPIKE": "12,16"})
-    assert proc.returncode != 0
+    assert proc.returncode != 0, proc.stdout[-4000:]
     assert "--max-rollbacks 1 reached" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(read_metrics_file(str(where["metrics"])).rollbacks) == 1
     # Nothing is lost: what was committed stays, and host memory keeps its versions for a restart.

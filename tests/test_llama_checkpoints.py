@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from checkpointing.reader import CheckpointReader
+from checkpointing.format.reader import CheckpointReader
 from tests.launch import read_scalars, reshard_and_step, rollback, run_pretrain
 
 pytestmark = pytest.mark.slow

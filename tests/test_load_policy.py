@@ -4,9 +4,9 @@ process, what the policy does with each candidate and how a refusal names its re
 
 import pytest
 
-from checkpointing import keys
-from checkpointing.config import CheckpointConfig
-from checkpointing.items import TensorPiece
+from checkpointing.format import keys
+from checkpointing.base.config import CheckpointConfig
+from checkpointing.format.items import TensorPiece
 from tests.helpers import synthetic_layout
 from trainer.checkpoint_state import _true_rows, changed_settings
 
@@ -61,7 +61,7 @@ def test_finetune_flags():
 
 
 def test_only_a_format_1_checkpoint_may_hold_padded_rows():
-    from checkpointing.reader import CheckpointReader
+    from checkpointing.format.reader import CheckpointReader
 
     reader = CheckpointReader.__new__(CheckpointReader)
     wanted = frozenset({EMBEDDING})
@@ -97,9 +97,9 @@ class _LoadedState:
 def _save(root, iteration, state, layout, group, node_local=False):
     """Commit ``state`` as ``root/iter_N`` saved in ``layout``; ``node_local``: as one node's L1
     directory holds it (its metadata names the files the node holds)."""
-    from checkpointing.commit import save_and_commit
-    from checkpointing.levels import Level
-    from checkpointing.metadata import read_metadata, write_metadata
+    from checkpointing.format.commit import save_and_commit
+    from checkpointing.base.levels import Level
+    from checkpointing.format.metadata import read_metadata, write_metadata
 
     result = save_and_commit(Level("L1" if node_local else "L2", str(root), None, None), iteration, state.arrays,
                              state.save_pieces, state.capture_small_state(iteration), layout, group)
@@ -112,7 +112,7 @@ def _save(root, iteration, state, layout, group, node_local=False):
 
 
 def _loader(tmp_path, group, logs, **cfg):
-    from checkpointing.loading import CheckpointLoader
+    from checkpointing.recovery.loading import CheckpointLoader
 
     l2 = tmp_path / "shared"
     l2.mkdir(exist_ok=True)
@@ -125,7 +125,7 @@ def _loader(tmp_path, group, logs, **cfg):
 def test_a_node_local_checkpoint_of_another_layout_is_refused_as_such_not_as_damaged(tmp_path, single_process_group):
     """Two nodes ran at TP2xDP2; one restarts alone at TP1xDP1. Its L1 holds its own ranks' files
     of that layout, ``--save`` holds nothing: nothing fits, and nothing is damaged."""
-    from checkpointing.errors import CheckpointNotFoundError
+    from checkpointing.base.errors import CheckpointNotFoundError
 
     logs = []
     loader, state = _loader(tmp_path, single_process_group, logs)
@@ -164,7 +164,7 @@ def test_a_node_local_checkpoint_is_passed_over_for_the_shared_level(tmp_path, s
 def test_damaged_is_said_only_of_what_is_damaged(tmp_path, single_process_group):
     """The node-local checkpoint of another layout, and a damaged one in ``--save``: the error
     names each for what it is."""
-    from checkpointing.errors import CheckpointCorruptError
+    from checkpointing.base.errors import CheckpointCorruptError
 
     logs = []
     loader, state = _loader(tmp_path, single_process_group, logs)
@@ -188,7 +188,7 @@ def test_damaged_is_said_only_of_what_is_damaged(tmp_path, single_process_group)
 
 
 def test_a_node_local_checkpoint_does_not_serve_a_weights_only_load(tmp_path, single_process_group):
-    from checkpointing.errors import CheckpointNotFoundError
+    from checkpointing.base.errors import CheckpointNotFoundError
 
     logs = []
     loader, state = _loader(tmp_path, single_process_group, logs, load_optim=False)
@@ -200,7 +200,7 @@ def test_a_node_local_checkpoint_does_not_serve_a_weights_only_load(tmp_path, si
 
 
 def test_outcomes_agree_on_the_gravest():
-    from checkpointing.load_outcome import Attempt, Outcome, agree
+    from checkpointing.recovery.load_outcome import Attempt, Outcome, agree
 
     loaded, other = Attempt(Outcome.LOADED), Attempt(Outcome.OTHER_LAYOUT, "x is node-local")
     assert agree([loaded, loaded]) == loaded
@@ -214,7 +214,7 @@ def test_outcomes_agree_on_the_gravest():
 
 def test_the_parallel_layout_keeps_its_on_disk_form():
     """The dict a checkpoint records, key for key, in the order every format wrote it."""
-    from checkpointing.parallel_layout import ParallelLayout
+    from checkpointing.base.parallel_layout import ParallelLayout
 
     saved = {"tensor_parallel": 2, "pipeline_parallel": 1, "data_parallel": 1, "distributed_optimizer": False,
              "num_layers": 2, "bf16": False}  # as tests/fixtures/ckpt_v1_tp2_vocab100 records it

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from checkpointing.engine_stats import EngineStats
+from checkpointing.engine.engine_stats import EngineStats
 from trainer.metrics_file import MetricsFile, peak_resident_mib, read_metrics_file
 
 
@@ -101,8 +101,8 @@ def test_the_peak_device_memory_in_the_summary(tmp_path):
 def test_report_files_are_never_written_through_a_planted_link(tmp_path):
     """A metrics or trace file name someone linked elsewhere (``fs.protected_symlinks=0`` hosts
     follow links in sticky directories) is refused, and the link's target is left as it was."""
-    from checkpointing.private_files import UnsafePathError
-    from checkpointing.trace import Tracer
+    from checkpointing.base.private_files import UnsafePathError
+    from checkpointing.base.trace import Tracer
 
     target = tmp_path / "victim"
     target.write_text("precious")

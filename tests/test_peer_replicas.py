@@ -65,7 +65,7 @@ def _killed_at_9(tmp_path, nodes) -> dict[int, float]:
     assert sorted(losses) == list(range(1, 10))
     assert not os.listdir(tmp_path / "ckpt") or not any(p.startswith("iter_") for p in os.listdir(tmp_path / "ckpt"))
     assert any("-p" in name for name in _files(nodes["A"])), _files(nodes["A"])  # node A holds node B's replicas
-    listed = rollback("--list", "--save", tmp_path / "ckpt", "--host-dir", nodes["A"], "--host-dir", nodes["B"]).stdout
+    listed = rollback("--list", "--save", tmp_path / "ckpt", "--ckpt-host-dir", nodes["A"], "--ckpt-host-dir", nodes["B"]).stdout
     # HOLD makes version 8's replication whole before iteration 9 runs; version 9's may be partial
     # when the kill comes (then its line names fewer ranks), depending on the machine's speed.
     whole = [int(line.split()[1]) for line in listed.splitlines()
@@ -121,7 +121,7 @@ def test_node_lost_restart_on_survivors_in_smaller_layout(after_kill):
     """(b)"""
     tmp_path, nodes, killed = after_kill
     save = tmp_path / "ckpt"
-    from checkpointing.host_pool import job_tag
+    from checkpointing.storage.host_pool import job_tag
 
     stale = Path(nodes["A"]) / f"gptckpt-{os.getuid()}" / f"recovery-{job_tag(str(save))}-deadbeef" / "iter_0000005"
     stale.mkdir(parents=True)  # staging of a run killed midway

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from checkpointing import host_pool
+from checkpointing.storage import host_pool
 from tests.helpers import job_env
 from tests.launch import PRETRAIN, ROOT, TINY, run_pretrain
 

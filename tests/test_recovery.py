@@ -3,7 +3,7 @@ is newer than anything on disk, and replays the uninterrupted run's losses bit f
 
 import pytest
 
-from checkpointing import host_pool
+from checkpointing.storage import host_pool
 from tests.launch import TINY, read_scalars, run_pretrain
 
 pytestmark = pytest.mark.slow
@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
                "--lr", "3e-3", "--log-interval", "5", "--train-iters", "20", "--use-distributed-optimizer",
                "--async-save", "--save-interval", "1", "--ckpt-persistent-interval", "10"]
-# Held (checkpointing/faults.py): each request waits until the previous version is in L0 and every
+# Held (checkpointing/base/faults.py): each request waits until the previous version is in L0 and every
 # earlier flush is done, so what a kill after iteration N leaves behind does not depend on the
 # machine's speed: L0 holds N-1 (and N if its copy landed), L2 every due version before N.
 HOLD = {"GPT_CKPT_HOLD": "request"}

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from checkpointing.host_pool import REPLICA_SLOTS, ArraySpec, HostPool, remove_pool, slot_bytes
-from checkpointing.peer_replicas import PeerReplicaError, partners
+from checkpointing.storage.host_pool import REPLICA_SLOTS, ArraySpec, HostPool, remove_pool, slot_bytes
+from checkpointing.storage.peer_replicas import PeerReplicaError, partners
 
 FOUR_NODES = [[0, 1], [2, 3], [4, 5], [6, 7]]
 
@@ -55,10 +55,12 @@ def test_memory_inventory_skips_what_a_rollback_abandoned(tmp_path):
     out of rollback.sh's reach)."""
     import time
 
-    from checkpointing import host_pool, private_files
-    from checkpointing.items import TensorPiece
-    from checkpointing.memory_recovery import scan
-    from checkpointing.parallel_layout import ParallelLayout
+    from checkpointing.storage import host_pool
+
+    from checkpointing.base import private_files
+    from checkpointing.format.items import TensorPiece
+    from checkpointing.recovery.memory_recovery import scan
+    from checkpointing.base.parallel_layout import ParallelLayout
 
     specs = {"main": ArraySpec(16, torch.float32)}
     layout = ParallelLayout(1, 1, 2, True, 2, False)
@@ -80,7 +82,7 @@ def test_memory_inventory_skips_what_a_rollback_abandoned(tmp_path):
 
 
 def test_fewer_nodes_than_replicas_keep_fewer_and_say_so():
-    from checkpointing.peer_replicas import replicas_for
+    from checkpointing.storage.peer_replicas import replicas_for
 
     assert replicas_for(4, 2, "/dev/shm") == (2, None)
     k, warning = replicas_for(2, 2, "/dev/shm")

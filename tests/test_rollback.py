@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from checkpointing import host_pool
+from checkpointing.storage import host_pool
 from tests.launch import ROOT, TINY, read_scalars, rollback, run_pretrain
 
 pytestmark = pytest.mark.slow
@@ -43,10 +43,10 @@ def test_resume_after_rollback_replays_the_original_run(tmp_path, data_args):
         first = run_pretrain(args + ["--tensorboard-dir", str(tmp_path / "tb1"), "--ckpt-keep-host-pool"],
                              env={"GPT_CKPT_HOLD": "request"}).stdout
         assert "  L1: 8 checkpoints" in first and "  L2: 4 checkpoints" in first, first[-1500:]  # the engine's record
-        refused = rollback(23, "--save", save, "--local-dir", local, check=False)
+        refused = rollback(23, "--save", save, "--ckpt-local-dir", local, check=False)
         assert refused.returncode == 2 and "no committed checkpoint of iteration 23" in refused.stderr
         assert "[15, 20, 25, 30]" in refused.stderr, refused.stderr
-        out = rollback(20, "--save", save, "--local-dir", local, "--branch", "first-try").stdout
+        out = rollback(20, "--save", save, "--ckpt-local-dir", local, "--branch", "first-try").stdout
         assert "L2: tracker 40 -> 20" in out and "L0: version 40 set aside" in out, out
         for level, later in ((save, [30, 40]), (local, [25, 30, 35, 40])):
             assert sorted(p.name for p in (level / "branches" / "first-try").iterdir() if p.name.startswith("iter_")) == \
@@ -80,7 +80,7 @@ def test_list_shows_committed_partial_and_corrupt(tmp_path):
 
 
 def test_every_level_honours_a_rollback_it_was_not_told_of_and_a_branch_name_is_not_reused(tmp_path):
-    """``rollback.sh 20 --save DIR`` alone (no --local-dir, no --host-dir): the usual command line
+    """``rollback.sh 20 --save DIR`` alone (no --ckpt-local-dir, no --ckpt-host-dir): the usual command line
     then resumes from 20, not from L1's or a non-default L0's versions of the abandoned branch
     (``rollbacks.jsonl`` says which they are). A second rollback naming the same --branch is
     refused before anything moves."""

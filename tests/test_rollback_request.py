@@ -1,4 +1,4 @@
-"""The live-rollback request file and answer (``checkpointing.rollback_request``) and
+"""The live-rollback request file and answer (``checkpointing.recovery.rollback_request``) and
 ``scripts/rollback.sh --live`` waiting for the job's answer (no job: the answer is written here)."""
 
 import json
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from checkpointing import rollback
-from checkpointing.rollback_request import (
+from checkpointing.recovery import rollback
+from checkpointing.recovery.rollback_request import (
     ANSWER_NAME,
     REQUEST_NAME,
     RequestRefused,
@@ -101,7 +101,7 @@ def test_list_shows_each_rollbacks_branch(tmp_path, capsys):
         (folder / ".metadata").write_bytes(b"")
     (tmp_path / rollback.ROLLBACK_RECORD).write_text(
         json.dumps({"step": 15, "time": time.time(), "branch": "b1", "live": True}) + "\n")
-    assert rollback.main(["--list", "--save", str(tmp_path), "--host-dir", str(tmp_path / "shm")]) == 0
+    assert rollback.main(["--list", "--save", str(tmp_path), "--ckpt-host-dir", str(tmp_path / "shm")]) == 0
     out = capsys.readouterr().out
     assert "back to 15, branch b1 (live): L2 2 version(s) 20-25" in out, out
 

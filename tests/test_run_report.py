@@ -1,7 +1,7 @@
 """The end-of-run checkpointing summary from given numbers: every line, to the letter."""
 
-from checkpointing.engine_stats import EngineStats, FlushRecord
-from checkpointing.run_report import level_lines, rank_numbers, summary_lines
+from checkpointing.engine.engine_stats import EngineStats, FlushRecord
+from checkpointing.engine.run_report import level_lines, rank_numbers, summary_lines
 
 
 def _rank(rank, stall, thread, flusher_cpu, flushes, beside=(), alone=(), skipped=None):

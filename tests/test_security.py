@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from checkpointing import host_pool
+from checkpointing.storage import host_pool
 from tests.helpers import PickleMarker
 from tests.launch import TINY, run_pretrain
 

@@ -11,7 +11,7 @@ that no such module lands in the unit tier (``-m "not slow"``) unnoticed.
   included) starts one when its body names a primitive or another such function or class,
   followed through imports to a fixed point. So ``tests.launch.run_pretrain`` (torchrun) and
   ``tests.helpers.make_engine`` do, and so does everything that builds a
-  ``checkpointing.engine.CheckpointEngine``, whose flusher is a process of its own;
+  ``checkpointing.engine.checkpoint_engine.CheckpointEngine``, whose flusher is a process of its own;
 - a test module starts one when any of its code names such a primitive, function or class, or a
   test takes a fixture of ``tests/conftest.py`` that does.
 
@@ -196,7 +196,7 @@ def test_every_module_that_starts_processes_is_marked_slow():
 def test_the_launch_helpers_and_the_engine_count_as_starting_processes():
     starters = project_starters()
     for name in ("tests.launch.run_pretrain", "tests.launch.run_two_nodes", "tests.helpers.make_engine",
-                 "checkpointing.engine.CheckpointEngine"):
+                 "checkpointing.engine.checkpoint_engine.CheckpointEngine"):
         assert starters.starts(name), name
     for name in ("tests.helpers.free_port", "tests.helpers.SyntheticState", "subprocess.TimeoutExpired"):
         assert not starters.starts(name), name
@@ -237,7 +237,7 @@ def test_a_module_that_spawns_without_the_mark_is_refused():
                           ("import os", "os.system('true')"),
                           ("from tests.launch import run_pretrain", "run_pretrain([])"),
                           ("from tests import helpers", "helpers.make_engine(None, None, None)"),
-                          ("from checkpointing.engine import CheckpointEngine", "CheckpointEngine")):
+                          ("from checkpointing.engine.checkpoint_engine import CheckpointEngine", "CheckpointEngine")):
         bare = SPAWNING_TEST.format(imports=imports, mark="", call=call)
         assert refused(bare), imports
         marked = SPAWNING_TEST.format(imports=imports, mark="pytestmark = pytest.mark.slow", call=call)

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from checkpointing import host_pool
+from checkpointing.storage import host_pool
 from tests.browser import Chromium, find_chromium
 from tests.helpers import free_port
 from tests.launch import ROOT, TINY, run_pretrain
@@ -27,7 +27,7 @@ SCREENSHOT = ROOT / "docs" / "tensorboard-checkpoint-stall.png"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """Held (``GPT_CKPT_HOLD=flush``, checkpointing/pacing.py), so that what is checked does not
+    """Held (``GPT_CKPT_HOLD=flush``, checkpointing/engine/pacing.py), so that what is checked does not
     depend on the machine's speed: zero-copy snapshots in 2 slots, every version flushed to L1,
     and each flush starts writing its slot only once a step is blocked in a fence on that slot, so
     every step from the third stalls at a fence on every rank, and nothing is superseded (L2 gets
@@ -112,7 +112,7 @@ def test_end_of_run_summary(run):
 def test_metrics_file_has_the_logged_iterations_and_the_summarys_numbers(run):
     """``--metrics-file``: the logging rank's (the last) object per logged iteration, its stall as
     the engine counted it, and a summary whose numbers print the console's summary again."""
-    from checkpointing.run_report import summary_lines
+    from checkpointing.engine.run_report import summary_lines
     from tests.launch import read_scalars
     from trainer.metrics_file import read_metrics_file
 
@@ -162,7 +162,7 @@ def test_tensorboard_page_shows_the_stall_chart_in_chromium(run, tmp_path):
         shot = tmp_path / "shot.png"
         browser.screenshot(str(shot))
         assert shot.stat().st_size > 10_000
-        if os.environ.get("UPDATE_SCREENSHOT") == "1":  # refresh the README's picture
+        if os.environ.get("UPDATE_SCREENSHOT") == "1":  # refresh the picture in docs/checkpointing.md
             SCREENSHOT.parent.mkdir(exist_ok=True)
             shutil.copy(shot, SCREENSHOT)
     finally:

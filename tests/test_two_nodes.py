@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
-from checkpointing.discovery import list_checkpoints
-from checkpointing.inventory import check_directory, l0_entries
+from checkpointing.format.discovery import list_checkpoints
+from checkpointing.recovery.inventory import check_directory, l0_entries
 from tests.launch import TINY, read_scalars, run_two_nodes
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ ARGS = TINY + ["--vocab-size", "1024", "--mock-data", "--micro-batch-size", "2",
                "--lr", "3e-3", "--log-interval", "1", "--train-iters", "20", "--tensor-model-parallel-size", "2",
                "--use-distributed-optimizer"]
 CKPT = ["--async-save", "--save-interval", "1", "--ckpt-local-interval", "4", "--ckpt-persistent-interval", "12"]
-# Held (checkpointing/faults.py): each request waits until the previous version is in L0 and every
+# Held (checkpointing/base/faults.py): each request waits until the previous version is in L0 and every
 # earlier flush is done, so what a kill after iteration N leaves does not depend on the machine's
 # speed: L0 holds N-1 (and N if its copy landed), every level each due version before N.
 HOLD = {"GPT_CKPT_HOLD": "request"}
@@ -101,7 +101,7 @@ def test_slurm_batch_script_runs_two_nodes(tmp_path):
     import os
     import subprocess
 
-    from checkpointing import host_pool
+    from checkpointing.storage import host_pool
     from tests.helpers import free_port
     from tests.launch import ROOT
 

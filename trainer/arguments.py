@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from checkpointing.config import CheckpointConfig
+from checkpointing.base import CheckpointConfig
 from cli.flags import add_flags, flag_name, flag_values
 from models.config import PRESETS, GPTModelConfig, RecomputeConfig
 from models.fusions import KernelFusions

@@ -1,4 +1,4 @@
-"""The trainer's state as the checkpoint layer sees it (``checkpointing.items``).
+"""The trainer's state as the checkpoint layer sees it (``checkpointing.format.items``).
 
 Saved, per optimizer piece (a row-rectangle of one parameter in one optimizer shard):
 ``optimizer.state.{fp32_param,exp_avg,exp_avg_sq}.<param>`` and the model weight ``<param>``.
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from checkpointing import keys
-from checkpointing.errors import CheckpointMismatchError
-from checkpointing.items import LoadedParts, TensorPiece
-from checkpointing.parallel_layout import ParallelLayout
+from checkpointing.format import keys
+from checkpointing.base import CheckpointMismatchError
+from checkpointing.format import LoadedParts, TensorPiece
+from checkpointing.base import ParallelLayout
 from models.param_layout import GlobalParamSpec
 from models.vocab import VOCAB_PARAMS, true_vocab_rows
 from trainer.flat_buffers import ParamSpan
@@ -98,7 +98,7 @@ def changed_settings(saved_args: dict, current_args: dict) -> list[str]:
 
 
 class TrainerCheckpointState:
-    """Implements :class:`checkpointing.items.CheckpointableState` for a :class:`Trainer`."""
+    """Implements :class:`checkpointing.format.items.CheckpointableState` for a :class:`Trainer`."""
 
     def __init__(self, trainer):
         self.trainer = trainer

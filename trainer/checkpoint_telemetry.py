@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from checkpointing.levels import DISK_LEVELS
+from checkpointing.base import DISK_LEVELS
 
 FIXED = 6 + 2 * len(DISK_LEVELS)  # stall, fence waits, copy ms, busy slots, flusher CPU ms, (bytes, seconds) per level, training-thread ms
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from checkpointing.config import CheckpointConfig
+from checkpointing.base import CheckpointConfig
 from checkpointing.manager import CheckpointManager
 from trainer.checkpoint_state import TrainerCheckpointState
 

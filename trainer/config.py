@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from cli.flags import flag, flag_name
 
-from checkpointing.config import CheckpointConfig
+from checkpointing.base import CheckpointConfig
 from models.config import GPTModelConfig, RecomputeConfig
 from models.fusions import KernelFusions
 from models.gpt import ATTENTION_BACKENDS, TRANSFORMER_IMPLS, check_attention_backend, default_attention_backend

@@ -19,7 +19,7 @@ raised by several ranks, or counted by two reductions, is still just raised).
 from __future__ import annotations
 
 ROLLBACK_REQUESTED = 0
-"""Rank 0 found a valid live-rollback request file (``checkpointing.rollback_request``)."""
+"""Rank 0 found a valid live-rollback request file (``checkpointing.recovery.rollback_request``)."""
 LOSS_SPIKE = 1
 """The last pipeline stage saw a loss spike or a non-finite loss (``trainer.live_rollback``)."""
 COUNT = 2

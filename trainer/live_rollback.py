@@ -11,7 +11,7 @@
   least ``--rollback-distance`` iterations before the spike, optionally skipping the batches up to
   it, at most ``--max-rollbacks`` times.
 
-Both end in ``checkpointing.live_rollback.roll_back_live`` at the same iteration boundary on
+Both end in ``checkpointing.recovery.live_rollback.roll_back_live`` at the same iteration boundary on
 every rank; what the trainer then changes (its iteration, the iterations it skips, a new LR
 schedule, TensorBoard's run directory) is done here.
 """
@@ -25,10 +25,10 @@ import statistics
 import time
 from collections import deque
 
-from checkpointing import faults
-from checkpointing.agreement import gather_from_all
-from checkpointing.live_rollback import LiveRollbackRefused, held_steps, roll_back_live
-from checkpointing.rollback_request import (
+from checkpointing.base import faults
+from checkpointing.base import gather_from_all
+from checkpointing.recovery import LiveRollbackRefused, held_steps, roll_back_live
+from checkpointing.recovery import (
     RequestRefused,
     RollbackAnswer,
     RollbackRequest,
@@ -95,7 +95,7 @@ class LiveRollbacks:
         """Rollbacks past spikes so far (``--max-rollbacks``)."""
         self.branches = 0
         self._next_check = 0.0
-        self._paced = faults.holds("live-request")  # a test's pacing (checkpointing.faults); off in a real job
+        self._paced = faults.holds("live-request")  # a test's pacing (checkpointing.base.faults); off in a real job
 
     # -- inside the step, before its reductions ----------------------------------------------------
     def raise_flags(self, iteration: int, loss: float) -> float:

@@ -28,9 +28,9 @@ The ``checkpoint_*`` fields come with the asynchronous engine
 (``--async-save``): this rank's stall in that iteration (fence waits and waits for a free slot)
 and in the run so far. ``checkpoint`` in the summary (present when the engine ran) holds the
 numbers the end-of-run checkpointing summary is made of: every rank's (``ranks``, each one
-``checkpointing.run_report.rank_numbers``) and the run's (``levels``, ``train_seconds``,
+``checkpointing.engine.run_report.rank_numbers``) and the run's (``levels``, ``train_seconds``,
 ``zero_copy``, ``bytes_copied``, ``machine``: idle and steal shares, ``cpus``); with them
-``checkpointing.run_report.summary_lines`` prints the summary again. A loss that is not finite is written as
+``checkpointing.engine.run_report.summary_lines`` prints the summary again. A loss that is not finite is written as
 Python's ``json`` writes it (``NaN``, ``Infinity``), which :func:`read_metrics_file` reads back.
 Each object is flushed as it is written, so a killed run keeps every line it logged.
 """
@@ -44,7 +44,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from checkpointing.private_files import open_own
+from checkpointing.base import open_own
 
 ITERATION = "iteration"
 VALIDATION = "validation"

@@ -9,7 +9,7 @@ per-parameter tensors, loadable into any TP/PP/DP layout.
 
 from __future__ import annotations
 
-from checkpointing.items import TensorPiece
+from checkpointing.format import TensorPiece
 from models.param_layout import GlobalParamSpec
 from trainer.flat_buffers import RowGeometry
 from trainer.optimizer import DistributedAdam

@@ -2,7 +2,7 @@
 
 torchrun's agent stops its workers when it is asked to, but an agent killed outright (SIGKILL, an
 OOM kill) leaves them running as orphans: still training, still holding their checkpoint
-directories, and a relaunch then meets them (``checkpointing.job_lock`` refuses it, naming them).
+directories, and a relaunch then meets them (``checkpointing.base.job_lock`` refuses it, naming them).
 Under torchrun each trainer therefore asks the kernel to SIGKILL it when its parent dies
 (``PR_SET_PDEATHSIG``); the L0 pool it leaves is what the next launch recovers from.
 """

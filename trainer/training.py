@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpointing import faults
-from checkpointing.flusher_template import start_template
+from checkpointing.base import faults
+from checkpointing.engine import start_template
 from checkpointing.manager import claim_checkpoint_dirs
-from checkpointing.trace import Tracer
+from checkpointing.base import Tracer
 from models.cpu_compat import apply_cpu_compat
 from models.fusions import resolve_fusions
 from models.gpt import build_gpt_model

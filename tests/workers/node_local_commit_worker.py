@@ -21,16 +21,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from checkpointing.commit import save_and_commit  # noqa: E402
-from checkpointing.durable import CheckpointWriteError  # noqa: E402
-from checkpointing.flusher import _node_groups  # noqa: E402
-from checkpointing.items import TensorPiece  # noqa: E402
-from checkpointing.levels import Level  # noqa: E402
-from checkpointing.metadata import METADATA_NAME, read_metadata  # noqa: E402
-from checkpointing.parallel_layout import ParallelLayout  # noqa: E402
-from checkpointing.reader import CheckpointReader  # noqa: E402
-from checkpointing.save_plan import SavePlan  # noqa: E402
-from checkpointing.writer import data_file_name  # noqa: E402
+from checkpointing.format.commit import save_and_commit  # noqa: E402
+from checkpointing.base.durable import CheckpointWriteError  # noqa: E402
+from checkpointing.engine.flusher import _node_groups  # noqa: E402
+from checkpointing.format.items import TensorPiece  # noqa: E402
+from checkpointing.base.levels import Level  # noqa: E402
+from checkpointing.format.metadata import METADATA_NAME, read_metadata  # noqa: E402
+from checkpointing.base.parallel_layout import ParallelLayout  # noqa: E402
+from checkpointing.format.reader import CheckpointReader  # noqa: E402
+from checkpointing.format.save_plan import SavePlan  # noqa: E402
+from checkpointing.format.writer import data_file_name  # noqa: E402
 
 LAYOUT = ParallelLayout(tensor_parallel=1, pipeline_parallel=1, data_parallel=4, distributed_optimizer=True,
                         num_layers=1, bf16=False)

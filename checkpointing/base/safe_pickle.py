@@ -1,0 +1,128 @@
+"""Reading pickles that someone else may have written, without running their code.
+
+Unpickling calls whatever global the pickle names: a checkpoint file is code. Everything this
+project reads back goes through one of two restricted loaders:
+
+- tensors and the small state (iteration, arguments, RNG states): ``torch.load(weights_only=True)``,
+  which admits tensors, builtin containers and scalars, plus numpy's array reconstruction (numpy's
+  RNG state is a uint32 array; torch's documentation names these globals as safe to allow);
+- DCP's ``.metadata``: a stock pickle (stock readers need it), read by an unpickler that admits
+  only ``torch.distributed.checkpoint``'s metadata classes, ``torch.Size``, torch dtypes and the
+  layout helper, and names anything else it meets.
+
+A file that needs more is refused with :class:`CheckpointUntrustedError`, unless the caller
+passes ``trust=True`` (``--trust-checkpoint-pickles``: the user vouches for the checkpoint).
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import pickle
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from checkpointing.base.errors import CheckpointCorruptError, CheckpointUntrustedError
+
+TRUST_HINT = ("If you wrote this checkpoint yourself and no one else can write its directory, pass "
+              "--trust-checkpoint-pickles")
+
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+# numpy's RNG state (np.random.get_state()) holds a uint32 array.
+NUMPY_GLOBALS = [_numpy_reconstruct(), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_objects(blob: bytes, where: str, trust: bool = False) -> tuple[Any, bool]:
+    """Unpickle a ``torch.save`` blob (a tensor chunk or a small object) safely.
+
+    Returns (value, whether full unpickling was needed); raises :class:`CheckpointUntrustedError`
+    if it is needed and ``trust`` is False, :class:`CheckpointCorruptError` if the bytes are damaged.
+    """
+    try:
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), False
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise CheckpointCorruptError(f"cannot decode {where}: {error}") from error
+        if not trust:
+            reason = str(error).split("\n")
+            named = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0])
+            raise CheckpointUntrustedError(
+                f"{where} needs full unpickling, which would run code from the file ({named[:200]}); refused. "
+                f"{TRUST_HINT}") from None
+    except Exception as error:  # torch.load raises many types on damaged bytes
+        raise CheckpointCorruptError(f"cannot decode {where}: {error}") from error
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False), True
+    except Exception as error:  # as above: damaged bytes
+        raise CheckpointCorruptError(f"cannot decode {where}: {error}") from error
+
+
+def _allowed_dcp_global(module: str, name: str) -> bool:
+    if module == "torch.distributed.checkpoint.metadata":
+        import torch.distributed.checkpoint.metadata as dcp_metadata
+
+        return isinstance(getattr(dcp_metadata, name, None), type)  # its dataclasses and enums
+    if (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                          ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}:
+        return True
+    return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+
+
+_MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+def check_pickle_bounds(data: bytes, where: str) -> None:
+    """Refuse a pickle whose opcodes could make the unpickler allocate beyond its own size: a
+    memo index past the opcodes that could have filled it (one flipped bit of ``BINPUT`` into
+    ``LONG_BINPUT`` asks for gigabytes), a length past the end of the data, an unknown opcode.
+    For pickles no checksum vouches for; raises :class:`CheckpointCorruptError`."""
+    import pickletools
+
+    try:
+        for count, (opcode, argument, _position) in enumerate(pickletools.genops(data)):
+            if opcode.name in _MEMO_OPCODES and (not isinstance(argument, int) or not 0 <= argument <= count):
+                raise CheckpointCorruptError(f"{where}: memo index {argument} at opcode {count}; the file is damaged")
+    except (ValueError, TypeError, UnicodeDecodeError) as error:  # what genops raises on bytes that are no pickle
+        raise CheckpointCorruptError(f"{where} is not a well-formed pickle ({error}); the file is damaged") from error
+
+
+def _enum_member(owner: Any, name: Any) -> Any:
+    """``getattr`` as Python 3.11.0-3.11.4 pickle enum members with it (Debian 12 ships 3.11.2):
+    a member of an enum class this unpickler admits, by its name, and nothing else."""
+    if (isinstance(owner, type) and issubclass(owner, enum.Enum) and isinstance(name, str)
+            and name in owner.__members__ and _allowed_dcp_global(owner.__module__, owner.__qualname__)):
+        return owner.__members__[name]
+    raise CheckpointUntrustedError(f"it calls getattr({owner!r:.80}, {name!r:.80}), which is not an enum member of DCP's metadata")
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if _allowed_dcp_global(module, name):
+            return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
+        raise CheckpointUntrustedError(f"it names {module}.{name}, which is not part of DCP's metadata")
+
+
+def load_dcp_metadata(file: BinaryIO, where: str, trust: bool = False) -> tuple[Any, bool]:
+    """DCP's ``.metadata`` from ``file``; returns (metadata, whether full unpickling was needed).
+    Raises :class:`CheckpointUntrustedError` (refused, nothing run) or ``pickle`` errors on
+    damaged bytes."""
+    data = file.read()
+    try:
+        return _DcpMetadataUnpickler(io.BytesIO(data)).load(), False
+    except CheckpointUntrustedError as refused:
+        if not trust:
+            raise CheckpointUntrustedError(f"{where} refused: {refused}; nothing in it was run. {TRUST_HINT}") from None
+    return pickle.loads(data), True
