@@ -65,6 +65,7 @@ def claim_checkpoint_dirs(cfg: CheckpointConfig, rank: int, group=None) -> None:
     (:mod:`checkpointing.base.job_lock`), before any heavy work and before anything is read. Collective
     over ``group`` (None: the default group): a refusal on any rank is raised on every rank."""
     from checkpointing.base import job_lock, private_files
+    from checkpointing.format.discovery import megatron_checkpoint_in
     from checkpointing.storage import host_pool
 
     error: tuple[bool, str] | None = None
@@ -79,6 +80,11 @@ def claim_checkpoint_dirs(cfg: CheckpointConfig, rank: int, group=None) -> None:
             # A misspelled --load would otherwise start from scratch with one easy-to-miss line.
             raise SaveDirError(errno.ENOENT, f"--load {cfg.load} does not exist; check the path. A fresh run "
                                              "leaves --load out, or gives it the same directory as --save")
+        megatron = megatron_checkpoint_in(cfg.load) if cfg.load and os.path.isdir(cfg.load) else None
+        if megatron is not None:
+            raise SaveDirError(f"--load {cfg.load}: {megatron} is a Megatron-LM torch_dist checkpoint; "
+                                             f"convert it first: scripts/convert_checkpoint.py --from megatron "
+                                             f"{cfg.load} NEW_DIR, then --load NEW_DIR --finetune")
         for directory in (cfg.save, cfg.local_dir):
             if directory:
                 probe_writable(directory, rank)

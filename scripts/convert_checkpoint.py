@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert between this trainer's checkpoints and Hugging Face ``transformers`` GPT-2 and Llama.
+"""Convert between this trainer's checkpoints and Hugging Face ``transformers`` GPT-2 and Llama,
+or Megatron-LM's ``--ckpt-format torch_dist`` checkpoints.
 
     # a checkpoint of any layout and level (its newest, or --iteration N) -> a GPT-2 directory,
     # or a Llama one if the run trained a Llama-style model (RoPE, RMSNorm, SwiGLU, GQA, no biases)
@@ -8,7 +9,13 @@
     python scripts/convert_checkpoint.py --from hf hf-model ckpts-from-hf
     torchrun ... scripts/pretrain_gpt.py <model flags it prints> --load ckpts-from-hf --finetune
 
-Needs the ``hf`` extra (``pip install -e .[hf]``). Every chunk read is checksum-verified.
+    # a Megatron-LM torch_dist checkpoint (its save directory, or one iter_N) -> weights only (iteration 0)
+    python scripts/convert_checkpoint.py --from megatron megatron-ckpts ckpts-from-megatron
+    # ours -> a Megatron-LM save directory (iter_N, latest_checkpointed_iteration.txt), TP1 x PP1
+    python scripts/convert_checkpoint.py --to megatron ckpts megatron-ckpts
+
+The Hugging Face paths need the ``hf`` extra (``pip install -e .[hf]``); the Megatron-LM ones need
+nothing more than training does. Every chunk read from our checkpoints is checksum-verified.
 """
 
 import argparse
@@ -20,17 +27,22 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from checkpointing.base import CheckpointConfig  # noqa: E402  (no torch: --help answers at once)
-from cli.flags import add_flag  # noqa: E402
+from cli.flags import add_flag, command_line  # noqa: E402
+from models.config import GPTModelConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--to", choices=("hf",), help="export CKPT_DIR to the transformers directory OUT_DIR")
-    way.add_argument("--from", dest="from_", choices=("hf",), help="import the transformers directory SRC as checkpoint OUT_DIR")
-    p.add_argument("src", help="--to hf: a checkpoint directory (--save/--load, L1, or one iter_N); --from hf: a model directory")
+    way.add_argument("--to", choices=("hf", "megatron"),
+                     help="export the checkpoint SRC to a transformers directory or a Megatron-LM save directory OUT")
+    way.add_argument("--from", dest="from_", choices=("hf", "megatron"),
+                     help="import a transformers directory or a Megatron-LM torch_dist checkpoint SRC as checkpoint OUT")
+    p.add_argument("src", help="--to: a checkpoint directory (--save/--load, L1, or one iter_N); --from hf: a model "
+                               "directory; --from megatron: a Megatron-LM save directory or one of its iter_N")
     p.add_argument("out", help="the directory to write (new or empty)")
-    p.add_argument("--iteration", type=int, help="--to hf: export this iteration (default: the newest committed)")
+    p.add_argument("--iteration", type=int, help="--to, --from megatron: convert this iteration (default: the newest "
+                                                 "committed)")
     p.add_argument("--vocab-file", help="--to hf: the run's vocab.json, if it moved since training")
     p.add_argument("--merge-file", help="--to hf: the run's merges.txt, if it moved since training")
     p.add_argument("--tokenizer-model", help="--to hf: the run's tokenizer.json directory (HuggingFaceTokenizer), "
@@ -41,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="--to hf: largest safetensors file")
     add_flag(p, CheckpointConfig, "verify_checksums")  # declared once, as the trainer has them
     add_flag(p, CheckpointConfig, "trust_pickles")
+    megatron = p.add_argument_group("--from megatron: the model's options a model-only save (no args in its "
+                                    "common.pt) cannot tell from its tensors")
+    for field in ("num_attention_heads", "num_query_groups", "vocab_size", "seq_length", "rotary_base",
+                  "norm_epsilon"):
+        add_flag(megatron, GPTModelConfig, field, default=None)
     p.add_argument("--allow-activation-mismatch", action="store_true",
                    help="--from hf: import a model with tanh-approximated GELU (gelu_new) although this trainer's "
                         "MLP computes the exact GELU (except with --bias-gelu-fusion on CUDA)")
@@ -92,21 +109,67 @@ def _import(args) -> None:
     print("  scripts/pretrain_gpt.py " + " ".join(result.trainer_flags(args.out)) + " ...")
 
 
+def _from_megatron(args) -> None:
+    from interop.megatron_convert import import_from_megatron
+
+    given = {name: getattr(args, name) for name in ("num_attention_heads", "num_query_groups", "vocab_size",
+                                                    "seq_length", "rotary_base", "norm_epsilon")}
+    if given["num_query_groups"] is not None:
+        given["group_query_attention"] = True
+    result = import_from_megatron(args.src, args.out, given, args.iteration, trust_pickles=args.trust_pickles)
+    a = result.model_args
+    print(f"> imported {result.source} (Megatron-LM torch_dist, {a['num_layers']} layers, hidden {a['hidden_size']}, "
+          f"{a['num_attention_heads']} heads, vocabulary {a['vocab_size']}, {str(result.dtype).removeprefix('torch.')}) "
+          f"into {result.checkpoint}: weights only, {result.weight_bytes / 1e6:.1f} MB")
+    for note in result.notes:
+        print(f"> note: {note}")
+    shape = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings",
+             "seq_length", "vocab_size")
+    flags = [str(f) for f in command_line(GPTModelConfig, a, always=shape)]
+    print("> train from it (iteration 0, a fresh optimizer), in any layout:")
+    print("  scripts/pretrain_gpt.py " + " ".join(flags + ["--load", args.out, "--finetune"]) + " ...")
+
+
+def _to_megatron(args) -> None:
+    from interop.megatron_convert import export_to_megatron
+
+    result = export_to_megatron(args.src, args.out, args.iteration, args.verify_checksums, args.trust_pickles)
+    a = result.model_args
+    print(f"> exported iteration {result.iteration} of {result.source} to {result.checkpoint} (Megatron-LM torch_dist, "
+          f"TP1 x PP1, {a['num_layers']} layers, hidden {a['hidden_size']}, vocabulary {a['vocab_size']} padded to "
+          f"{result.padded_vocab}; {result.weight_bytes / 1e6:.1f} MB of weights)")
+    print(f"> Megatron-LM: --load {args.out} --ckpt-format torch_dist with the same model flags (and --finetune or "
+          "--no-load-optim --no-load-rng: the checkpoint holds the model only)")
+
+
 def main() -> int:
     args = build_parser().parse_args()
-    if args.from_ and (args.iteration is not None or args.vocab_file or args.merge_file or args.tokenizer_model
-                       or args.activation):
-        print("convert_checkpoint.py: error: --iteration, --vocab-file, --merge-file, --tokenizer-model and --activation "
-              "are for --to hf",
-              file=sys.stderr)
+    megatron_only = ("num_attention_heads", "num_query_groups", "vocab_size", "seq_length", "rotary_base",
+                     "norm_epsilon")
+    if args.from_ != "megatron" and any(getattr(args, name) is not None for name in megatron_only):
+        print("convert_checkpoint.py: error: --num-attention-heads, --num-query-groups, --vocab-size, --seq-length, "
+              "--rotary-base and --norm-epsilon are for --from megatron", file=sys.stderr)
+        return 2
+    if args.from_ and (args.vocab_file or args.merge_file or args.tokenizer_model or args.activation):
+        print("convert_checkpoint.py: error: --vocab-file, --merge-file, --tokenizer-model and --activation are for "
+              "--to hf", file=sys.stderr)
+        return 2
+    if args.from_ == "hf" and args.iteration is not None:
+        print("convert_checkpoint.py: error: --iteration is for --to and --from megatron", file=sys.stderr)
         return 2
     try:
         from checkpointing.base import CheckpointError
         from interop.conversion_error import ConversionError
 
-        (_export if args.to else _import)(args)
+        if args.to == "megatron":
+            _to_megatron(args)
+        elif args.from_ == "megatron":
+            _from_megatron(args)
+        else:
+            (_export if args.to else _import)(args)
     except ImportError as error:
-        print(f"convert_checkpoint.py: error: {error}; install the hf extra: pip install -e '.[hf]'", file=sys.stderr)
+        extra = "; install the hf extra: pip install -e '.[hf]'" if "hf" in (args.to, args.from_) else ""
+        print(f"convert_checkpoint.py: error: {error}{extra}", file=sys.stderr)
         return 2
     except (ConversionError, CheckpointError, ValueError, OSError) as error:  # each names the fix
         print(f"convert_checkpoint.py: error: {error}", file=sys.stderr)

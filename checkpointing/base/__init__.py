@@ -16,6 +16,7 @@ _EXPORTS = {
     "gather_from_all": "agreement",
     "open_own": "private_files",
     "Tracer": "trace",
+    "load_dcp_metadata": "safe_pickle", "load_objects": "safe_pickle",
 }
 # Public whole: two modules are public whole: fault points, level names.
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, modules=("faults", "levels"))

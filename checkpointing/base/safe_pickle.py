@@ -7,8 +7,9 @@ project reads back goes through one of two restricted loaders:
   which admits tensors, builtin containers and scalars, plus numpy's array reconstruction (numpy's
   RNG state is a uint32 array; torch's documentation names these globals as safe to allow);
 - DCP's ``.metadata``: a stock pickle (stock readers need it), read by an unpickler that admits
-  only ``torch.distributed.checkpoint``'s metadata classes, ``torch.Size``, torch dtypes and the
-  layout helper, and names anything else it meets.
+  only ``torch.distributed.checkpoint``'s metadata classes (and its save-plan dataclasses, which
+  megatron-core's metadata holds), ``torch.Size``, torch dtypes and the layout helper, and names
+  anything else it meets.
 
 A file that needs more is refused with :class:`CheckpointUntrustedError`, unless the caller
 passes ``trust=True`` (``--trust-checkpoint-pickles``: the user vouches for the checkpoint).
@@ -42,14 +43,15 @@ def _numpy_reconstruct():
 NUMPY_GLOBALS = [_numpy_reconstruct(), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def load_objects(blob: bytes, where: str, trust: bool = False) -> tuple[Any, bool]:
+def load_objects(blob: bytes, where: str, trust: bool = False, allowed: tuple[Any, ...] = ()) -> tuple[Any, bool]:
     """Unpickle a ``torch.save`` blob (a tensor chunk or a small object) safely.
 
     Returns (value, whether full unpickling was needed); raises :class:`CheckpointUntrustedError`
     if it is needed and ``trust`` is False, :class:`CheckpointCorruptError` if the bytes are damaged.
+    ``allowed``: more globals the caller's format puts there (Megatron-LM's ``argparse.Namespace``).
     """
     try:
-        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+        with torch.serialization.safe_globals([*NUMPY_GLOBALS, *allowed]):
             return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
@@ -68,7 +70,14 @@ def load_objects(blob: bytes, where: str, trust: bool = False) -> tuple[Any, boo
         raise CheckpointCorruptError(f"cannot decode {where}: {error}") from error
 
 
+_DCP_PLAN_CLASSES = frozenset({"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"})
+"""DCP's save-plan dataclasses: megatron-core keeps the plans of a save in its ``.metadata``
+(to reuse them), so a Megatron-LM checkpoint's metadata names them."""
+
+
 def _allowed_dcp_global(module: str, name: str) -> bool:
+    if module == "torch.distributed.checkpoint.planner":
+        return name in _DCP_PLAN_CLASSES
     if module == "torch.distributed.checkpoint.metadata":
         import torch.distributed.checkpoint.metadata as dcp_metadata
 

@@ -64,3 +64,28 @@ def load_candidates(root: str, step: int | None = None) -> tuple[list[StoredChec
                 notes.append(f"{c.path} is newer than the tracker ({tracker}); not loaded")
         committed = [c for c in committed if c.iteration <= tracker]
     return committed[::-1], notes
+
+
+MEGATRON_METADATA_JSON = "metadata.json"
+"""What megatron-core's ``dist_checkpointing`` writes beside a checkpoint's DCP files."""
+
+
+def megatron_checkpoint_in(root: str) -> str | None:
+    """The Megatron-LM torch_dist checkpoint ``root`` is or holds (its tracker's ``iter_N`` or
+    ``release``), or None: our loader cannot read one (``convert_checkpoint.py --from megatron``
+    can), and it should say so rather than call its files damaged."""
+    candidates = [root]
+    try:
+        with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
+            text = f.read().strip()
+        candidates.append(os.path.join(root, "release" if text == "release" else f"iter_{int(text):07d}"))
+    except (OSError, ValueError):
+        pass
+    for path in candidates:
+        try:
+            with open(os.path.join(path, MEGATRON_METADATA_JSON)) as f:
+                if '"torch_dist"' in f.read(4096):
+                    return path
+        except OSError:
+            continue
+    return None
