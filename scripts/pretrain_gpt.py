@@ -52,10 +52,16 @@ def main() -> int:
         return 2
     from checkpointing.base import CheckpointError, CheckpointWriteError, FlusherError
     from checkpointing.manager import SaveDirError
+    from trainer.data import DataError
     from trainer.live_rollback import RollbackLimitError
 
     try:
         pretrain(job, device_ctx)
+    except DataError as error:
+        # Found by the ranks that read the offending sample, not agreed: each of them says it.
+        print(f"pretrain_gpt.py: error on rank {os.environ.get('RANK', '0')}: {error}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
     except (CheckpointError, CheckpointWriteError, SaveDirError, RollbackLimitError) as error:
         if isinstance(error, FlusherError) or os.environ.get("GPT_DEBUG") or os.environ.get("GPT_TRACEBACK"):
             traceback.print_exc()  # a flusher's failure is ours to debug: its traceback matters

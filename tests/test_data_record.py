@@ -77,3 +77,22 @@ def test_data_prepared_before_records_still_trains_with_the_byte_tokenizer(tmp_p
     prepare(prefix, "ByteTokenizer")
     (tmp_path / "old.tokenizer.json").unlink()
     assert parse_job_config(MODEL + ["--data-path", prefix]).tokenizer_type == "ByteTokenizer"
+    job = parse_job_config(MODEL + ["--data-path", prefix])
+    from trainer.data import prefixes_without_record
+
+    assert prefixes_without_record(job.data) == [prefix]  # pretrain warns about each of them
+
+
+def test_a_token_past_the_vocabulary_stops_with_the_prefix_named_not_deep_in_the_embedding(tmp_path):
+    """Data without a record, read with a tokenizer smaller than the one it was prepared with:
+    the sample that holds a too-large id is refused by name (a DataError), before the model sees it."""
+    from trainer.data import DataError, build_dataset
+
+    prefix = str(tmp_path / "old")
+    prepare(prefix, "ByteTokenizer")  # ids up to 256
+    (tmp_path / "old.tokenizer.json").unlink()
+    job = parse_job_config(MODEL + ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"])
+    dataset = build_dataset(job.data, "train", job.model.vocab_size, seed=1)
+    with pytest.raises(DataError, match=f"--data-path {prefix}: token id .* is past this run's vocabulary of 100"):
+        dataset.sample(0)
+    assert int(build_dataset(job.data, "train", 257, seed=1).sample(0).max()) < 257  # the right vocabulary reads it

@@ -122,6 +122,19 @@ class MockGPTDataset:
         return (start + step * torch.arange(self.seq_length + 1)) % self.vocab_size
 
 
+class DataError(ValueError):
+    """The data cannot feed this run's model (a token id past its vocabulary): which prefix, which
+    sample, and what to do."""
+
+
+def prefixes_without_record(cfg: DataConfig) -> list[str]:
+    """The ``--data-path`` prefixes prepared before the tokenizer was recorded beside the data
+    (``tokenization.data_record``): they train with the tokenizer the flags name, unchecked."""
+    from tokenization.data_record import read_record
+
+    return [] if cfg.mock_data else [prefix for _, prefix in cfg.blend if read_record(prefix) is None]
+
+
 class IndexedGPTDataset:
     """Samples of ``seq_length + 1`` consecutive tokens of a megatron-core indexed dataset.
 
@@ -130,8 +143,13 @@ class IndexedGPTDataset:
     visited in a seeded permutation per epoch.
     """
 
-    def __init__(self, prefix: str, seq_length: int, seed: int, split: str, weights, salt: int | None = None):
-        """``salt``: in a blend, the prefix's place in it (each prefix then has an order of its own)."""
+    def __init__(self, prefix: str, seq_length: int, seed: int, split: str, weights, salt: int | None = None,
+                 vocab_size: int | None = None):
+        """``salt``: in a blend, the prefix's place in it (each prefix then has an order of its own).
+        ``vocab_size``: every sample is checked to hold only ids below it (data prepared with
+        another tokenizer would otherwise fail deep in the embedding)."""
+        self.prefix = prefix
+        self.vocab_size = vocab_size
         from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path
 
         index = IndexedDataset(prefix)
@@ -160,7 +178,13 @@ class IndexedGPTDataset:
             self._order = torch.randperm(self.num_samples, generator=g).numpy()
             self._epoch = epoch
         start = (self.first + int(self._order[position])) * self.seq_length
-        return torch.from_numpy(self.tokens[start : start + self.seq_length + 1].astype(np.int64))
+        sample = torch.from_numpy(self.tokens[start : start + self.seq_length + 1].astype(np.int64))
+        if self.vocab_size is not None and int(sample.max()) >= self.vocab_size:
+            raise DataError(f"--data-path {self.prefix}: token id {int(sample.max())} (in tokens {start}-"
+                            f"{start + self.seq_length} of its .bin) is past this run's vocabulary of {self.vocab_size}: "
+                            "the data was prepared with another tokenizer; train with that one (--tokenizer-type and "
+                            "its files), or prepare the data again")
+        return sample
 
 
 class BlendedDataset:
@@ -266,7 +290,8 @@ def build_dataset(cfg: DataConfig, split: str, vocab_size: int, seed: int):
         return MockGPTDataset(cfg.seq_length, vocab_size, seed, split)
     blend = cfg.blend
     if len(blend) == 1:
-        return IndexedGPTDataset(blend[0][1], cfg.seq_length, seed, split, cfg.split)
+        return IndexedGPTDataset(blend[0][1], cfg.seq_length, seed, split, cfg.split, vocab_size=vocab_size)
     # --split applies to each prefix; each has an order of its own.
-    return BlendedDataset([IndexedGPTDataset(prefix, cfg.seq_length, seed, split, cfg.split, salt=j)
+    return BlendedDataset([IndexedGPTDataset(prefix, cfg.seq_length, seed, split, cfg.split, salt=j,
+                                             vocab_size=vocab_size)
                            for j, (_, prefix) in enumerate(blend)], [w for w, _ in blend])

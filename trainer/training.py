@@ -29,7 +29,7 @@ from models.megatron_import import import_megatron_core
 from models.param_layout import global_param_specs
 from trainer.checkpointer import Checkpointer
 from trainer.config import JobConfig
-from trainer.data import BatchSource, build_dataset
+from trainer.data import BatchSource, build_dataset, prefixes_without_record
 from trainer.device import DeviceContext, select_device
 from trainer.flat_buffers import FlatParamsAndGrads
 from trainer.live_rollback import LiveRollbacks
@@ -236,6 +236,10 @@ def pretrain(job: JobConfig, device_ctx: DeviceContext | None = None) -> TrainRe
         gc.collect()
         gc.freeze()
         logger.info(describe_job(job, trainer))
+        for prefix in prefixes_without_record(job.data):
+            logger.info(f"WARNING: --data-path {prefix} has no record of the tokenizer it was prepared with (prepared "
+                        f"before records were written): it is read as {job.tokenizer_type} says, and a token "
+                        "id past the vocabulary stops the run; prepare it again to record its tokenizer")
         for refusal in trainer.fusions.refused:
             logger.info(f"> {refusal}")
         tracer = Tracer(groups.rank) if tcfg.trace_dir else None
