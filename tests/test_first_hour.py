@@ -91,3 +91,21 @@ def test_a_resume_with_another_lr_schedule_is_refused_unless_told_which_wins(tmp
         assert record["learning_rate"] == learning_rate(saved, record["iteration"])
     overridden = run_pretrain(resume + ["--override-opt_param-scheduler"])
     assert "the LR schedule is this run's" in overridden.stdout
+
+
+def test_old_data_read_with_too_small_a_vocabulary_stops_with_the_prefix_named(tmp_path):
+    """Prepared before records (no PREFIX.tokenizer.json): it trains with a warning, and the ids
+    past a too-small vocabulary stop the job with one line naming the prefix, not an IndexError."""
+    from tests.launch import script
+
+    prefix = tmp_path / "old"
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    script("prepare_data.py", "--input", str(tmp_path / "text.txt"), "--output-prefix", str(prefix))
+    (tmp_path / "old.tokenizer.json").unlink()
+    args = TINY + ["--data-path", str(prefix), "--tokenizer-type", "NullTokenizer", "--vocab-size", "64",
+                   "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--train-iters", "2"]
+    proc = run_pretrain(args, check=False)
+    assert proc.returncode != 0
+    assert f"WARNING: --data-path {prefix} has no record of the tokenizer" in proc.stdout, proc.stdout[-2000:]
+    assert f"error on rank 0: --data-path {prefix}: token id" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "IndexError" not in proc.stderr
