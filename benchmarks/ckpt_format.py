@@ -16,10 +16,8 @@ from benchmarks.raw_io import drop_cache, raw_bandwidth
 def part_format(trainer, workdir: str) -> None:
     import torch.distributed as dist
 
-    from checkpointing.format import save_and_commit
     from checkpointing.base import sync_level
-    from checkpointing.format import iteration_dir
-    from checkpointing.format import CheckpointReader
+    from checkpointing.format import CheckpointReader, iteration_dir, save_and_commit
     from trainer.checkpoint_state import TrainerCheckpointState
 
     state = TrainerCheckpointState(trainer)
@@ -55,8 +53,8 @@ def part_flush_cost(trainer, workdir: str, rounds: int) -> None:
     import torch.distributed as dist
     import xxhash
 
-    from checkpointing.format import save_and_commit
     from checkpointing.base import sync_level
+    from checkpointing.format import save_and_commit
     from trainer.checkpoint_state import TrainerCheckpointState
 
     state = TrainerCheckpointState(trainer)

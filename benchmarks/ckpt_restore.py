@@ -94,9 +94,8 @@ def part_restore(trainer, workdir: str, rounds: int, reader_file: str | None) ->
     raw read's of the same round."""
     import torch.distributed as dist
 
-    from checkpointing.format import save_and_commit
-    from checkpointing.format import iteration_dir
     from checkpointing.base import sync_level
+    from checkpointing.format import iteration_dir, save_and_commit
     from trainer.checkpoint_state import TrainerCheckpointState
 
     state = TrainerCheckpointState(trainer)

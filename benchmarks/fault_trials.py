@@ -33,10 +33,9 @@ from dataclasses import dataclass
 
 from benchmarks.processes import PRETRAIN, LoggedProcess, run_trainer, trainer_env
 from benchmarks.two_nodes import run_two_node_trainer
-from checkpointing.storage import host_pool
-from checkpointing.base import read_tracker
+from checkpointing.base import L1, L2, read_tracker
 from checkpointing.recovery import l0_entries, level_entries, replica_entries
-from checkpointing.base import L1, L2
+from checkpointing.storage import host_pool
 from trainer.metrics_file import read_metrics_file
 
 TRAIN, RESUME_TO = 12, 14

@@ -12,8 +12,15 @@ from benchmarks.engine_summary import engine_summary
 from benchmarks.gpu_hardware import D2H_BYTES
 from benchmarks.gpu_plan import Plan, all_runs
 from benchmarks.gpu_runs import RunResult
-from benchmarks.gpu_sections import (THROUGHPUT_HEADER, equivalence_section, failure_block, fmt, pair_lines,
-                                     resume_section, throughput_row)
+from benchmarks.gpu_sections import (
+    THROUGHPUT_HEADER,
+    equivalence_section,
+    failure_block,
+    fmt,
+    pair_lines,
+    resume_section,
+    throughput_row,
+)
 from benchmarks.gpu_shapes import MATMUL_N, MFU_FORMULA, estimated_memory_gb, state_bytes_estimate
 
 

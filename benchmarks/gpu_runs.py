@@ -9,12 +9,12 @@ import shutil
 from dataclasses import dataclass, field
 
 from benchmarks.gpu_plan import STARTUP_S, RunSpec
-
-SHM_DIR = "/dev/shm"
-"""Where the engine's host pool lives (``--ckpt-host-dir``'s default)."""
 from benchmarks.gpu_shapes import Shape
 from benchmarks.processes import BENCH_TRAINER_GPU, Budget, LoggedProcess, job_env
 from benchmarks.trainer_output import ParsedLog, parse_run
+
+SHM_DIR = "/dev/shm"
+"""Where the engine's host pool lives (``--ckpt-host-dir``'s default)."""
 
 
 @dataclass

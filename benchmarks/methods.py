@@ -37,8 +37,8 @@ class EngineMethod(Method):
         super().__init__(trainer, workdir)
         import torch.distributed as dist
 
-        from checkpointing.engine import CheckpointEngine
         from checkpointing.base import L1, L2, Level
+        from checkpointing.engine import CheckpointEngine
         from checkpointing.storage import ArraySpec, HostPool
         from trainer.checkpoint_state import TrainerCheckpointState
 
@@ -95,11 +95,10 @@ class CheckFreqStyle(Method):
     name = "CheckFreq-style: copy thread + raw O_DIRECT write, one global fence"
 
     def start(self):
+        import mmap
         import threading
 
         import torch
-
-        import mmap
 
         state = flat_state(self.trainer)
         total = sum(a.numel() for a in state.values())

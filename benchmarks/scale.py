@@ -33,14 +33,22 @@ from functools import lru_cache
 import torch
 
 from benchmarks.scale_model import model_config, stage_params
-from checkpointing.format import keys
-from checkpointing.format import TensorPiece
-from checkpointing.format import ChunkIndex, wanted_chunks
-from checkpointing.format import ChunkRecord, build_metadata, read_metadata, write_metadata
 from checkpointing.base import ParallelLayout
-from checkpointing.format import TilingError, overlap
-from checkpointing.format import SavePlan
-from checkpointing.format import data_file_name, tensor_chunk_length
+from checkpointing.format import (
+    ChunkIndex,
+    ChunkRecord,
+    SavePlan,
+    TensorPiece,
+    TilingError,
+    build_metadata,
+    data_file_name,
+    keys,
+    overlap,
+    read_metadata,
+    tensor_chunk_length,
+    wanted_chunks,
+    write_metadata,
+)
 from models.config import GPTModelConfig
 from trainer.checkpoint_state import checkpoint_pieces
 from trainer.flat_buffers import RowGeometry, layout_spans

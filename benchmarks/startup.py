@@ -11,8 +11,10 @@ flusher's figures are the metrics file's ``startup`` object.
 ``before-after``: launch to the first iteration's console line of another checkout (an earlier
 commit, which has no ``startup`` record) against this one, with and without ``--async-save``.
 
-``cpu-per-gb``: the host-bound model (``benchmarks/host_bound.py``), one process, every version
-to disk: the flusher's CPU (its own process clock, start-up apart) over the bytes it wrote.
+``cpu-per-gb``: the host-bound model (``benchmarks/host_bound.py``: 16 layers x 128, versions of
+~40 MB in ~590 small pieces) and a wide one (4 layers x 1024: ~620 MB in ~50 pieces of up to
+~12 MB), one process, every version to disk: the flusher's CPU (its own process clock, start-up
+apart) over the bytes it wrote. The two tell its cost per piece from its cost per byte.
 """
 
 from __future__ import annotations
@@ -101,11 +103,18 @@ def part_startup(workdir: str, rounds: int) -> list[str]:
     return lines
 
 
-def run_cpu_per_gb(start: str, iters: int, workdir: str) -> dict:
-    """The host-bound model, one process, every version to L2; the flusher's CPU per GB written."""
+WIDE_MODEL = [*HOST_BOUND_MODEL]
+WIDE_MODEL[WIDE_MODEL.index("--num-layers") + 1] = "4"
+WIDE_MODEL[WIDE_MODEL.index("--hidden-size") + 1] = "1024"
+WIDE_MODEL[WIDE_MODEL.index("--num-attention-heads") + 1] = "8"
+MODELS = {"host-bound (16 x 128)": HOST_BOUND_MODEL, "wide (4 x 1024)": WIDE_MODEL}
+
+
+def run_cpu_per_gb(start: str, iters: int, workdir: str, model: list[str] = HOST_BOUND_MODEL) -> dict:
+    """One process, every version to L2; the flusher's CPU per GB written."""
     base = os.path.join(workdir, "cpu-per-gb", start)
-    args = HOST_BOUND_MODEL + ["--train-iters", str(iters), "--async-save", "--save-interval", "1",
-                               "--ckpt-flusher-start", start, "--save", os.path.join(base, "l2")]
+    args = model + ["--train-iters", str(iters), "--async-save", "--save-interval", "1",
+                    "--ckpt-flusher-start", start, "--save", os.path.join(base, "l2")]
     _, metrics = _run(args, base, 1, f"cpu-per-gb {start}")
     summary = read_metrics_file(metrics).summary["checkpoint"]
     shutil.rmtree(base, ignore_errors=True)
@@ -116,20 +125,22 @@ def run_cpu_per_gb(start: str, iters: int, workdir: str) -> dict:
 
 
 def part_cpu_per_gb(workdir: str, rounds: int, iters: int) -> list[str]:
-    results = {start: [] for start in ("template", "interpreter")}
+    rows = [(model, "template") for model in MODELS] + [(next(iter(MODELS)), "interpreter")]
+    results: dict[tuple[str, str], list[dict]] = {row: [] for row in rows}
     for r in range(rounds):
-        for start in results:
-            got = run_cpu_per_gb(start, iters, workdir)
-            results[start].append(got)
-            print(f"  round {r + 1} {start}: {got['cpu']:.2f} CPU-s for {got['gb']:.3f} GB in {got['versions']} "
-                  f"versions = {got['cpu'] / max(got['gb'], 1e-9):.2f} CPU-s/GB", flush=True)
-    lines = ["| flusher start | versions written | GB written | flusher CPU | CPU-s per GB (median) | "
-             "ms of CPU per version |", "|---|---|---|---|---|---|"]
-    for start, runs in results.items():
+        for model, start in rows:
+            got = run_cpu_per_gb(start, iters, workdir, MODELS[model])
+            results[(model, start)].append(got)
+            print(f"  round {r + 1} {model}, {start}: {got['cpu']:.2f} CPU-s for {got['gb']:.3f} GB in "
+                  f"{got['versions']} versions = {got['cpu'] / max(got['gb'], 1e-9):.2f} CPU-s/GB", flush=True)
+    lines = ["| model | flusher start | versions written | GB written | flusher CPU | CPU-s per GB (median) | "
+             "ms of CPU per version |", "|---|---|---|---|---|---|---|"]
+    for (model, start), runs in results.items():
         per_gb = _median([x["cpu"] / max(x["gb"], 1e-9) for x in runs])
         per_version = _median([1000 * x["cpu"] / max(x["versions"], 1) for x in runs])
-        lines.append(f"| {start} | {_median([x['versions'] for x in runs]):.0f} | {_median([x['gb'] for x in runs]):.3f} | "
-                     f"{_median([x['cpu'] for x in runs]):.2f} s | {per_gb:.2f} | {per_version:.0f} |")
+        lines.append(f"| {model} | {start} | {_median([x['versions'] for x in runs]):.0f} | "
+                     f"{_median([x['gb'] for x in runs]):.3f} | {_median([x['cpu'] for x in runs]):.2f} s | "
+                     f"{per_gb:.2f} | {per_version:.0f} |")
     return lines
 
 

@@ -28,7 +28,7 @@ def run_two_node_trainer(args: list[str], node_args: list[list[str]], log_dir: s
     ``timeout_s``; node B's output, which holds the logging rank's lines). Logs go to
     ``log_dir/<name>-node{A,B}.log``."""
     env = job_env({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GPT_FORCE_CPU": "1", **(env or {})})
-    rdzv = [f"--nnodes=2", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
+    rdzv = ["--nnodes=2", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id={uuid.uuid4().hex[:8]}"]
     os.makedirs(log_dir, exist_ok=True)
     procs = []

@@ -22,15 +22,15 @@ from typing import Callable
 import torch.distributed as dist
 
 from checkpointing.base.agreement import gather_from_all
-from checkpointing.format.commit import save_and_commit
 from checkpointing.base.config import CheckpointConfig
-from checkpointing.engine.engine_stats import idle_and_steal, machine_cpu_times
-from checkpointing.format.items import CheckpointableState
 from checkpointing.base.levels import sync_level
+from checkpointing.base.private_files import open_own
+from checkpointing.engine.engine_stats import idle_and_steal, machine_cpu_times
+from checkpointing.engine.run_report import rank_numbers, summary_lines
+from checkpointing.format.commit import save_and_commit
+from checkpointing.format.items import CheckpointableState
 from checkpointing.recovery.loading import CheckpointLoader
 from checkpointing.storage.peers import directory_peers
-from checkpointing.base.private_files import open_own
-from checkpointing.engine.run_report import rank_numbers, summary_lines
 
 
 class SaveDirError(OSError):

@@ -16,12 +16,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from checkpointing.format import keys
-from checkpointing.format import list_checkpoints, load_candidates
 from checkpointing.base import CheckpointError, CheckpointNotFoundError
-from checkpointing.format import TensorPiece
-from checkpointing.format import METADATA_NAME
-from checkpointing.format import CheckpointReader
+from checkpointing.format import METADATA_NAME, CheckpointReader, TensorPiece, keys, list_checkpoints, load_candidates
 from models.vocab import VOCAB_PARAMS, true_vocab_rows
 
 

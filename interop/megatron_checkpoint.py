@@ -36,8 +36,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from checkpointing.base import (CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, load_dcp_metadata,
-                                load_objects)
+from checkpointing.base import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    load_dcp_metadata,
+    load_objects,
+)
 
 METADATA_JSON_NAME = "metadata.json"
 COMMON_NAME = "common.pt"

@@ -14,10 +14,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from checkpointing.format import keys
-from checkpointing.format import SaveResult, save_and_commit
-from checkpointing.format import TensorPiece
 from checkpointing.base import sync_level
+from checkpointing.format import SaveResult, TensorPiece, keys, save_and_commit
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from cli.flags import flag, flag_name
 
-
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 PRESET = "--model-size's"

@@ -51,9 +51,9 @@ def main() -> int:
     if "spin" in variants and "copy" not in variants:
         parser.error("spin burns the CPU time that copy takes: run it with copy")
 
+    import bench_checkpoint as bench
     import torch
 
-    import bench_checkpoint as bench
     from checkpointing.engine import copy_bytes
 
     trainer = bench.build_trainer()
@@ -128,8 +128,8 @@ def main() -> int:
     if zero_copy is not None:
         zero_copy.close()
     base = statistics.median(times["off"])
-    print(f"\n| what the copy thread does beside the next iteration | iterations | median s/it | slowdown (median) | "
-          f"slowdown (mean) | machine CPU steal |\n|---|---|---|---|---|---|")
+    print("\n| what the copy thread does beside the next iteration | iterations | median s/it | slowdown (median) | "
+          "slowdown (mean) | machine CPU steal |\n|---|---|---|---|---|---|")
     for variant, values in times.items():
         med = statistics.median(values)
         mean_ratio = statistics.mean(values) / statistics.mean(times["off"]) - 1

@@ -23,11 +23,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from checkpointing.base import L1, L2, CheckpointConfig, Level, ParallelLayout  # noqa: E402
 from checkpointing.engine import CheckpointEngine  # noqa: E402
-from checkpointing.base import L1, L2, Level  # noqa: E402
-from checkpointing.storage import ArraySpec, HostPool, list_segments  # noqa: E402
 from checkpointing.format import TensorPiece  # noqa: E402
-from checkpointing.base import CheckpointConfig, ParallelLayout  # noqa: E402
+from checkpointing.storage import ArraySpec, HostPool, list_segments  # noqa: E402
 from cli.flags import add_flag  # noqa: E402
 
 

@@ -51,7 +51,6 @@ def tiny_run(nproc: int, extra: list[str], iters: int) -> float:
 def bench_125m(seq_length: int, rounds: int, iters: int) -> dict:
     import torch
 
-    from models.config import preset_config
     from models.gpt import build_gpt_model
     from trainer.arguments import parse_job_config
     from trainer.device import select_device

@@ -93,8 +93,7 @@ class Steps:
     def our_writer(self):
         import torch
 
-        from checkpointing.format import TensorPiece
-        from checkpointing.format import write_rank_file
+        from checkpointing.format import TensorPiece, write_rank_file
 
         arrays = {"state": self.src.view(torch.float32)}
         n, pieces, start = GB // 4, [], 0

@@ -18,9 +18,8 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpointing.base import CheckpointConfig  # noqa: E402
+from checkpointing.base import CheckpointConfig, CheckpointError  # noqa: E402
 from cli.flags import add_flag  # noqa: E402
-from checkpointing.base import CheckpointError  # noqa: E402
 from interop.history import checkpoint_history, checkpoint_paths, format_history, write_tensorboard  # noqa: E402
 
 

@@ -14,6 +14,8 @@ if [[ $# -eq 0 && -x $system_python ]] && [[ $($system_python -V 2>&1) != $(.ven
     tests/test_private_files.py tests/test_save_plan.py tests/test_chunk_decode.py tests/test_durable.py \
     tests/test_load_policy.py tests/test_direct_io.py
 fi
+# The lint rules of pyproject.toml ([tool.ruff]) first: seconds, and they fail before the tests run.
+.venv/bin/ruff check .
 # --durations: CI's log shows where the suite's time goes (it must stay well inside CI's limit).
 # Two workers (pytest-xdist), each test file whole on one (its module fixtures made once): the
 # multi-process tests leave a core idle much of the time. `-n 0` after this runs in one process.

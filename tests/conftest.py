@@ -26,11 +26,11 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWN_HOST_DIR, ignore_errors=True)
 
 
-import pytest
-import torch
-import torch.distributed as dist
+import pytest  # noqa: E402 - after the host directory above is set
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
-from checkpointing.engine.flusher_template import start_template
+from checkpointing.engine.flusher_template import start_template  # noqa: E402
 
 # The engines made in this process fork their flushers from a template, as the trainer's do; it
 # is forked now, while this process has one thread, or, in a pytest-xdist worker (which runs

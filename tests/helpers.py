@@ -141,8 +141,8 @@ def make_engine(tmp_path, group, state, slots=2, interval=1, budget=None, tag=No
     """An engine over ``state`` with one level, L2 in ``tmp_path / "l2"`` every ``interval``
     versions, and an L0 pool of ``slots`` slots (``zero_copy``: the state's steps write into
     them); returns it and the list its log lines go to."""
-    from checkpointing.engine.checkpoint_engine import CheckpointEngine
     from checkpointing.base.levels import Level
+    from checkpointing.engine.checkpoint_engine import CheckpointEngine
     from checkpointing.storage.host_pool import ArraySpec, HostPool
 
     specs = {k: ArraySpec(v.numel(), v.dtype) for k, v in state.arrays.items()}

@@ -118,7 +118,7 @@ def run_two_nodes(args: list[str], node_args: list[list[str]], nproc_per_node: i
     import uuid
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GPT_FORCE_CPU="1", **(env or {}))
-    rdzv = [f"--nnodes=2", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
+    rdzv = ["--nnodes=2", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id={uuid.uuid4().hex[:8]}"]
     procs = []
     for extra in node_args:

@@ -18,9 +18,9 @@ import pytest
 import torch
 import xxhash
 
+from checkpointing.base.errors import CheckpointCorruptError, CheckpointUntrustedError
 from checkpointing.format import reader as reader_module
 from checkpointing.format.chunk_decode import FramingError, decode_tensor
-from checkpointing.base.errors import CheckpointCorruptError, CheckpointUntrustedError
 from checkpointing.format.items import TensorPiece
 from checkpointing.format.metadata import ChunkRecord, build_metadata, write_metadata
 from checkpointing.format.reader import CheckpointReader

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from checkpointing.base import direct_io
-
-from checkpointing.storage import host_pool
-from checkpointing.engine.checkpoint_engine import CheckpointEngine
 from checkpointing.base.levels import Level
-from checkpointing.storage.host_pool import ArraySpec, HostPool
-from checkpointing.format.reader import CheckpointReader
+from checkpointing.engine.checkpoint_engine import CheckpointEngine
 from checkpointing.engine.shard_copy import HostShardCopier
-from tests.helpers import SHARDS, SyntheticState, make_engine
+from checkpointing.format.reader import CheckpointReader
+from checkpointing.storage import host_pool
+from checkpointing.storage.host_pool import ArraySpec, HostPool
+from tests.helpers import SyntheticState, make_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pools_removed")]
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from checkpointing.base import faults
-
 from checkpointing.engine import pacing
 from checkpointing.engine.control_block import ControlBlock
 from checkpointing.format.reader import CheckpointReader

@@ -1,7 +1,7 @@
 """The start-up warning for a disk level written every iteration with a large state."""
 
-from checkpointing.engine.engine_setup import every_iteration_warnings
 from checkpointing.base.levels import L1, L2, Level
+from checkpointing.engine.engine_setup import every_iteration_warnings
 
 
 def test_a_disk_level_every_iteration_is_warned_of_only_for_a_large_state():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpointing.format.reader import CheckpointReader
-from tests.helpers import SHARDS, SyntheticState, make_engine
+from tests.helpers import SyntheticState, make_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pools_removed")]
 

@@ -78,8 +78,8 @@ def test_a_second_job_on_one_save_is_refused_naming_the_first_which_goes_on_bit_
     """Job A trains on ``--save``; job B with the same ``--save`` is refused within its start-up,
     naming A's process, before it opens anything; A's losses equal a run alone (its optimizer
     state lives in the L0 pool, which B would have shared)."""
-    from tests.launch import run_pretrain
     from tests.helpers import job_env
+    from tests.launch import run_pretrain
 
     save = tmp_path / "ckpt"
     first = subprocess.Popen([sys.executable, str(PRETRAIN), *JOB, "--train-iters", "100000", "--save", str(save),

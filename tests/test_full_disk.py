@@ -9,12 +9,10 @@ import collections
 import errno
 import os
 
-import pytest
-
-from checkpointing.format.commit import save_and_commit
-from checkpointing.format.discovery import list_checkpoints
 from checkpointing.base.durable import CheckpointWriteError, read_tracker
 from checkpointing.base.levels import Level
+from checkpointing.format.commit import save_and_commit
+from checkpointing.format.discovery import list_checkpoints
 from tests.helpers import SyntheticState
 
 FALLIBLE = ("open", "pwrite", "ftruncate", "fsync", "replace", "rename", "mkdir")

@@ -4,19 +4,15 @@ refused arguments; scripts/prepare_data.py reading and writing one; and its way 
 a Hugging Face export (interop.hf_tokenizer_files)."""
 
 import dataclasses
-import importlib.util
 import json
 import random
-import sys
 
-import numpy as np
 import pytest
 
 from interop.gpt2_mapping import GPT2ConversionError
 from interop.hf_tokenizer_files import export_tokenizer, import_tokenizer, tokenizer_flags
-from tests.launch import ROOT
 from tests.test_bpe_tokenizer import _data  # an empty dataset and the tiny model's flags
-from tokenization.gpt2_files import EOD_TOKEN, TokenizerFileError, write_byte_vocabulary
+from tokenization.gpt2_files import TokenizerFileError, write_byte_vocabulary
 from tokenization.hf_tokenizer import HuggingFaceTokenizer
 from tokenization.tokenizer import build_tokenizer
 from trainer.arguments import ArgumentError, parse_job_config
@@ -122,72 +118,6 @@ def test_refused_tokenizer_arguments(tmp_path, word_dir, monkeypatch, extra, mes
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ArgumentError, match=message):
         parse_job_config(_data(tmp_path) + extra, world_size=1)
-
-
-def _prepare_data(argv, monkeypatch, capsys) -> tuple[int, str]:
-    """scripts/prepare_data.py's main in this process (its module loaded from the file)."""
-    spec = importlib.util.spec_from_file_location("prepare_data_script", ROOT / "scripts" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys, "argv", ["prepare_data.py", *argv])
-    rc = module.main()
-    out = capsys.readouterr()
-    return rc, out.out + out.err
-
-
-def _stored_tokens(prefix: str, vocab_size: int) -> list[int]:
-    # trainer.prepare stores uint16 below 2**16 entries; the .bin file is the documents back to back
-    assert vocab_size < 2**16
-    return np.fromfile(f"{prefix}.bin", dtype=np.uint16).tolist()
-
-
-def test_prepare_data_trains_writes_and_reads_a_tokenizer_directory(tmp_path, monkeypatch, capsys):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(sentences(60)) + "\nnaïve ☃\n")
-    rc, out = _prepare_data(["--input", str(corpus), "--output-prefix", str(tmp_path / "a"),
-                             "--tokenizer-type", "HuggingFaceTokenizer", "--train-tokenizer", "--vocab-size", "300"],
-                            monkeypatch, capsys)
-    assert rc == 0, out
-    directory = f"{tmp_path}/a-tokenizer"
-    assert f"HuggingFaceTokenizer --tokenizer-model {directory}, is recorded in" in out
-    tok = HuggingFaceTokenizer(directory)
-    assert tok.vocab_size == 300 and tok.eod_token == EOD_TOKEN
-    assert json.loads((tmp_path / "a-tokenizer" / "tokenizer_config.json").read_text())["eos_token"] == EOD_TOKEN
-    text = corpus.read_text()
-    assert tok.detokenize(tok.tokenize(text)) == text  # byte-level: any text round-trips
-    assert _stored_tokens(str(tmp_path / "a"), tok.vocab_size) == tok.tokenize(text) + [tok.eod]
-
-    # read back by the flags that training takes; the same ids
-    rc, out = _prepare_data(["--input", str(corpus), "--output-prefix", str(tmp_path / "b"),
-                             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", directory],
-                            monkeypatch, capsys)
-    assert rc == 0, out
-    assert _stored_tokens(str(tmp_path / "b"), 300) == _stored_tokens(str(tmp_path / "a"), 300)
-
-    # a directory that holds a tokenizer is not overwritten
-    rc, out = _prepare_data(["--input", str(corpus), "--output-prefix", str(tmp_path / "c"),
-                             "--tokenizer-type", "HuggingFaceTokenizer", "--train-tokenizer", "--vocab-size", "300",
-                             "--tokenizer-model", directory], monkeypatch, capsys)
-    assert rc == 2 and "tokenizer.json exists" in out
-    rc, out = _prepare_data(["--input", str(corpus), "--output-prefix", str(tmp_path / "d"),
-                             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", directory,
-                             "--vocab-size", "300"], monkeypatch, capsys)
-    assert rc == 2 and "--vocab-size with HuggingFaceTokenizer is the size to train" in out
-
-
-def test_a_trained_directory_is_what_transformers_loads(tmp_path, monkeypatch, capsys):
-    transformers = pytest.importorskip("transformers")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(sentences(60)))
-    rc, out = _prepare_data(["--input", str(corpus), "--output-prefix", str(tmp_path / "a"),
-                             "--tokenizer-type", "HuggingFaceTokenizer", "--train-tokenizer", "--vocab-size", "280"],
-                            monkeypatch, capsys)
-    assert rc == 0, out
-    ours = HuggingFaceTokenizer(f"{tmp_path}/a-tokenizer")
-    theirs = transformers.AutoTokenizer.from_pretrained(f"{tmp_path}/a-tokenizer")
-    text = "the sweet prince, naïve ☃"
-    assert theirs(text).input_ids == ours.tokenize(text)
-    assert (len(theirs), theirs.eos_token_id) == (ours.vocab_size, ours.eod)
 
 
 def test_export_copies_the_runs_tokenizer_directory(tmp_path, word_dir):

@@ -4,8 +4,8 @@ process, what the policy does with each candidate and how a refusal names its re
 
 import pytest
 
-from checkpointing.format import keys
 from checkpointing.base.config import CheckpointConfig
+from checkpointing.format import keys
 from checkpointing.format.items import TensorPiece
 from tests.helpers import synthetic_layout
 from trainer.checkpoint_state import _true_rows, changed_settings
@@ -97,8 +97,8 @@ class _LoadedState:
 def _save(root, iteration, state, layout, group, node_local=False):
     """Commit ``state`` as ``root/iter_N`` saved in ``layout``; ``node_local``: as one node's L1
     directory holds it (its metadata names the files the node holds)."""
-    from checkpointing.format.commit import save_and_commit
     from checkpointing.base.levels import Level
+    from checkpointing.format.commit import save_and_commit
     from checkpointing.format.metadata import read_metadata, write_metadata
 
     result = save_and_commit(Level("L1" if node_local else "L2", str(root), None, None), iteration, state.arrays,

@@ -11,8 +11,8 @@ import shutil
 import pytest
 
 from checkpointing.base.errors import CheckpointCorruptError, CheckpointUntrustedError
-from checkpointing.recovery.inventory import check_directory
 from checkpointing.format.metadata import METADATA_CHECKSUM_NAME, METADATA_NAME, read_metadata
+from checkpointing.recovery.inventory import check_directory
 from tests.test_load_policy import _loader, _save
 
 FLIPS = 300
@@ -116,8 +116,8 @@ def test_a_memo_index_past_the_pickle_is_refused_before_it_is_allocated(two_vers
 
 @pytest.mark.parametrize("tracker", [b"abc\n", b"-5\n", b"", b"\xff\xfe", "directory"])
 def test_a_damaged_tracker_is_a_lost_hint_not_a_stop(two_versions, tmp_path, tracker):
-    from checkpointing.format.discovery import load_candidates
     from checkpointing.base.durable import TRACKER_NAME
+    from checkpointing.format.discovery import load_candidates
 
     loader, logs, _ = two_versions
     path = tmp_path / "shared" / TRACKER_NAME

@@ -1,8 +1,8 @@
 """The JSON-lines metrics file (``--metrics-file``), written and read back without a trainer."""
 
 import json
-import os
 import math
+import os
 from types import SimpleNamespace
 
 import pytest

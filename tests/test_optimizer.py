@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from trainer.flat_buffers import FlatParamsAndGrads
 import trainer.optimizer as optimizer_module
+from trainer.flat_buffers import FlatParamsAndGrads
 from trainer.optimizer import DistributedAdam, OptimizerConfig, cut_blocks, cut_shards, partition_rows
 
 

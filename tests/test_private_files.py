@@ -9,12 +9,11 @@ import pickle
 import pytest
 import torch
 
-from checkpointing.storage import host_pool
-
 from checkpointing.base import private_files
 from checkpointing.base.errors import CheckpointError, CheckpointUntrustedError
-from checkpointing.storage.host_pool import ArraySpec, HostPool, HostSlot
 from checkpointing.base.safe_pickle import load_dcp_metadata, load_objects
+from checkpointing.storage import host_pool
+from checkpointing.storage.host_pool import ArraySpec, HostPool, HostSlot
 from tests.helpers import PickleMarker, synthetic_layout
 
 NOBODY = 65534
@@ -190,8 +189,7 @@ def test_metadata_this_python_writes_is_read_back_without_trust(tmp_path):
     (scripts/run_tests.sh does where it differs from the venv's)."""
     import sys
 
-    from checkpointing.format.metadata import build_metadata, read_metadata, write_metadata
-    from checkpointing.format.metadata import ChunkRecord
+    from checkpointing.format.metadata import ChunkRecord, build_metadata, read_metadata, write_metadata
 
     record = ChunkRecord("w", (0,), (4,), (4,), torch.float32, "__0_0.distcp", 0, 64, 7, 0)
     write_metadata(str(tmp_path), build_metadata([record], 3, synthetic_layout()))

@@ -11,8 +11,20 @@ import torch
 
 from checkpointing.base.levels import Level
 from checkpointing.engine import protocol
-from checkpointing.engine.protocol import (Abort, Described, Describe, Done, Fatal, FlusherSpec, FlushJob, FlushResult,
-                                           ProtocolError, Ready, Stop, Stopped)
+from checkpointing.engine.protocol import (
+    Abort,
+    Describe,
+    Described,
+    Done,
+    Fatal,
+    FlusherSpec,
+    FlushJob,
+    FlushResult,
+    ProtocolError,
+    Ready,
+    Stop,
+    Stopped,
+)
 from checkpointing.format.items import TensorPiece
 from checkpointing.storage.host_pool import ArraySpec
 from tests.helpers import synthetic_layout

@@ -55,12 +55,11 @@ def test_memory_inventory_skips_what_a_rollback_abandoned(tmp_path):
     out of rollback.sh's reach)."""
     import time
 
-    from checkpointing.storage import host_pool
-
     from checkpointing.base import private_files
+    from checkpointing.base.parallel_layout import ParallelLayout
     from checkpointing.format.items import TensorPiece
     from checkpointing.recovery.memory_recovery import scan
-    from checkpointing.base.parallel_layout import ParallelLayout
+    from checkpointing.storage import host_pool
 
     specs = {"main": ArraySpec(16, torch.float32)}
     layout = ParallelLayout(1, 1, 2, True, 2, False)

@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
+from checkpointing.base.parallel_layout import ParallelLayout
 from checkpointing.format.metadata import ChunkRecord, build_metadata
 from checkpointing.format.rectangles import RectangleIndex, TilingError, check_tiling, overlap
 from checkpointing.format.save_plan import SavePlan, SavePlanChangedError
-from checkpointing.base.parallel_layout import ParallelLayout
 
 LAYOUT = ParallelLayout(tensor_parallel=2, pipeline_parallel=1, data_parallel=2, distributed_optimizer=True,
                         num_layers=2, bf16=False)
@@ -187,9 +187,9 @@ def test_index_finds_the_same_chunks_as_a_scan():
 def test_versions_saved_through_a_plan_load_and_verify(single_process_group, tmp_path):
     """save_and_commit with a plan, one process: versions 2.. are filled from checksums; each
     loads with its checksums verified, and its .metadata is the one built from scratch."""
+    from checkpointing.base.levels import Level
     from checkpointing.format.commit import save_and_commit
     from checkpointing.format.items import TensorPiece
-    from checkpointing.base.levels import Level
     from checkpointing.format.metadata import read_metadata
     from checkpointing.format.reader import CheckpointReader
 

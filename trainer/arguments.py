@@ -15,6 +15,8 @@ from cli.flags import add_flags, flag_name, flag_values
 from models.config import PRESETS, GPTModelConfig, RecomputeConfig
 from models.fusions import KernelFusions
 from models.gpt import transformer_engine_status
+from tokenization.data_record import FILE_FLAGS, files_checksum, read_record, record_path
+from tokenization.tokenizer import build_tokenizer
 from trainer.config import JobConfig, TrainingConfig
 from trainer.data import DataConfig, parse_data_path
 from trainer.device import cuda_selected
@@ -22,8 +24,6 @@ from trainer.lr_schedule import LRScheduleConfig
 from trainer.optimizer import OptimizerConfig
 from trainer.parallel_dims import ParallelDims
 from trainer.rollback_config import RollbackConfig
-from tokenization.data_record import FILE_FLAGS, files_checksum, read_record, record_path
-from tokenization.tokenizer import build_tokenizer
 
 
 class ArgumentError(ValueError):

@@ -22,10 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from checkpointing.format import keys
-from checkpointing.base import CheckpointMismatchError
-from checkpointing.format import LoadedParts, TensorPiece
-from checkpointing.base import ParallelLayout
+from checkpointing.base import CheckpointMismatchError, ParallelLayout
+from checkpointing.format import LoadedParts, TensorPiece, keys
 from models.param_layout import GlobalParamSpec
 from models.vocab import VOCAB_PARAMS, true_vocab_rows
 from trainer.flat_buffers import ParamSpan

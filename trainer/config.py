@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cli.flags import flag, flag_name
-
 from checkpointing.base import CheckpointConfig
+from cli.flags import flag, flag_name
 from models.config import GPTModelConfig, RecomputeConfig
 from models.fusions import KernelFusions
 from models.gpt import ATTENTION_BACKENDS, TRANSFORMER_IMPLS, check_attention_backend, default_attention_backend
+from tokenization.tokenizer import TOKENIZER_TYPES
 from trainer.data import DataConfig
 from trainer.lr_schedule import LRScheduleConfig
 from trainer.optimizer import OptimizerConfig
-from trainer.rollback_config import RollbackConfig
 from trainer.parallel_dims import ParallelDims
-from tokenization.tokenizer import TOKENIZER_TYPES
+from trainer.rollback_config import RollbackConfig
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,15 @@ import statistics
 import time
 from collections import deque
 
-from checkpointing.base import faults
-from checkpointing.base import gather_from_all
-from checkpointing.recovery import LiveRollbackRefused, held_steps, roll_back_live
+from checkpointing.base import faults, gather_from_all
 from checkpointing.recovery import (
+    LiveRollbackRefused,
     RequestRefused,
     RollbackAnswer,
     RollbackRequest,
+    held_steps,
     pending,
+    roll_back_live,
     take_request,
     write_answer,
 )

@@ -18,15 +18,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpointing.base import faults
+from checkpointing.base import Tracer, faults
 from checkpointing.engine import start_template
 from checkpointing.manager import claim_checkpoint_dirs
-from checkpointing.base import Tracer
 from models.cpu_compat import apply_cpu_compat
 from models.fusions import resolve_fusions
 from models.gpt import build_gpt_model
 from models.megatron_import import import_megatron_core
 from models.param_layout import global_param_specs
+from trainer import startup
 from trainer.checkpointer import Checkpointer
 from trainer.config import JobConfig
 from trainer.data import BatchSource, build_dataset, prefixes_without_record
@@ -38,9 +38,8 @@ from trainer.metrics_file import MetricsFile, peak_resident_mib
 from trainer.metrics_log import MetricsLogger
 from trainer.optimizer import DistributedAdam
 from trainer.parallel_dims import ParallelGroups
-from trainer import startup
-from trainer.startup import StartupClock
 from trainer.pipeline_schedule import PipelineShape, forward_backward_1f1b, forward_only
+from trainer.startup import StartupClock
 
 
 @dataclass

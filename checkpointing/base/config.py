@@ -10,7 +10,6 @@ from checkpointing.base.levels import SHM_DIR
 from checkpointing.base.private_files import POOL_DIR_PREFIX
 from cli.flags import flag, flag_name
 
-
 SNAPSHOT_MODES = ("auto", "zero-copy", "copy")
 FLUSHER_STARTS = ("template", "interpreter")
 

@@ -39,23 +39,23 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from checkpointing.engine import control_block as cb
 from checkpointing.base import faults
+from checkpointing.base.errors import FlusherError
+from checkpointing.base.levels import Level
+from checkpointing.base.trace import NullTracer
+from checkpointing.engine import control_block as cb
 from checkpointing.engine import flush_rules, slot_claims
 from checkpointing.engine.engine_stats import EngineStats, FlushRecord
-from checkpointing.base.errors import FlusherError
-from checkpointing.engine.protocol import Abort, Described, Done, FlusherSpec, FlushJob, Stop
 from checkpointing.engine.flusher_handle import FlusherHandle, meeting_point
 from checkpointing.engine.flusher_template import current_template
 from checkpointing.engine.held_versions import HeldVersions
-from checkpointing.storage.host_pool import HostPool, pool_files
-from checkpointing.format.items import CheckpointableState
 from checkpointing.engine.landing import Landing, PendingVersion
-from checkpointing.base.levels import Level
 from checkpointing.engine.pacing import training_pacing
-from checkpointing.storage.peer_replicas import ReplicaSpec
+from checkpointing.engine.protocol import Abort, Described, Done, FlusherSpec, FlushJob, Stop
 from checkpointing.engine.snapshots import CopiedSnapshots
-from checkpointing.base.trace import NullTracer
+from checkpointing.format.items import CheckpointableState
+from checkpointing.storage.host_pool import HostPool, pool_files
+from checkpointing.storage.peer_replicas import ReplicaSpec
 
 __all__ = ["CheckpointEngine", "EngineStats", "FlushRecord"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from checkpointing.engine.checkpoint_engine import CheckpointEngine
-from checkpointing.storage.host_pool import ArraySpec, HostPool, job_tag, slot_bytes
-from checkpointing.format.items import CheckpointableState
 from checkpointing.base.levels import L1, L2, PEER, Level
+from checkpointing.engine.checkpoint_engine import CheckpointEngine
+from checkpointing.format.items import CheckpointableState
+from checkpointing.storage.host_pool import ArraySpec, HostPool, job_tag, slot_bytes
 from checkpointing.storage.peer_replicas import Partners, ReplicaSpec, partners
 
 

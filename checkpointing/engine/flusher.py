@@ -38,18 +38,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from checkpointing.engine import control_block as cb
 from checkpointing.base import faults
-from checkpointing.engine import flush_rules
-from checkpointing.format.commit import save_and_commit
 from checkpointing.base.durable import CheckpointWriteError
-from checkpointing.storage.host_pool import description_blob, map_arrays, write_description
 from checkpointing.base.levels import PEER, Level
+from checkpointing.engine import control_block as cb
+from checkpointing.engine import flush_rules
 from checkpointing.engine.pacing import flusher_pacing
-from checkpointing.engine.protocol import (TO_FLUSHER, Abort, Described, Describe, Done, Fatal, FlusherSpec, FlushJob,
-                                          FlushResult, Ready, Stop, Stopped, receive, send)
-from checkpointing.storage.peer_replicas import ReplicaExchange
+from checkpointing.engine.protocol import (
+    TO_FLUSHER,
+    Abort,
+    Describe,
+    Described,
+    Done,
+    Fatal,
+    FlusherSpec,
+    FlushJob,
+    FlushResult,
+    Ready,
+    Stop,
+    Stopped,
+    receive,
+    send,
+)
+from checkpointing.format.commit import save_and_commit
 from checkpointing.format.save_plan import SavePlan
+from checkpointing.storage.host_pool import description_blob, map_arrays, write_description
+from checkpointing.storage.peer_replicas import ReplicaExchange
 
 HEARTBEAT_SECONDS = 0.5
 

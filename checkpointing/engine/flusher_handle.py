@@ -19,12 +19,12 @@ import time
 from multiprocessing.connection import Connection
 from typing import Callable
 
-from checkpointing.engine import control_block as cb
-from checkpointing.engine.engine_stats import EngineStats
 from checkpointing.base.errors import FlusherError
+from checkpointing.engine import control_block as cb
 from checkpointing.engine import protocol
-from checkpointing.engine.protocol import Described, Done, Fatal, FlusherSpec, Ready, Stopped
+from checkpointing.engine.engine_stats import EngineStats
 from checkpointing.engine.flusher_template import PACKAGE_ROOT, FlusherTemplate, exit_status
+from checkpointing.engine.protocol import Described, Done, Fatal, FlusherSpec, Ready, Stopped
 from checkpointing.storage.host_pool import PoolFiles
 
 _engines_started = itertools.count()

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import time
 
-from checkpointing.engine import control_block as cb
 from checkpointing.base import faults
+from checkpointing.engine import control_block as cb
 
 
 class FlusherPacing:

@@ -30,14 +30,14 @@ import torch.distributed as dist
 
 from checkpointing.base import faults
 from checkpointing.base.agreement import gather_from_all
-from checkpointing.format.discovery import iteration_dir, list_checkpoints
 from checkpointing.base.durable import TRACKER_NAME, CheckpointWriteError, read_tracker, write_tracker
-from checkpointing.format.items import TensorPiece
 from checkpointing.base.levels import Level
-from checkpointing.format.metadata import ITER_DIR, METADATA_NAME, build_metadata, write_metadata
 from checkpointing.base.parallel_layout import ParallelLayout
-from checkpointing.format.save_plan import SavePlan, SavePlanChangedError
 from checkpointing.base.trace import NullTracer
+from checkpointing.format.discovery import iteration_dir, list_checkpoints
+from checkpointing.format.items import TensorPiece
+from checkpointing.format.metadata import ITER_DIR, METADATA_NAME, build_metadata, write_metadata
+from checkpointing.format.save_plan import SavePlan, SavePlanChangedError
 from checkpointing.format.writer import data_file_name, write_rank_file
 
 

@@ -14,9 +14,7 @@ import pickle
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
@@ -27,8 +25,8 @@ if TYPE_CHECKING:
 from checkpointing.base.durable import atomic_write_bytes
 from checkpointing.base.errors import CheckpointCorruptError, CheckpointUntrustedError
 from checkpointing.base.parallel_layout import ParallelLayout
-from checkpointing.format.rectangles import TilingError, check_tiling
 from checkpointing.base.safe_pickle import check_pickle_bounds, load_dcp_metadata
+from checkpointing.format.rectangles import TilingError, check_tiling
 
 METADATA_NAME = ".metadata"
 METADATA_CHECKSUM_NAME = ".metadata.xxh3"

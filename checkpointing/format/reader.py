@@ -31,13 +31,13 @@ import torch
 import xxhash
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
+from checkpointing.base.errors import CheckpointCorruptError
+from checkpointing.base.safe_pickle import load_objects
 from checkpointing.format.chunk_decode import FramingError, decode_tensor
-from checkpointing.base.errors import CheckpointCorruptError, CheckpointMismatchError
 from checkpointing.format.items import TensorPiece
 from checkpointing.format.load_plan import ChunkIndex, wanted_chunks
 from checkpointing.format.metadata import read_metadata
 from checkpointing.format.rectangles import overlap
-from checkpointing.base.safe_pickle import load_objects
 
 BLOCK = 4096
 """Alignment of ``O_DIRECT`` reads (offset, length, memory), as in ``checkpointing.base.direct_io``."""

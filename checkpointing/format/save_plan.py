@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from checkpointing.format.metadata import ChunkRecord, build_metadata
 from checkpointing.base.parallel_layout import ParallelLayout
+from checkpointing.format.metadata import ChunkRecord, build_metadata
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 
 import xxhash
 
-from checkpointing.storage import host_pool
-from checkpointing.format.discovery import list_checkpoints
 from checkpointing.base.durable import describe_tracker
 from checkpointing.base.errors import CheckpointCorruptError, CheckpointError, CheckpointUntrustedError
 from checkpointing.base.levels import L0, L1, L2
+from checkpointing.format.discovery import list_checkpoints
+from checkpointing.format.metadata import read_metadata
+from checkpointing.storage import host_pool
 
 REPLICA = "replica"
 """The level column of a peer replica's line (``--ckpt-peer-replicas``)."""
-from checkpointing.format.metadata import read_metadata
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,13 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+from checkpointing.base import faults
 from checkpointing.base.agreement import common_to_all, gather_from_all
 from checkpointing.base.errors import CheckpointError
 from checkpointing.base.levels import L0, L1, L2
-from checkpointing.recovery.loading import CheckpointLoader
-from checkpointing.format.items import LoadedParts
 from checkpointing.format import keys
-from checkpointing.base import faults
+from checkpointing.format.items import LoadedParts
+from checkpointing.recovery.loading import CheckpointLoader
 from checkpointing.recovery.rollback import ROLLBACK_RECORD, RollbackRefused, apply, nearest, plan
 
 

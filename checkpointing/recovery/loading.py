@@ -25,24 +25,24 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from checkpointing.format import keys
 from checkpointing.base.agreement import common_to_all, gather_from_all
 from checkpointing.base.config import CheckpointConfig
-from checkpointing.format.discovery import StoredCheckpoint, load_candidates
 from checkpointing.base.errors import (
     CheckpointCorruptError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CheckpointUntrustedError,
 )
-from checkpointing.format.items import CheckpointableState, LoadedParts
 from checkpointing.base.levels import L0, L1, L2, MEMORY
-from checkpointing.recovery.load_outcome import Attempt, Outcome, agree
-from checkpointing.format.metadata import METADATA_NAME
 from checkpointing.base.parallel_layout import ParallelLayout, how_saved
+from checkpointing.format import keys
+from checkpointing.format.discovery import StoredCheckpoint, load_candidates
+from checkpointing.format.items import CheckpointableState, LoadedParts
+from checkpointing.format.metadata import METADATA_NAME
 from checkpointing.format.reader import CheckpointReader
-from checkpointing.recovery.rollback import abandoning, nearest, rollbacks
 from checkpointing.format.writer import data_file_name
+from checkpointing.recovery.load_outcome import Attempt, Outcome, agree
+from checkpointing.recovery.rollback import abandoning, nearest, rollbacks
 
 LOADED = Attempt(Outcome.LOADED)
 

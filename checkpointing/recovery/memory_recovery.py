@@ -43,22 +43,20 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from checkpointing.storage import host_pool
-
-from checkpointing.format import keys
-
 from checkpointing.base import private_files
 from checkpointing.base.agreement import gather_from_all
 from checkpointing.base.config import CheckpointConfig
-from checkpointing.format.discovery import iteration_dir, load_candidates
 from checkpointing.base.errors import CheckpointCorruptError, CheckpointError
+from checkpointing.base.parallel_layout import ParallelLayout
+from checkpointing.format import keys
+from checkpointing.format.discovery import iteration_dir, load_candidates
 from checkpointing.format.items import CheckpointableState
 from checkpointing.format.metadata import build_metadata, write_metadata
-from checkpointing.base.parallel_layout import ParallelLayout
+from checkpointing.format.writer import write_rank_file
+from checkpointing.recovery.rollback import rollbacks
+from checkpointing.storage import host_pool
 from checkpointing.storage.peer_replicas import node_list, shard_views, slot_checksum
 from checkpointing.storage.peers import directory_peers
-from checkpointing.recovery.rollback import rollbacks
-from checkpointing.format.writer import write_rank_file
 
 _OWN = re.compile(r"-r(\d+)-s\d+\.meta$")
 _REPLICA = re.compile(r"-r(\d+)-p(\d+)-s\d+\.meta$")

@@ -33,7 +33,13 @@ import time
 from checkpointing.base.config import CheckpointConfig
 from checkpointing.base.durable import TRACKER_NAME, describe_tracker, fsync_directory, write_tracker
 from checkpointing.base.levels import L1, L2, SHM_DIR
-from checkpointing.recovery.rollback_request import LIVE_SETTINGS, RequestRefused, RollbackRequest, wait_for_answer, write_request
+from checkpointing.recovery.rollback_request import (
+    LIVE_SETTINGS,
+    RequestRefused,
+    RollbackRequest,
+    wait_for_answer,
+    write_request,
+)
 from cli.flags import add_flag, refuse_renamed
 
 

@@ -31,9 +31,9 @@ from checkpointing.base import levels, private_files
 from checkpointing.base.config import CheckpointConfig
 from checkpointing.base.durable import atomic_write_bytes
 from checkpointing.base.errors import CheckpointError
-from checkpointing.format.items import TensorPiece
 from checkpointing.base.parallel_layout import ParallelLayout
 from checkpointing.base.safe_pickle import load_objects
+from checkpointing.format.items import TensorPiece
 from cli.flags import add_flag
 
 SHM_DIR = levels.SHM_DIR

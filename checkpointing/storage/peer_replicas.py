@@ -43,8 +43,8 @@ import xxhash
 
 from checkpointing.base.durable import atomic_write_bytes
 from checkpointing.base.errors import CheckpointError
-from checkpointing.storage.host_pool import ArraySpec, framed_description, map_arrays
 from checkpointing.base.safe_pickle import load_objects
+from checkpointing.storage.host_pool import ArraySpec, framed_description, map_arrays
 
 _TAG_LENGTH, _TAG_HEADER, _TAG_DATA, _TAG_TRAILER = 71, 72, 73, 74
 

@@ -23,11 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from checkpointing.engine.checkpoint_engine import CheckpointEngine  # noqa: E402
 from checkpointing.base.levels import Level  # noqa: E402
-from checkpointing.storage.host_pool import ArraySpec, HostPool  # noqa: E402
+from checkpointing.engine.checkpoint_engine import CheckpointEngine  # noqa: E402
 from checkpointing.format.items import TensorPiece  # noqa: E402
 from checkpointing.format.reader import CheckpointReader  # noqa: E402
+from checkpointing.storage.host_pool import ArraySpec, HostPool  # noqa: E402
 from tests.helpers import SyntheticState  # noqa: E402
 
 SHARD_NUMEL, SLOTS, VERSIONS = 1 << 13, 3, 10

@@ -21,13 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from checkpointing.format.commit import save_and_commit  # noqa: E402
 from checkpointing.base.durable import CheckpointWriteError  # noqa: E402
-from checkpointing.engine.flusher import _node_groups  # noqa: E402
-from checkpointing.format.items import TensorPiece  # noqa: E402
 from checkpointing.base.levels import Level  # noqa: E402
-from checkpointing.format.metadata import METADATA_NAME, read_metadata  # noqa: E402
 from checkpointing.base.parallel_layout import ParallelLayout  # noqa: E402
+from checkpointing.engine.flusher import _node_groups  # noqa: E402
+from checkpointing.format.commit import save_and_commit  # noqa: E402
+from checkpointing.format.items import TensorPiece  # noqa: E402
+from checkpointing.format.metadata import METADATA_NAME, read_metadata  # noqa: E402
 from checkpointing.format.reader import CheckpointReader  # noqa: E402
 from checkpointing.format.save_plan import SavePlan  # noqa: E402
 from checkpointing.format.writer import data_file_name  # noqa: E402

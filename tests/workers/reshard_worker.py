@@ -24,7 +24,6 @@ from trainer.device import select_device  # noqa: E402
 from trainer.metrics_log import MetricsLogger  # noqa: E402
 from trainer.training import Trainer, init_distributed, shutdown  # noqa: E402
 
-
 FP32_PARAM = "optimizer.state.fp32_param."
 MOMENTS = "optimizer.state.exp_avg"
 
