@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -16,9 +17,29 @@ import torch
 SHARDS = 4
 
 
+PORTS_PER_WORKER = 2000
+FIRST_PORT = 10000
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a job to listen on.
+
+    Taken below the range the OS hands out to outgoing connections (``ip_local_port_range``,
+    32768 and up here), so that no connection of a test running beside it takes the port
+    between now and the job's bind, and from a slice of its own per pytest-xdist worker, so
+    that the other worker's jobs do not either (an OS-picked port was seen taken so: EADDRINUSE)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) if worker[:2] == "gw" and worker[2:].isdigit() else 0
+    first = FIRST_PORT + (index % 10) * PORTS_PER_WORKER
+    for _ in range(200):
+        port = random.randrange(first, first + PORTS_PER_WORKER)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the slice is full: let the OS pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
