@@ -394,3 +394,55 @@ def test_no_module_is_over_the_line_limit():
     long = {module: n for module, path in module_files(ROOT, packages).items()
             if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
     assert long == {}, f"split these modules (over {MAX_MODULE_LINES} lines): {long}"
+
+
+def describe_package(root: Path, package: str) -> list[str]:
+    """The import graph of one package as text: its modules, the arrows between them, how many
+    floors deep it is (longest chain of imports), and, where it has subpackages, the arrows
+    between them. ``python -m tests.test_layering checkpointing [--root DIR]``."""
+    graph = {m: {t for t in targets if t.split(".")[0] == package}
+             for m, targets in import_graph(root, [package]).items()}
+    modules = sorted(m for m in graph if (root / m.replace(".", "/")).with_suffix(".py").exists())
+
+    @functools.cache
+    def floor(module: str, seen: frozenset = frozenset()) -> int:
+        below = [floor(t, seen | {module}) for t in graph.get(module, ()) if t not in seen and t != module]
+        return 1 + max(below, default=0)
+
+    arrows = sum(len(graph[m]) for m in modules)
+    lines = [f"{package}: {len(modules)} modules, {arrows} arrows between them, "
+             f"{max(floor(m) for m in modules)} floors deep"]
+    parts = sorted({m.split(".")[1] for m in graph if m.count(".") >= 2})
+    if parts:
+        between: dict[tuple[str, str], int] = {}
+        for module in modules:
+            for target in graph[module]:
+                a, b = (x.split(".")[1] if x.count(".") >= 2 else x.split(".")[-1] for x in (module, target))
+                if a != b:
+                    between[(a, b)] = between.get((a, b), 0) + 1
+        for part in parts:
+            count = sum(1 for m in modules if m.startswith(f"{package}.{part}."))
+            lines.append(f"  {part}: {count} modules; imports " + (", ".join(
+                f"{b} ({n})" for (a, b), n in sorted(between.items()) if a == part) or "nothing of the package"))
+        top = sorted({m.split(".")[1] for m in modules if m.count(".") == 1})
+        for name in top:
+            lines.append(f"  {name}: imports " + (", ".join(
+                f"{b} ({n})" for (a, b), n in sorted(between.items()) if a == name) or "nothing of the package"))
+    return lines
+
+
+def test_the_graph_is_described_layer_by_layer():
+    lines = describe_package(ROOT, "checkpointing")
+    assert lines[0].startswith("checkpointing: ") and "floors deep" in lines[0]
+    assert "  base: 12 modules; imports nothing of the package" in lines
+    assert any(line.startswith("  manager: imports base (") for line in lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The import graph of one package, layer by layer.")
+    parser.add_argument("package", nargs="?", default="checkpointing")
+    parser.add_argument("--root", type=Path, default=ROOT, help="a checkout (another commit's worktree)")
+    args = parser.parse_args()
+    print("\n".join(describe_package(args.root, args.package)))
