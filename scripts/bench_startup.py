@@ -48,7 +48,7 @@ def main() -> int:
                 f"{args.rounds} interleaved rounds)", "", *part_startup(workdir, args.rounds), ""]
     if args.part in ("cpu-per-gb", "all"):
         print("> cpu-per-gb: host-bound model, every version to disk", flush=True)
-        out += [f"## The flusher's CPU per GB written (host-bound model, 1 process, every version to L2, "
+        out += [f"## The flusher's CPU per GB written (the host-bound model and a wide one, 1 process, every version to L2, "
                 f"{args.iters} iterations, medians of {args.rounds} rounds)", "",
                 *part_cpu_per_gb(workdir, args.rounds, args.iters), ""]
     if args.part == "before-after":

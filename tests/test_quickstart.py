@@ -69,3 +69,5 @@ def test_the_quickstart_runs_as_written(tmp_path):
     assert "> loaded iteration 40 from runs/quickstart/ckpt/iter_0000040" in out, out[-6000:]
     assert (checkout / "runs/quickstart/ckpt/branches").is_dir()
     assert (checkout / "runs/quickstart/hf/config.json").is_file()
+    # transformers loaded the export and generated from "def " (a minute's model: mostly punctuation)
+    assert re.search(r"^def .{10,}$", done.stdout, re.M), done.stdout[-2000:]
