@@ -37,16 +37,16 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from checkpointing.base import (
+    TRACKER_NAME,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
     load_dcp_metadata,
     load_objects,
 )
+from checkpointing.format import MEGATRON_METADATA_JSON, is_megatron_torch_dist
 
-METADATA_JSON_NAME = "metadata.json"
 COMMON_NAME = "common.pt"
-TRACKER_NAME = "latest_checkpointed_iteration.txt"
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                  "common_backend_version": 1}
 """What megatron-core writes in ``metadata.json`` for a torch_dist checkpoint."""
@@ -68,7 +68,7 @@ def find_checkpoint(path: str, iteration: int | None = None) -> str | None:
     torch_dist checkpoint, else the one the save directory's tracker (or ``iteration``) points at.
     None: not a Megatron checkpoint. Raises :class:`CheckpointNotFoundError` where the tracker
     points at nothing."""
-    if iteration is None and _is_torch_dist(path):
+    if iteration is None and is_megatron_torch_dist(path):
         return path
     tracker = os.path.join(path, TRACKER_NAME)
     if iteration is not None:
@@ -82,20 +82,12 @@ def find_checkpoint(path: str, iteration: int | None = None) -> str | None:
     else:
         return None
     candidate = os.path.join(path, name)
-    if _is_torch_dist(candidate):
+    if is_megatron_torch_dist(candidate):
         return candidate
     if os.path.isdir(candidate) or iteration is not None:
-        raise CheckpointNotFoundError(f"{candidate} is not a Megatron torch_dist checkpoint (no {METADATA_JSON_NAME} "
+        raise CheckpointNotFoundError(f"{candidate} is not a Megatron torch_dist checkpoint (no {MEGATRON_METADATA_JSON} "
                                       "with sharded_backend torch_dist)")
     return None
-
-
-def _is_torch_dist(directory: str) -> bool:
-    try:
-        with open(os.path.join(directory, METADATA_JSON_NAME)) as f:
-            return json.load(f).get("sharded_backend") == "torch_dist"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 @dataclass
@@ -223,7 +215,7 @@ def write_checkpoint(save_dir: str, iteration: int, state: dict[str, Any], commo
         torch.save(common, buffer)
         with open(os.path.join(building, COMMON_NAME), "wb") as f:
             f.write(buffer.getvalue())
-        with open(os.path.join(building, METADATA_JSON_NAME), "w") as f:
+        with open(os.path.join(building, MEGATRON_METADATA_JSON), "w") as f:
             json.dump(METADATA_JSON, f)
         os.rename(building, final)
     except BaseException:

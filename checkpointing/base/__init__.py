@@ -12,7 +12,7 @@ _EXPORTS = {
     "FlusherError": "errors",
     "ParallelLayout": "parallel_layout",
     "Level": "levels", "L0": "levels", "L1": "levels", "L2": "levels", "DISK_LEVELS": "levels", "sync_level": "levels",
-    "read_tracker": "durable",
+    "read_tracker": "durable", "TRACKER_NAME": "durable",
     "gather_from_all": "agreement",
     "open_own": "private_files",
     "Tracer": "trace",

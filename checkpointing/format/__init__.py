@@ -8,7 +8,7 @@ from checkpointing._exports import lazy_exports
 _EXPORTS = {
     "TensorPiece": "items", "LoadedParts": "items",
     "SaveResult": "commit", "save_and_commit": "commit",
-    "iteration_dir": "discovery", "list_checkpoints": "discovery", "load_candidates": "discovery",
+    "iteration_dir": "discovery", "is_megatron_torch_dist": "discovery", "MEGATRON_METADATA_JSON": "discovery", "list_checkpoints": "discovery", "load_candidates": "discovery",
     "ChunkIndex": "load_plan", "wanted_chunks": "load_plan",
     "ChunkRecord": "metadata", "METADATA_NAME": "metadata", "METADATA_CHECKSUM_NAME": "metadata",
     "build_metadata": "metadata", "read_metadata": "metadata", "write_metadata": "metadata",

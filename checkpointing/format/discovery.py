@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
-from checkpointing.base.durable import read_tracker
+from checkpointing.base.durable import TRACKER_NAME, read_tracker
 from checkpointing.format.metadata import ITER_DIR, METADATA_NAME
 
 
@@ -70,22 +71,24 @@ MEGATRON_METADATA_JSON = "metadata.json"
 """What megatron-core's ``dist_checkpointing`` writes beside a checkpoint's DCP files."""
 
 
+def is_megatron_torch_dist(directory: str) -> bool:
+    """True if ``directory`` holds megatron-core's ``metadata.json`` of a torch_dist checkpoint."""
+    try:
+        with open(os.path.join(directory, MEGATRON_METADATA_JSON)) as f:
+            return json.load(f).get("sharded_backend") == "torch_dist"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def megatron_checkpoint_in(root: str) -> str | None:
     """The Megatron-LM torch_dist checkpoint ``root`` is or holds (its tracker's ``iter_N`` or
     ``release``), or None: our loader cannot read one (``convert_checkpoint.py --from megatron``
     can), and it should say so rather than call its files damaged."""
     candidates = [root]
     try:
-        with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
+        with open(os.path.join(root, TRACKER_NAME)) as f:
             text = f.read().strip()
         candidates.append(os.path.join(root, "release" if text == "release" else f"iter_{int(text):07d}"))
     except (OSError, ValueError):
         pass
-    for path in candidates:
-        try:
-            with open(os.path.join(path, MEGATRON_METADATA_JSON)) as f:
-                if '"torch_dist"' in f.read(4096):
-                    return path
-        except OSError:
-            continue
-    return None
+    return next((path for path in candidates if is_megatron_torch_dist(path)), None)
