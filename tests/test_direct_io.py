@@ -175,3 +175,56 @@ def test_a_link_planted_under_a_data_file_name_is_not_followed(tmp_path):
     with pytest.raises(OSError):
         write_rank_file(str(tmp_path), 0, arrays, pieces, objects)
     assert target.read_bytes() == b"precious"
+
+
+def test_versions_written_through_a_kept_layout_are_the_files_worked_out_afresh(tmp_path):
+    """A level keeps one ``RankFileLayout`` per slot (``layouts``): every later version follows it.
+    Each version's file equals, byte for byte, the one written without a kept layout, with this
+    version's checksums; moved arrays or other pieces get a layout of their own."""
+    arrays, pieces, objects = _state()
+    layouts: dict = {}
+    for version in range(3):
+        for array in arrays.values():  # new bytes at the same addresses, as a pool slot gets
+            array.copy_(torch.randn(array.shape).to(array.dtype))
+        kept, fresh = tmp_path / f"kept{version}", tmp_path / f"fresh{version}"
+        kept.mkdir()
+        fresh.mkdir()
+        records = write_rank_file(str(kept), 0, arrays, pieces, objects, layouts=layouts)
+        assert records == write_rank_file(str(fresh), 0, arrays, pieces, objects)
+        assert _check_file(kept, arrays, pieces, objects, records) == (fresh / data_file_name(0)).read_bytes()
+        assert len(layouts) == 1
+    moved = {name: array.clone() for name, array in arrays.items()}  # another slot: other addresses
+    (tmp_path / "moved").mkdir()
+    _check_file(tmp_path / "moved", moved, pieces, objects,
+                write_rank_file(str(tmp_path / "moved"), 0, moved, pieces, objects, layouts=layouts))
+    fewer = pieces[1:]
+    (tmp_path / "fewer").mkdir()
+    records = write_rank_file(str(tmp_path / "fewer"), 0, moved, fewer, objects, layouts=layouts)
+    assert {r.key for r in records} == {p.key for p in fewer} | set(objects)
+    assert len(layouts) == 2  # the moved slot's layout, then replaced by the one for fewer pieces
+
+
+def test_progress_is_reported_for_every_piece_in_order_after_its_bytes(tmp_path):
+    """``progress(i)`` comes once per piece, in order, after piece i's bytes left ``arrays``:
+    zero-copy snapshots overwrite a slot behind it. Overwriting each piece as soon as it is
+    reported must not change what the file holds."""
+    arrays, pieces, objects = _state()
+    expected = {name: array.clone() for name, array in arrays.items()}
+    seen = []
+
+    def scribble(index):
+        seen.append(index)
+        piece = pieces[index]
+        if all(p is piece or (p.array, p.start) != (piece.array, piece.start) for p in pieces[index + 1:]):
+            piece.view(arrays).fill_(-1)  # no later piece shares these bytes: the slot may take them back
+
+    layouts: dict = {}
+    for version in range(2):
+        for name in arrays:
+            arrays[name].copy_(expected[name])
+        seen.clear()
+        (tmp_path / str(version)).mkdir()
+        records = write_rank_file(str(tmp_path / str(version)), 0, arrays, pieces, objects, progress=scribble,
+                                  layouts=layouts)
+        assert seen == list(range(len(pieces)))
+        _check_file(tmp_path / str(version), expected, pieces, objects, records)

@@ -215,3 +215,21 @@ def test_a_pool_parent_of_another_user_is_refused(tmp_path):
     os.chown(base, NOBODY, NOBODY)
     with pytest.raises(private_files.UnsafePathError, match=f"owned by uid {NOBODY}"):
         private_files.pool_dir(str(base))
+
+
+def test_a_descriptions_pieces_are_encoded_once_and_read_as_data(tmp_path):
+    """A flusher encodes its pieces once (``encode_pieces``); a description holding them decodes
+    to the same pieces, as one holding the older list of fields does; pieces that would run code
+    are refused, naming the description."""
+    from checkpointing.format.items import TensorPiece
+
+    pieces = [TensorPiece("w", "main", 0, (2, 3), (4, 3), (2, 0)), TensorPiece("b", "main", 6, (3,), (3,), (0,), False)]
+    encoded = host_pool.encode_pieces(pieces)
+    blob = host_pool.description_blob(5, {}, synthetic_layout(), encoded)
+    description, _ = load_objects(blob, "test")
+    assert host_pool.decode_pieces(description["pieces"], "d") == pieces
+    assert description == load_objects(host_pool.description_blob(5, {}, synthetic_layout(), pieces), "test")[0]
+    assert host_pool.decode_pieces([host_pool.encode_piece(p) for p in pieces], "d") == pieces
+    with pytest.raises(CheckpointError, match="the pieces of planted-description"):
+        host_pool.decode_pieces(pickle.dumps([PickleMarker(tmp_path / "marker")]), "planted-description")
+    assert not (tmp_path / "marker").exists()

@@ -1,8 +1,10 @@
-"""The save plan (``checkpointing.format.save_plan``): a version's metadata filled from checksums equals,
-field for field and byte for byte, the metadata built from scratch; the tiling check refuses
-overlaps and gaps in N-d; a piece that changed is refused loudly. No processes."""
+"""The save plan (``checkpointing.format.save_plan``): a version's metadata filled from checksums (and
+pickled from parts) decodes, field for field and in the same order, to the metadata built from
+scratch, by stock pickle and by the restricted loader alike; the tiling check refuses overlaps and
+gaps in N-d; a piece that changed is refused loudly. No processes."""
 
 import dataclasses
+import io
 import pickle
 import random
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from checkpointing.base.parallel_layout import ParallelLayout
+from checkpointing.base.safe_pickle import load_dcp_metadata
 from checkpointing.format.metadata import ChunkRecord, build_metadata
 from checkpointing.format.rectangles import RectangleIndex, TilingError, check_tiling, overlap
 from checkpointing.format.save_plan import SavePlan, SavePlanChangedError
@@ -43,6 +46,22 @@ def rank_records(rank: int, version: int, replicas: bool = False) -> list[ChunkR
     return out
 
 
+def assert_decodes_to(data: bytes, scratch) -> None:
+    """``data`` (a ``.metadata``'s bytes) decodes to ``scratch``: every field, every key in its
+    order, our facts; through stock pickle (as DCP's reader) and the restricted loader alike."""
+    restricted, trusted = load_dcp_metadata(io.BytesIO(data), "test", False)
+    assert not trusted  # nothing outside DCP's metadata classes was needed
+    for decoded in (pickle.loads(data), restricted):
+        assert type(decoded) is type(scratch)
+        assert decoded == scratch  # state_dict_metadata, planner_data, storage_data, storage_meta, version
+        assert decoded.__dict__.keys() == scratch.__dict__.keys()
+        assert decoded.gpt_ckpt == scratch.gpt_ckpt
+        assert list(decoded.storage_data.items()) == list(scratch.storage_data.items())
+        assert list(decoded.state_dict_metadata) == list(scratch.state_dict_metadata)
+        assert list(decoded.gpt_ckpt["checksums"].items()) == list(scratch.gpt_ckpt["checksums"].items())
+        assert pickle.dumps(decoded.gpt_ckpt) == pickle.dumps(scratch.gpt_ckpt)
+
+
 @pytest.mark.parametrize("replicas", [False, True], ids=["shared", "node-local"])
 def test_filled_metadata_equals_the_one_built_from_scratch(replicas):
     ranks = [SavePlan() for _ in range(4)]
@@ -55,11 +74,9 @@ def test_filled_metadata_equals_the_one_built_from_scratch(replicas):
             assert all(len(s.checksums) == 8 * sum(r.offsets is not None for r in rs) for s, rs in zip(sent, records))
         filled = coordinator.metadata(sent, version, LAYOUT, local_files)
         scratch = build_metadata([r for rs in records for r in rs], version, LAYOUT, local_files)
-        assert filled == scratch  # state_dict_metadata, planner_data, storage_data
-        assert filled.gpt_ckpt == scratch.gpt_ckpt
-        assert list(filled.storage_data) == list(scratch.storage_data)
-        assert list(filled.gpt_ckpt["checksums"].items()) == list(scratch.gpt_ckpt["checksums"].items())
-        assert pickle.dumps(filled) == pickle.dumps(scratch)
+        assert_decodes_to(filled, scratch)
+        if version == 1:  # built from scratch: the stock pickle, as DCP's own writer makes it
+            assert filled == pickle.dumps(scratch, protocol=pickle.HIGHEST_PROTOCOL)
         for plan in ranks:
             plan.committed()
     assert coordinator.template is not None
@@ -73,7 +90,7 @@ def test_a_moved_byte_range_is_sent_and_filled():
             records[3] = [dataclasses.replace(r, offset=r.offset + 4096) if r.offset == 0 else r for r in records[3]]
         sent = [p.rank.payload(rs) for p, rs in zip(plans, records)]
         filled = plans[0].metadata(sent, version, LAYOUT, None)
-        assert pickle.dumps(filled) == pickle.dumps(build_metadata([r for rs in records for r in rs], version, LAYOUT))
+        assert_decodes_to(filled, build_metadata([r for rs in records for r in rs], version, LAYOUT))
         for p in plans:
             p.committed()
     assert sent[3].moved and not sent[2].moved
@@ -152,8 +169,8 @@ def test_a_nodes_filled_metadata_equals_its_own_build_and_the_whole_job_refuses_
         sent = [plan.rank.payload(rs) for plan, rs in zip(plans, records)]
         filled = plans[0].metadata(sent, version, LAYOUT, local_files)
         scratch = build_metadata([r for rs in records for r in rs], version, LAYOUT, local_files)
-        assert pickle.dumps(filled) == pickle.dumps(scratch) and filled.gpt_ckpt == scratch.gpt_ckpt
-        assert sorted(c.offsets for c in filled.state_dict_metadata["w"].chunks) == [(0, 0), (0, 3)]
+        assert_decodes_to(filled, scratch)
+        assert sorted(c.offsets for c in pickle.loads(filled).state_dict_metadata["w"].chunks) == [(0, 0), (0, 3)]
         for plan in plans:
             plan.committed()
     with pytest.raises(TilingError, match="cover"):
@@ -186,7 +203,10 @@ def test_index_finds_the_same_chunks_as_a_scan():
 
 def test_versions_saved_through_a_plan_load_and_verify(single_process_group, tmp_path):
     """save_and_commit with a plan, one process: versions 2.. are filled from checksums; each
-    loads with its checksums verified, and its .metadata is the one built from scratch."""
+    loads with its checksums verified (DCP's own reader too), and its .metadata decodes to the one
+    built from scratch."""
+    import torch.distributed.checkpoint as dcp
+
     from checkpointing.base.levels import Level
     from checkpointing.format.commit import save_and_commit
     from checkpointing.format.items import TensorPiece
@@ -209,5 +229,8 @@ def test_versions_saved_through_a_plan_load_and_verify(single_process_group, tmp
         save_and_commit(Level("L2", str(scratch), None, None), version, arrays, pieces,
                         {"common": {"iteration": version}}, LAYOUT, single_process_group)
         assert read_metadata(result.path).gpt_ckpt == read_metadata(str(scratch / f"iter_{version:07d}")).gpt_ckpt
-        assert (open(f"{result.path}/.metadata", "rb").read()
-                == open(scratch / f"iter_{version:07d}" / ".metadata", "rb").read())
+        assert_decodes_to(open(f"{result.path}/.metadata", "rb").read(),
+                          pickle.loads(open(scratch / f"iter_{version:07d}" / ".metadata", "rb").read()))
+        stock = {"w": torch.zeros(3, 4), "b": torch.zeros(5)}
+        dcp.load(stock, storage_reader=dcp.FileSystemReader(result.path))
+        assert torch.equal(stock["w"].reshape(-1), arrays["a"][:12]) and torch.equal(stock["b"], arrays["a"][12:])

@@ -40,6 +40,17 @@ than the copy saves."""
 PACE_BYTES = 8 << 20
 """With a rate limit, writes are cut into pieces of this size, each followed by a sleep."""
 
+_ZEROS = bytes(BLOCK)
+
+
+def gap_for(position: int, header: int, address: int, nbytes: int, direct: bool) -> int:
+    """Padding to leave at file offset ``position`` before a blob of ``header`` bytes followed by
+    a buffer at memory ``address`` of ``nbytes``, so that the buffer can be written from its
+    memory (0 when it cannot: a buffered file, or a buffer too small to be worth it)."""
+    if not direct or nbytes < DIRECT_MIN_BYTES:
+        return 0
+    return (address - header - position) % BLOCK
+
 
 class DirectFile:
     """Write one file front to back: :meth:`write` copies bytes, :meth:`write_memory` writes a
@@ -82,9 +93,31 @@ class DirectFile:
     def gap_before(self, header: int, address: int, nbytes: int) -> int:
         """Padding to leave before a blob of ``header`` bytes followed by a buffer at ``address``
         of ``nbytes``, so that the buffer can be written from its memory (0 when it cannot)."""
-        if not self.direct or nbytes < DIRECT_MIN_BYTES:
-            return 0
-        return (address - header - self.position) % BLOCK
+        return gap_for(self.position, header, address, nbytes, self.direct)
+
+    def write_framed(self, gap: int, head: bytes, payload: memoryview, address: int, tail: bytes) -> None:
+        """Append ``gap`` zero bytes (:func:`gap_for`), ``head``, the bytes ``payload`` (a ``B``
+        memoryview) that start at memory ``address``, and ``tail``: one call per chunk, where a
+        flush writes hundreds. A small chunk that fits the staging buffer is copied there in place."""
+        fill = self._fill
+        at_head = fill + gap
+        at_payload = at_head + len(head)
+        at_tail = at_payload + len(payload)
+        end = at_tail + len(tail)
+        if end < len(self._stage) and (len(payload) < DIRECT_MIN_BYTES or not self.direct):
+            stage = self._stage_view
+            if gap:
+                stage[fill:at_head] = _ZEROS[:gap]
+            stage[at_head:at_payload] = head
+            stage[at_payload:at_tail] = payload
+            stage[at_tail:end] = tail
+            self._fill = end
+            return
+        if gap:
+            self.write(_ZEROS[:gap])
+        self.write(head)
+        self.write_memory(payload, address)
+        self.write(tail)
 
     def write(self, data) -> None:
         """Append ``data`` (any bytes-like object), through the staging buffer."""

@@ -62,7 +62,7 @@ from checkpointing.engine.protocol import (
 )
 from checkpointing.format.commit import save_and_commit
 from checkpointing.format.save_plan import SavePlan
-from checkpointing.storage.host_pool import description_blob, map_arrays, write_description
+from checkpointing.storage.host_pool import description_blob, encode_pieces, map_arrays, write_description
 from checkpointing.storage.peer_replicas import ReplicaExchange
 
 HEARTBEAT_SECONDS = 0.5
@@ -110,6 +110,8 @@ class Flusher:
         self.slots = [map_arrays(path, spec.specs)[1] for path in spec.slot_paths]
         self.read_after = flush_rules.shards_read_after_pieces([lo for lo, _ in spec.shards],
                                                                [p.start for p in spec.pieces])
+        self.pieces_encoded = encode_pieces(spec.pieces)
+        """The pieces as every description of this flusher's slots holds them: encoded once."""
         self.pacing = flusher_pacing(block, spec.rank)
         self.replicas = ReplicaExchange(spec.replicas, spec.rank, group) if spec.replicas else None
         self.tracer = _RecordingTracer() if spec.trace else None
@@ -157,7 +159,7 @@ class Flusher:
                 error = None
                 try:
                     write_description(self.spec.meta_paths[message.slot], message.version, message.small_state,
-                                      self.spec.layout, list(self.spec.pieces), self.spec.specs)
+                                      self.spec.layout, self.pieces_encoded, self.spec.specs)
                 except CheckpointWriteError as e:
                     error = str(e)
                 with self.cond:
@@ -243,8 +245,8 @@ class Flusher:
         with self.cond:
             small_state = self.small_states[job.seq]
         spec, block = self.spec, self.block  # no test pacing here: a held exchange would hold its partners
-        description = description_blob(job.version, small_state, spec.layout, spec.pieces, spec.specs, source=spec.rank,
-                                       shards=[tuple(s) for s in spec.shards])
+        description = description_blob(job.version, small_state, spec.layout, self.pieces_encoded, spec.specs,
+                                       source=spec.rank, shards=[tuple(s) for s in spec.shards])
         started = time.perf_counter_ns()
 
         def sent(index: int) -> None:

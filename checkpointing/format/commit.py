@@ -163,7 +163,8 @@ def save_and_commit(
         faults.reach(f"{level.name}.write", iteration)
         with tracer.span(f"write {level.name}", "ckpt", iteration=iteration):
             records = write_rank_file(directory, dist.get_rank(), arrays, pieces, small_state, replicas=node_local,
-                                      write_rate=write_rate, progress=progress)
+                                      write_rate=write_rate, progress=progress,
+                                      layouts=plan.rank.file_layouts if plan is not None else None)
     except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
         records = str(e)
     sent: Any = records

@@ -140,10 +140,17 @@ def build_metadata(records: list[ChunkRecord], iteration: int, layout: ParallelL
     return metadata
 
 
-def write_metadata(directory: str, metadata: Metadata) -> None:
+def encode_metadata(metadata: Metadata) -> bytes:
+    """``.metadata``'s bytes: the pickle DCP's own writer makes. (A level's later versions are
+    pickled from parts instead: ``checkpointing.format.metadata_encoding``.)"""
+    return pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def write_metadata(directory: str, metadata: Metadata | bytes) -> None:
     """The commit point: temporary name, fsync, rename, fsync of the directory. The checksum of
-    its bytes goes first (``METADATA_CHECKSUM_NAME``), so a committed ``.metadata`` always has one."""
-    data = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+    its bytes goes first (``METADATA_CHECKSUM_NAME``), so a committed ``.metadata`` always has one.
+    ``metadata``: the object, or its bytes already encoded."""
+    data = metadata if isinstance(metadata, bytes) else encode_metadata(metadata)
     atomic_write_bytes(os.path.join(directory, METADATA_CHECKSUM_NAME), metadata_checksum_line(data),
                        sync_directory=False)  # the .metadata's rename below syncs the directory for both
     atomic_write_bytes(os.path.join(directory, METADATA_NAME), data)

@@ -7,8 +7,10 @@ the coordinator a tiling check and a gather of megabytes per version at 16k rank
 (``benchmarks/scale.py``). So the first committed version of a level is built from scratch
 (``build_metadata``: tiling checked) and kept as a template; every later version each rank
 sends only its tensor chunks' checksums (8 bytes each), the few places that moved, and its byte
-items, and the coordinator fills the template. The ``.metadata`` written is the same, field for
-field and byte for byte, as ``build_metadata`` of the same records (``tests/test_save_plan.py``).
+items, and the coordinator fills the template, pickled from parts
+(``checkpointing.format.metadata_encoding``: only what changed is pickled per version). The
+``.metadata`` written decodes to the same object, field for field and in the same order, as
+``build_metadata`` of the same records (``tests/test_save_plan.py``).
 
 A tensor chunk whose key, rectangle, dtype, file or writer role changed is refused
 (:class:`SavePlanChangedError`): the plan belongs to a layout, and a layout change restarts the
@@ -24,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from checkpointing.base.parallel_layout import ParallelLayout
-from checkpointing.format.metadata import ChunkRecord, build_metadata
+from checkpointing.format.metadata import ChunkRecord, build_metadata, encode_metadata
+from checkpointing.format.metadata_encoding import MetadataEncoder
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
@@ -62,6 +65,9 @@ class RankSavePlan:
         """(offset, length) of each, as the template holds them."""
         self.item_keys: tuple[str, ...] = ()
         self._pending: tuple | None = None
+        self.file_layouts: dict = {}
+        """This rank's data file layouts (``checkpointing.format.writer.RankFileLayout``), one per
+        pool slot: worked out at a slot's first version, followed by the later ones."""
 
     def payload(self, records: list[ChunkRecord]) -> list[ChunkRecord] | VersionPayload:
         """What to gather for this version's ``records``: all of them until a plan is built,
@@ -127,20 +133,23 @@ class MetadataTemplate:
         """One string object per file: pickle then writes each file name once, as for fresh records."""
         self._tensor_lengths = {(r.relative_path, r.offset): r.length for rs in gathered for r in rs
                                 if r.offsets is not None}
+        self.encoder = MetadataEncoder(metadata)
 
     def fill(self, payloads: list[VersionPayload], iteration: int, layout: ParallelLayout | dict[str, Any],
-             local_files: list[str] | None) -> Metadata:
-        """The metadata of a version from every rank's payload: what ``build_metadata`` would
-        build from their full records. Raises :class:`SavePlanChangedError` for a payload that
-        does not fit the template."""
+             local_files: list[str] | None) -> bytes:
+        """The ``.metadata`` bytes of a version from every rank's payload: what ``build_metadata``
+        would build from their full records, pickled from parts
+        (``checkpointing.format.metadata_encoding``). Raises :class:`SavePlanChangedError` for a
+        payload that does not fit the template."""
         from torch.distributed.checkpoint.filesystem import _StorageInfo
-        from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+        from torch.distributed.checkpoint.metadata import MetadataIndex
 
         if len(payloads) != len(self.parts):
             raise SavePlanChangedError(f"{len(payloads)} ranks sent a version, the save plan has {len(self.parts)}")
         base = self.metadata
-        storage_data = dict(base.storage_data)
-        replicas = dict(base.gpt_ckpt["replicas"])
+        updates: dict = {}
+        """The ``storage_data`` entries that differ from the template's: moved chunks, byte items."""
+        replicas = base.gpt_ckpt["replicas"]
         keys: list[tuple[str, int]] = []
         values: list[int] = []
         lengths = self._tensor_lengths
@@ -152,33 +161,31 @@ class MetadataTemplate:
             if payload.moved:  # rare: a chunk's padding changed with its memory's alignment
                 blob_keys = list(blob_keys)
                 lengths = dict(lengths) if lengths is self._tensor_lengths else lengths
+                replicas = dict(replicas) if replicas is base.gpt_ckpt["replicas"] else replicas
                 for i, offset, length in payload.moved:
                     path = blob_keys[i][0]
                     blob_keys[i] = (path, offset)
                     lengths[(path, offset)] = length
                     if part.index_keys[i] is not None:
-                        storage_data[part.index_keys[i]] = _StorageInfo(path, offset, length)
+                        updates[part.index_keys[i]] = _StorageInfo(path, offset, length)
                     else:
                         replicas[part.replica_keys[i]] = (offset, length)
             keys += blob_keys
             values += np.frombuffer(payload.checksums, dtype="<u8").tolist()
             for r in payload.items:
                 path = self._paths.get(r.relative_path, r.relative_path)
-                storage_data[MetadataIndex(r.key)] = _StorageInfo(path, r.offset, r.length)
+                updates[MetadataIndex(r.key)] = _StorageInfo(path, r.offset, r.length)
                 keys.append((path, r.offset))
                 values.append(r.checksum)
         # dict(zip()) keeps each key at its first place with its last value, as build_metadata's loop
         checksums = dict(zip(keys, values))
         items = {(r.relative_path, r.offset): r.length for p in payloads for r in p.items}
         total = sum(lengths.get(k, 0) if k not in items else items[k] for k in checksums)
-        metadata = Metadata(state_dict_metadata=base.state_dict_metadata, planner_data=base.planner_data,
-                            storage_data=storage_data)
-        metadata.gpt_ckpt = dict(
-            base.gpt_ckpt, iteration=iteration,
-            layout=layout.to_dict() if isinstance(layout, ParallelLayout) else dict(layout),
-            checksums=checksums, total_bytes=total, replicas=replicas,
-            local_files=sorted(local_files) if local_files is not None else None)
-        return metadata
+        facts = dict(base.gpt_ckpt, iteration=iteration,
+                     layout=layout.to_dict() if isinstance(layout, ParallelLayout) else dict(layout),
+                     checksums=checksums, total_bytes=total, replicas=replicas,
+                     local_files=sorted(local_files) if local_files is not None else None)
+        return self.encoder.encode(updates, facts)
 
 
 class SavePlan:
@@ -190,9 +197,9 @@ class SavePlan:
         self._candidate: MetadataTemplate | None = None
 
     def metadata(self, gathered: list, iteration: int, layout: ParallelLayout | dict[str, Any],
-                 local_files: list[str] | None) -> Metadata:
-        """(coordinator) This version's metadata: built from scratch (tiling checked) until a
-        template is, then filled."""
+                 local_files: list[str] | None) -> bytes:
+        """(coordinator) This version's ``.metadata`` bytes: built from scratch (tiling checked)
+        until a template is, then filled."""
         if self.template is not None:
             return self.template.fill(gathered, iteration, layout, local_files)
         if any(isinstance(g, VersionPayload) for g in gathered):
@@ -200,7 +207,7 @@ class SavePlan:
                                        "restart the checkpoint engine")
         metadata = build_metadata([r for rs in gathered for r in rs], iteration, layout, local_files)
         self._candidate = MetadataTemplate(gathered, metadata)
-        return metadata
+        return encode_metadata(metadata)
 
     def committed(self) -> None:
         """The version committed on every rank: its chunks are the plan from now on."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import xxhash
 
-from checkpointing.base.direct_io import DirectFile
+from checkpointing.base.direct_io import DirectFile, gap_for
 from checkpointing.base.durable import CheckpointWriteError, fsync_directory
 from checkpointing.format.items import TensorPiece
 from checkpointing.format.metadata import ChunkRecord
@@ -141,37 +141,104 @@ def _write_framed(file: DirectFile, blob: tuple[bytes, bytes], payload: memoryvi
     length, xxh3-64 of exactly those bytes)."""
     before, after = blob
     gap = file.gap_before(len(before), address, payload.nbytes)
-    if gap:
-        file.write(bytes(gap))
-    offset = file.position
+    offset = file.position + gap
     digest = xxhash.xxh3_64(before)
-    file.write(before)
     digest.update(payload)
-    file.write_memory(payload, address)
     digest.update(after)
-    file.write(after)
+    file.write_framed(gap, before, payload, address, after)
     return offset, file.position - offset, digest.intdigest()
 
 
-class _PieceBytes:
-    """The bytes of each piece of the flat host arrays, by slicing one ``uint8`` view per array:
-    a handful of C calls per piece instead of a dozen torch ones (a flush writes hundreds)."""
+class RankFileLayout:
+    """Where each piece of one set of host arrays (a pool slot) goes in a rank file, and the
+    bytes that frame it: computed once, then every version written from the same arrays follows
+    it. A flush writes hundreds of pieces, and working each one's framing, padding and place out
+    again per version was most of the flusher's CPU (``scripts/bench_startup.py --part cpu-per-gb``).
 
-    def __init__(self, arrays: dict[str, torch.Tensor]):
-        self.arrays = arrays
-        self._bytes: dict[str, tuple[np.ndarray, int, int]] = {}
+    The layout depends on the arrays' addresses (the ``O_DIRECT`` padding aligns each large chunk's
+    file offset with its memory), on ``replicas`` and on whether the file is written ``direct``:
+    :meth:`fits` says whether it still holds."""
 
-    def of(self, piece: TensorPiece) -> tuple[memoryview, int]:
-        """(the piece's bytes, their address)."""
-        if piece.array not in self._bytes:
-            array = self.arrays[piece.array]
-            if array.device.type != "cpu" or not array.is_contiguous():
-                raise ValueError(f"array {piece.array!r} is not a contiguous host array")
-            raw = array.reshape(-1).view(torch.uint8).numpy()
-            self._bytes[piece.array] = raw, array.element_size(), array.data_ptr()
-        raw, size, base = self._bytes[piece.array]
-        lo = piece.start * size
-        return memoryview(raw[lo : lo + piece.numel * size]), base + lo
+    def __init__(self, arrays: dict[str, torch.Tensor], pieces: list[TensorPiece], replicas: bool, direct: bool):
+        self.key = _layout_key(arrays, replicas, direct)
+        self.pieces = tuple(pieces)
+        self.steps: list[tuple | None] = []
+        """Per piece: (gap, head, array, first byte, end byte, address, tail) of the chunk it
+        writes; None when it writes nothing (not its rank's to write, or bytes an earlier piece wrote)."""
+        self.records: list[tuple | None] = []
+        """Per piece: its ChunkRecord's fields but the checksum and after, and the index of its
+        chunk's checksum; None when it is not in the file."""
+        position = 0
+        written: dict[tuple[str, int, tuple[int, ...]], tuple[int, int, int]] = {}
+        with _without_zip_crc32():
+            for piece in pieces:
+                if not (piece.is_writer or replicas):
+                    self.steps.append(None)
+                    self.records.append(None)
+                    continue
+                same = (piece.array, piece.start, piece.shape)
+                array = arrays[piece.array]
+                if same in written:
+                    self.steps.append(None)
+                else:
+                    if not (array.device.type == "cpu" and array.is_contiguous()):
+                        raise ValueError(f"array {piece.array!r} is not a contiguous host array")
+                    size = array.element_size()
+                    lo, hi = piece.start * size, (piece.start + piece.numel) * size
+                    blob = _tensor_blob(standalone(piece.view(arrays)), crc32=False) if hi > lo else None
+                    if blob is None:  # an empty piece: torch.save's bytes are all framing
+                        capture = _Capture(None)
+                        torch.save(standalone(piece.view(arrays)), capture)
+                        blob = b"".join(capture.before), b""
+                    head, tail = blob
+                    address = array.data_ptr() + lo
+                    gap = gap_for(position, len(head), address, hi - lo, direct)
+                    offset, length = position + gap, len(head) + (hi - lo) + len(tail)
+                    position = offset + length
+                    written[same] = (offset, length, len(written))
+                    self.steps.append((gap, head, piece.array, lo, hi, address, tail))
+                offset, length, chunk = written[same]
+                self.records.append(((piece.key, piece.global_offset, piece.shape, piece.global_shape, array.dtype),
+                                     offset, length, chunk, piece.is_writer))
+        self.end = position
+        """Where the pieces end: the small state follows."""
+
+    def fits(self, arrays: dict[str, torch.Tensor], pieces: list[TensorPiece], replicas: bool, direct: bool) -> bool:
+        """The same arrays at the same addresses, the same pieces (by identity first: a tuple
+        compare), the same replicas and O_DIRECT."""
+        return self.key == _layout_key(arrays, replicas, direct) and self.pieces == tuple(pieces)
+
+    def write(self, file: DirectFile, arrays: dict[str, torch.Tensor], name: str, rank: int,
+              progress: Callable[[int], None] | None) -> list[ChunkRecord]:
+        """Write the pieces of ``arrays`` (this layout's) to ``file``, named ``name``; returns their records."""
+        if file.position != 0:
+            raise ValueError(f"{name}: the pieces' layout starts at offset 0, the file is at {file.position}")
+        views = {a: memoryview(t.reshape(-1).view(torch.uint8).numpy()) for a, t in arrays.items()}
+        checksums: list[int] = []
+        write_framed = file.write_framed
+        for index, step in enumerate(self.steps):
+            if step is not None:
+                gap, head, array, lo, hi, address, tail = step
+                payload = views[array][lo:hi]
+                digest = xxhash.xxh3_64(head)
+                digest.update(payload)
+                digest.update(tail)
+                checksums.append(digest.intdigest())
+                write_framed(gap, head, payload, address, tail)
+            if progress is not None:
+                progress(index)
+        if file.position != self.end:  # the layout and the writer disagree: never commit such a file
+            raise ValueError(f"{name}: the pieces end at offset {file.position}, their layout says {self.end}")
+        return [ChunkRecord(*fields, name, offset, length, checksums[chunk], rank, writer)
+                for fields, offset, length, chunk, writer in filter(None, self.records)]
+
+
+def _layout_key(arrays: dict[str, torch.Tensor], replicas: bool, direct: bool) -> tuple:
+    return replicas, direct, tuple((name, t.data_ptr(), t.nbytes, t.dtype) for name, t in arrays.items())
+
+
+LAYOUTS_KEPT = 16
+"""Layouts a caller's cache holds at most (one per pool slot and level is the steady state)."""
 
 
 def write_rank_file(
@@ -183,6 +250,7 @@ def write_rank_file(
     replicas: bool = False,
     write_rate: float | None = None,
     progress: Callable[[int], None] | None = None,
+    layouts: dict[tuple, RankFileLayout] | None = None,
 ) -> list[ChunkRecord]:
     """Write this rank's writer pieces and its small state (each item a byte item) to
     ``directory`` and fsync file and directory.
@@ -191,40 +259,29 @@ def write_rank_file(
     the rank (node-local levels). ``write_rate`` (bytes/s) paces the writes. ``progress(i)`` is
     called once piece ``i`` is written (or passed over): its bytes in ``arrays`` may change from
     then on (zero-copy snapshots overwrite a slot behind its flush). ``arrays`` are host
-    (CPU) arrays. Raises
-    :class:`CheckpointWriteError` naming the file.
+    (CPU) arrays. ``layouts``: the caller's cache of :class:`RankFileLayout` (a level's, kept
+    across versions: ``checkpointing.format.save_plan``); None: the layout is worked out for
+    this file alone. Raises :class:`CheckpointWriteError` naming the file.
     """
     name = data_file_name(rank)
     path = os.path.join(directory, name)
-    records: list[ChunkRecord] = []
     try:
-        with DirectFile(path, rate=write_rate) as f, _without_zip_crc32():
+        with DirectFile(path, rate=write_rate) as f:
+            key = _layout_key(arrays, replicas, f.direct)
+            layout = layouts.get(key) if layouts is not None else None
+            if layout is None or not layout.fits(arrays, pieces, replicas, f.direct):
+                layout = RankFileLayout(arrays, pieces, replicas, f.direct)
+                if layouts is not None:
+                    if len(layouts) >= LAYOUTS_KEPT:
+                        layouts.clear()
+                    layouts[key] = layout
             # Two pieces over the same bytes (the fp32 weights are the main weights) share one
             # blob: their records point at the same byte range, as DCP allows.
-            written: dict[tuple[str, int, tuple[int, ...]], tuple[int, int, int]] = {}
-            piece_bytes = _PieceBytes(arrays)
-            for index, piece in enumerate(pieces):
-                if not (piece.is_writer or replicas):
-                    if progress is not None:
-                        progress(index)
-                    continue
-                same = (piece.array, piece.start, piece.shape)
-                if same not in written:
-                    payload, address = piece_bytes.of(piece)
-                    blob = _TENSOR_BLOBS.get((arrays[piece.array].dtype, piece.shape, False)) if payload.nbytes else None
-                    if blob is None:  # first of its dtype and shape (or empty): framed by torch.save
-                        written[same] = _write_chunk(f, standalone(piece.view(arrays)))
-                    else:
-                        written[same] = _write_framed(f, blob, payload, address)
-                at, length, checksum = written[same]
-                records.append(ChunkRecord(piece.key, piece.global_offset, piece.shape, piece.global_shape,
-                                           arrays[piece.array].dtype, name, at, length, checksum, rank,
-                                           piece.is_writer))
-                if progress is not None:
-                    progress(index)
-            for key, value in small_state.items():
-                at, length, checksum = _write_chunk(f, value)
-                records.append(ChunkRecord(key, None, None, None, None, name, at, length, checksum, rank))
+            records = layout.write(f, arrays, name, rank, progress)
+            with _without_zip_crc32():
+                for item, value in small_state.items():
+                    at, length, checksum = _write_chunk(f, value)
+                    records.append(ChunkRecord(item, None, None, None, None, name, at, length, checksum, rank))
         fsync_directory(directory)
     except OSError as error:
         raise CheckpointWriteError(error.errno, f"rank {rank} could not write {path}: {error.strerror or error}") from error

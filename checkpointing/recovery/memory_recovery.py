@@ -280,7 +280,7 @@ def _stage_one(h: HeldState, staged: str) -> list:
         shards = [tuple(s) for s in description.get("shards", [])]
         if slot_checksum(shard_views(arrays, shards)) != description.get("checksum"):
             raise CheckpointCorruptError(f"replica of rank {h.source}, iteration {h.version}: checksum mismatch")
-    pieces = [host_pool.decode_piece(p) for p in description["pieces"]]
+    pieces = host_pool.decode_pieces(description["pieces"], h.meta_path)
     return write_rank_file(staged, h.source, arrays, pieces, dict(description["objects"]))
 
 
