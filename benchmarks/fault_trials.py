@@ -14,7 +14,7 @@ node-local data, a second job on the same ``--save``). It then resumes and check
 - every loss after it equals, bit for bit, the uninterrupted run's (both read from the runs'
   ``--metrics-file``).
 
-``scripts/fault_trials.py`` is its command line; ``tests/test_fault_trials.py`` runs 20 trials.
+``scripts/fault_trials.py`` is its command line; ``tests/test_fault_trials.py`` and ``tests/test_fault_trial_kills.py`` run one trial of each damage and each kill.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def megatron_state(single_process_group):
     parallel_state.destroy_model_parallel()
 
 
-LONGEST_FIRST = ("test_fault_trials.py", "test_megatron_interop.py", "test_quickstart.py", "test_two_nodes.py",
+LONGEST_FIRST = ("test_fault_trials.py", "test_megatron_interop.py", "test_fault_trial_kills.py", "test_quickstart.py", "test_two_nodes.py",
                  "test_peer_replicas.py", "test_live_rollback.py", "test_rollback.py", "test_recovery.py",
                  "test_fault_exit.py", "test_hf_interop.py")
 """The longest test files (CI's --durations), run first: with two workers taking whole files

@@ -29,13 +29,32 @@ RESHARD_WORKER = ROOT / "tests" / "workers" / "reshard_worker.py"
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def megatron(*args: str, nproc: int = 1) -> None:
-    """Run the megatron-core worker (one process, or ``nproc`` under torchrun)."""
+def _megatron_command(args: tuple[str, ...], nproc: int) -> list[str]:
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   "--nproc-per-node", str(nproc)]
-    proc = subprocess.run([*launch, str(WORKER), *args], capture_output=True, text=True, timeout=300, env=job_env(),
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [*launch, str(WORKER), *args]
+
+
+def megatron(*args: str, nproc: int = 1) -> None:
+    """Run the megatron-core worker (one process, or ``nproc`` under torchrun)."""
+    megatron_side_by_side([(args, nproc)])
+
+
+def megatron_side_by_side(runs: list[tuple[tuple[str, ...], int]]) -> None:
+    """Run the megatron-core worker once per (args, nproc), all at once: most of each run is its
+    start-up (importing megatron-core), which overlaps. Fails naming the first run that failed;
+    none outlives the call."""
+    procs = [(args, subprocess.Popen(_megatron_command(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=job_env(), cwd=ROOT)) for args, nproc in runs]
+    try:
+        for args, proc in procs:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"{' '.join(args)}\n{out[-3000:]}{err[-3000:]}"
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def true_rows(params: dict[str, torch.Tensor], vocab: int = 100) -> dict[str, torch.Tensor]:
@@ -59,8 +78,8 @@ def model_flags(kind: str) -> list[str]:
 def saved(tmp_path_factory):
     """megatron-core's checkpoints: GPT at TP1 and TP2, Llama at TP1 (each beside its parameters)."""
     root = tmp_path_factory.mktemp("megatron")
-    for name, kind, nproc in (("gpt-tp1", "gpt", 1), ("gpt-tp2", "gpt", 2), ("llama-tp1", "llama", 1)):
-        megatron("save", kind, str(root / name), nproc=nproc)
+    megatron_side_by_side([(("save", kind, str(root / name)), nproc)
+                           for name, kind, nproc in (("gpt-tp1", "gpt", 1), ("gpt-tp2", "gpt", 2), ("llama-tp1", "llama", 1))])
     return root
 
 
