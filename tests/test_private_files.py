@@ -233,3 +233,18 @@ def test_a_descriptions_pieces_are_encoded_once_and_read_as_data(tmp_path):
     with pytest.raises(CheckpointError, match="the pieces of planted-description"):
         host_pool.decode_pieces(pickle.dumps([PickleMarker(tmp_path / "marker")]), "planted-description")
     assert not (tmp_path / "marker").exists()
+
+
+class _CallsEval:
+    def __reduce__(self):
+        return eval, ("1 + 1",)
+
+
+def test_a_protocol_2_metadata_names_builtins_as_python_2_did_and_is_checked_the_same():
+    """A level's later ``.metadata`` is pickled at protocol 2 (``metadata_encoding``), where builtins
+    are named ``__builtin__``: the restricted loader maps the name first, so ``getattr`` of an enum
+    member still loads (Python 3.11.2 pickles enums so) and anything else of builtins is refused."""
+    data = pickle.dumps(_CallsEval(), protocol=2)
+    assert b"c__builtin__\neval\n" in data
+    with pytest.raises(CheckpointUntrustedError, match=r"builtins\.eval"):
+        load_dcp_metadata(io.BytesIO(data), "planted", False)

@@ -117,6 +117,8 @@ def _enum_member(owner: Any, name: Any) -> Any:
 
 class _DcpMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        if module == "__builtin__":  # a protocol-2 pickle's name for builtins, which pickle's own find_class maps
+            module = "builtins"     # (``checkpointing.format.metadata_encoding`` writes protocol 2)
         if _allowed_dcp_global(module, name):
             return super().find_class(module, name)
         if (module, name) == ("builtins", "getattr"):
