@@ -31,7 +31,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from benchmarks.processes import PRETRAIN, LoggedProcess, run_trainer, trainer_env
+from benchmarks.processes import PRETRAIN, Launcher, LoggedProcess, run_trainer, trainer_env
 from benchmarks.two_nodes import run_two_node_trainer
 from checkpointing.base import L1, L2, read_tracker
 from checkpointing.recovery import l0_entries, level_entries, replica_entries
@@ -103,10 +103,10 @@ def _losses(base: str, name: str) -> dict[int, float]:
 
 
 def _run(base: str, name: str, args: list[str], env: dict[str, str] | None = None,
-         check: bool = True) -> tuple[int | None, str]:
+         check: bool = True, launcher: Launcher | None = None) -> tuple[int | None, str]:
     """A trial's trainer run, its log ``base/<name>.log``: (exit code, None if it ran past its
-    time; its output)."""
-    rc, timed_out, text = run_trainer(args, os.path.join(base, f"{name}.log"), env, check=check)
+    time; its output). ``launcher``: ``benchmarks.processes.Launcher``."""
+    rc, timed_out, text = run_trainer(args, os.path.join(base, f"{name}.log"), env, check=check, launcher=launcher)
     return (None if timed_out else rc), text
 
 
@@ -264,8 +264,10 @@ def trial_kind(seed: int, index: int) -> str:
 
 
 def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], finished_run: str,
-              two_node_reference=None) -> TrialResult:
-    """``two_node_reference()``: the uninterrupted two-node run's losses (made on first use)."""
+              two_node_reference=None, launcher: Launcher | None = None) -> TrialResult:
+    """``two_node_reference()``: the uninterrupted two-node run's losses (made on first use).
+    ``launcher`` starts the 1-process runs (``benchmarks.processes.Launcher``); the second-job trial's
+    held first job and the two-node trials start fresh interpreters whatever it is."""
     rng = random.Random(seed * 100_003 + index)
     base = os.path.join(workdir, f"trial-{index:03d}")
     save, _ = _dirs(base)
@@ -284,7 +286,7 @@ def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], 
                 env.update(HOLD)
             if point == "trainer-in-flush":
                 env = {"GPT_CKPT_FAULT": f"iteration:kill:{iteration}", "GPT_CKPT_DELAY": "flush:400"}
-            rc, _ = _run(base, "train", _args(base, TRAIN), env, check=False)
+            rc, _ = _run(base, "train", _args(base, TRAIN), env, check=False, launcher=launcher)
             if rc is None:
                 return TrialResult(kind, detail, -1, None, False, "the run to be killed timed out")
             if rc == 0:
@@ -298,20 +300,20 @@ def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], 
                 size = rng.choice(SMALL_FS_MIB)
                 cannot = _mount_small(_dirs(base)[0 if level == L2 else 1], size)
                 if cannot is None:
-                    _run(base, "train", _args(base, TRAIN), HOLD)
+                    _run(base, "train", _args(base, TRAIN), HOLD, launcher=launcher)
                     detail = f"{level} on a {size} MiB tmpfs during training"
                 else:
                     fault = f"{level}.write:fail:{rng.choice([4, 8])}"
-                    _run(base, "train", _args(base, TRAIN), {"GPT_CKPT_FAULT": fault, **HOLD})
+                    _run(base, "train", _args(base, TRAIN), {"GPT_CKPT_FAULT": fault, **HOLD}, launcher=launcher)
                     detail = f"{fault} during training (no tmpfs: {cannot})"
             elif kind == "second-job":
-                detail = _second_job(base)
+                detail = _second_job(base, launcher)
                 if detail.startswith("NOT REFUSED"):
                     return TrialResult(kind, detail, -1, None, False, detail)
             elif kind in ("full-disk", "read-only"):
                 level = rng.choice([L1, L2])
                 fault = f"{level}.write:{'fail' if kind == 'full-disk' else 'readonly'}:{rng.choice([4, 8])}"
-                _run(base, "train", _args(base, TRAIN), {"GPT_CKPT_FAULT": fault, **HOLD})
+                _run(base, "train", _args(base, TRAIN), {"GPT_CKPT_FAULT": fault, **HOLD}, launcher=launcher)
                 detail = f"{fault} during training"
                 if rng.random() < 0.7:
                     host_pool.remove_segments(save)
@@ -320,7 +322,7 @@ def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], 
                 detail = _damage(base, kind, rng)
         expected = expected_resume(base)
         tb = os.path.join(base, "tb")
-        rc, text = _run(base, "resume", _args(base, RESUME_TO, tb), check=False)
+        rc, text = _run(base, "resume", _args(base, RESUME_TO, tb), check=False, launcher=launcher)
         losses = _losses(base, "resume")
         loaded = _loaded(losses)
         if rc != 0:
@@ -348,7 +350,7 @@ def _mount_small(directory: str, mib: int) -> str | None:
     return None if done.returncode == 0 else (done.stderr.strip() or f"mount exited with {done.returncode}")
 
 
-def _second_job(base: str) -> str:
+def _second_job(base: str, launcher: Launcher | None = None) -> str:
     """The ``second-job`` trial's runs: the first job held at its first flush (a disk gate), a
     second on the same ``--save``, then the first let go; returns the detail."""
     gate = os.path.join(base, "gate")
@@ -358,7 +360,7 @@ def _second_job(base: str) -> str:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and first.proc.poll() is None and not l0_entries(_dirs(base)[0]):
             time.sleep(0.2)  # until its first version is in L0: it holds every lock, and waits at the gate
-        rc, second = _run(base, "second", _args(base, TRAIN), check=False)
+        rc, second = _run(base, "second", _args(base, TRAIN), check=False, launcher=launcher)
     finally:
         open(gate, "w").close()
         rc_first, timed_out, _, _ = first.finish()
@@ -369,11 +371,11 @@ def _second_job(base: str) -> str:
     return "a second job on the same --save was refused; the first went on"
 
 
-def reference_losses(workdir: str) -> dict[int, float]:
+def reference_losses(workdir: str, launcher: Launcher | None = None) -> dict[int, float]:
     """The uninterrupted run's loss of every iteration: what every resume must replay."""
     base = os.path.join(workdir, "reference")
     _run(base, "reference", ARGS[: ARGS.index("--async-save")] + ["--train-iters", str(RESUME_TO)]
-         + _logged(base, "reference"))
+         + _logged(base, "reference"), launcher=launcher)
     return _losses(base, "reference")
 
 
@@ -401,20 +403,22 @@ class _Once:
 
 
 def run_trials(trials: int, seed: int, workdir: str, progress=print, parallel: int = 2,
-               indices: list[int] | None = None) -> list[TrialResult]:
+               indices: list[int] | None = None, launcher: Launcher | None = None) -> list[TrialResult]:
     """``parallel`` trials at a time: each launch is mostly single-threaded start-up.
-    ``indices``: run these trials of ``seed`` (``trials`` is then their number) instead of the first ``trials``."""
+    ``indices``: run these trials of ``seed`` (``trials`` is then their number) instead of the first ``trials``.
+    ``launcher``: how the 1-process runs start (``benchmarks.processes.Launcher``; None: fresh interpreters)."""
     indices = list(range(trials)) if indices is None else list(indices)
     trials = len(indices)
-    reference = reference_losses(workdir)
+    reference = reference_losses(workdir, launcher)
     two_nodes = _Once(lambda: two_node_reference_losses(workdir))
     finished = os.path.join(workdir, "finished")
-    _run(finished, "train", _args(finished, TRAIN) + ["--ckpt-keep-host-pool"])  # its L0 is copied into trials
+    _run(finished, "train", _args(finished, TRAIN) + ["--ckpt-keep-host-pool"],  # its L0 is copied into trials
+         launcher=launcher)
     started = time.perf_counter()
     results: list[TrialResult] = [None] * trials  # type: ignore[list-item]
     try:
         with ThreadPoolExecutor(parallel) as pool:
-            futures = {pool.submit(run_trial, index, seed, workdir, reference, finished, two_nodes): i
+            futures = {pool.submit(run_trial, index, seed, workdir, reference, finished, two_nodes, launcher): i
                        for i, index in enumerate(indices)}
             for done, future in enumerate(as_completed(futures), 1):
                 i, result = futures[future], future.result()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "scripts", "pretrain_gpt.py")
@@ -152,13 +153,27 @@ def trainer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return job_env({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GPT_FORCE_CPU": "1", **(extra or {})})
 
 
+Launcher = Callable[[list[str], dict[str, str], float], "tuple[int, bool, str] | None"]
+"""Runs ``pretrain_gpt.py`` with (args, environment, timeout in seconds) another way than a fresh
+interpreter; returns (exit code, timed out, its output), or None where it cannot (the run then
+starts a fresh interpreter). The tests pass one that forks each run from a process that has
+imported torch already (``tests/fault_trial_checks.py``)."""
+
+
 def run_trainer(args: list[str], log_path: str, env: dict[str, str] | None = None, timeout_s: float = 300,
-                check: bool = True) -> tuple[int, bool, str]:
+                check: bool = True, launcher: Launcher | None = None) -> tuple[int, bool, str]:
     """``pretrain_gpt.py args`` as a 1-process job of its own on the CPU with one OpenMP thread
     (``env`` on top): (exit code, timed out, its output). ``check``: raise
-    :class:`TrainerFailed` unless it ended with 0 in time."""
-    rc, timed_out, _, text = LoggedProcess([sys.executable, PRETRAIN, *args], trainer_env(env), log_path,
-                                           timeout_s).finish()
+    :class:`TrainerFailed` unless it ended with 0 in time. ``launcher``: see :data:`Launcher`."""
+    launched = launcher(args, trainer_env(env), timeout_s) if launcher is not None else None
+    if launched is not None:
+        rc, timed_out, text = launched
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        with open(log_path, "w") as log:
+            log.write(text)
+    else:
+        rc, timed_out, _, text = LoggedProcess([sys.executable, PRETRAIN, *args], trainer_env(env), log_path,
+                                               timeout_s).finish()
     if check and (rc != 0 or timed_out):
         why = f"timed out after {timeout_s:.0f} s" if timed_out else f"exit code {rc}"
         raise TrainerFailed(f"pretrain_gpt.py {' '.join(args)}: {why} (log {log_path}):\n{text[-4000:]}")
