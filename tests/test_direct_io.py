@@ -54,13 +54,21 @@ def test_round_trip_and_large_chunks_written_from_memory(tmp_path, monkeypatch):
     if not DirectFile(str(tmp_path / "probe")).direct:
         pytest.skip(f"{tmp_path} does not take O_DIRECT")
     writes = []
-    real_pwrite = os.pwrite
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
 
     def spy(fd, data, offset):
         writes.append((torch.frombuffer(data, dtype=torch.uint8).data_ptr() if len(data) else 0, len(data), offset))
         return real_pwrite(fd, data, offset)
 
+    def spy_batch(fd, buffers, offset):  # each buffer of a batch, at its own offset
+        at = offset
+        for data in buffers:
+            writes.append((torch.frombuffer(data, dtype=torch.uint8).data_ptr() if len(data) else 0, len(data), at))
+            at += len(data)
+        return real_pwritev(fd, buffers, offset)
+
     monkeypatch.setattr(direct_io.os, "pwrite", spy)
+    monkeypatch.setattr(direct_io.os, "pwritev", spy_batch)
     records = write_rank_file(str(tmp_path), 0, arrays, pieces, objects)
     _check_file(tmp_path, arrays, pieces, objects, records)
     main = arrays["main"]
@@ -90,17 +98,19 @@ def test_file_system_refusing_o_direct_gets_the_same_content(tmp_path, monkeypat
 
 def test_o_direct_write_refused_after_open_falls_back(tmp_path, monkeypatch):
     arrays, pieces, objects = _state()
-    real_pwrite = os.pwrite
     refused = []
 
-    def refuse_direct(fd, data, offset):
-        import fcntl
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            refused.append(offset)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
+    def refusing(real):
+        def write(fd, data, offset):
+            import fcntl
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                refused.append(offset)
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, data, offset)
+        return write
 
-    monkeypatch.setattr(direct_io.os, "pwrite", refuse_direct)
+    monkeypatch.setattr(direct_io.os, "pwrite", refusing(os.pwrite))
+    monkeypatch.setattr(direct_io.os, "pwritev", refusing(os.pwritev))
     records = write_rank_file(str(tmp_path), 0, arrays, pieces, objects)
     _check_file(tmp_path, arrays, pieces, objects, records)
     if DirectFile(str(tmp_path / "probe")).direct:
@@ -109,16 +119,19 @@ def test_o_direct_write_refused_after_open_falls_back(tmp_path, monkeypatch):
 
 def test_disk_full_midway_names_file_and_rank(tmp_path, monkeypatch):
     arrays, pieces, objects = _state()
-    real_pwrite = os.pwrite
     calls = []
 
-    def full_after_one(fd, data, offset):
-        calls.append(offset)
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)
+    def full_after_one(real):
+        def write(fd, data, offset):
+            calls.append(offset)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, data, offset)
+        return write
 
-    monkeypatch.setattr(direct_io.os, "pwrite", full_after_one)
+    monkeypatch.setattr(direct_io.os, "pwrite", full_after_one(os.pwrite))
+    monkeypatch.setattr(direct_io.os, "pwritev", full_after_one(os.pwritev))
+    monkeypatch.setattr(direct_io, "BATCH_BUFFERS", 2)  # several writes, so that the second is midway
     with pytest.raises(CheckpointWriteError) as error:
         write_rank_file(str(tmp_path), 3, arrays, pieces, objects)
     assert error.value.errno == errno.ENOSPC

@@ -15,7 +15,7 @@ from checkpointing.format.commit import save_and_commit
 from checkpointing.format.discovery import list_checkpoints
 from tests.helpers import SyntheticState
 
-FALLIBLE = ("open", "pwrite", "ftruncate", "fsync", "replace", "rename", "mkdir")
+FALLIBLE = ("open", "pwrite", "pwritev", "ftruncate", "fsync", "replace", "rename", "mkdir")
 
 
 class _Calls:

@@ -216,6 +216,8 @@ class RankFileLayout:
         views = {a: memoryview(t.reshape(-1).view(torch.uint8).numpy()) for a, t in arrays.items()}
         checksums: list[int] = []
         write_framed = file.write_framed
+        unreported: list[int] = []
+        """Pieces written while the file held a piece's memory queued: reported once it is written."""
         for index, step in enumerate(self.steps):
             if step is not None:
                 gap, head, array, lo, hi, address, tail = step
@@ -226,7 +228,15 @@ class RankFileLayout:
                 checksums.append(digest.intdigest())
                 write_framed(gap, head, payload, address, tail)
             if progress is not None:
-                progress(index)
+                unreported.append(index)
+                if not file.holds_caller_memory:  # every piece so far has left the arrays
+                    for done in unreported:
+                        progress(done)
+                    unreported.clear()
+        if unreported:
+            file.flush()
+            for done in unreported:
+                progress(done)
         if file.position != self.end:  # the layout and the writer disagree: never commit such a file
             raise ValueError(f"{name}: the pieces end at offset {file.position}, their layout says {self.end}")
         return [ChunkRecord(*fields, name, offset, length, checksums[chunk], rank, writer)
