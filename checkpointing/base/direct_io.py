@@ -12,6 +12,13 @@ modulo :data:`BLOCK`; :meth:`DirectFile.gap_before` tells the caller how many pa
 leave before it so that it does (DCP's format records every blob's offset and length, so gaps
 between blobs are allowed and never read).
 
+The staged blocks and the large buffers are queued and written together, up to
+:data:`BATCH_BUFFERS` or :data:`BATCH_BYTES` at a time (``pwritev``): each write call costs system
+CPU whatever its size, and a rank file of small pieces made ~200 of them. A large buffer's memory
+is therefore in use until its batch is written (:attr:`DirectFile.holds_caller_memory`,
+:meth:`DirectFile.flush`): the writer reports a piece done only then, since zero-copy snapshots
+overwrite a slot behind its flush.
+
 Where the file system refuses ``O_DIRECT`` (tmpfs, some network file systems) the same calls
 write through the page cache.
 
