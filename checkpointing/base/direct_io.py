@@ -229,16 +229,20 @@ class DirectFile:
         self._stage_view[:rest] = self._stage_view[self._head : self._fill]
         self._fill, self._head = rest, 0
 
+    def _go_buffered(self, error: OSError) -> None:
+        """After a write refused with ``error``: where the file was opened with O_DIRECT and the
+        file system refuses it (EINVAL), go on buffered (the caller retries); else raise ``error``."""
+        if error.errno != errno.EINVAL or not self.direct:
+            raise error
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+
     def _pwritev(self, buffers: list[memoryview], offset: int) -> None:
         while buffers:
             try:
                 written = os.pwritev(self.fd, buffers, offset)
             except OSError as error:
-                if error.errno != errno.EINVAL or not self.direct:
-                    raise
-                # Opened with O_DIRECT, but this file system refuses the write: go on buffered.
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                self.direct = False
+                self._go_buffered(error)
                 continue
             offset += written
             self._written += written
@@ -257,11 +261,7 @@ class DirectFile:
             try:
                 written = os.pwrite(self.fd, data[:PACE_BYTES] if self.rate else data, offset)
             except OSError as error:
-                if error.errno != errno.EINVAL or not self.direct:
-                    raise
-                # Opened with O_DIRECT, but this file system refuses the write: go on buffered.
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                self.direct = False
+                self._go_buffered(error)
                 continue
             data, offset = data[written:], offset + written
             self._written += written
