@@ -48,6 +48,35 @@ def test_request_hold_flushes_every_version_before_the_next_request(tmp_path, si
         assert all(torch.equal(loaded[k], arrays[k]) for k in arrays), f"version {it}"
 
 
+def test_request_hold_lands_the_requested_version_before_the_next_zero_copy_step(tmp_path, single_process_group,
+                                                                                 monkeypatch):
+    """--save-interval 3, zero-copy, a slow L0 commit: the held step after a request starts only
+    once the requested version is described in L0, so a kill inside any later step finds it there
+    (tests/test_recovery.py's in-place step). Without the hold the step does not wait for it."""
+    monkeypatch.setenv(faults.DELAY_ENV, "describe:1000")
+    for held in (True, False):
+        if held:
+            monkeypatch.setenv(faults.HOLD_ENV, "request")
+        else:
+            monkeypatch.delenv(faults.HOLD_ENV)
+        state = SyntheticState(shards=2)
+        engine, _ = make_engine(tmp_path / str(held), single_process_group, state, slots=3, interval=3, zero_copy=True)
+        for version in range(1, 4):
+            state.optimizer_step(engine)
+        engine.request(3)
+        begin_step, seen = engine.begin_step, []
+
+        def step_four():
+            arrays = begin_step()
+            seen.append(any(s.version == 3 and s.described_at() > 0 for s in engine.pool.slots))
+            return arrays
+
+        engine.begin_step = step_four
+        state.optimizer_step(engine)
+        engine.close()
+        assert seen == [held], f"held {held}: version 3 in L0 when step 4 began: {seen}"
+
+
 def test_without_a_hold_the_pacing_does_nothing(monkeypatch, tmp_path):
     """Production pacing: requests never wait for background work, flushes never wait and are
     superseded as the rules say; only the environment of a test arms a hold."""

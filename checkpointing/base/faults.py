@@ -14,7 +14,9 @@ fast a loaded machine runs its threads (no iteration: every version):
 - ``request``: ``request(N)`` first waits until version N-1 is in L0 and every flush queued
   before it has finished. No version is then superseded (every version due on a level reaches
   it), and when training passes iteration N, L0 holds N-1 and every level its due versions up to
-  N-1. Training then waits on the disk, which the engine otherwise never does: for tests only.
+  N-1. A zero-copy step first waits until every requested version is in L0, so when a step
+  after ``--save-interval`` > 1 is killed, L0 holds the newest version requested before it.
+  Training then waits on the disk, which the engine otherwise never does: for tests only.
 - ``flush`` (zero-copy snapshots): a flush starts writing a slot only once an optimizer step is
   blocked in a fence on that slot (or the engine drains), and no queued flush is superseded:
   with two slots, every step from the third waits at a fence for the flush of the version two

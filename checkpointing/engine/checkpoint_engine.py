@@ -326,6 +326,8 @@ class CheckpointEngine(HeldVersions):
         version leaves L0 now."""
         if not self.zero_copy:
             raise RuntimeError("begin_step is for zero-copy snapshots; this engine copies")
+        if self._pacing.holds_step(self._iteration):  # the newest requested version reaches L0 first
+            self._wait_until(lambda: not self._landing, "a held step")
         faults.reach("step", self._iteration)  # fault-injection tests kill a rank inside a step here
         self._poll()
         current = self._current

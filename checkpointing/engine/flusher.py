@@ -156,6 +156,7 @@ class Flusher:
                 os._exit(3)  # the trainer is gone: so is this job's checkpointing (nothing half-written is committed)
             if isinstance(message, Describe):
                 faults.reach("describe", message.version)
+                time.sleep(faults.delay("describe"))  # a slow L0 commit (tests/test_engine_holds.py)
                 error = None
                 try:
                     write_description(self.spec.meta_paths[message.slot], message.version, message.small_state,

@@ -73,13 +73,21 @@ class TrainingPacing:
     def holds_request(self, version: int) -> bool:
         return False
 
+    def holds_step(self, iteration: int) -> bool:
+        """Whether the zero-copy step of ``iteration`` first waits for every requested version to be in L0."""
+        return False
+
 
 class HeldRequests(TrainingPacing):
     """``GPT_CKPT_HOLD=request[:N]``: ``request(N)`` first waits until version N-1 is in L0 and
-    every flush queued before it has finished (no version is superseded)."""
+    every flush queued before it has finished (no version is superseded); a zero-copy step N
+    first waits until every requested version is in L0."""
 
     def holds_request(self, version: int) -> bool:
         return faults.holds("request", version)
+
+    def holds_step(self, iteration: int) -> bool:
+        return faults.holds("request", iteration)
 
 
 def training_pacing() -> TrainingPacing:
