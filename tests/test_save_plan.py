@@ -83,17 +83,52 @@ def test_filled_metadata_equals_the_one_built_from_scratch(replicas):
 
 
 def test_a_moved_byte_range_is_sent_and_filled():
+    """Rank 3's first chunk is padded differently from version 2 on (its memory's alignment): it is
+    sent as a move at every such version, against the places of the template the coordinator
+    fills, not those of the version before."""
     plans = [SavePlan() for _ in range(4)]
-    for version in (1, 2):
+    for version in (1, 2, 3, 4):
         records = [rank_records(r, version) for r in range(4)]
-        if version == 2:  # rank 3's first chunk padded differently (its memory's alignment)
+        if version in (2, 3):
             records[3] = [dataclasses.replace(r, offset=r.offset + 4096) if r.offset == 0 else r for r in records[3]]
         sent = [p.rank.payload(rs) for p, rs in zip(plans, records)]
         filled = plans[0].metadata(sent, version, LAYOUT, None)
         assert_decodes_to(filled, build_metadata([r for rs in records for r in rs], version, LAYOUT))
         for p in plans:
             p.committed()
-    assert sent[3].moved and not sent[2].moved
+        if version > 1:
+            assert bool(sent[3].moved) == (version in (2, 3)) and not sent[2].moved, version
+
+
+def test_a_checked_layout_sends_its_checksums_without_making_records(tmp_path, monkeypatch):
+    """A rank file written from a kept layout (``write_rank_file_version``): the plan checks the
+    layout's records once, then sends each version's checksums without making them; each payload
+    fills the metadata that the version's own records build, for two slots (layouts) in turn."""
+    from checkpointing.format.items import TensorPiece
+    from checkpointing.format.writer import RankFileLayout, write_rank_file_version
+
+    torch.manual_seed(0)
+    slots = [{"main": torch.randn(40_000)} for _ in range(2)]
+    pieces = [TensorPiece("w", "main", 0, (100, 300), (100, 300), (0, 0)),
+              TensorPiece("b", "main", 30_000, (5000,), (5000,), (0,)),
+              TensorPiece("optimizer.state.fp32_param.w", "main", 0, (100, 300), (100, 300), (0, 0))]
+    plan, layouts, made = SavePlan(), {}, []
+    chunk_records = RankFileLayout.chunk_records
+    monkeypatch.setattr(RankFileLayout, "chunk_records", lambda *a: made.append(1) or chunk_records(*a))
+    for version in range(1, 9):
+        arrays = slots[version % 2]
+        arrays["main"].add_(1.0)
+        (tmp_path / str(version)).mkdir()
+        written = write_rank_file_version(str(tmp_path / str(version)), 0, arrays, pieces, {"iteration": version},
+                                          layouts=layouts)
+        made.clear()
+        sent = plan.rank.payload_of(written)
+        records = written.records()
+        assert made == ([1] if version <= 3 else []) + [1], version  # records made: slot A's first two, slot B's first
+        filled = plan.metadata([sent], version, LAYOUT, None)
+        assert_decodes_to(filled, build_metadata(records, version, LAYOUT))
+        assert written.nbytes == sum(length for _, length in {(r.offset, r.length) for r in records})
+        plan.committed()
 
 
 def test_a_changed_piece_is_refused():

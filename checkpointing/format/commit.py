@@ -38,7 +38,7 @@ from checkpointing.format.discovery import iteration_dir, list_checkpoints
 from checkpointing.format.items import TensorPiece
 from checkpointing.format.metadata import ITER_DIR, METADATA_NAME, build_metadata, write_metadata
 from checkpointing.format.save_plan import SavePlan, SavePlanChangedError
-from checkpointing.format.writer import data_file_name, write_rank_file
+from checkpointing.format.writer import RankFileWrite, data_file_name, write_rank_file_version
 
 
 @dataclass(frozen=True)
@@ -158,19 +158,19 @@ def save_and_commit(
     _raise_if_failed(gather_from_all(group, error), f"saving iteration {iteration} to {root}")
 
     tracer = tracer or NullTracer()
-    records: Any
+    written: RankFileWrite | str
     try:
         faults.reach(f"{level.name}.write", iteration)
         with tracer.span(f"write {level.name}", "ckpt", iteration=iteration):
-            records = write_rank_file(directory, dist.get_rank(), arrays, pieces, small_state, replicas=node_local,
-                                      write_rate=write_rate, progress=progress,
-                                      layouts=plan.rank.file_layouts if plan is not None else None)
+            written = write_rank_file_version(directory, dist.get_rank(), arrays, pieces, small_state,
+                                              replicas=node_local, write_rate=write_rate, progress=progress,
+                                              layouts=plan.rank.file_layouts if plan is not None else None)
     except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
-        records = str(e)
-    sent: Any = records
-    if plan is not None and not isinstance(records, str):
+        written = str(e)
+    sent: Any = written
+    if not isinstance(written, str):
         try:
-            sent = plan.rank.payload(records)
+            sent = plan.rank.payload_of(written) if plan is not None else written.records()
         except SavePlanChangedError as e:  # every rank must hear of it, or they would wait for this one
             sent = f"{type(e).__name__}: {e}"
     partial = directory if coordinator else None
@@ -203,8 +203,7 @@ def save_and_commit(
                      partial if not committed else None, before_commit=False)
     if plan is not None:
         plan.committed()
-    mine = sum(r.length for r in {(r.relative_path, r.offset): r for r in records}.values())
-    return SaveResult(iteration, directory, mine, time.perf_counter() - started)
+    return SaveResult(iteration, directory, written.nbytes, time.perf_counter() - started)
 
 
 def apply_retention(root: str, keep: int) -> list[str]:

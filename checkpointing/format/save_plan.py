@@ -32,6 +32,11 @@ from checkpointing.format.metadata_encoding import MetadataEncoder
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
 
+    from checkpointing.format.writer import RankFileLayout, RankFileWrite
+
+CHECKED_LAYOUTS_KEPT = 16
+"""Layouts a rank's plan remembers as checked (one per pool slot is the steady state)."""
+
 
 class SavePlanChangedError(ValueError):
     """A rank's pieces are not those of the plan its level was built with (a bug, or a layout
@@ -68,6 +73,24 @@ class RankSavePlan:
         self.file_layouts: dict = {}
         """This rank's data file layouts (``checkpointing.format.writer.RankFileLayout``), one per
         pool slot: worked out at a slot's first version, followed by the later ones."""
+        self._checked: dict[int, tuple[RankFileLayout, tuple]] = {}
+        """By ``id``: the layouts (held here, so no other takes the id) whose chunks were checked
+        against the plan, each with its chunks' moves."""
+
+    def payload_of(self, written: RankFileWrite) -> list[ChunkRecord] | VersionPayload:
+        """:meth:`payload` of what a rank file holds. Once its layout has been checked against the
+        plan, a later version from it sends its checksums without its records being made: the
+        same layout writes the same chunks in the same places."""
+        checked = self._checked.get(id(written.layout))
+        if (self.planned is not None and checked is not None and checked[0] is written.layout
+                and tuple(r.key for r in written.items) == self.item_keys):
+            return VersionPayload(written.record_checksums().astype("<u8").tobytes(), checked[1], tuple(written.items))
+        payload = self.payload(written.records())
+        if isinstance(payload, VersionPayload):
+            if len(self._checked) >= CHECKED_LAYOUTS_KEPT:
+                self._checked.clear()
+            self._checked[id(written.layout)] = (written.layout, payload.moved)
+        return payload
 
     def payload(self, records: list[ChunkRecord]) -> list[ChunkRecord] | VersionPayload:
         """What to gather for this version's ``records``: all of them until a plan is built,
@@ -76,8 +99,8 @@ class RankSavePlan:
         items = tuple(r for r in records if r.offsets is None)
         geometry = [_geometry(r) for r in tensors]
         places = [(r.offset, r.length) for r in tensors]
-        self._pending = (geometry, places, tuple(r.key for r in items))
         if self.planned is None:
+            self._pending = (geometry, places, tuple(r.key for r in items))
             return records
         if len(geometry) != len(self.planned):
             raise SavePlanChangedError(
@@ -89,18 +112,20 @@ class RankSavePlan:
                     f"rank {now[6]}'s chunk {i} is {now[0]} at {now[1]} of {now[2]} ({now[4]}, {now[5]}), its save "
                     f"plan says {then[0]} at {then[1]} of {then[2]} ({then[4]}, {then[5]}): a piece changed its "
                     "size or place without a new layout; restart the checkpoint engine")
-        if self._pending[2] != self.item_keys:
-            raise SavePlanChangedError(f"rank {records[0].rank}'s small-state items {self._pending[2]} are not its "
+        item_keys = tuple(r.key for r in items)
+        if item_keys != self.item_keys:
+            raise SavePlanChangedError(f"rank {records[0].rank}'s small-state items {item_keys} are not its "
                                        f"save plan's {self.item_keys}; restart the checkpoint engine")
+        # Moves are against the places the coordinator's template holds (the plan's first version), never the last version's
         moved = tuple((i, *now) for i, (now, then) in enumerate(zip(places, self.places)) if now != then)
         checksums = np.fromiter((r.checksum for r in tensors), dtype="<u8", count=len(tensors)).tobytes()
         return VersionPayload(checksums, moved, items)
 
     def committed(self) -> None:
-        """The version of the last :meth:`payload` committed: its chunks are the plan's now."""
-        if self._pending is not None:
+        """The version of the last :meth:`payload` committed: the first one's chunks are the plan's now."""
+        if self._pending is not None and self.planned is None:
             self.planned, self.places, self.item_keys = self._pending
-            self._pending = None
+        self._pending = None
 
 
 @dataclass

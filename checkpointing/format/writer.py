@@ -202,15 +202,20 @@ class RankFileLayout:
                                      offset, length, chunk, piece.is_writer))
         self.end = position
         """Where the pieces end: the small state follows."""
+        self.chunk_bytes = sum(length for _, length, _ in written.values())
+        """The bytes of the tensor chunks (each byte range once, padding apart)."""
+        self.record_chunks = np.array([r[3] for r in self.records if r is not None], dtype=np.intp)
+        """Per record (pieces over the same bytes share a chunk): the index of its chunk's checksum."""
 
     def fits(self, arrays: dict[str, torch.Tensor], pieces: list[TensorPiece], replicas: bool, direct: bool) -> bool:
         """The same arrays at the same addresses, the same pieces (by identity first: a tuple
         compare), the same replicas and O_DIRECT."""
         return self.key == _layout_key(arrays, replicas, direct) and self.pieces == tuple(pieces)
 
-    def write(self, file: DirectFile, arrays: dict[str, torch.Tensor], name: str, rank: int,
-              progress: Callable[[int], None] | None) -> list[ChunkRecord]:
-        """Write the pieces of ``arrays`` (this layout's) to ``file``, named ``name``; returns their records."""
+    def write(self, file: DirectFile, arrays: dict[str, torch.Tensor], name: str,
+              progress: Callable[[int], None] | None) -> list[int]:
+        """Write the pieces of ``arrays`` (this layout's) to ``file``, named ``name``; returns the
+        xxh3-64 of each chunk written, in order (:meth:`records` makes their records)."""
         if file.position != 0:
             raise ValueError(f"{name}: the pieces' layout starts at offset 0, the file is at {file.position}")
         views = {a: memoryview(t.reshape(-1).view(torch.uint8).numpy()) for a, t in arrays.items()}
@@ -239,6 +244,11 @@ class RankFileLayout:
                 progress(done)
         if file.position != self.end:  # the layout and the writer disagree: never commit such a file
             raise ValueError(f"{name}: the pieces end at offset {file.position}, their layout says {self.end}")
+        return checksums
+
+    def chunk_records(self, name: str, rank: int, checksums: list[int]) -> list[ChunkRecord]:
+        """The record of each piece in the file ``name`` of ``rank``, with the chunks' ``checksums``
+        (:meth:`write`'s)."""
         return [ChunkRecord(*fields, name, offset, length, checksums[chunk], rank, writer)
                 for fields, offset, length, chunk, writer in filter(None, self.records)]
 
@@ -249,6 +259,34 @@ def _layout_key(arrays: dict[str, torch.Tensor], replicas: bool, direct: bool) -
 
 LAYOUTS_KEPT = 16
 """Layouts a caller's cache holds at most (one per pool slot and level is the steady state)."""
+
+
+class RankFileWrite:
+    """What one rank file holds: its :class:`RankFileLayout`'s tensor chunks with this version's
+    checksums, then the small state's byte items. The tensor chunks' records are made only when
+    asked for (:meth:`records`): a level's save plan that has checked the layout once sends the
+    checksums alone (``checkpointing.format.save_plan``), and making ~600 records per version was
+    a tenth of the flusher's CPU on small pieces."""
+
+    def __init__(self, layout: RankFileLayout, name: str, rank: int, checksums: list[int], items: list[ChunkRecord]):
+        self.layout, self.name, self.rank = layout, name, rank
+        self.checksums = checksums
+        """The xxh3-64 of each tensor chunk, in the layout's order."""
+        self.items = items
+        """The byte items' records (the small state)."""
+
+    def record_checksums(self) -> np.ndarray:
+        """The checksum of each tensor piece's record, in :meth:`records`' order (uint64)."""
+        return np.asarray(self.checksums, dtype=np.uint64)[self.layout.record_chunks]
+
+    def records(self) -> list[ChunkRecord]:
+        """Every chunk's record: the tensor pieces' (``layout.pieces`` order), then the byte items'."""
+        return self.layout.chunk_records(self.name, self.rank, self.checksums) + self.items
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the chunks (each byte range once, padding apart)."""
+        return self.layout.chunk_bytes + sum(r.length for r in self.items)
 
 
 def write_rank_file(
@@ -262,6 +300,23 @@ def write_rank_file(
     progress: Callable[[int], None] | None = None,
     layouts: dict[tuple, RankFileLayout] | None = None,
 ) -> list[ChunkRecord]:
+    """:func:`write_rank_file_version`, returning every chunk's record: the pieces' (in their
+    order), then the small state's byte items'."""
+    return write_rank_file_version(directory, rank, arrays, pieces, small_state, replicas, write_rate, progress,
+                                   layouts).records()
+
+
+def write_rank_file_version(
+    directory: str,
+    rank: int,
+    arrays: dict[str, torch.Tensor],
+    pieces: list[TensorPiece],
+    small_state: dict[str, Any],
+    replicas: bool = False,
+    write_rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
+    layouts: dict[tuple, RankFileLayout] | None = None,
+) -> RankFileWrite:
     """Write this rank's writer pieces and its small state (each item a byte item) to
     ``directory`` and fsync file and directory.
 
@@ -271,7 +326,8 @@ def write_rank_file(
     then on (zero-copy snapshots overwrite a slot behind its flush). ``arrays`` are host
     (CPU) arrays. ``layouts``: the caller's cache of :class:`RankFileLayout` (a level's, kept
     across versions: ``checkpointing.format.save_plan``); None: the layout is worked out for
-    this file alone. Raises :class:`CheckpointWriteError` naming the file.
+    this file alone. Returns what the file holds (:class:`RankFileWrite`); raises
+    :class:`CheckpointWriteError` naming the file.
     """
     name = data_file_name(rank)
     path = os.path.join(directory, name)
@@ -287,15 +343,16 @@ def write_rank_file(
                     layouts[key] = layout
             # Two pieces over the same bytes (the fp32 weights are the main weights) share one
             # blob: their records point at the same byte range, as DCP allows.
-            records = layout.write(f, arrays, name, rank, progress)
+            checksums = layout.write(f, arrays, name, progress)
+            items = []
             with _without_zip_crc32():
                 for item, value in small_state.items():
                     at, length, checksum = _write_chunk(f, value)
-                    records.append(ChunkRecord(item, None, None, None, None, name, at, length, checksum, rank))
+                    items.append(ChunkRecord(item, None, None, None, None, name, at, length, checksum, rank))
         fsync_directory(directory)
     except OSError as error:
         raise CheckpointWriteError(error.errno, f"rank {rank} could not write {path}: {error.strerror or error}") from error
-    return records
+    return RankFileWrite(layout, name, rank, checksums, items)
 
 
 def tensor_chunk_length(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
