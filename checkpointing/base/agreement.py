@@ -8,6 +8,7 @@ checkpoint layer's own gloo group (CPU objects, never the training communicator)
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 
@@ -16,6 +17,15 @@ def gather_from_all(group, value):
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, value, group=group)
     return out
+
+
+def errors_from_all(group, error: str | None) -> list[str | None]:
+    """Every rank's ``error`` (None: it had none), in rank order, on every rank; ``[]`` when no rank
+    had one. The common case costs one all-reduce of a flag, where :func:`gather_from_all`
+    pickles (a fifth of the CPU time); only when a rank failed are the messages gathered."""
+    failed = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    return gather_from_all(group, error) if failed.item() else []
 
 
 def common_to_all(group, values) -> set:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from checkpointing.base import faults
-from checkpointing.base.agreement import gather_from_all
+from checkpointing.base.agreement import errors_from_all, gather_from_all
 from checkpointing.base.durable import TRACKER_NAME, CheckpointWriteError, read_tracker, write_tracker
 from checkpointing.base.levels import Level
 from checkpointing.base.parallel_layout import ParallelLayout
@@ -155,7 +155,7 @@ def save_and_commit(
             os.makedirs(directory)
         except OSError as e:
             error = f"cannot create {directory}: {e.strerror or e}"
-    _raise_if_failed(gather_from_all(group, error), f"saving iteration {iteration} to {root}")
+    _raise_if_failed(errors_from_all(group, error), f"saving iteration {iteration} to {root}")
 
     tracer = tracer or NullTracer()
     written: RankFileWrite | str
@@ -174,7 +174,7 @@ def save_and_commit(
         except SavePlanChangedError as e:  # every rank must hear of it, or they would wait for this one
             sent = f"{type(e).__name__}: {e}"
     partial = directory if coordinator else None
-    _raise_if_failed(gather_from_all(group, sent if isinstance(sent, str) else None),
+    _raise_if_failed(errors_from_all(group, sent if isinstance(sent, str) else None),
                      f"saving iteration {iteration} to {directory}", partial)
     gathered = _gather_to_coordinator(sent, group, peers, node_group)
 
@@ -199,7 +199,7 @@ def save_and_commit(
         except (OSError, ValueError) as e:
             error = (f"{directory} is committed, but then: {e}" if committed
                      else f"committing {directory}: {e}; nothing was committed")
-    _raise_if_failed(gather_from_all(group, error), f"saving iteration {iteration}",
+    _raise_if_failed(errors_from_all(group, error), f"saving iteration {iteration}",
                      partial if not committed else None, before_commit=False)
     if plan is not None:
         plan.committed()
