@@ -2,6 +2,7 @@
 whole, and anything else (another type, a wrong field, a level the flusher lacks) is refused
 with an error naming it."""
 
+import io
 import pickle
 import socket
 from multiprocessing.connection import Connection
@@ -66,6 +67,26 @@ def test_each_message_crosses_whole():
         sender, receiver = (engine_end, flusher_end) if expected is protocol.TO_FLUSHER else (flusher_end, engine_end)
         protocol.send(sender, message)
         assert protocol.receive(receiver, expected) == message
+
+
+def test_the_small_states_tensors_cross_as_bytes_bit_for_bit():
+    """The RNG states' tensors cross as dtype, shape and bytes (not torch's storage reduce, which
+    ``torch.save``\ s each one): equal, bit for bit, in dtype and shape, and writable."""
+    engine_end, flusher_end = _pair()
+    generator = torch.Generator().manual_seed(7)
+    tensors = {"rng": torch.get_rng_state(), "bf16": torch.randn(3, 5, generator=generator).to(torch.bfloat16),
+               "scalar": torch.tensor(2.5, dtype=torch.float64), "empty": torch.empty(0, 4, dtype=torch.int64),
+               "strided": torch.arange(12, dtype=torch.int32).reshape(3, 4).t(), "flag": torch.tensor([True, False])}
+    message = Describe(1, 0, 10, {"rng.0": {"torch": tensors["rng"], "tracker": dict(tensors)}})
+    buffer = io.BytesIO()
+    protocol._Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
+    assert b"_rebuild" not in buffer.getvalue() and b"_tensor_from_bytes" in buffer.getvalue()
+    protocol.send(engine_end, message)
+    got = protocol.receive(flusher_end, protocol.TO_FLUSHER).small_state["rng.0"]
+    for name, sent in {"torch": tensors["rng"], **tensors}.items():
+        value = got["torch"] if name == "torch" else got["tracker"][name]
+        assert value.dtype == sent.dtype and value.shape == sent.shape and torch.equal(value, sent), name
+    got["tracker"]["bf16"].add_(1)  # its own memory, writable
 
 
 def test_a_message_of_another_kind_is_refused_on_both_ends():
