@@ -29,9 +29,7 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "> creating .venv with $($python --version)"
   "$python" -m venv .venv
 fi
-# --no-compile: pip byte-compiles every module it installs (torch, transformers, sympy: ~50 s of
-# the set-up here); Python compiles the few hundred a job imports on their first import instead.
-pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile)
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 gpu=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   gpu=1

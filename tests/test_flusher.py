@@ -103,10 +103,11 @@ def test_a_flusher_that_dies_while_starting_is_named(tmp_path, single_process_gr
 
 def test_a_hung_flusher_stops_training_within_its_timeout(tmp_path, single_process_group):
     state = SyntheticState()
-    engine, _ = make_engine(tmp_path, single_process_group, state, zero_copy=True, flusher_timeout=5.0)
+    engine, _ = make_engine(tmp_path, single_process_group, state, zero_copy=True)
     state.optimizer_step(engine)
     engine.request(1)
-    engine.wait_idle()
+    engine.wait_idle()  # under the default timeout: a busy machine may hold the first flush for seconds
+    engine.flusher.timeout = 5.0  # from here on, as --ckpt-flusher-timeout 5 does
     os.kill(engine.flusher_pid, signal.SIGSTOP)  # alive, but it never answers again
     try:
         started = time.monotonic()
