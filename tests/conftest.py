@@ -92,17 +92,3 @@ def megatron_state(single_process_group):
     model_parallel_cuda_manual_seed(1234)
     yield
     parallel_state.destroy_model_parallel()
-
-
-LONGEST_FIRST = ("test_peer_replicas.py", "test_megatron_interop.py", "test_two_nodes.py", "test_fault_trials.py",
-                 "test_quickstart.py", "test_live_rollback.py", "test_rollback.py", "test_recovery.py",
-                 "test_checkpoint_resume.py", "test_parallel_equivalence.py", "test_fault_exit.py",
-                 "test_training_e2e.py", "test_load_paths.py", "test_llama_equivalence.py", "test_hf_interop.py")
-"""The longest test files (CI's --durations, 2026-12-07), run first: with two workers taking whole
-files (scripts/run_tests.sh: --dist loadfile --no-loadscope-reorder, which keeps this order), a
-long file taken last would run alone at the end."""
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
