@@ -242,7 +242,7 @@ class _Pickler(pickle.Pickler):
 
     def reducer_override(self, obj):
         if (type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided
-                and not obj.requires_grad):
+                and not obj.requires_grad and not obj.is_quantized):
             data = obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
             return _tensor_from_bytes, (str(obj.dtype).removeprefix("torch."), tuple(obj.shape), data)
         return NotImplemented

@@ -215,7 +215,7 @@ class RankFileLayout:
     def write(self, file: DirectFile, arrays: dict[str, torch.Tensor], name: str,
               progress: Callable[[int], None] | None) -> list[int]:
         """Write the pieces of ``arrays`` (this layout's) to ``file``, named ``name``; returns the
-        xxh3-64 of each chunk written, in order (:meth:`records` makes their records)."""
+        xxh3-64 of each chunk written, in order (:meth:`chunk_records` makes their records)."""
         if file.position != 0:
             raise ValueError(f"{name}: the pieces' layout starts at offset 0, the file is at {file.position}")
         views = {a: memoryview(t.reshape(-1).view(torch.uint8).numpy()) for a, t in arrays.items()}
