@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from benchmarks.processes import PRETRAIN, Launcher, LoggedProcess, run_trainer, trainer_env
-from benchmarks.two_nodes import run_two_node_trainer
+from benchmarks.two_nodes import TwoNodeLauncher, run_two_node_trainer
 from checkpointing.base import L1, L2, read_tracker
 from checkpointing.recovery import l0_entries, level_entries, replica_entries
 from checkpointing.storage import host_pool
@@ -214,15 +214,17 @@ def memory_resume_expected(base: str) -> int:
     return best
 
 
-def run_lose_node(base: str, rng: random.Random, reference: dict[int, float]) -> TrialResult:
-    """A ``lose-node`` trial (see :data:`DAMAGES`)."""
+def run_lose_node(base: str, rng: random.Random, reference: dict[int, float],
+                  launcher: TwoNodeLauncher | None = None) -> TrialResult:
+    """A ``lose-node`` trial (see :data:`DAMAGES`); ``launcher`` starts its two-node runs
+    (``benchmarks.two_nodes.TwoNodeLauncher``; None: torchrun)."""
     kind = "lose-node"
     iteration = rng.randrange(3, TRAIN)
     detail = f"two nodes, replicas on, SIGKILL after iteration {iteration}, node B replaced"
     try:
         args, nodes = _two_node_args(base, TRAIN)
         codes, _ = run_two_node_trainer(args, nodes, base, "train",
-                                        {"GPT_CKPT_FAULT": f"iteration:kill:{iteration}", **HOLD})
+                                        {"GPT_CKPT_FAULT": f"iteration:kill:{iteration}", **HOLD}, launcher=launcher)
         if None in codes or codes == [0, 0]:
             return TrialResult(kind, detail, -1, None, False, f"the run to be killed ended with {codes}")
         host_b, local_b = _node_dirs(base)[1]
@@ -230,7 +232,7 @@ def run_lose_node(base: str, rng: random.Random, reference: dict[int, float]) ->
         shutil.rmtree(local_b, ignore_errors=True)
         expected = memory_resume_expected(base)
         args, nodes = _two_node_args(base, RESUME_TO, "resume")
-        codes, text = run_two_node_trainer(args, nodes, base, "resume")
+        codes, text = run_two_node_trainer(args, nodes, base, "resume", launcher=launcher)
         losses = _losses(base, "resume") if os.path.exists(os.path.join(base, "resume.jsonl")) else {}
         loaded = _loaded(losses)
         if codes != [0, 0]:
@@ -264,16 +266,18 @@ def trial_kind(seed: int, index: int) -> str:
 
 
 def run_trial(index: int, seed: int, workdir: str, reference: dict[int, float], finished_run: str,
-              two_node_reference=None, launcher: Launcher | None = None) -> TrialResult:
+              two_node_reference=None, launcher: Launcher | None = None,
+              two_node_launcher: TwoNodeLauncher | None = None) -> TrialResult:
     """``two_node_reference()``: the uninterrupted two-node run's losses (made on first use).
-    ``launcher`` starts the 1-process runs (``benchmarks.processes.Launcher``); the second-job trial's
-    held first job and the two-node trials start fresh interpreters whatever it is."""
+    ``launcher`` starts the 1-process runs (``benchmarks.processes.Launcher``; the second-job trial's
+    held first job starts a fresh interpreter whatever it is), ``two_node_launcher`` the two-node
+    trial's (``benchmarks.two_nodes.TwoNodeLauncher``)."""
     rng = random.Random(seed * 100_003 + index)
     base = os.path.join(workdir, f"trial-{index:03d}")
     save, _ = _dirs(base)
     try:
         if rng.random() >= 0.5 and rng.choice(DAMAGES) == "lose-node":
-            return run_lose_node(base, rng, two_node_reference())
+            return run_lose_node(base, rng, two_node_reference(), two_node_launcher)
         rng = random.Random(seed * 100_003 + index)  # the other trials draw as before
         if rng.random() < 0.5:
             kind = "kill"
@@ -379,11 +383,11 @@ def reference_losses(workdir: str, launcher: Launcher | None = None) -> dict[int
     return _losses(base, "reference")
 
 
-def two_node_reference_losses(workdir: str) -> dict[int, float]:
+def two_node_reference_losses(workdir: str, launcher: TwoNodeLauncher | None = None) -> dict[int, float]:
     """The uninterrupted two-node (DP2) run's losses, without checkpointing."""
     base = os.path.join(workdir, "reference-two-nodes")
     args = ARGS[: ARGS.index("--async-save")] + ["--train-iters", str(RESUME_TO)] + _logged(base, "reference")
-    codes, text = run_two_node_trainer(args, [[], []], base, "reference")
+    codes, text = run_two_node_trainer(args, [[], []], base, "reference", launcher=launcher)
     if codes != [0, 0]:
         raise RuntimeError(f"the two-node reference run failed ({codes}):\n{text[-3000:]}")
     return _losses(base, "reference")
@@ -403,14 +407,16 @@ class _Once:
 
 
 def run_trials(trials: int, seed: int, workdir: str, progress=print, parallel: int = 2,
-               indices: list[int] | None = None, launcher: Launcher | None = None) -> list[TrialResult]:
+               indices: list[int] | None = None, launcher: Launcher | None = None,
+               two_node_launcher: TwoNodeLauncher | None = None) -> list[TrialResult]:
     """``parallel`` trials at a time: each launch is mostly single-threaded start-up.
     ``indices``: run these trials of ``seed`` (``trials`` is then their number) instead of the first ``trials``.
-    ``launcher``: how the 1-process runs start (``benchmarks.processes.Launcher``; None: fresh interpreters)."""
+    ``launcher``: how the 1-process runs start (``benchmarks.processes.Launcher``; None: fresh interpreters);
+    ``two_node_launcher``: how the two-node runs start (``benchmarks.two_nodes.TwoNodeLauncher``; None: torchrun)."""
     indices = list(range(trials)) if indices is None else list(indices)
     trials = len(indices)
     reference = reference_losses(workdir, launcher)
-    two_nodes = _Once(lambda: two_node_reference_losses(workdir))
+    two_nodes = _Once(lambda: two_node_reference_losses(workdir, two_node_launcher))
     finished = os.path.join(workdir, "finished")
     _run(finished, "train", _args(finished, TRAIN) + ["--ckpt-keep-host-pool"],  # its L0 is copied into trials
          launcher=launcher)
@@ -418,7 +424,8 @@ def run_trials(trials: int, seed: int, workdir: str, progress=print, parallel: i
     results: list[TrialResult] = [None] * trials  # type: ignore[list-item]
     try:
         with ThreadPoolExecutor(parallel) as pool:
-            futures = {pool.submit(run_trial, index, seed, workdir, reference, finished, two_nodes, launcher): i
+            futures = {pool.submit(run_trial, index, seed, workdir, reference, finished, two_nodes, launcher,
+                                   two_node_launcher): i
                        for i, index in enumerate(indices)}
             for done, future in enumerate(as_completed(futures), 1):
                 i, result = futures[future], future.result()

@@ -17,9 +17,13 @@ What a launch keeps of ``torchrun --standalone --nproc-per-node N`` (what the te
   1-process launch without torchrun exits with the rank's own status, as ``python script`` does);
 - a launch is a session of its own: killing its process group takes every process it started.
 
-What it does not do: restarts (``--max-restarts``), multi-node rendezvous, the agent's store and
-error files, a launcher to kill. Tests of those run torchrun itself (``run_pretrain`` with
-``torchrun_args``, ``run_two_nodes``, the fault trials, ``tests/test_fault_exit.py``). A launch
+A job of several "nodes" on this machine is one launch per node (``nnodes``, ``node_rank``, one
+master port): each node's ranks get their global ranks, and node 0's first rank hosts the store.
+
+What it does not do: restarts (``--max-restarts``), the c10d rendezvous between launchers, the
+agent's store and error files, a launcher to kill. Tests of those run torchrun itself
+(``run_pretrain`` with ``torchrun_args``, ``run_two_nodes(torchrun=True)``, the fault trials,
+``tests/test_fault_exit.py``). A launch
 whose environment differs from the zygote's in a variable read at interpreter or library start
 (``PYTHON*``, ``OMP_*``, ``LD_*``...) starts fresh interpreters as before, and
 ``GPT_TEST_LAUNCHER=torchrun`` makes every launch do so.
@@ -57,7 +61,9 @@ class LaunchRequest:
     """One job: ``script`` run as ``__main__`` with ``args`` by ``nproc`` ranks.
 
     ``torchrun``: the ranks get torchrun's variables and the launch exits 1 if any fails; False
-    (one process only) runs it as ``python script`` would, exit status passed through."""
+    (one process only) runs it as ``python script`` would, exit status passed through.
+    ``nnodes``, ``node_rank``: this launch is node ``node_rank`` of a job of ``nnodes`` launches
+    of ``nproc`` ranks each, meeting at ``master_port`` (torchrun only)."""
 
     script: str
     args: tuple[str, ...]
@@ -66,6 +72,13 @@ class LaunchRequest:
     cwd: str
     torchrun: bool
     master_port: int = 0
+    nnodes: int = 1
+    node_rank: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.node_rank < self.nnodes or (self.nnodes > 1 and not self.torchrun):
+            raise ValueError(f"node {self.node_rank} of {self.nnodes}: a job of several nodes is a torchrun launch "
+                             "per node, node_rank in [0, nnodes)")
 
 
 @dataclass(frozen=True)
@@ -79,17 +92,19 @@ class RankSpec:
 
 
 def rank_env(request: LaunchRequest, rank: int) -> dict[str, str]:
-    """The environment of rank ``rank``: the request's, with torchrun's variables of a standalone
-    single-node job where the request asks for torchrun."""
+    """The environment of local rank ``rank``: the request's, with torchrun's variables where the
+    request asks for torchrun (of node ``node_rank`` of ``nnodes``, each with ``nproc`` ranks)."""
     env = dict(request.env)
     if request.torchrun:
-        n = str(request.nproc)
+        n, world = str(request.nproc), str(request.nproc * request.nnodes)
+        global_rank = str(request.node_rank * request.nproc + rank)
         env.update(
-            RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", ROLE_RANK=str(rank), ROLE_NAME="default",
-            WORLD_SIZE=n, LOCAL_WORLD_SIZE=n, GROUP_WORLD_SIZE="1", ROLE_WORLD_SIZE=n,
+            RANK=global_rank, LOCAL_RANK=str(rank), GROUP_RANK=str(request.node_rank), ROLE_RANK=global_rank,
+            ROLE_NAME="default", WORLD_SIZE=world, LOCAL_WORLD_SIZE=n, GROUP_WORLD_SIZE=str(request.nnodes),
+            ROLE_WORLD_SIZE=world,
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(request.master_port),
             TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0",
-            TORCHELASTIC_RUN_ID=f"zygote-{os.getpid()}", TORCHELASTIC_USE_AGENT_STORE="False",
+            TORCHELASTIC_RUN_ID=f"zygote-{request.master_port}", TORCHELASTIC_USE_AGENT_STORE="False",
         )
     return env
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.helpers import JOB_VARIABLES, free_port, job_env  # noqa: F401  (tests/conftest.py imports free_port from here)
-from tests.zygote_launch import run_forked, zygote_for
+from tests.zygote_launch import run_forked, run_forked_nodes, zygote_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = ROOT / "scripts" / "pretrain_gpt.py"
@@ -107,17 +107,22 @@ def read_scalars(logdir: str | Path, tag: str) -> dict[int, float]:
 
 
 def run_two_nodes(args: list[str], node_args: list[list[str]], nproc_per_node: int = 2, timeout: int = 300,
-                  env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
-    """Launch ``pretrain_gpt.py`` as a job of two "nodes" on this machine: two ``torchrun --nnodes 2``
-    launchers meeting at a c10d rendezvous on 127.0.0.1, each with its own extra ``node_args``
-    (its node-local directories). Returns both launchers' results, node A's first.
+                  env: dict[str, str] | None = None, torchrun: bool = False) -> list[subprocess.CompletedProcess]:
+    """Launch ``pretrain_gpt.py`` as a job of two "nodes" on this machine, each with its own extra
+    ``node_args`` (its node-local directories). Returns both nodes' results, node A's first.
 
-    c10d orders nodes by (host, launcher pid): node A starts first, so it is node 0 in every run
-    of a test (node-local files are named after global ranks)."""
+    By default each node's ranks are forked from the session's warm zygote (one launch per node,
+    node A node 0: tests/job_zygote.py). With ``torchrun`` (or where the zygote cannot fork this
+    environment) two ``torchrun --nnodes 2`` launchers meet at a c10d rendezvous on 127.0.0.1,
+    node A started first: c10d orders nodes by (host, launcher pid), so it is node 0 in every run
+    (node-local files are named after global ranks)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GPT_FORCE_CPU="1", **(env or {}))
+    zygote = None if torchrun else zygote_for(env)
+    if zygote is not None:
+        return _two_forked_nodes(zygote, args, node_args, nproc_per_node, timeout, env)
     import time
     import uuid
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GPT_FORCE_CPU="1", **(env or {}))
     rdzv = ["--nnodes=2", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id={uuid.uuid4().hex[:8]}"]
     procs = []
@@ -134,6 +139,16 @@ def run_two_nodes(args: list[str], node_args: list[list[str]], nproc_per_node: i
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+    return results
+
+
+def _two_forked_nodes(zygote, args: list[str], node_args: list[list[str]], nproc_per_node: int, timeout: int,
+                      env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+    """:func:`run_two_nodes` from the zygote; a node that runs past ``timeout`` raises once both have returned."""
+    results = run_forked_nodes(zygote, PRETRAIN, args, node_args, nproc_per_node, env, timeout)
+    for result in results:
+        if result.returncode is None:
+            raise subprocess.TimeoutExpired(result.args, timeout, result.stdout, result.stderr)
     return results
 
 

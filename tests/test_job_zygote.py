@@ -35,6 +35,27 @@ def test_ranks_see_torchrun_variables_and_run_as_main(zygote, tmp_path):
         assert r["path0"] == str(PROBE.parent) and r["cwd"] == str(tmp_path) and r["env"]["PROBE"] == "p"
 
 
+def test_each_node_of_a_two_node_job_gets_its_global_ranks_and_one_master(zygote):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    with ThreadPoolExecutor(2) as pool:
+        launches = [pool.submit(run_forked, zygote, PROBE, ["env"], 2, job_env(), 60, True, nnodes=2, node_rank=node,
+                                master_port=port) for node in (0, 1)]
+        procs = [launch.result() for launch in launches]
+    seen = {}
+    for node, proc in enumerate(procs):
+        assert proc.returncode == 0, proc.stderr
+        for line in proc.stdout.splitlines():
+            env = json.loads(line)["env"]
+            seen[int(env["RANK"])] = (node, env["LOCAL_RANK"], env["GROUP_RANK"], env["WORLD_SIZE"],
+                                      env["LOCAL_WORLD_SIZE"], env["MASTER_PORT"])
+    assert seen == {0: (0, "0", "0", "4", "2", str(port)), 1: (0, "1", "0", "4", "2", str(port)),
+                    2: (1, "0", "1", "4", "2", str(port)), 3: (1, "1", "1", "4", "2", str(port))}
+
+
 def test_one_process_without_torchrun_is_python_script(zygote):
     env = job_env()
     proc = run_forked(zygote, PROBE, ["env"], 1, env, 60, torchrun=False)

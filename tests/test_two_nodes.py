@@ -1,13 +1,16 @@
-"""Two nodes on one machine: ``torchrun --nnodes 2`` with a c10d rendezvous on 127.0.0.1, each node
-with its own L0 (``--ckpt-host-dir``) and L1 (``--ckpt-local-dir``), L2 shared.
+"""Two nodes on one machine, each with its own L0 (``--ckpt-host-dir``) and L1 (``--ckpt-local-dir``),
+L2 shared.
 
 One job, killed twice and restarted:
-1. killed at 11: L1 holds 4 and 8 on both nodes, L2 nothing yet;
+1. killed at 11 (two ``torchrun --nnodes 2`` launchers, a c10d rendezvous on 127.0.0.1): L1 holds
+   4 and 8 on both nodes, L2 nothing yet;
 2. every node rebooted (L0 gone, disks kept): resumes from node-local L1, each rank from its own
    node's files; killed at 16;
 3. node B replaced (its L0 and L1 gone, node A's intact and newer): every rank agrees on L2.
 Each resume replays the losses of the run it resumed, bit for bit, over the iterations both ran
-(phase 1 is the uninterrupted run from scratch up to 11).
+(phase 1 is the uninterrupted run from scratch up to 11). Phases 2 and 3 fork each node's ranks
+from the tests' warm zygote (``tests/launch.run_two_nodes``): what they test is the resume, and a
+torchrun launch costs every rank a fresh interpreter. The Slurm test below launches through torchrun too.
 """
 
 import shutil
@@ -58,15 +61,16 @@ def test_two_nodes_resume_from_node_local_then_from_shared_level(tmp_path, nodes
     per_node = [["--ckpt-local-dir", str(d["local"]), "--ckpt-host-dir", d["host"]] for d in nodes.values()]
     local_a, local_b = nodes["A"]["local"], nodes["B"]["local"]
 
-    def run(phase: str, kill_at: int | None):
+    def run(phase: str, kill_at: int | None, torchrun: bool = False):
         env = {"GPT_CKPT_FAULT": f"iteration:kill:{kill_at}", **HOLD} if kill_at else {}
-        results = run_two_nodes(common + ["--tensorboard-dir", str(tmp_path / phase)], per_node, env=env)
+        results = run_two_nodes(common + ["--tensorboard-dir", str(tmp_path / phase)], per_node, env=env,
+                                torchrun=torchrun)
         for r in results:
             assert (r.returncode != 0) == bool(kill_at), f"{phase}: rc {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         return results[1].stdout  # node B runs the last rank, which logs
 
     # 1. Killed at 11: each node's L1 holds its own ranks' files of 4 and 8.
-    out = run("phase1", kill_at=11)
+    out = run("phase1", kill_at=11, torchrun=True)
     assert "L1" in out and "node-local (2 nodes)" in out, out[-3000:]
     phase1 = read_scalars(tmp_path / "phase1", "lm loss")
     assert sorted(phase1) == list(range(1, 12)), sorted(phase1)

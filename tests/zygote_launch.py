@@ -83,12 +83,16 @@ def zygote_for(env: dict[str, str]) -> _Zygote | None:
 
 
 def run_forked(zygote: _Zygote, script: Path | str, args: list[str], nproc: int, env: dict[str, str],
-               timeout: float, torchrun: bool, cwd: Path | str = ROOT) -> subprocess.CompletedProcess:
+               timeout: float, torchrun: bool, cwd: Path | str = ROOT, nnodes: int = 1, node_rank: int = 0,
+               master_port: int | None = None) -> subprocess.CompletedProcess:
     """Run ``script args`` as ``nproc`` ranks forked from ``zygote``; a timeout kills the launch's
-    whole process group and raises ``subprocess.TimeoutExpired`` with what it printed."""
-    cmd = [f"(zygote{' torchrun' if torchrun else ''} x{nproc})", str(script), *args]
-    request = LaunchRequest(str(script), tuple(args), nproc, env, str(cwd), torchrun,
-                            free_port() if torchrun else 0)
+    whole process group and raises ``subprocess.TimeoutExpired`` with what it printed.
+    ``nnodes``, ``node_rank``, ``master_port``: this launch is one node of a job of several, each
+    launched with the same port (see :class:`tests.job_zygote.LaunchRequest`)."""
+    where = f" node {node_rank}/{nnodes}" if nnodes > 1 else ""
+    cmd = [f"(zygote{' torchrun' if torchrun else ''} x{nproc}{where})", str(script), *args]
+    port = master_port if master_port is not None else free_port() if torchrun else 0
+    request = LaunchRequest(str(script), tuple(args), nproc, env, str(cwd), torchrun, port, nnodes, node_rank)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -137,6 +141,27 @@ def run_forked(zygote: _Zygote, script: Path | str, args: list[str], nproc: int,
     # The leader sends its pid, then the launch's status; no status: the leader itself was killed.
     returncode = struct.unpack("!q", answer[8:16])[0] if len(answer) >= 16 else -signal.SIGKILL
     return subprocess.CompletedProcess(cmd, returncode, out, err)
+
+
+def run_forked_nodes(zygote: _Zygote, script: Path | str, args: list[str], node_args: list[list[str]], nproc: int,
+                     env: dict[str, str], timeout: float) -> list[subprocess.CompletedProcess]:
+    """Run ``script args`` as a job of ``len(node_args)`` nodes of ``nproc`` ranks each, every node
+    a launch of its own from ``zygote`` with its ``node_args`` appended, side by side, meeting at
+    one master port. Returns each node's result, node 0's first; a node that ran past ``timeout``
+    (its processes killed) has ``returncode`` None and what it printed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+
+    def launch(node: int) -> subprocess.CompletedProcess:
+        try:
+            return run_forked(zygote, script, [*args, *node_args[node]], nproc, env, timeout, True,
+                              nnodes=len(node_args), node_rank=node, master_port=port)
+        except subprocess.TimeoutExpired as expired:
+            return subprocess.CompletedProcess(expired.cmd, None, expired.stdout or "", expired.stderr or "")
+
+    with ThreadPoolExecutor(len(node_args)) as pool:
+        return list(pool.map(launch, range(len(node_args))))
 
 
 def _kill_group(pgid: int) -> None:

@@ -11,7 +11,7 @@ mode = sys.argv[1]
 rank = int(os.environ.get("RANK", "0"))
 if mode == "env":
     print(json.dumps({"argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(), "main": __name__,
-                      "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                      "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                                                              "MASTER_ADDR", "MASTER_PORT", "PROBE")}}))
 elif mode == "fail":
     if rank == int(sys.argv[2]):
