@@ -46,3 +46,20 @@ def test_importing_megatron_core_loads_no_inductor():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["False", "True"], out.stdout
+
+
+def test_preparing_and_reading_data_loads_no_inductor(tmp_path):
+    """``scripts/prepare_data.py`` and the dataset reader import megatron-core's indexed dataset
+    with the same deferral (its plain import costs ~3 CPU-s more, Inductor included)."""
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from types import SimpleNamespace\n"
+            "from trainer.prepare import build_indexed_dataset\n"
+            "from trainer.data import IndexedGPTDataset\n"
+            "tok = SimpleNamespace(vocab_size=256, eod=0, tokenize=lambda text: list(text.encode()))\n"
+            "build_indexed_dataset(['some text to read back' * 20], tok, %r)\n"
+            "data = IndexedGPTDataset(%r, 16, 1, 'train', (1.0, 0.0, 0.0))\n"
+            "print('torch._inductor.compile_fx' in sys.modules, data.sample(0).shape[0])\n"
+            % (str(ROOT), str(tmp_path / "d"), str(tmp_path / "d")))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "17"], out.stdout

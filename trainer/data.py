@@ -150,6 +150,9 @@ class IndexedGPTDataset:
         another tokenizer would otherwise fail deep in the embedding)."""
         self.prefix = prefix
         self.vocab_size = vocab_size
+        from models.megatron_import import import_megatron_core
+
+        import_megatron_core()  # megatron-core's import-time torch.compile deferred: ~3 CPU-s less
         from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path
 
         index = IndexedDataset(prefix)
