@@ -136,6 +136,7 @@ def save(kind: str, out_dir: str) -> None:
     state = model.sharded_state_dict()
     # Megatron-LM's generate_state_dict adds these; dist_checkpointing puts them in common.pt.
     state.update(args=megatron_args, iteration=ITERATION, checkpoint_version=3.0)
+    _results_queue_without_a_process()
     dist_checkpointing.save(state, iteration_dir)
     params = global_params(model)
     if dist.get_rank() == 0:
@@ -144,6 +145,19 @@ def save(kind: str, out_dir: str) -> None:
         torch.save(params, os.path.join(out_dir, "params.pt"))
         if dist.get_world_size() == 1:
             torch.save(logits_of(model, s["vocab_size"]), os.path.join(out_dir, "logits.pt"))
+
+
+def _results_queue_without_a_process() -> None:
+    """dist_checkpointing's writer hands its write results back through a queue of a spawn-context
+    ``Manager``: a fresh interpreter that imports this module (torch included, ~3 CPU-s a rank)
+    for a queue this synchronous save fills in its own process. A fork-context queue does the
+    same without one; the files written do not change (tests/test_megatron_interop.py reads them)."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "not there") is None:  # megatron-core 0.16's module global
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
 
 
 @torch.no_grad()
