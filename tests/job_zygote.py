@@ -237,7 +237,7 @@ def run_rank(spec: RankSpec) -> None:
 
 def _warm_imports() -> None:
     """What a rank would import first: torch, megatron-core (its torch.compile deferred, as the
-    trainer does), the trainer and the checkpoint layer."""
+    trainer does), the trainer and the checkpoint layer; and the parser built once."""
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
@@ -248,8 +248,10 @@ def _warm_imports() -> None:
     import_megatron_core()
     import checkpointing.engine.flusher  # noqa: F401
     import checkpointing.manager  # noqa: F401
-    import trainer.arguments  # noqa: F401
+    import trainer.arguments
     import trainer.training  # noqa: F401
+
+    trainer.arguments.build_parser()  # its flags' help, read from the configs' source once (cached), not per rank
 
 
 def main(socket_path: str) -> RankSpec:

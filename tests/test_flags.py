@@ -168,3 +168,26 @@ def test_old_spellings_are_refused_with_the_new_name(capsys):
             rollback.main(["20", "--save", "ckpt", old, "/x"])
         assert exit_.value.code == 2
         assert f"{old} is now {new}" in capsys.readouterr().err
+
+
+
+def test_docstrings_from_each_modules_one_parse_are_each_classs_own(monkeypatch):
+    """``field_docstrings`` parses a module once for all its classes (``inspect.getsource`` of a
+    class parses its whole module each time): the body it finds is each class's own, for every
+    config class the trainer's parser reads."""
+    import ast
+    import inspect
+    import textwrap
+
+    from cli import flags
+    from trainer.arguments import build_parser
+
+    read = []
+    real = flags.field_docstrings
+    monkeypatch.setattr(flags, "field_docstrings", lambda cls: read.append(cls) or real(cls))
+    build_parser()
+    classes = {klass for cls in read for klass in cls.__mro__ if dataclasses.is_dataclass(klass)}
+    assert len(classes) >= 8, classes
+    for cls in classes:
+        own = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        assert ast.dump(ast.Module(flags._class_body(cls), [])) == ast.dump(ast.Module(own, [])), cls
