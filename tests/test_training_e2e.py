@@ -29,8 +29,8 @@ def test_loss_goes_down_on_shakespeare(shakespeare, tmp_path):
     proc = run_pretrain(TINY + [
         "--data-path", shakespeare, "--tokenizer-type", "ByteTokenizer", "--seq-length", "64",
         "--max-position-embeddings", "64", "--micro-batch-size", "4", "--global-batch-size", "8",
-        "--train-iters", "300", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "10",
-        "--lr-decay-style", "cosine", "--eval-interval", "300", "--eval-iters", "8",
+        "--train-iters", "150", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "10",
+        "--lr-decay-style", "cosine", "--eval-interval", "150", "--eval-iters", "8",
         "--log-interval", "50", "--tensorboard-dir", str(logdir),
     ], nproc=1, timeout=600)
     losses = read_scalars(logdir, "lm loss")
@@ -38,7 +38,8 @@ def test_loss_goes_down_on_shakespeare(shakespeare, tmp_path):
     # Iteration 1 is a random model: about ln(vocab 257) = 5.55. The vocabulary is padded to 384
     # (3 x 128), but the padded entries' logits are masked out: they are not classes.
     assert losses[1] == pytest.approx(math.log(257), abs=0.1)
-    assert valid[300] < UNIGRAM_ENTROPY - 0.2, (valid, proc.stdout[-2000:])
+    # 150 iterations: 2.84 here (300 reached 2.64, at 10 CPU-s more)
+    assert valid[150] < UNIGRAM_ENTROPY - 0.2, (valid, proc.stdout[-2000:])
 
 
 def test_logging_tags_eval_exit_interval_and_bf16(tmp_path):
