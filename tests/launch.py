@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = ROOT / "scripts" / "pretrain_gpt.py"
 ROLLBACK = ROOT / "scripts" / "rollback.sh"
 RESHARD_WORKER = ROOT / "tests" / "workers" / "reshard_worker.py"
+LOGITS_WORKER = ROOT / "tests" / "workers" / "gpt_logits_worker.py"
 
 # A tiny model that 8 gloo processes train in seconds on 2 cores (dropout off: the parallel
 # runs must see the same function as the single-process one).
@@ -172,11 +173,8 @@ def our_outputs(d: Path, flags: list[str], load: str, ids: list[int], new_tokens
     import torch
 
     out = d / "ours.pt"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "gpt_logits_worker.py"), str(out),
-                           ",".join(map(str, ids)), str(new_tokens), *flags, "--train-iters", "1", "--load", load,
-                           "--finetune"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=job_env())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_pretrain([str(out), ",".join(map(str, ids)), str(new_tokens), *flags, "--train-iters", "1", "--load", load,
+                  "--finetune"], script=LOGITS_WORKER)  # forked from the zygote, as the trainer's ranks are
     return dict(torch.load(out), ids=ids)
 
 

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -64,22 +65,25 @@ class _Zygote:
 
 _zygote: _Zygote | None = None
 _zygote_failed = False
+_zygote_lock = threading.Lock()
+"""Launches from several threads at once (jobs side by side) start one zygote, not one each."""
 
 
 def zygote_for(env: dict[str, str]) -> _Zygote | None:
     """The session's zygote, started on first use; None where this launch needs fresh interpreters
     (``GPT_TEST_LAUNCHER=torchrun``, a start-up variable set otherwise, a zygote that cannot start)."""
     global _zygote, _zygote_failed
-    if os.environ.get("GPT_TEST_LAUNCHER") == "torchrun" or _zygote_failed:
-        return None
-    if _zygote is None or not _zygote.alive():
-        try:
-            _zygote = _Zygote()
-        except (RuntimeError, OSError) as error:
-            _zygote_failed = True
-            warnings.warn(f"jobs start fresh interpreters: {error}")
+    with _zygote_lock:
+        if os.environ.get("GPT_TEST_LAUNCHER") == "torchrun" or _zygote_failed:
             return None
-    return _zygote if _zygote.forks(env) else None
+        if _zygote is None or not _zygote.alive():
+            try:
+                _zygote = _Zygote()
+            except (RuntimeError, OSError) as error:
+                _zygote_failed = True
+                warnings.warn(f"jobs start fresh interpreters: {error}")
+                return None
+        return _zygote if _zygote.forks(env) else None
 
 
 def run_forked(zygote: _Zygote, script: Path | str, args: list[str], nproc: int, env: dict[str, str],
