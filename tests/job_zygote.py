@@ -31,8 +31,8 @@ whose environment differs from the zygote's in a variable read at interpreter or
 Protocol: the zygote listens on a Unix socket in a private directory. A launch connects, sends a
 pickled :class:`LaunchRequest` with its stdout and stderr pipes (``SCM_RIGHTS``), and receives the
 leader's pid, then its exit status. The zygote forks a **leader** per launch (in a new session),
-which forks the ranks, waits for them and reports; the zygote goes with pytest (parent-death
-signal).
+which forks the ranks, waits for them and reports; the zygote goes with pytest (EOF on its
+stdin, whose write end only pytest holds).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-_PR_SET_PDEATHSIG = 1
 _STOP_GRACE_SECONDS = 30.0
 """How long ranks have to exit after SIGTERM when another rank failed (torchrun's default)."""
 
@@ -201,9 +200,24 @@ def _kill(pid: int, signum: int) -> None:
 
 
 def serve(listener: socket.socket) -> RankSpec:
-    """Accept launches until the socket closes; returns only in a forked rank."""
+    """Accept launches until pytest closes this process's stdin (it ends, or stops the zygote);
+    returns only in a forked rank.
+
+    Why stdin and not a parent-death signal: Linux sends that signal when the parent *thread*
+    ends, and a zygote first wanted by a launch from a worker thread (jobs side by side) was
+    killed with the thread, its socket gone for the launches after it."""
+    import selectors
+
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # leaders are reaped by the kernel
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    selector.register(sys.stdin.fileno(), selectors.EVENT_READ)
     while True:
+        ready = {key.fd for key, _ in selector.select()}
+        if sys.stdin.fileno() in ready and not os.read(sys.stdin.fileno(), 1 << 12):
+            os._exit(0)  # pytest is gone
+        if listener.fileno() not in ready:
+            continue
         conn, _ = listener.accept()
         try:
             request, fds = receive_request(conn)
@@ -214,6 +228,7 @@ def serve(listener: socket.socket) -> RankSpec:
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:
+            selector.close()
             return _lead(conn, listener, request, fds[0], fds[1])
         for fd in fds:
             os.close(fd)
@@ -255,10 +270,8 @@ def _warm_imports() -> None:
 
 
 def main(socket_path: str) -> RankSpec:
-    import ctypes
     import gc
 
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # goes with pytest
     _warm_imports()
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:

@@ -56,6 +56,28 @@ def test_each_node_of_a_two_node_job_gets_its_global_ranks_and_one_master(zygote
                     2: (1, "0", "1", "4", "2", str(port)), 3: (1, "1", "1", "4", "2", str(port))}
 
 
+def test_a_zygote_started_from_a_thread_outlives_it_and_ends_with_its_stdin():
+    """Jobs side by side start the zygote from a worker thread: it must serve launches after that
+    thread ends (a parent-death signal fires when the parent *thread* ends), and still go when
+    pytest does (EOF on its stdin)."""
+    import threading
+
+    from tests.zygote_launch import _Zygote
+
+    started = []
+    thread = threading.Thread(target=lambda: started.append(_Zygote()))
+    thread.start()
+    thread.join()
+    zygote = started[0]
+    try:
+        proc = run_forked(zygote, PROBE, ["env"], 1, job_env(), 60, torchrun=False)
+        assert proc.returncode == 0 and json.loads(proc.stdout)["main"] == "__main__", proc.stderr
+        zygote.process.stdin.close()
+        assert zygote.process.wait(timeout=60) == 0
+    finally:
+        zygote.stop()
+
+
 def test_one_process_without_torchrun_is_python_script(zygote):
     env = job_env()
     proc = run_forked(zygote, PROBE, ["env"], 1, env, 60, torchrun=False)

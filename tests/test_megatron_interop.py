@@ -29,32 +29,23 @@ RESHARD_WORKER = ROOT / "tests" / "workers" / "reshard_worker.py"
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def _megatron_command(args: tuple[str, ...], nproc: int) -> list[str]:
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  "--nproc-per-node", str(nproc)]
-    return [*launch, str(WORKER), *args]
-
-
 def megatron(*args: str, nproc: int = 1) -> None:
-    """Run the megatron-core worker (one process, or ``nproc`` under torchrun)."""
+    """Run the megatron-core worker (one process, or ``nproc`` ranks as torchrun would start them)."""
     megatron_side_by_side([(args, nproc)])
 
 
 def megatron_side_by_side(runs: list[tuple[tuple[str, ...], int]]) -> None:
-    """Run the megatron-core worker once per (args, nproc), all at once: most of each run is its
-    start-up (importing megatron-core), which overlaps. Fails naming the first run that failed;
-    none outlives the call."""
-    procs = [(args, subprocess.Popen(_megatron_command(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=job_env(), cwd=ROOT)) for args, nproc in runs]
-    try:
-        for args, proc in procs:
-            out, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, f"{' '.join(args)}\n{out[-3000:]}{err[-3000:]}"
-    finally:
-        for _, proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    """Run the megatron-core worker once per (args, nproc), all at once, each forked from the
+    tests' zygote (``tests/launch.run_pretrain``: megatron-core imported once, not per rank).
+    Fails naming the first run that failed; none outlives the call (a timeout kills a launch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        done = [pool.submit(run_pretrain, list(args), nproc=nproc, timeout=300, check=False, script=WORKER)
+                for args, nproc in runs]
+        for (args, _), future in zip(runs, done):
+            proc = future.result()
+            assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
 
 
 def true_rows(params: dict[str, torch.Tensor], vocab: int = 100) -> dict[str, torch.Tensor]:

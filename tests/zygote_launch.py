@@ -32,7 +32,9 @@ class _Zygote:
         self.env = job_env()
         log = open(os.path.join(self.dir, "zygote.log"), "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "tests.job_zygote", self.socket_path], cwd=ROOT,
-                                        env=self.env, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+                                        env=self.env, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.PIPE)
+        # Its stdin stays open, never written: the zygote ends when it reads EOF there (pytest
+        # gone, or stop()), whichever thread started it (tests/job_zygote.serve says why).
         log.close()
         atexit.register(self.stop)
         selector = selectors.DefaultSelector()
@@ -52,6 +54,7 @@ class _Zygote:
         return self.process.poll() is None
 
     def stop(self) -> None:
+        self.process.stdin.close()
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
