@@ -22,8 +22,8 @@ master port): each node's ranks get their global ranks, and node 0's first rank 
 
 What it does not do: restarts (``--max-restarts``), the c10d rendezvous between launchers, the
 agent's store and error files, a launcher to kill. Tests of those run torchrun itself
-(``run_pretrain`` with ``torchrun_args``, ``run_two_nodes(torchrun=True)``, the fault trials,
-``tests/test_fault_exit.py``). A launch
+(``run_pretrain`` with ``torchrun_args``, ``run_two_nodes(torchrun=True)``,
+``scripts/fault_trials.py``, ``tests/test_fault_exit.py``). A launch
 whose environment differs from the zygote's in a variable read at interpreter or library start
 (``PYTHON*``, ``OMP_*``, ``LD_*``...) starts fresh interpreters as before, and
 ``GPT_TEST_LAUNCHER=torchrun`` makes every launch do so.
