@@ -87,10 +87,17 @@ def reshard_and_step(full_pt: str | Path, out_dir: str | Path, args: list[str], 
         assert math.isclose(float(loss), reference, rel_tol=rel_tol), (distributed, float(loss), reference)
 
 
-def rollback(*args, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``scripts/rollback.sh args`` (with this Python); fails on a non-zero exit unless not ``check``."""
+_WITHOUT_TORCH = ("import sys; from checkpointing.recovery.rollback import main; rc = main(sys.argv[1:]); "
+                  "sys.exit(rc if 'torch' not in sys.modules else 'rollback.sh imported torch')")
+
+
+def rollback(*args, check: bool = True, without_torch: bool = False) -> subprocess.CompletedProcess:
+    """Run ``scripts/rollback.sh args`` (with this Python); fails on a non-zero exit unless not ``check``.
+    ``without_torch``: its command (``python -m checkpointing.recovery.rollback``) in an interpreter
+    that exits 1 if it imported torch (listing and rolling back disk levels need none)."""
     env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run([str(ROLLBACK), *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+    command = [sys.executable, "-c", _WITHOUT_TORCH] if without_torch else [str(ROLLBACK)]
+    proc = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout + proc.stderr)
     return proc

@@ -77,10 +77,12 @@ def test_a_directory_named_for_another_iteration_is_damage(two_versions, tmp_pat
         read_metadata(str(renamed))
 
 
-def test_flips_of_an_unchecksummed_metadata_are_classified_and_never_crash(two_versions):
+@pytest.mark.parametrize("inert", [False, True], ids=["strict", "inert"])
+def test_flips_of_an_unchecksummed_metadata_are_classified_and_never_crash(two_versions, inert):
     """Without the checksum file a flip may still decode (to the same or another object), or be
     refused as code; it must never raise anything else, nor allocate beyond the file (the
-    memo-index flip that asked for 23 GiB is refused by the scan)."""
+    memo-index flip that asked for 23 GiB is refused by the scan). The same for the inert
+    reader (``rollback.sh``'s, without torch)."""
     _, _, newest = two_versions
     os.unlink(os.path.join(newest, METADATA_CHECKSUM_NAME))
     path = os.path.join(newest, METADATA_NAME)
@@ -89,7 +91,7 @@ def test_flips_of_an_unchecksummed_metadata_are_classified_and_never_crash(two_v
     for bit in random.Random(SEED + 1).sample(range(8 * len(pristine)), min(FLIPS, 8 * len(pristine))):
         _flip(path, bit)
         try:
-            assert not read_metadata(newest).gpt_ckpt_verified
+            assert not read_metadata(newest, inert=inert).gpt_ckpt_verified
             outcomes["decoded"] += 1
         except CheckpointCorruptError:
             outcomes["damaged"] += 1
@@ -97,6 +99,30 @@ def test_flips_of_an_unchecksummed_metadata_are_classified_and_never_crash(two_v
             outcomes["refused"] += 1
         _flip(path, bit)
     assert sum(outcomes.values()) == min(FLIPS, 8 * len(pristine)) and outcomes["damaged"] > 0, outcomes
+
+
+def test_the_inert_reading_holds_the_strict_readings_places_sizes_and_facts(two_versions):
+    """What ``rollback.sh`` reads without torch (``read_metadata(inert=True)``) is what the loader
+    reads: every chunk's key and place, every tensor's size and chunks, our facts."""
+    from checkpointing.base.safe_pickle import InertRecord
+
+    _, _, newest = two_versions
+    strict, inert = read_metadata(newest), read_metadata(newest, inert=True)
+    assert isinstance(inert, InertRecord) and type(inert).__name__ == "Metadata"
+    assert inert.gpt_ckpt == strict.gpt_ckpt and inert.gpt_ckpt_verified
+
+    def places(metadata):
+        return sorted(((k.fqn, None if getattr(k, "offset", None) is None else tuple(k.offset), k.index),
+                       (v.relative_path, v.offset, v.length)) for k, v in metadata.storage_data.items())
+
+    assert places(inert) == places(strict) and len(places(strict)) > 1
+    for key, entry in strict.state_dict_metadata.items():
+        if hasattr(entry, "size"):
+            stand_in = inert.state_dict_metadata[key]
+            assert stand_in.size == tuple(entry.size), key
+            assert [(c.offsets, c.sizes) for c in stand_in.chunks] == [(tuple(c.offsets), tuple(c.sizes))
+                                                                        for c in entry.chunks], key
+    assert inert.state_dict_metadata.keys() == strict.state_dict_metadata.keys()
 
 
 def test_a_memo_index_past_the_pickle_is_refused_before_it_is_allocated(two_versions):

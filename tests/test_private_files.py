@@ -5,6 +5,7 @@ suite runs as root in CI; without root those tests skip)."""
 import io
 import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -248,3 +249,48 @@ def test_a_protocol_2_metadata_names_builtins_as_python_2_did_and_is_checked_the
     assert b"c__builtin__\neval\n" in data
     with pytest.raises(CheckpointUntrustedError, match=r"builtins\.eval"):
         load_dcp_metadata(io.BytesIO(data), "planted", False)
+
+
+def test_the_inert_reader_stands_in_only_for_what_the_strict_one_admits(tmp_path):
+    """``load_dcp_metadata(inert=True)`` (``rollback.sh``'s reader, without torch) refuses what the
+    strict reader refuses, sends what it has no stand-in for to the strict reader, and stands in
+    only for globals the strict reader admits."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, Metadata
+
+    from checkpointing.base.safe_pickle import (
+        _INERT_CLASSES,
+        INERT_DTYPES,
+        INERT_ENUM_MEMBERS,
+        InertRecord,
+        _allowed_dcp_global,
+    )
+
+    for module, names in _INERT_CLASSES.items():
+        assert names and all(_allowed_dcp_global(module, name) for name in names), module
+    assert all(_allowed_dcp_global("torch", name) for name in INERT_DTYPES)
+    assert INERT_ENUM_MEMBERS == {(_MEM_FORMAT_ENCODING.__module__, _MEM_FORMAT_ENCODING.__qualname__):
+                                  set(_MEM_FORMAT_ENCODING.__members__)}
+    marker = tmp_path / "marker"
+    with pytest.raises(CheckpointUntrustedError, match="names io.open.*nothing in it was run"):
+        load_dcp_metadata(io.BytesIO(pickle.dumps({"m": PickleMarker(marker)})), ".metadata", inert=True)
+    with pytest.raises(CheckpointUntrustedError, match=r"builtins\.eval"):
+        load_dcp_metadata(io.BytesIO(pickle.dumps(_CallsEval(), protocol=2)), "planted", inert=True)
+    assert not marker.exists()
+    for owner, name in ((_MEM_FORMAT_ENCODING, "__class__"), (Metadata, "TORCH_CONTIGUOUS_FORMAT"),
+                        (torch.Size, "__new__")):  # as the strict reader: getattr of an enum member only
+        with pytest.raises(CheckpointUntrustedError, match="getattr"):
+            load_dcp_metadata(io.BytesIO(pickle.dumps(_ViaGetattr(owner, name), protocol=5)), ".metadata", inert=True)
+    # Python 3.11.0-3.11.4 pickle a member through getattr: a stand-in too.
+    member = load_dcp_metadata(io.BytesIO(pickle.dumps(_ViaGetattr(_MEM_FORMAT_ENCODING, "TORCH_CHANNELS_LAST"))),
+                               ".metadata", inert=True)[0]
+    assert isinstance(member, InertRecord) and member.args == ("TORCH_CHANNELS_LAST",)
+    # A dtype with no stand-in: read strict.
+    assert load_dcp_metadata(io.BytesIO(pickle.dumps([torch.float8_e5m2fnuz])), ".metadata", inert=True) == \
+        ([torch.float8_e5m2fnuz], False)
+    size, dtype = load_dcp_metadata(io.BytesIO(pickle.dumps([torch.Size([2, 3]), torch.bfloat16])), ".metadata",
+                                    inert=True)[0]
+    assert type(size) is tuple and size == (2, 3) and dtype == "torch.bfloat16"
+    member = _MEM_FORMAT_ENCODING.TORCH_PRESERVE_FORMAT
+    stand_in, _ = load_dcp_metadata(io.BytesIO(pickle.dumps(member)), ".metadata", inert=True)
+    if sys.version_info >= (3, 11, 5):  # earlier: pickled through getattr, read strict (above)
+        assert isinstance(stand_in, InertRecord) and stand_in.args == (member.value,)

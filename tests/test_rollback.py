@@ -69,14 +69,14 @@ def test_list_shows_committed_partial_and_corrupt(tmp_path):
     data = save / "iter_0000006" / "__0_0.distcp"
     size = data.stat().st_size
     os.truncate(data, size - 100)
-    out = rollback("--list", "--save", save).stdout
+    out = rollback("--list", "--save", save, without_torch=True).stdout  # seconds: no torch to import
     lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("L2 ")}
     assert "committed" in lines["2"] and "partial" in lines["4"] and "corrupt" in lines["6"], out
     assert "truncated" in lines["6"] and "MiB" in lines["2"]
     data.write_bytes(b"\0" * size)  # the right size, the wrong bytes
     relisted = {line.split()[1]: line for line in rollback("--list", "--save", save).stdout.splitlines() if line.startswith("L2 ")}
     assert "committed" in relisted["6"], "a cheap --list checks presence and sizes only"
-    assert "checksum mismatch" in rollback("--list", "--save", save, "--verify").stdout
+    assert "checksum mismatch" in rollback("--list", "--save", save, "--verify", without_torch=True).stdout
 
 
 def test_every_level_honours_a_rollback_it_was_not_told_of_and_a_branch_name_is_not_reused(tmp_path):
@@ -91,7 +91,7 @@ def test_every_level_honours_a_rollback_it_was_not_told_of_and_a_branch_name_is_
                      "10", "--ckpt-host-dir", str(host)]
     try:
         run_pretrain(args + ["--ckpt-keep-host-pool"], env={"GPT_CKPT_HOLD": "request"})
-        out = rollback(20, "--save", save, "--branch", "b").stdout
+        out = rollback(20, "--save", save, "--branch", "b", without_torch=True).stdout
         assert "L2: tracker 30 -> 20" in out and "L1" not in out and "L0" not in out, out
         again = rollback(10, "--save", save, "--branch", "b", check=False)
         assert again.returncode == 2 and "branch 'b' exists already" in again.stderr, again.stderr

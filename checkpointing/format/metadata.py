@@ -16,10 +16,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 import xxhash
 
 if TYPE_CHECKING:
+    import torch
     from torch.distributed.checkpoint.metadata import Metadata
 
 from checkpointing.base.durable import atomic_write_bytes
@@ -89,8 +89,10 @@ def build_metadata(records: list[ChunkRecord], iteration: int, layout: ParallelL
         else:
             replicas[(r.relative_path, r.key, tuple(r.offsets))] = (r.offset, r.length)
     state_dict_metadata: dict[str, Any] = {}
-    # DCP's classes, imported here: importing torch.distributed.checkpoint is slow, and the
-    # flusher process would pay it at every start; only a commit needs them.
+    # torch and DCP's classes, imported here: importing torch.distributed.checkpoint is slow, and
+    # the flusher process would pay it at every start; only a commit needs them (and the command
+    # line tools that read metadata inert need no torch at all).
+    import torch
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
@@ -186,16 +188,18 @@ def read_verified_metadata_bytes(directory: str) -> tuple[bytes, bool]:
     return data, True
 
 
-def read_metadata(directory: str, trust: bool = False) -> Metadata:
+def read_metadata(directory: str, trust: bool = False, inert: bool = False) -> Metadata:
     """The committed metadata of ``directory``, with our facts checked to be present.
 
     Read with a restricted unpickler (``checkpointing.base.safe_pickle``): a ``.metadata`` that names
     anything but DCP's metadata classes raises ``CheckpointUntrustedError`` without running it,
-    unless ``trust``. ``Metadata.gpt_ckpt_full_unpickling`` says whether ``trust`` was needed."""
+    unless ``trust``. ``Metadata.gpt_ckpt_full_unpickling`` says whether ``trust`` was needed.
+    ``inert``: DCP's classes stand in as plain records (``safe_pickle.InertRecord``), without
+    importing torch, for a reader of places, sizes and our facts only (``rollback.sh``)."""
     path = os.path.join(directory, METADATA_NAME)
     data, verified = read_verified_metadata_bytes(directory)
     try:
-        metadata, trusted = load_dcp_metadata(io.BytesIO(data), path, trust)
+        metadata, trusted = load_dcp_metadata(io.BytesIO(data), path, trust, inert)
     except CheckpointUntrustedError:
         raise
     except Exception as error:  # unpickling damaged bytes raises anything (TypeError, KeyError, MemoryError...)

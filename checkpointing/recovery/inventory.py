@@ -20,7 +20,7 @@ from checkpointing.base.errors import CheckpointCorruptError, CheckpointError, C
 from checkpointing.base.levels import L0, L1, L2
 from checkpointing.format.discovery import list_checkpoints
 from checkpointing.format.metadata import read_metadata
-from checkpointing.storage import host_pool
+from checkpointing.storage import pool_files
 
 REPLICA = "replica"
 """The level column of a peer replica's line (``--ckpt-peer-replicas``)."""
@@ -42,7 +42,7 @@ class Entry:
 def check_directory(path: str, verify: bool) -> tuple[str, str]:
     """(state, detail) of one ``iter_N`` directory."""
     try:
-        metadata = read_metadata(path)
+        metadata = read_metadata(path, inert=True)  # places and facts only: no torch for rollback.sh
     except FileNotFoundError:
         return "partial", "no committed metadata (interrupted save)"
     except CheckpointCorruptError as error:
@@ -89,9 +89,11 @@ def level_entries(level: str, root: str | None, verify: bool = False) -> list[En
 def _described_slots(save_dir: str, host_dir: str, name: re.Pattern):
     """(slot path, description) of the job's slots under ``host_dir`` whose path matches ``name``
     (own slots or replicas), described and readable."""
-    for path in host_pool.list_segments(host_pool.job_tag(save_dir), host_dir):
+    for path in pool_files.list_segments(pool_files.job_tag(save_dir), host_dir):
         if not path.endswith(".meta") or not name.search(path[: -len(".meta")]):
             continue
+        from checkpointing.storage import host_pool  # torch: only where the job has slots
+
         try:
             description = host_pool.read_description(path)
         except (OSError, CheckpointError):  # another user's file, damaged, or code: not listed, not run
@@ -100,7 +102,7 @@ def _described_slots(save_dir: str, host_dir: str, name: re.Pattern):
             yield path[: -len(".meta")], description
 
 
-def l0_entries(save_dir: str, host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
+def l0_entries(save_dir: str, host_dir: str = pool_files.SHM_DIR) -> list[Entry]:
     """Versions held in the job's shared-memory pool on this node (its ranks' slots, by version)."""
     by_version: dict[int, list[str]] = {}
     sizes: dict[int, int] = {}
@@ -112,7 +114,7 @@ def l0_entries(save_dir: str, host_dir: str = host_pool.SHM_DIR) -> list[Entry]:
     for version, paths in sorted(by_version.items()):
         ranks = sorted({int(m.group(1)) for p in paths if (m := _RANK_SLOT.search(p))})
         directory = os.path.dirname(paths[0])
-        pattern = os.path.join(directory, f"{host_pool.PREFIX}{host_pool.job_tag(save_dir)}-r*-s*")
+        pattern = os.path.join(directory, f"{pool_files.PREFIX}{pool_files.job_tag(save_dir)}-r*-s*")
         entries.append(Entry(L0, version, "in memory", sizes[version], pattern,
                              f"{len(paths)} rank slot(s): ranks {_ranges(ranks)}", tuple(sorted(paths))))
     return entries
@@ -157,7 +159,7 @@ def _ranges(numbers: list[int]) -> str:
 
 
 def all_entries(save_dir: str, local_dir: str | None, verify: bool = False,
-                host_dir: str | list[str] = host_pool.SHM_DIR) -> list[Entry]:
+                host_dir: str | list[str] = pool_files.SHM_DIR) -> list[Entry]:
     """``host_dir``: the pool directory of this node, or several (each standing for a node)."""
     host_dirs = [host_dir] if isinstance(host_dir, str) else list(host_dir)
     return ([e for h in host_dirs for e in l0_entries(save_dir, h)] + replica_entries(save_dir, host_dirs)

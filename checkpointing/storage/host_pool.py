@@ -17,8 +17,6 @@ it cannot run code, whoever wrote it.
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
 import io
 import os
 import struct
@@ -27,24 +25,17 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
-from checkpointing.base import levels, private_files
+from checkpointing.base import private_files
 from checkpointing.base.config import CheckpointConfig
 from checkpointing.base.durable import atomic_write_bytes
 from checkpointing.base.errors import CheckpointError
 from checkpointing.base.parallel_layout import ParallelLayout
 from checkpointing.base.safe_pickle import load_objects
 from checkpointing.format.items import TensorPiece
+from checkpointing.storage.pool_files import PREFIX, SHM_DIR, job_tag, list_segments  # noqa: F401 (host_pool's names too)
 from cli.flags import add_flag
 
-SHM_DIR = levels.SHM_DIR
-PREFIX = "gptckpt-"
 ALIGN = 4096
-
-
-def job_tag(save_dir: str) -> str:
-    """A short, stable name for a job: its ``--save`` directory."""
-    return hashlib.sha1(os.path.abspath(save_dir).encode()).hexdigest()[:12]
-
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -355,16 +346,6 @@ def remove_pool(pool: HostPool) -> int:
         except FileNotFoundError:
             pass
     return freed
-
-
-def list_segments(tag: str | None = None, directory: str = SHM_DIR) -> list[str]:
-    """Slots, their descriptions, and temporary files a killed description write left, in this
-    user's pool directories under ``directory``."""
-    pattern = f"{PREFIX}{tag or ''}*"
-    found = []
-    for own in private_files.own_pool_dirs(directory):
-        found += glob.glob(os.path.join(own, pattern)) + glob.glob(os.path.join(own, f".{pattern}.tmp.*"))
-    return sorted(found)
 
 
 def remove_segments(save_dir: str, directory: str = SHM_DIR) -> int:
