@@ -266,3 +266,29 @@ def test_a_staging_buffer_goes_to_the_next_file_and_brings_nothing_of_the_last(t
     assert stage not in direct_io._spare_stages
     with DirectFile(str(tmp_path / "next")) as f:
         assert f._stage is not stage
+
+
+def test_an_encoded_small_state_writes_the_bytes_the_objects_do(tmp_path):
+    """A flusher encodes a request's small state once (``encode_item``) for its L0 description
+    and its rank files: the rank file holds the same byte items, checksums included, as one
+    written from the objects, and the description reads back the objects."""
+    from checkpointing.format.writer import EncodedItem, encode_item
+    from checkpointing.storage import host_pool
+    from tests.helpers import synthetic_layout
+
+    arrays, pieces, objects = _state()
+    encoded = {name: encode_item(value) for name, value in objects.items()}
+    assert all(isinstance(item, EncodedItem) for item in encoded.values())
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "encoded").mkdir()
+    plain = write_rank_file(str(tmp_path / "plain"), 0, arrays, pieces, objects)
+    from_encoded = write_rank_file(str(tmp_path / "encoded"), 0, arrays, pieces, encoded)
+    items = {r.key: r for r in plain if r.key in objects}
+    assert {r.key: (r.length, r.checksum) for r in from_encoded if r.key in objects} == \
+        {k: (r.length, r.checksum) for k, r in items.items()}
+    _check_file(tmp_path / "encoded", arrays, pieces, objects, from_encoded)
+    meta = tmp_path / "slot.meta"
+    host_pool.write_description(str(meta), 5, encoded, synthetic_layout())
+    described = host_pool.read_description(str(meta))
+    assert set(described["objects"]) == set(objects) and described["objects"]["iteration"] == 7
+    assert torch.equal(described["objects"]["rng"], objects["rng"])

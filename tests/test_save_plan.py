@@ -269,3 +269,35 @@ def test_versions_saved_through_a_plan_load_and_verify(single_process_group, tmp
         stock = {"w": torch.zeros(3, 4), "b": torch.zeros(5)}
         dcp.load(stock, storage_reader=dcp.FileSystemReader(result.path))
         assert torch.equal(stock["w"].reshape(-1), arrays["a"][:12]) and torch.equal(stock["b"], arrays["a"][12:])
+
+
+def test_a_one_rank_save_agrees_without_collectives_and_still_fails_whole(single_process_group, tmp_path,
+                                                                         monkeypatch):
+    """A group of one agrees with itself: a single-process job's versions (every one: several
+    agreements each) commit without a gloo collective, and an error still fails the save, named."""
+    import torch.distributed as dist
+
+    from checkpointing.base.agreement import any_rank, errors_from_all
+    from checkpointing.base.durable import CheckpointWriteError
+    from checkpointing.base.levels import Level
+    from checkpointing.format.commit import save_and_commit
+    from checkpointing.format.items import TensorPiece
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective in a group of one")
+
+    for name in ("all_reduce", "all_gather_object", "gather_object", "broadcast_object_list"):
+        monkeypatch.setattr(dist, name, no_collective)
+    assert any_rank(single_process_group, True) and not any_rank(single_process_group, False)
+    assert errors_from_all(single_process_group, None) == [] and errors_from_all(single_process_group, "x") == ["x"]
+    pieces = [TensorPiece("w", "a", 0, (3, 4), (3, 4), (0, 0))]
+    plan = SavePlan()
+    for version in (1, 2):
+        result = save_and_commit(Level("L2", str(tmp_path / "l2"), None, None), version,
+                                 {"a": torch.arange(12, dtype=torch.float32)}, pieces, {"common": {"v": version}},
+                                 LAYOUT, single_process_group, plan=plan)
+        assert (tmp_path / "l2" / f"iter_{version:07d}" / ".metadata").is_file(), result
+    (tmp_path / "blocked").write_text("a file where the level's directory goes")
+    with pytest.raises(CheckpointWriteError, match="rank 0: cannot create"):
+        save_and_commit(Level("L2", str(tmp_path / "blocked"), None, None), 3, {"a": torch.zeros(12)}, pieces,
+                        {"common": {}}, LAYOUT, single_process_group)

@@ -44,6 +44,8 @@ import os
 import threading
 import time
 
+from xxhash import xxh3_64, xxh3_64_intdigest
+
 BLOCK = 4096
 """Alignment used for ``O_DIRECT``: a multiple of every common logical block size."""
 
@@ -162,10 +164,12 @@ class DirectFile:
         of ``nbytes``, so that the buffer can be written from its memory (0 when it cannot)."""
         return gap_for(self.position, header, address, nbytes, self.direct)
 
-    def write_framed(self, gap: int, head: bytes, payload: memoryview, address: int, tail: bytes) -> None:
+    def write_framed(self, gap: int, head: bytes, payload: memoryview, address: int, tail: bytes) -> int:
         """Append ``gap`` zero bytes (:func:`gap_for`), ``head``, the bytes ``payload`` (a ``B``
         memoryview) that start at memory ``address``, and ``tail``: one call per chunk, where a
-        flush writes hundreds. A small chunk that fits the staging buffer is copied there in place."""
+        flush writes hundreds. Returns the xxh3-64 of ``head + payload + tail`` (the chunk's
+        checksum). A small chunk that fits the staging buffer is copied there in place and hashed
+        there, in one call over bytes the copy left in cache."""
         fill = self._fill
         at_head = fill + gap
         at_payload = at_head + len(head)
@@ -179,12 +183,16 @@ class DirectFile:
             stage[at_payload:at_tail] = payload
             stage[at_tail:end] = tail
             self._fill = end
-            return
+            return xxh3_64_intdigest(stage[at_head:end])
+        digest = xxh3_64(head)
+        digest.update(payload)
+        digest.update(tail)
         if gap:
             self.write(_ZEROS[:gap])
         self.write(head)
         self.write_memory(payload, address)
         self.write(tail)
+        return digest.intdigest()
 
     def write(self, data) -> None:
         """Append ``data`` (any bytes-like object), through the staging buffer."""

@@ -55,6 +55,8 @@ def _gather_to_coordinator(sent: Any, group, peers: list[int], node_group) -> li
     over ``node_group`` when the level is node-local and there is one, else over ``group``."""
     coordinator = dist.get_rank(group) == peers[0]
     shared = len(peers) == dist.get_world_size(group)
+    if shared and len(peers) == 1:  # a group of one: its own payload, not a round trip through pickle
+        return [sent]
     if shared or node_group is not None:  # peers[0] is rank 0 of either group
         out = [None] * len(peers) if coordinator else None
         dist.gather_object(sent, out, group=group if shared else node_group, group_dst=0)

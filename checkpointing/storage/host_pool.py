@@ -32,10 +32,14 @@ from checkpointing.base.errors import CheckpointError
 from checkpointing.base.parallel_layout import ParallelLayout
 from checkpointing.base.safe_pickle import load_objects
 from checkpointing.format.items import TensorPiece
+from checkpointing.format.writer import EncodedItem
 from checkpointing.storage.pool_files import PREFIX, SHM_DIR, job_tag, list_segments  # noqa: F401 (host_pool's names too)
 from cli.flags import add_flag
 
 ALIGN = 4096
+OBJECT_BLOBS = "object_blobs"
+"""A description's small state as byte items (``{name: torch.save bytes}``), where the flusher
+encoded it once for the description and the rank files; else it is under ``objects``."""
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -66,8 +70,15 @@ def read_description(meta_path: str) -> dict | None:
     with open(meta_path, "rb") as f:
         blob = verified_description_bytes(f.read(_DESCRIPTION_BYTES_MAX + 1), meta_path)
     description, _ = load_objects(blob, f"L0 description {meta_path}")
-    if not isinstance(description, dict) or not {"version", "objects", "layout"} <= set(description):
+    if (not isinstance(description, dict) or not {"version", "layout"} <= set(description)
+            or not {"objects", OBJECT_BLOBS} & set(description)):
         raise CheckpointError(f"L0 description {meta_path} does not describe a slot")
+    if OBJECT_BLOBS in description:
+        blobs = description[OBJECT_BLOBS]
+        if not isinstance(blobs, dict) or not all(isinstance(b, bytes) for b in blobs.values()):
+            raise CheckpointError(f"L0 description {meta_path}: its small state is not a set of byte items")
+        description["objects"] = {name: load_objects(b, f"{name} of L0 description {meta_path}")[0]
+                                  for name, b in blobs.items()}
     return description
 
 
@@ -102,14 +113,19 @@ def verified_description_bytes(data: bytes, where: str) -> bytes:
 def description_blob(version: int, small_state: dict, layout: ParallelLayout | dict, pieces=None,
                      specs: dict[str, ArraySpec] | None = None, **extra) -> bytes:
     """A slot's description as bytes (``torch.save`` of builtins only, read back with
-    ``weights_only``). ``pieces`` and ``specs`` make the slot a self-describing checkpoint of
+    ``weights_only``). A ``small_state`` of :class:`EncodedItem` values (a flusher's) is kept as
+    their bytes, under :data:`OBJECT_BLOBS`; :func:`read_description` decodes either kind. ``pieces`` and ``specs`` make the slot a self-describing checkpoint of
     its rank: which rectangle of which global tensor lies where (a resume from memory into
     another layout, ``checkpointing.recovery.memory_recovery``, reshards from them); ``extra``: a
     replica's source, holder and checksum (``checkpointing.storage.peer_replicas``). ``pieces``:
     the pieces, or :func:`encode_pieces` of them (a flusher describes the same pieces at every
     version: encoded once, they cost a copy of their bytes per version instead of ~4 ms of
     pickling hundreds of tuples through ``torch.save``)."""
-    description = {"version": version, "objects": small_state,
+    if small_state and all(isinstance(v, EncodedItem) for v in small_state.values()):
+        objects = {OBJECT_BLOBS: {name: item.blob for name, item in small_state.items()}}
+    else:
+        objects = {"objects": small_state}
+    description = {"version": version, **objects,
                    "layout": layout.to_dict() if isinstance(layout, ParallelLayout) else dict(layout)}
     if pieces is not None:
         description["pieces"] = pieces if isinstance(pieces, bytes) else encode_pieces(pieces)
