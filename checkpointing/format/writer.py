@@ -10,6 +10,7 @@ memory with ``O_DIRECT`` (``checkpointing.base.direct_io``); no record points at
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import xxhash
 
-from checkpointing.base.direct_io import DirectFile, gap_for
+from checkpointing.base.direct_io import BLOCK, DirectFile, gap_for
 from checkpointing.base.durable import CheckpointWriteError, fsync_directory
 from checkpointing.format.items import TensorPiece
 from checkpointing.format.metadata import ChunkRecord
@@ -228,6 +229,24 @@ class RankFileLayout:
         self.record_chunks = np.array([r[3] for r in self.records if r is not None], dtype=np.intp)
         """Per record (pieces over the same bytes share a chunk): the index of its chunk's checksum."""
 
+    def rebased(self, arrays: dict[str, torch.Tensor]) -> RankFileLayout | None:
+        """This layout for other ``arrays`` of the same names, sizes and dtypes whose addresses
+        differ from this layout's by whole blocks (another pool slot: slots are page-aligned
+        mappings with the arrays at the same offsets): every gap, frame and place is the same,
+        only the addresses move. None where they do not differ so. Working a layout out costs
+        ~20 ms for ~600 pieces; a pool's other slots take it from the first."""
+        replicas, direct, described = self.key
+        if [(name, nbytes, dtype) for name, _, nbytes, dtype in described] != \
+                [(name, t.nbytes, t.dtype) for name, t in arrays.items()]:
+            return None
+        moved = {name: arrays[name].data_ptr() - address for name, address, _, _ in described}
+        if any(delta % BLOCK for delta in moved.values()):
+            return None
+        layout = copy.copy(self)
+        layout.key = _layout_key(arrays, replicas, direct)
+        layout.steps = [None if step is None else (*step[:5], step[5] + moved[step[2]], step[6]) for step in self.steps]
+        return layout
+
     def fits(self, arrays: dict[str, torch.Tensor], pieces: list[TensorPiece], replicas: bool, direct: bool) -> bool:
         """The same arrays at the same addresses, the same pieces (by identity first: a tuple
         compare), the same replicas and O_DIRECT."""
@@ -352,7 +371,10 @@ def write_rank_file_version(
             key = _layout_key(arrays, replicas, f.direct)
             layout = layouts.get(key) if layouts is not None else None
             if layout is None or not layout.fits(arrays, pieces, replicas, f.direct):
-                layout = RankFileLayout(arrays, pieces, replicas, f.direct)
+                layout = next((moved for other in (layouts or {}).values()
+                               if other.pieces == tuple(pieces) and other.key[:2] == (replicas, f.direct)
+                               and (moved := other.rebased(arrays)) is not None), None)
+                layout = layout or RankFileLayout(arrays, pieces, replicas, f.direct)
                 if layouts is not None:
                     if len(layouts) >= LAYOUTS_KEPT:
                         layouts.clear()
