@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -109,17 +110,24 @@ def _memory(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
+_CRC32_OPTION = threading.RLock()
+"""Held while the CRC-32 option is off: a flusher encodes a small state in its receiving thread
+(:func:`encode_item`) while its main thread may be working a layout out, and neither may put the
+option back under the other (a layout's cached framing must be CRC-free)."""
+
+
 @contextlib.contextmanager
 def _without_zip_crc32():
     """``torch.save`` writes a zip whose records carry a CRC-32 of their bytes: CPU for every byte,
     for bytes our xxh3 checksum already covers (and ``torch.load`` does not check
     it). The option is process-wide; it is restored after the file is written."""
-    previous = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        yield
-    finally:
-        torch.serialization.set_crc32_options(previous)
+    with _CRC32_OPTION:
+        previous = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            yield
+        finally:
+            torch.serialization.set_crc32_options(previous)
 
 
 @dataclass(frozen=True)
