@@ -41,6 +41,7 @@ OBJECT_BLOBS = "object_blobs"
 """A description's small state as byte items (``{name: torch.save bytes}``), where the flusher
 encoded it once for the description and the rank files; else it is under ``objects``."""
 
+
 @dataclass(frozen=True)
 class ArraySpec:
     numel: int
