@@ -217,29 +217,53 @@ def test_versions_written_through_a_kept_layout_are_the_files_worked_out_afresh(
     assert len(layouts) == 2  # the moved slot's layout, then replaced by the one for fewer pieces
 
 
-def test_progress_is_reported_for_every_piece_in_order_after_its_bytes(tmp_path):
-    """``progress(i)`` comes once per piece, in order, after piece i's bytes left ``arrays``:
-    zero-copy snapshots overwrite a slot behind it. Overwriting each piece as soon as it is
-    reported must not change what the file holds."""
+@pytest.mark.parametrize("marked", ["every piece", "some pieces"])
+@pytest.mark.parametrize("memory", ["staged", "from memory"])
+def test_progress_comes_in_order_after_the_pieces_bytes_left_the_arrays(tmp_path, monkeypatch, marked, memory):
+    """``progress(i)``: pieces ``0..i`` have left ``arrays`` (zero-copy snapshots overwrite a slot
+    behind it). It comes with increasing ``i``, after pieces ``progress_points`` marks (every
+    piece when None) or after a batch written, and for the last piece at the end; never for a
+    piece that is neither. Overwriting the reported pieces at once must not change what the
+    file holds. Staged pieces (every piece copied) are reported at once; a piece written from
+    memory only once its batch is written."""
+    if memory == "staged":
+        monkeypatch.setattr(direct_io, "DIRECT_MIN_BYTES", 1 << 40)
     arrays, pieces, objects = _state()
     expected = {name: array.clone() for name, array in arrays.items()}
-    seen = []
+    points = None if marked == "every piece" else [i % 3 == 1 for i in range(len(pieces))]
+    events = []
+    flush = DirectFile.flush
+    monkeypatch.setattr(DirectFile, "flush", lambda self: (events.append("batch") if self._queue else None,
+                                                           flush(self))[1])
 
     def scribble(index):
-        seen.append(index)
-        piece = pieces[index]
-        if all(p is piece or (p.array, p.start) != (piece.array, piece.start) for p in pieces[index + 1:]):
-            piece.view(arrays).fill_(-1)  # no later piece shares these bytes: the slot may take them back
+        seen = [e for e in events if e != "batch"]
+        first = seen[-1] + 1 if seen else 0
+        events.append(index)
+        for i in range(first, index + 1):
+            piece = pieces[i]
+            if all(p is piece or (p.array, p.start) != (piece.array, piece.start) for p in pieces[i + 1:]):
+                piece.view(arrays).fill_(-1)  # no later piece shares these bytes: the slot may take them back
 
     layouts: dict = {}
     for version in range(2):
         for name in arrays:
             arrays[name].copy_(expected[name])
-        seen.clear()
+        events.clear()
         (tmp_path / str(version)).mkdir()
         records = write_rank_file(str(tmp_path / str(version)), 0, arrays, pieces, objects, progress=scribble,
-                                  layouts=layouts)
-        assert seen == list(range(len(pieces)))
+                                  layouts=layouts, progress_points=points)
+        seen = [e for e in events if e != "batch"]
+        assert seen == sorted(set(seen)) and seen[-1] == len(pieces) - 1
+        for at, event in enumerate(events):
+            if event != "batch" and event != len(pieces) - 1 and points is not None and not points[event]:
+                before = events[:at]
+                last_report = max((j for j, e in enumerate(before) if e != "batch"), default=-1)
+                assert "batch" in before[last_report + 1:], f"piece {event} reported, neither marked nor after a batch"
+        if points is not None:
+            assert 0 not in seen and len(seen) < len(pieces)
+        if memory == "staged":  # nothing held: each marked piece reported as it is written
+            assert set(seen) >= {i for i in range(len(pieces)) if points is None or points[i]}
         _check_file(tmp_path / str(version), expected, pieces, objects, records)
 
 

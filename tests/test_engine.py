@@ -152,6 +152,9 @@ def test_slow_disk_stalls_only_once_the_pool_is_full(tmp_path, single_process_gr
     assert engine.stats.stall_by_iteration[4] > 0
     engine.close(drain=True)
     assert [f.version for f in engine.stats.flushes] == [1, 2, 3, 4, 5, 6]
+    # each record holds the flusher's CPU clock (since ready) when it ended: the bench's steady state
+    cpu = [f.flusher_cpu_seconds for f in engine.stats.flushes]
+    assert cpu == sorted(cpu) and 0 < cpu[-1] <= engine.stats.flusher_cpu_seconds
 
 
 def test_write_rate_limit_paces_the_flush(tmp_path, single_process_group):

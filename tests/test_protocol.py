@@ -51,7 +51,7 @@ MESSAGES = [
     FlushJob(id=3, level="L2", version=10, slot=0, seq=1, forced=False),
     Stop(), Abort(),
     Ready(1.5, 4096, 0.25), Described(1, None), Described(2, "disk full"),
-    Done(3, FlushResult(1024, 0.5, None), (("flush L2", "ckpt", 1, 2, {"iteration": 10}),)), Done(4, None, ()),
+    Done(3, FlushResult(1024, 0.5, None, 2.5), (("flush L2", "ckpt", 1, 2, {"iteration": 10}),)), Done(4, None, ()),
     Fatal("Traceback ..."), Stopped(1.0),
 ]
 

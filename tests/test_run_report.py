@@ -56,11 +56,12 @@ def test_without_a_machine_reading_or_iterations_apart():
 
 def test_rank_numbers_are_plain_builtins_of_the_engine_counters():
     stats = EngineStats(stall_seconds=0.5, stall_by_iteration={3: 0.5}, fence_waits=1, copies=2, requests=2,
-                        request_seconds=0.2, fence_seconds=0.1, flushes=[FlushRecord("L2", 2, 100, 0.1)])
+                        request_seconds=0.2, fence_seconds=0.1, flushes=[FlushRecord("L2", 2, 100, 0.1, None, 0.25)])
     stats.skipped["L2"] += 1
     numbers = rank_numbers(4, stats, 12.0, {True: [0.2], False: [0.1]}, 1000)
     assert numbers["rank"] == 4 and numbers["training_thread_seconds"] == stats.training_thread_seconds
     assert numbers["iteration_seconds"] == {"True": [0.2], "False": [0.1]}
     assert numbers["stall_by_iteration"] == {"3": 0.5} and numbers["skipped"] == {"L2": 1}
-    assert numbers["flushes"] == [{"level": "L2", "version": 2, "bytes": 100, "seconds": 0.1, "error": None}]
+    assert numbers["flushes"] == [{"level": "L2", "version": 2, "bytes": 100, "seconds": 0.1, "error": None,
+                                   "flusher_cpu_seconds": 0.25}]
     assert numbers["snapshots"] == 2 and numbers["process_cpu_seconds"] == 12.0 and numbers["state_bytes"] == 1000

@@ -74,9 +74,7 @@ def test_filled_metadata_equals_the_one_built_from_scratch(replicas):
             assert all(len(s.checksums) == 8 * sum(r.offsets is not None for r in rs) for s, rs in zip(sent, records))
         filled = coordinator.metadata(sent, version, LAYOUT, local_files)
         scratch = build_metadata([r for rs in records for r in rs], version, LAYOUT, local_files)
-        assert_decodes_to(filled, scratch)
-        if version == 1:  # built from scratch: the stock pickle, as DCP's own writer makes it
-            assert filled == pickle.dumps(scratch, protocol=pickle.HIGHEST_PROTOCOL)
+        assert_decodes_to(filled, scratch)  # version 1 too: built from scratch, pickled by the template it starts
         for plan in ranks:
             plan.committed()
     assert coordinator.template is not None

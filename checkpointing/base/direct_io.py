@@ -147,6 +147,8 @@ class DirectFile:
         self._queued = 0
         self._borrowed = False
         """The queue holds a caller's memory (``write_memory``), not yet written."""
+        self.batches = 0
+        """Batches written so far (a caller's sign that the file moved)."""
 
     @property
     def position(self) -> int:
@@ -236,6 +238,7 @@ class DirectFile:
             return
         buffers, offset = self._queue, self._queue_at
         self._queue, self._queued, self._borrowed = [], 0, False
+        self.batches += 1
         if self.rate or len(buffers) == 1:
             for buffer in buffers:
                 self._pwrite(buffer, offset)

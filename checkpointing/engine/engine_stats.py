@@ -15,6 +15,8 @@ class FlushRecord:
     bytes: int
     seconds: float
     error: str | None = None
+    flusher_cpu_seconds: float | None = None
+    """The flusher's CPU since it was ready, when this flush ended."""
 
 
 @dataclass

@@ -69,7 +69,8 @@ from checkpointing.storage.peer_replicas import ReplicaExchange
 
 HEARTBEAT_SECONDS = 0.5
 ALIVE_EVERY_NS = 10_000_000
-"""A flush in progress marks itself alive (``FLUSH_ALIVE_NS``) at least this often between pieces."""
+"""A flush marks itself alive (``FLUSH_ALIVE_NS``) when the writer reports progress, at most this
+often where no more shards are read (after a batch written)."""
 
 
 class _RecordingTracer:
@@ -114,6 +115,9 @@ class Flusher:
         self.slots = [map_arrays(path, spec.specs)[1] for path in spec.slot_paths]
         self.read_after = flush_rules.shards_read_after_pieces([lo for lo, _ in spec.shards],
                                                                [p.start for p in spec.pieces])
+        self.progress_points = [read > before for before, read in zip([0, *self.read_after], self.read_after)]
+        """The pieces after which more shards are read: the writer reports progress there (and
+        after each batch it writes), not after every piece."""
         self.pieces_encoded = encode_pieces(spec.pieces)
         """The pieces as every description of this flusher's slots holds them: encoded once."""
         self.pacing = flusher_pacing(block, spec.rank)
@@ -237,13 +241,14 @@ class Flusher:
             # One plan per level for this flusher's life (its layout): later versions gather checksums only
             plan = self.save_plans.setdefault(level.name, SavePlan())
             result = save_and_commit(level, job.version, self.slots[job.slot], list(self.spec.pieces), small_state,
-                                     self.spec.layout, self.group, tracer=tracer, progress=progress, plan=plan,
+                                     self.spec.layout, self.group, tracer=tracer, progress=progress,
+                                     progress_points=self.progress_points, plan=plan,
                                      node_group=self.node_groups.get(level.name))
             if tracer is not None:
                 tracer.complete(f"flush {level.name}", "ckpt", started, time.perf_counter_ns(), iteration=job.version)
-            return FlushResult(result.bytes_written, result.seconds, None)
+            return FlushResult(result.bytes_written, result.seconds, None, time.process_time())
         except CheckpointWriteError as error:
-            return FlushResult(0, 0.0, str(error))
+            return FlushResult(0, 0.0, str(error), time.process_time())
 
     def replicate(self, job: FlushJob) -> FlushResult:
         """Send one version to this rank's partners and receive its sources' (``checkpointing.storage.peer_replicas``);
@@ -264,13 +269,13 @@ class Flusher:
                                                         list(spec.shards), sent)
         if self.tracer is not None:
             self.tracer.complete("replicate", "ckpt", started, time.perf_counter_ns(), iteration=job.version)
-        return FlushResult(nbytes, seconds, error)
+        return FlushResult(nbytes, seconds, error, time.process_time())
 
     def _progress(self, job: FlushJob):
-        """The writer's ``progress(i)`` after each piece: the shards read so far go to the control
+        """The writer's ``progress(i)`` (pieces ``0..i`` written), after each of
+        :attr:`progress_points` and each batch written: the shards read so far go to the control
         block when they grow (fences wait on them), and the flush's heartbeat at most every
-        :data:`ALIVE_EVERY_NS` between: a version of small pieces calls it ~600 times, and a write
-        to the block each time was ~1.4 ms of CPU a version."""
+        :data:`ALIVE_EVERY_NS` between."""
         read_after, block, pacing = self.read_after, self.block, self.pacing
         monotonic_ns = time.monotonic_ns
         state = [0, 0]  # shards read, the last heartbeat

@@ -229,5 +229,6 @@ class FlusherHandle:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-        self.stats.flusher_cpu_seconds = self.cpu_final if self.cpu_final is not None else self._cpu_since_ready()
+        self.stats.flusher_cpu_seconds = (max(0.0, self.cpu_final - self.stats.flusher_start_cpu_seconds)
+                                          if self.cpu_final is not None else self._cpu_since_ready())
         self._conn.close()

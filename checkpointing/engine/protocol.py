@@ -198,6 +198,9 @@ class FlushResult(_Checked):
     nbytes: int
     seconds: float
     error: str | None
+    cpu_seconds: float
+    """The flusher's process CPU clock when the flush ended: a run's CPU per version, its first
+    version's one-time work apart (``scripts/bench_startup.py --part cpu-per-gb``)."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -115,6 +115,7 @@ def save_and_commit(
     *,
     tracer=None,
     progress: Callable[[int], None] | None = None,
+    progress_points: Sequence[bool] | None = None,
     plan: SavePlan | None = None,
     node_group=None,
 ) -> SaveResult:
@@ -134,7 +135,8 @@ def save_and_commit(
     ``group`` and the node's taken (one-off callers).
 
     ``level.write_rate``: this rank writes its data file at most this many bytes per second.
-    ``progress(i)``: called once this rank's piece ``i`` is written (``write_rank_file``).
+    ``progress(i)``: this rank's pieces ``0..i`` are written, called after the pieces that
+    ``progress_points`` marks (every piece when None) and at the end (``write_rank_file``).
 
     ``plan``: this level's :class:`checkpointing.format.save_plan.SavePlan` (the same object at every
     version of an engine, one per level): after its first committed version each rank gathers
@@ -166,7 +168,8 @@ def save_and_commit(
         with tracer.span(f"write {level.name}", "ckpt", iteration=iteration):
             written = write_rank_file_version(directory, dist.get_rank(), arrays, pieces, small_state,
                                               replicas=node_local, write_rate=write_rate, progress=progress,
-                                              layouts=plan.rank.file_layouts if plan is not None else None)
+                                              layouts=plan.rank.file_layouts if plan is not None else None,
+                                              progress_points=progress_points)
     except OSError as e:  # CheckpointWriteError names the file; anything else is reported as is
         written = str(e)
     sent: Any = written

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from checkpointing.base.parallel_layout import ParallelLayout
-from checkpointing.format.metadata import ChunkRecord, build_metadata, encode_metadata
+from checkpointing.format.metadata import ChunkRecord, build_metadata
 from checkpointing.format.metadata_encoding import MetadataEncoder
 
 if TYPE_CHECKING:
@@ -232,7 +232,9 @@ class SavePlan:
                                        "restart the checkpoint engine")
         metadata = build_metadata([r for rs in gathered for r in rs], iteration, layout, local_files)
         self._candidate = MetadataTemplate(gathered, metadata)
-        return encode_metadata(metadata)
+        # The template's encoder has pickled all but the facts: this version is its first fill
+        # (pickling the whole metadata once more cost as much again, once per level).
+        return self._candidate.encoder.encode({}, metadata.gpt_ckpt)
 
     def committed(self) -> None:
         """The version committed on every rank: its chunks are the plan from now on."""
