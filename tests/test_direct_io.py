@@ -318,6 +318,11 @@ def test_an_encoded_small_state_writes_the_bytes_the_objects_do(tmp_path):
     described = host_pool.read_description(str(meta))
     assert set(described["objects"]) == set(objects) and described["objects"]["iteration"] == 7
     assert torch.equal(described["objects"]["rng"], objects["rng"])
+    listed = host_pool.read_description(str(meta), decode_objects=False)  # what a listing reads: nothing decoded
+    assert listed["version"] == 5 and "objects" not in listed
+    assert listed[host_pool.OBJECT_BLOBS] == {name: item.blob for name, item in encoded.items()}
+    with pytest.raises(ValueError, match=r"encoded whole or not at all.*\['plain'\]"):  # one would not be read back
+        host_pool.description_blob(5, {**encoded, "plain": 1}, synthetic_layout())
 
 
 def test_another_slots_layout_is_the_first_ones_moved(tmp_path, monkeypatch):

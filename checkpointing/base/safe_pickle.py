@@ -114,13 +114,19 @@ def check_pickle_bounds(data: bytes, where: str) -> None:
         raise CheckpointCorruptError(f"{where} is not a well-formed pickle ({error}); the file is damaged") from error
 
 
+def _not_an_enum_member(owner: Any, name: Any) -> CheckpointUntrustedError:
+    """The refusal of a ``getattr`` in a pickle that is not one of an admitted enum's members."""
+    return CheckpointUntrustedError(f"it calls getattr({owner!r:.80}, {name!r:.80}), which is not an enum member "
+                                    "of DCP's metadata")
+
+
 def _enum_member(owner: Any, name: Any) -> Any:
     """``getattr`` as Python 3.11.0-3.11.4 pickle enum members with it (Debian 12 ships 3.11.2):
     a member of an enum class this unpickler admits, by its name, and nothing else."""
     if (isinstance(owner, type) and issubclass(owner, enum.Enum) and isinstance(name, str)
             and name in owner.__members__ and _allowed_dcp_global(owner.__module__, owner.__qualname__)):
         return owner.__members__[name]
-    raise CheckpointUntrustedError(f"it calls getattr({owner!r:.80}, {name!r:.80}), which is not an enum member of DCP's metadata")
+    raise _not_an_enum_member(owner, name)
 
 
 class _DcpMetadataUnpickler(pickle.Unpickler):
@@ -202,7 +208,7 @@ def _inert_enum_member(owner: Any, name: Any) -> InertRecord:
     if (isinstance(owner, type) and issubclass(owner, InertRecord)
             and name in INERT_ENUM_MEMBERS.get((owner.__module__, owner.__qualname__), ())):
         return owner(name)
-    raise CheckpointUntrustedError(f"it calls getattr({owner!r:.80}, {name!r:.80}), which is not an enum member of DCP's metadata")
+    raise _not_an_enum_member(owner, name)
 
 
 class _InertDcpMetadataUnpickler(pickle.Unpickler):

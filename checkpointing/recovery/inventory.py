@@ -95,7 +95,7 @@ def _described_slots(save_dir: str, host_dir: str, name: re.Pattern):
         from checkpointing.storage import host_pool  # torch: only where the job has slots
 
         try:
-            description = host_pool.read_description(path)
+            description = host_pool.read_description(path, decode_objects=False)  # a listing needs the version only
         except (OSError, CheckpointError):  # another user's file, damaged, or code: not listed, not run
             continue
         if description is not None:

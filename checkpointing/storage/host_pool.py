@@ -56,9 +56,10 @@ def slot_bytes(specs: dict[str, ArraySpec]) -> int:
     return sum(-(-s.nbytes // ALIGN) * ALIGN for s in specs.values())
 
 
-def read_description(meta_path: str) -> dict | None:
+def read_description(meta_path: str, decode_objects: bool = True) -> dict | None:
     """A slot's description (``version``, ``objects``: the small state, ``layout``), or None if
-    there is none.
+    there is none. ``decode_objects`` False: a flusher's small state is left as its byte items
+    (:data:`OBJECT_BLOBS`), not decoded into ``objects``: what lists versions needs none of it.
 
     Raises :class:`private_files.UnsafePathError` if the file is not this user's alone (not
     read) and :class:`CheckpointError` if it is damaged or would need code to be read."""
@@ -78,6 +79,8 @@ def read_description(meta_path: str) -> dict | None:
         blobs = description[OBJECT_BLOBS]
         if not isinstance(blobs, dict) or not all(isinstance(b, bytes) for b in blobs.values()):
             raise CheckpointError(f"L0 description {meta_path}: its small state is not a set of byte items")
+        if not decode_objects:
+            return description
         description["objects"] = {name: load_objects(b, f"{name} of L0 description {meta_path}")[0]
                                   for name, b in blobs.items()}
     return description
@@ -122,7 +125,11 @@ def description_blob(version: int, small_state: dict, layout: ParallelLayout | d
     the pieces, or :func:`encode_pieces` of them (a flusher describes the same pieces at every
     version: encoded once, they cost a copy of their bytes per version instead of ~4 ms of
     pickling hundreds of tuples through ``torch.save``)."""
-    if small_state and all(isinstance(v, EncodedItem) for v in small_state.values()):
+    encoded = [isinstance(v, EncodedItem) for v in small_state.values()]
+    if any(encoded) and not all(encoded):  # under "objects", an EncodedItem would not be read back
+        raise ValueError(f"a slot's small state is encoded whole or not at all; these items are not: "
+                         f"{sorted(n for n, e in zip(small_state, encoded) if not e)}")
+    if small_state and all(encoded):
         objects = {OBJECT_BLOBS: {name: item.blob for name, item in small_state.items()}}
     else:
         objects = {"objects": small_state}
