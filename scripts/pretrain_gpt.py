@@ -8,7 +8,9 @@ Arguments keep Megatron-LM's names; ``--help`` lists them.
 
 An error the project raises on purpose (a bad argument, a checkpoint that cannot be used, a
 directory that cannot be written) is printed once, by rank 0, as one line; ``GPT_DEBUG=1`` prints
-its traceback on every rank instead. Any other exception prints its traceback.
+its traceback on every rank instead. Any other exception prints its traceback. Under torchrun
+each rank also leaves the line in its error file, so that torchrun's failure table, the last
+thing it prints, names it as the root cause (``trainer.process_life.tell_launcher``).
 """
 
 import os
@@ -25,15 +27,22 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer.arguments import ArgumentError, parse_job_config  # noqa: E402
+from trainer.process_life import tell_launcher  # noqa: E402
+
+
+def _error(line: str, say: bool = True) -> None:
+    """An error raised on purpose: ``line`` on stderr (where ``say``), and to torchrun."""
+    if say:
+        print(line, file=sys.stderr)
+        sys.stderr.flush()
+    tell_launcher(line)
 
 
 def main() -> int:
     try:
         job = parse_job_config()
     except ArgumentError as error:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            print(f"pretrain_gpt.py: error: {error}", file=sys.stderr)
+        _error(f"pretrain_gpt.py: error: {error}", say=os.environ.get("RANK", "0") == "0")
         return 2
     from trainer.device import DeviceError, select_device
     from trainer.process_life import die_with_launcher
@@ -48,7 +57,7 @@ def main() -> int:
     try:
         device_ctx = select_device()
     except DeviceError as error:
-        print(f"pretrain_gpt.py: error on rank {os.environ.get('RANK', '0')}: {error}", file=sys.stderr)
+        _error(f"pretrain_gpt.py: error on rank {os.environ.get('RANK', '0')}: {error}")
         return 2
     from checkpointing.base import CheckpointError, CheckpointWriteError, FlusherError
     from checkpointing.manager import SaveDirError
@@ -59,16 +68,15 @@ def main() -> int:
         pretrain(job, device_ctx)
     except DataError as error:
         # Found by the ranks that read the offending sample, not agreed: each of them says it.
-        print(f"pretrain_gpt.py: error on rank {os.environ.get('RANK', '0')}: {error}", file=sys.stderr)
-        sys.stderr.flush()
+        _error(f"pretrain_gpt.py: error on rank {os.environ.get('RANK', '0')}: {error}")
         os._exit(1)
     except (CheckpointError, CheckpointWriteError, SaveDirError, RollbackLimitError) as error:
         if isinstance(error, FlusherError) or os.environ.get("GPT_DEBUG") or os.environ.get("GPT_TRACEBACK"):
             traceback.print_exc()  # a flusher's failure is ours to debug: its traceback matters
-        elif os.environ.get("RANK", "0") == "0":
+        else:
             # An error raised on purpose names the file and what to do. These are agreed over the
             # ranks (every rank raises the same one), so rank 0 says it once; the others exit quietly.
-            print(f"pretrain_gpt.py: error: {error}", file=sys.stderr)
+            _error(f"pretrain_gpt.py: error: {error}", say=os.environ.get("RANK", "0") == "0")
         sys.stderr.flush()
         os._exit(1)  # as below: no clean teardown while peers may wait in a collective
     except BaseException:

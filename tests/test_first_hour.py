@@ -2,6 +2,7 @@
 means over the log interval, validation perplexity, a line per committed checkpoint, a trace
 that a resume does not overwrite."""
 
+import json
 import math
 import re
 
@@ -44,12 +45,18 @@ def test_each_committed_checkpoint_gets_a_line_and_a_resume_keeps_the_earlier_tr
 
 
 def test_an_error_raised_on_purpose_is_said_once_by_rank_0_without_a_traceback(tmp_path):
+    """...and torchrun hears it: the ranks leave the line in its error file (one path for both
+    here; the first writes it), which its failure table shows as the root cause."""
     (tmp_path / "ckpt").mkdir()
+    error_file = tmp_path / "error.json"
     proc = run_pretrain(ARGS + ["--tensor-model-parallel-size", "2", "--train-iters", "2", "--load",
-                                str(tmp_path / "ckpt"), "--ckpt-step", "7"], nproc=2, check=False)
+                                str(tmp_path / "ckpt"), "--ckpt-step", "7"], nproc=2, check=False,
+                        env={"TORCHELASTIC_ERROR_FILE": str(error_file)})
     assert proc.returncode != 0
     assert proc.stderr.count("--ckpt-step 7: no committed checkpoint") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "nearest held: none at all" in proc.stderr, proc.stderr
+    told = json.loads(error_file.read_text())["message"]["message"]
+    assert told.startswith("pretrain_gpt.py: error: ") and "--ckpt-step 7: no committed checkpoint" in told
 
 
 
