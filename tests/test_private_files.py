@@ -122,6 +122,50 @@ def test_a_flipped_bit_in_a_description_is_found_before_it_is_decoded(tmp_path):
     assert host_pool.read_description(slot.meta_path)["version"] == 5
 
 
+def test_a_flushers_description_reads_without_torch_and_anything_else_is_left_to_host_pool(tmp_path):
+    """``rollback.sh --list`` reads each slot's version without importing torch
+    (``description_file.read_plain_description``): a flusher's description (small state as byte
+    items, pieces and arrays encoded) reads to the same fields as ``host_pool``'s reader gives.
+    An older description with a tensor in its small state, or a pickle naming anything but
+    ``_codecs.encode``, is not read here (``NeedsTorchError``; nothing of it runs); a damaged one
+    is refused by its checksum, a link is not followed."""
+    from checkpointing.format.items import TensorPiece
+    from checkpointing.format.writer import encode_item
+    from checkpointing.storage import description_file
+
+    directory, _ = private_files.pool_dir(str(tmp_path))
+    meta = os.path.join(directory, "gptckpt-job-r0-s0.meta")
+    small = {"common": encode_item({"iteration": 5, "args": {"lr": 1e-3}}), "rng": encode_item(torch.get_rng_state())}
+    pieces = [TensorPiece("w", "a", 0, (2, 3), (4, 3), (2, 0))]
+    host_pool.write_description(meta, 5, small, synthetic_layout(), host_pool.encode_pieces(pieces), SPECS)
+    plain = description_file.read_plain_description(meta)
+    assert plain == host_pool.read_description(meta, decode_objects=False)
+    assert plain["version"] == 5 and isinstance(plain[host_pool.OBJECT_BLOBS]["rng"], bytes)
+
+    os.unlink(meta)
+    host_pool.write_description(meta, 6, {"rng": torch.get_rng_state()}, synthetic_layout())  # objects, a tensor
+    with pytest.raises(description_file.NeedsTorchError, match="tensor"):
+        description_file.read_plain_description(meta)
+    assert host_pool.read_description(meta)["version"] == 6
+    planted = pickle.dumps({"version": 7, "layout": {}, "objects": PickleMarker(tmp_path / "marker")}, protocol=2)
+    with open(meta, "wb") as f:
+        f.write(host_pool.framed_description(planted))
+    with pytest.raises((description_file.NeedsTorchError, CheckpointError)):
+        description_file.read_plain_description(meta)
+    assert not (tmp_path / "marker").exists()
+    flipped = bytearray(open(meta, "rb").read())
+    flipped[-3] ^= 1
+    with open(meta, "wb") as f:
+        f.write(flipped)
+    with pytest.raises(CheckpointError, match="checksum"):
+        description_file.read_plain_description(meta)
+    os.unlink(meta)
+    assert description_file.read_plain_description(meta) is None
+    os.symlink(str(tmp_path / "elsewhere"), meta)
+    with pytest.raises(private_files.UnsafePathError):
+        description_file.read_plain_description(meta)
+
+
 def test_rng_states_and_arguments_load_without_full_unpickling():
     import random
 

@@ -3,6 +3,7 @@ on real (indexed) data; later checkpoints are kept aside on every level; ``--lis
 
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -91,6 +92,8 @@ def test_every_level_honours_a_rollback_it_was_not_told_of_and_a_branch_name_is_
                      "10", "--ckpt-host-dir", str(host)]
     try:
         run_pretrain(args + ["--ckpt-keep-host-pool"], env={"GPT_CKPT_HOLD": "request"})
+        listed = rollback("--list", "--save", save, "--ckpt-host-dir", host, without_torch=True).stdout  # slots: no torch
+        assert re.search(r"^L0 +30 +in memory", listed, re.M), listed
         out = rollback(20, "--save", save, "--branch", "b", without_torch=True).stdout
         assert "L2: tracker 30 -> 20" in out and "L1" not in out and "L0" not in out, out
         again = rollback(10, "--save", save, "--branch", "b", check=False)

@@ -20,7 +20,7 @@ from checkpointing.base.errors import CheckpointCorruptError, CheckpointError, C
 from checkpointing.base.levels import L0, L1, L2
 from checkpointing.format.discovery import list_checkpoints
 from checkpointing.format.metadata import read_metadata
-from checkpointing.storage import pool_files
+from checkpointing.storage import description_file, pool_files
 
 REPLICA = "replica"
 """The level column of a peer replica's line (``--ckpt-peer-replicas``)."""
@@ -92,10 +92,13 @@ def _described_slots(save_dir: str, host_dir: str, name: re.Pattern):
     for path in pool_files.list_segments(pool_files.job_tag(save_dir), host_dir):
         if not path.endswith(".meta") or not name.search(path[: -len(".meta")]):
             continue
-        from checkpointing.storage import host_pool  # torch: only where the job has slots
-
         try:
-            description = host_pool.read_description(path, decode_objects=False)  # a listing needs the version only
+            try:  # a listing needs the version only: read without torch where the description allows
+                description = description_file.read_plain_description(path)
+            except description_file.NeedsTorchError:  # an older description, with tensors in its small state
+                from checkpointing.storage import host_pool
+
+                description = host_pool.read_description(path, decode_objects=False)
         except (OSError, CheckpointError):  # another user's file, damaged, or code: not listed, not run
             continue
         if description is not None:

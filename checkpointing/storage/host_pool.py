@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import struct
 from dataclasses import dataclass
 
 import torch
-import xxhash
 
 from checkpointing.base import private_files
 from checkpointing.base.config import CheckpointConfig
@@ -33,6 +31,7 @@ from checkpointing.base.parallel_layout import ParallelLayout
 from checkpointing.base.safe_pickle import load_objects
 from checkpointing.format.items import TensorPiece
 from checkpointing.format.writer import EncodedItem
+from checkpointing.storage.description_file import framed_description, read_verified
 from checkpointing.storage.pool_files import PREFIX, SHM_DIR, job_tag, list_segments  # noqa: F401 (host_pool's names too)
 from cli.flags import add_flag
 
@@ -63,14 +62,9 @@ def read_description(meta_path: str, decode_objects: bool = True) -> dict | None
 
     Raises :class:`private_files.UnsafePathError` if the file is not this user's alone (not
     read) and :class:`CheckpointError` if it is damaged or would need code to be read."""
-    try:
-        private_files.check(meta_path)
-    except private_files.UnsafePathError:
-        if not os.path.lexists(meta_path):
-            return None
-        raise
-    with open(meta_path, "rb") as f:
-        blob = verified_description_bytes(f.read(_DESCRIPTION_BYTES_MAX + 1), meta_path)
+    blob = read_verified(meta_path)
+    if blob is None:
+        return None
     description, _ = load_objects(blob, f"L0 description {meta_path}")
     if (not isinstance(description, dict) or not {"version", "layout"} <= set(description)
             or not {"objects", OBJECT_BLOBS} & set(description)):
@@ -84,34 +78,6 @@ def read_description(meta_path: str, decode_objects: bool = True) -> dict | None
         description["objects"] = {name: load_objects(b, f"{name} of L0 description {meta_path}")[0]
                                   for name, b in blobs.items()}
     return description
-
-
-_DESCRIPTION_MAGIC = b"GPTL0D1\n"
-_DESCRIPTION_HEAD = struct.Struct("<8sQQ")
-"""A description file: magic, xxh3-64 and length of the ``torch.save`` bytes that follow."""
-_DESCRIPTION_BYTES_MAX = 1 << 30
-
-
-def framed_description(blob: bytes) -> bytes:
-    """A description's bytes as its file holds them: checksummed, so that a flipped bit is found
-    before anything is decoded (a flip inside the pickle could otherwise change an RNG state or
-    where a tensor lies, and be read back silently)."""
-    return _DESCRIPTION_HEAD.pack(_DESCRIPTION_MAGIC, xxhash.xxh3_64_intdigest(blob), len(blob)) + blob
-
-
-def verified_description_bytes(data: bytes, where: str) -> bytes:
-    """The ``torch.save`` bytes of a description file, checked against its checksum; raises
-    :class:`CheckpointError` (damaged: not recovered, not decoded)."""
-    head = _DESCRIPTION_HEAD.size
-    if len(data) < head or data[:len(_DESCRIPTION_MAGIC)] != _DESCRIPTION_MAGIC:
-        raise CheckpointError(f"L0 description {where} has no checksum header (damaged, or written by an older "
-                              "version); not recovered, nothing in it was decoded")
-    _, checksum, length = _DESCRIPTION_HEAD.unpack_from(data)
-    blob = data[head:]
-    if length != len(blob) or xxhash.xxh3_64_intdigest(blob) != checksum:
-        raise CheckpointError(f"L0 description {where} does not match its checksum (damaged); not recovered, "
-                              "nothing in it was decoded")
-    return blob
 
 
 def description_blob(version: int, small_state: dict, layout: ParallelLayout | dict, pieces=None,
