@@ -147,12 +147,17 @@ def test_a_flushers_description_reads_without_torch_and_anything_else_is_left_to
     with pytest.raises(description_file.NeedsTorchError, match="tensor"):
         description_file.read_plain_description(meta)
     assert host_pool.read_description(meta)["version"] == 6
-    planted = pickle.dumps({"version": 7, "layout": {}, "objects": PickleMarker(tmp_path / "marker")}, protocol=2)
+    planted = io.BytesIO()  # a torch.save archive whose pickle would run code: its global is refused, not looked up
+    torch.save({"version": 7, "layout": {}, "objects": PickleMarker(tmp_path / "marker")}, planted)
     with open(meta, "wb") as f:
-        f.write(host_pool.framed_description(planted))
-    with pytest.raises((description_file.NeedsTorchError, CheckpointError)):
+        f.write(host_pool.framed_description(planted.getvalue()))
+    with pytest.raises(description_file.NeedsTorchError, match="names io.open"):
         description_file.read_plain_description(meta)
     assert not (tmp_path / "marker").exists()
+    with open(meta, "wb") as f:
+        f.write(host_pool.framed_description(pickle.dumps({"version": 7, "layout": {}})))  # not an archive
+    with pytest.raises(CheckpointError, match="not a torch.save archive"):
+        description_file.read_plain_description(meta)
     flipped = bytearray(open(meta, "rb").read())
     flipped[-3] ^= 1
     with open(meta, "wb") as f:
