@@ -1,14 +1,17 @@
 """The live-rollback request file and answer (``checkpointing.recovery.rollback_request``) and
 ``scripts/rollback.sh --live`` waiting for the job's answer (no job: the answer is written here)."""
 
+import dataclasses
 import json
 import os
+import socket
 import stat
 import threading
 import time
 
 import pytest
 
+from checkpointing.base import job_lock
 from checkpointing.recovery import rollback
 from checkpointing.recovery.rollback_request import (
     ANSWER_NAME,
@@ -72,8 +75,17 @@ def _answer_when_asked(save, done: bool, message: str) -> threading.Thread:
     return thread
 
 
+@pytest.fixture
+def running_job(tmp_path):
+    """``tmp_path`` as the --save of a running job: this process holds its lock, as a job's rank 0 does."""
+    lock = job_lock.lock_path_for_save(str(tmp_path))
+    job_lock.hold(lock, f"--save {tmp_path}")
+    yield tmp_path
+    job_lock.drop(lock)
+
+
 @pytest.mark.parametrize("done, code", [(True, 0), (False, 2)])
-def test_rollback_sh_live_waits_for_the_jobs_answer(tmp_path, capsys, done, code):
+def test_rollback_sh_live_waits_for_the_jobs_answer(running_job, tmp_path, capsys, done, code):
     thread = _answer_when_asked(tmp_path, done, "the job's words")
     assert rollback.main(["7", "--live", "--save", str(tmp_path), "--timeout", "20"]) == code
     thread.join()
@@ -81,11 +93,36 @@ def test_rollback_sh_live_waits_for_the_jobs_answer(tmp_path, capsys, done, code
     assert "the job's words" in (out.out if done else out.err)
 
 
-def test_rollback_sh_live_without_an_answer_says_so_and_leaves_the_request(tmp_path, capsys):
+def test_rollback_sh_live_without_an_answer_says_so_and_leaves_the_request(running_job, tmp_path, capsys):
     assert rollback.main(["7", "--live", "--save", str(tmp_path), "--timeout", "0.2"]) == 3
     assert "no answer in" in capsys.readouterr().err
     assert json.loads((tmp_path / REQUEST_NAME).read_text())["step"] == 7
     assert not (tmp_path / ANSWER_NAME).exists()
+
+
+def test_rollback_sh_live_with_no_job_running_is_refused_at_once_and_asks_nothing(tmp_path, capsys):
+    """No lock file, or one whose holder ran here and has ended: nothing would answer, and a
+    request left behind would roll back the next job on this --save. Refused before any request
+    is written, naming the command for a stopped job."""
+    assert rollback.main(["7", "--live", "--save", str(tmp_path), "--timeout", "600"]) == 2
+    err = capsys.readouterr().err
+    assert "no job is running on --save" in err and f"scripts/rollback.sh 7 --save {tmp_path}" in err, err
+    dead = job_lock.LockHolder(socket.gethostname(), 2**31 - 1, "2026-12-08 05:00:00 UTC", "pretrain_gpt.py")
+    (tmp_path / job_lock.SAVE_LOCK_NAME).write_text(json.dumps(dataclasses.asdict(dead)))
+    assert rollback.main(["7", "--live", "--save", str(tmp_path), "--timeout", "600"]) == 2
+    assert f"the last one, pid {2**31 - 1} on {socket.gethostname()}" in capsys.readouterr().err
+    assert not (tmp_path / REQUEST_NAME).exists()
+    assert job_lock.has_ended(dead) and not job_lock.has_ended(job_lock.LockHolder.this_process())
+    assert not job_lock.has_ended(dataclasses.replace(dead, host="another-node"))  # cannot tell: wait as before
+
+
+def test_a_job_that_ends_while_the_request_waits_has_it_withdrawn(running_job, tmp_path, capsys, monkeypatch):
+    looks = []
+    monkeypatch.setattr(job_lock, "has_ended", lambda holder: looks.append(holder) or len(looks) > 2)
+    assert rollback.main(["7", "--live", "--save", str(tmp_path), "--timeout", "600"]) == 3
+    err = capsys.readouterr().err
+    assert "ended before it took the request; the request was withdrawn" in err, err
+    assert not (tmp_path / REQUEST_NAME).exists() and looks[0].pid == os.getpid()
 
 
 def test_live_only_flags_are_refused_for_a_stopped_job(tmp_path, capsys):

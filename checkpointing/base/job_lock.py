@@ -110,6 +110,36 @@ def _read_holder(fd: int) -> LockHolder | None:
         return None
 
 
+def last_holder(path: str) -> LockHolder | None:
+    """Who holds, or last held, the lock at ``path``, as its file says (a job's record stays when
+    it ends); None where there is no such file or it says nothing readable. The file is opened
+    read-only, never through a link, and not locked: a look must never make a starting job's
+    :func:`hold` fail."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
+
+
+def has_ended(holder: LockHolder) -> bool:
+    """Whether ``holder`` has certainly ended: it ran on this host and no process has its pid.
+    A holder on another host, or a pid now another process's, cannot be told apart from a live
+    job here: False."""
+    if holder.host != socket.gethostname():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
+
+
 def drop(path: str) -> None:
     """Remove a lock file this process holds, then let go of it (a pool freed at a normal end
     leaves no file behind)."""

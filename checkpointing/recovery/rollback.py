@@ -30,6 +30,7 @@ import os
 import sys
 import time
 
+from checkpointing.base import job_lock
 from checkpointing.base.config import CheckpointConfig
 from checkpointing.base.durable import TRACKER_NAME, describe_tracker, fsync_directory, write_tracker
 from checkpointing.base.levels import L1, L2, SHM_DIR
@@ -38,6 +39,7 @@ from checkpointing.recovery.rollback_request import (
     RequestRefused,
     RollbackRequest,
     wait_for_answer,
+    withdraw,
     write_request,
 )
 from cli.flags import add_flag, refuse_renamed
@@ -251,20 +253,45 @@ def main(argv=None) -> int:
 
 def _ask_live(save_dir: str, step: int, branch: str | None, skips: tuple[int, ...], settings: tuple,
               timeout: float) -> int:
-    """Write the request, wait for the job's answer, print it: 0 rolled back, 2 refused, 3 no answer."""
+    """Write the request, wait for the job's answer, print it: 0 rolled back, 2 refused, 3 no answer.
+
+    A request is written only where a job may be running: its rank 0 holds ``--save``'s lock
+    file (``checkpointing.base.job_lock``), which says who holds or last held it. With no lock
+    file, or a holder on this host that has ended, nothing would ever answer, and a request left
+    behind would roll back the next job launched on this ``--save``: refused at once. A job that
+    ends while the request waits (this host's) has it withdrawn."""
+    stopped = f"a stopped job is rolled back without --live: scripts/rollback.sh {step} --save {save_dir}"
+    lock = job_lock.lock_path_for_save(save_dir)
+    holder = job_lock.last_holder(lock)
     try:
         request = RollbackRequest.new(step, branch=branch, iterations_to_skip=skips, settings=settings)
         if not os.path.isdir(save_dir):
             raise RequestRefused(f"--save {save_dir} is not a directory: give the running job's --save")
+        if not os.path.lexists(lock):
+            raise RequestRefused(f"no job is running on --save {save_dir} (a running job holds {lock}, and there is "
+                                 f"none); {stopped}")
+        if holder is not None and job_lock.has_ended(holder):
+            raise RequestRefused(f"no job is running on --save {save_dir}: the last one, {holder.describe()}, has "
+                                 f"ended; {stopped}")
         path = write_request(save_dir, request)
     except (RequestRefused, OSError) as error:
         print(f"rollback.sh: refused: {error}", file=sys.stderr)
         return 2
     print(f"asked the job on {save_dir} to roll back to {request.describe()} ({path}); waiting for its answer ...",
           flush=True)
+    ended = (lambda: job_lock.has_ended(holder)) if holder is not None else None
     answer = wait_for_answer(save_dir, request, timeout,
                              lambda waited: print(f"  still waiting ({waited:.0f} s): the job takes requests between "
-                                                  "iterations", flush=True))
+                                                  "iterations", flush=True), gone=ended)
+    if answer is None and ended is not None and ended():
+        if withdraw(save_dir, request):
+            print(f"rollback.sh: the job on --save {save_dir} ({holder.describe()}) ended before it took the "
+                  f"request; the request was withdrawn, nothing was rolled back; {stopped}", file=sys.stderr)
+        else:
+            print(f"rollback.sh: the job on --save {save_dir} ({holder.describe()}) took the request and ended "
+                  "before it answered; its log says how far it got, and rollback.sh --list what each level holds",
+                  file=sys.stderr)
+        return 3
     if answer is None:
         print(f"rollback.sh: no answer in {timeout:.0f} s; is a job with --async-save running on --save {save_dir}? "
               f"The request stays in {path} (remove it to withdraw it)", file=sys.stderr)

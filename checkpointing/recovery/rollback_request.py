@@ -167,6 +167,19 @@ def write_request(save_dir: str, request: RollbackRequest) -> str:
     return path
 
 
+def withdraw(save_dir: str, request: RollbackRequest) -> bool:
+    """Remove ``request`` if it still waits in ``save_dir`` (not taken, not another's); returns
+    whether it did."""
+    path = os.path.join(save_dir, REQUEST_NAME)
+    try:
+        if _read_private(path).get("id") != request.id:
+            return False
+        os.unlink(path)
+        return True
+    except (RequestRefused, OSError):
+        return False
+
+
 def pending(save_dir: str) -> bool:
     """Whether a request file is there (one ``stat``: the per-iteration check)."""
     try:
@@ -207,12 +220,17 @@ def write_answer(save_dir: str, answer: RollbackAnswer) -> None:
 
 
 def wait_for_answer(save_dir: str, request: RollbackRequest, timeout: float,
-                    progress: Callable[[float], None] | None = None) -> RollbackAnswer | None:
-    """The job's answer to ``request`` (None: none within ``timeout`` seconds); ``progress(waited)``
-    is called every 10 s of waiting."""
+                    progress: Callable[[float], None] | None = None,
+                    gone: Callable[[], bool] | None = None) -> RollbackAnswer | None:
+    """The job's answer to ``request`` (None: none within ``timeout`` seconds, or ``gone()``, asked
+    twice a second, said the job has ended); ``progress(waited)`` is called every 10 s of waiting."""
     path = os.path.join(save_dir, ANSWER_NAME)
-    started = last = time.monotonic()
+    started = last = looked = time.monotonic()
     while time.monotonic() - started < timeout:
+        if gone is not None and time.monotonic() - looked >= 0.5:
+            looked = time.monotonic()
+            if gone():
+                return None
         try:
             record = _read_private(path)
         except (RequestRefused, OSError):
