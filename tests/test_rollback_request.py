@@ -112,13 +112,36 @@ def test_rollback_sh_live_with_no_job_running_is_refused_at_once_and_asks_nothin
     assert rollback.main(["7", "--live", "--save", str(tmp_path), "--timeout", "600"]) == 2
     assert f"the last one, pid {2**31 - 1} on {socket.gethostname()}" in capsys.readouterr().err
     assert not (tmp_path / REQUEST_NAME).exists()
-    assert job_lock.has_ended(dead) and not job_lock.has_ended(job_lock.LockHolder.this_process())
-    assert not job_lock.has_ended(dataclasses.replace(dead, host="another-node"))  # cannot tell: wait as before
+    lock = str(tmp_path / job_lock.SAVE_LOCK_NAME)
+    assert job_lock.has_ended(dead, lock) and not job_lock.has_ended(job_lock.LockHolder.this_process(), lock)
+    assert not job_lock.has_ended(dataclasses.replace(dead, host="another-node"), lock)  # cannot tell: wait as before
+
+
+def test_a_lock_still_held_is_never_taken_for_ended_and_a_planted_lock_file_is_not_read(tmp_path):
+    """A record naming a pid that is gone here, while some process still holds the file's lock (a
+    job in a container's PID namespace under the same host name): not ended (``/proc/locks``).
+    A FIFO, another type or a record with a pid that is not a number: no holder, no hang."""
+    lock = str(tmp_path / job_lock.SAVE_LOCK_NAME)
+    job_lock.hold(lock, "--save test")
+    try:
+        with open(lock, "r+") as f:  # what another namespace's job would have written: a pid this one does not have
+            f.write(json.dumps(dataclasses.asdict(dataclasses.replace(job_lock.LockHolder.this_process(),
+                                                                        pid=2**31 - 1))).ljust(300))
+        holder = job_lock.last_holder(lock)
+        assert holder.pid == 2**31 - 1 and not job_lock.has_ended(holder, lock)
+    finally:
+        job_lock.drop(lock)
+    os.mkfifo(lock)
+    assert job_lock.last_holder(lock) is None  # not blocked on a FIFO nobody writes
+    os.unlink(lock)
+    (tmp_path / job_lock.SAVE_LOCK_NAME).write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": "1", "started": "x", "command": "y"}))
+    assert job_lock.last_holder(lock) is None
 
 
 def test_a_job_that_ends_while_the_request_waits_has_it_withdrawn(running_job, tmp_path, capsys, monkeypatch):
     looks = []
-    monkeypatch.setattr(job_lock, "has_ended", lambda holder: looks.append(holder) or len(looks) > 2)
+    monkeypatch.setattr(job_lock, "has_ended", lambda holder, path: looks.append(holder) or len(looks) > 2)
     assert rollback.main(["7", "--live", "--save", str(tmp_path), "--timeout", "600"]) == 3
     err = capsys.readouterr().err
     assert "ended before it took the request; the request was withdrawn" in err, err
@@ -148,3 +171,18 @@ def test_rollback_sh_takes_the_trainers_flag_names_too(tmp_path, capsys):
     assert rollback.main(["--list", "--save", str(tmp_path), "--ckpt-local-dir", str(tmp_path / "local"),
                           "--ckpt-host-dir", str(tmp_path / "shm")]) == 0
     assert f"L1 tracker ({tmp_path / 'local'})" in capsys.readouterr().out
+
+
+def test_a_job_that_answers_then_ends_at_once_is_heard(running_job, tmp_path, capsys, monkeypatch):
+    """The job's answer is read after the look that finds it ended: a job that answers and ends
+    between two looks rolled back, and the script says so (exit 0), not that it ended unheard."""
+    def answers_then_ends(holder, path):
+        if not (tmp_path / REQUEST_NAME).exists():
+            return False  # the look before the request: the job runs
+        request = take_request(str(tmp_path))  # it takes the request and answers just before the next look
+        write_answer(str(tmp_path), RollbackAnswer(request.id, True, "rolled back by the job", request.step, "L0", 0.1))
+        return True
+
+    monkeypatch.setattr(job_lock, "has_ended", answers_then_ends)
+    assert rollback.main(["7", "--live", "--save", str(tmp_path), "--timeout", "20"]) == 0
+    assert "rolled back by the job" in capsys.readouterr().out

@@ -50,8 +50,8 @@ def tell_launcher(message: str, environ=os.environ) -> bool:
     record = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
     except OSError:
-        return False  # exists, or its directory is gone: torchrun then says what it says without it
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
+        return False  # exists, its directory is gone, a full disk: torchrun then says what it says without it
     return True

@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -105,38 +106,71 @@ def hold(path: str, what: str) -> None:
 def _read_holder(fd: int) -> LockHolder | None:
     try:
         fields = json.loads(os.pread(fd, _HOLDER_BYTES_MAX, 0) or b"null")
-        return LockHolder(**fields) if isinstance(fields, dict) else None
+        holder = LockHolder(**fields) if isinstance(fields, dict) else None
     except (OSError, ValueError, TypeError):  # written by something else, or mid-write: the refusal says so
         return None
+    if holder is None or not (isinstance(holder.pid, int) and not isinstance(holder.pid, bool) and holder.pid > 0
+                              and all(isinstance(v, str) for v in (holder.host, holder.started, holder.command))):
+        return None
+    return holder
 
 
 def last_holder(path: str) -> LockHolder | None:
     """Who holds, or last held, the lock at ``path``, as its file says (a job's record stays when
-    it ends); None where there is no such file or it says nothing readable. The file is opened
-    read-only, never through a link, and not locked: a look must never make a starting job's
-    :func:`hold` fail."""
+    it ends); None where there is no such file, it is not this user's regular file, or it says
+    nothing readable. The file is opened read-only, never through a link, without blocking (a
+    FIFO planted there), and not locked: a look must never make a starting job's :func:`hold` fail."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return None
         return _read_holder(fd)
     finally:
         os.close(fd)
 
 
-def has_ended(holder: LockHolder) -> bool:
-    """Whether ``holder`` has certainly ended: it ran on this host and no process has its pid.
-    A holder on another host, or a pid now another process's, cannot be told apart from a live
-    job here: False."""
+def has_ended(holder: LockHolder, path: str) -> bool:
+    """Whether the job ``holder`` names, which held the lock at ``path``, has certainly ended: it
+    ran on this host, no process has its pid, and no process holds a lock on the file (the
+    kernel's ``/proc/locks``: a job in another PID namespace under the same host name, a
+    container's, has another pid here). A holder on another host, or a pid now another
+    process's, cannot be told apart from a live job here: False."""
     if holder.host != socket.gethostname():
         return False
     try:
         os.kill(holder.pid, 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError, ValueError):
         return False
+    except ProcessLookupError:
+        pass
+    except (PermissionError, OverflowError):
+        return False
+    return not _locked_by_anyone(path)
+
+
+def _locked_by_anyone(path: str) -> bool:
+    """Whether ``/proc/locks`` lists a lock on the file at ``path`` (True where it cannot be read:
+    then nothing is certain)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            listed = f.read()
+    except OSError:
+        return True
+    for line in listed.splitlines():  # "1: FLOCK  ADVISORY  WRITE 1234 00:2f:5678 0 EOF" (device in hex)
+        parts = line.split()
+        place = next((p for p in parts if p.count(":") == 2), None)
+        if place is None:
+            continue
+        major, minor, inode = place.split(":")
+        try:
+            if (int(major, 16), int(minor, 16), int(inode)) == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
+                return True
+        except ValueError:
+            continue
     return False
 
 

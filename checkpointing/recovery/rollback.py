@@ -270,7 +270,7 @@ def _ask_live(save_dir: str, step: int, branch: str | None, skips: tuple[int, ..
         if not os.path.lexists(lock):
             raise RequestRefused(f"no job is running on --save {save_dir} (a running job holds {lock}, and there is "
                                  f"none); {stopped}")
-        if holder is not None and job_lock.has_ended(holder):
+        if holder is not None and job_lock.has_ended(holder, lock):
             raise RequestRefused(f"no job is running on --save {save_dir}: the last one, {holder.describe()}, has "
                                  f"ended; {stopped}")
         path = write_request(save_dir, request)
@@ -279,7 +279,7 @@ def _ask_live(save_dir: str, step: int, branch: str | None, skips: tuple[int, ..
         return 2
     print(f"asked the job on {save_dir} to roll back to {request.describe()} ({path}); waiting for its answer ...",
           flush=True)
-    ended = (lambda: job_lock.has_ended(holder)) if holder is not None else None
+    ended = (lambda: job_lock.has_ended(holder, lock)) if holder is not None else None
     answer = wait_for_answer(save_dir, request, timeout,
                              lambda waited: print(f"  still waiting ({waited:.0f} s): the job takes requests between "
                                                   "iterations", flush=True), gone=ended)

@@ -219,25 +219,30 @@ def write_answer(save_dir: str, answer: RollbackAnswer) -> None:
     _write_private(os.path.join(save_dir, ANSWER_NAME), dataclasses.asdict(answer))
 
 
+def _answer_to(save_dir: str, request: RollbackRequest) -> RollbackAnswer | None:
+    try:
+        record = _read_private(os.path.join(save_dir, ANSWER_NAME))
+    except (RequestRefused, OSError):
+        return None
+    if record.get("id") != request.id:
+        return None
+    known = {f.name for f in dataclasses.fields(RollbackAnswer)}
+    return RollbackAnswer(**{k: v for k, v in record.items() if k in known})
+
+
 def wait_for_answer(save_dir: str, request: RollbackRequest, timeout: float,
                     progress: Callable[[float], None] | None = None,
                     gone: Callable[[], bool] | None = None) -> RollbackAnswer | None:
     """The job's answer to ``request`` (None: none within ``timeout`` seconds, or ``gone()``, asked
     twice a second, said the job has ended); ``progress(waited)`` is called every 10 s of waiting."""
-    path = os.path.join(save_dir, ANSWER_NAME)
     started = last = looked = time.monotonic()
     while time.monotonic() - started < timeout:
+        ended = False
         if gone is not None and time.monotonic() - looked >= 0.5:
-            looked = time.monotonic()
-            if gone():
-                return None
-        try:
-            record = _read_private(path)
-        except (RequestRefused, OSError):
-            record = None
-        if record is not None and record.get("id") == request.id:
-            known = {f.name for f in dataclasses.fields(RollbackAnswer)}
-            return RollbackAnswer(**{k: v for k, v in record.items() if k in known})
+            looked, ended = time.monotonic(), gone()
+        answer = _answer_to(save_dir, request)  # read after the look: a job may answer, then end, between two
+        if answer is not None or ended:
+            return answer
         if progress is not None and time.monotonic() - last >= 10:
             last = time.monotonic()
             progress(last - started)
