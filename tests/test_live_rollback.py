@@ -129,16 +129,20 @@ def test_a_rank_killed_during_a_live_rollback_restarts_on_the_new_branch(tmp_pat
         assert resumed[it] == first[it], it
 
 
-@pytest.mark.parametrize("case", ["not-held", "malformed", "another-user"])
+@pytest.mark.parametrize("case", ["not-held", "malformed", "another-user", "another-job"])
 def test_a_refused_live_request_leaves_training_going_on(tmp_path, case):
     """A step no level holds is refused naming the nearest held ones; a malformed request is refused
-    with a message; another user's request file is not read. In every case training goes on."""
+    with a message; another user's request file is not read; a request asked of another job (one
+    that ended before it took it) is refused, not carried out by the next job on --save. In
+    every case training goes on."""
     args, where = job(tmp_path, ["--micro-batch-size", "2", "--train-iters", "8"])
     save = where["save"]
     os.makedirs(save)
     request = save / "rollback-request.json"
     if case == "not-held":
         write_request(str(save), RollbackRequest.new(1))  # L0 holds 3..6, L2 5: 1 is nowhere
+    elif case == "another-job":  # 5 is held: only whom it was asked of refuses it
+        write_request(str(save), RollbackRequest.new(5, job="node-b:4242:2026-12-08 04:00:00 UTC"))
     else:
         request.write_text('{"step": "six", "id": "abc"}' if case == "malformed" else '{"step": 5, "id": "abc"}')
         os.chmod(request, 0o600)
@@ -158,6 +162,9 @@ def test_a_refused_live_request_leaves_training_going_on(tmp_path, case):
         assert "nearest held: [" in message and "none at all" not in message, message
     elif case == "malformed":
         assert "the step must be an iteration" in json.loads(answer.read_text())["message"]
+    elif case == "another-job":
+        message = json.loads(answer.read_text())["message"]
+        assert "asked of another job" in message and "node-b:4242" in message, message
     else:
         assert not answer.exists()  # not ours: not read, so not answered
         assert "owned by uid 12345" in proc.stdout

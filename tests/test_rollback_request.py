@@ -85,9 +85,13 @@ def running_job(tmp_path):
 
 
 @pytest.mark.parametrize("done, code", [(True, 0), (False, 2)])
-def test_rollback_sh_live_waits_for_the_jobs_answer(running_job, tmp_path, capsys, done, code):
+def test_rollback_sh_live_waits_for_the_jobs_answer(running_job, tmp_path, capsys, done, code, monkeypatch):
+    """...and names the job it asks (its lock's holder), which a job that is not it refuses."""
+    asked = []
+    monkeypatch.setattr(rollback, "write_request", lambda save, request: asked.append(request) or write_request(save, request))
     thread = _answer_when_asked(tmp_path, done, "the job's words")
     assert rollback.main(["7", "--live", "--save", str(tmp_path), "--timeout", "20"]) == code
+    assert asked[0].job == job_lock.own_record(job_lock.lock_path_for_save(str(tmp_path))).key()
     thread.join()
     out = capsys.readouterr()
     assert "the job's words" in (out.out if done else out.err)

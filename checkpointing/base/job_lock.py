@@ -57,9 +57,15 @@ class LockHolder:
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host}, started {self.started} ({self.command})"
 
+    def key(self) -> str:
+        """Names this holder among every job that may ever hold a lock: host, pid, start time."""
+        return f"{self.host}:{self.pid}:{self.started}"
+
 
 _held: dict[str, int] = {}
 """Lock files this process holds, by path: their descriptors stay open until it exits."""
+_records: dict[str, LockHolder] = {}
+"""What this process wrote in each lock file it holds, by path."""
 
 
 def lock_path_for_save(save_dir: str) -> str:
@@ -97,10 +103,16 @@ def hold(path: str, what: str) -> None:
             f"{what} is in use by another job: {holder.describe() if holder else 'its holder did not say who it is'} "
             f"holds {path}. Two jobs on one checkpoint would overwrite each other's versions: stop that job "
             "(or wait for it to end), or pass another directory") from None
-    record = json.dumps(asdict(LockHolder.this_process())).encode()
+    holder = LockHolder.this_process()
     os.ftruncate(fd, 0)
-    os.pwrite(fd, record, 0)
+    os.pwrite(fd, json.dumps(asdict(holder)).encode(), 0)
     _held[path] = fd
+    _records[path] = holder
+
+
+def own_record(path: str) -> LockHolder | None:
+    """What this process wrote in the lock file at ``path`` when it took it (None: it holds none there)."""
+    return _records.get(os.path.abspath(path))
 
 
 def _read_holder(fd: int) -> LockHolder | None:
@@ -178,6 +190,7 @@ def drop(path: str) -> None:
     """Remove a lock file this process holds, then let go of it (a pool freed at a normal end
     leaves no file behind)."""
     fd = _held.pop(os.path.abspath(path), None)
+    _records.pop(os.path.abspath(path), None)
     if fd is not None:
         try:
             os.unlink(path)
@@ -191,3 +204,4 @@ def release_all() -> None:
     for path, fd in list(_held.items()):
         os.close(fd)
         del _held[path]
+        _records.pop(path, None)

@@ -264,7 +264,8 @@ def _ask_live(save_dir: str, step: int, branch: str | None, skips: tuple[int, ..
     lock = job_lock.lock_path_for_save(save_dir)
     holder = job_lock.last_holder(lock)
     try:
-        request = RollbackRequest.new(step, branch=branch, iterations_to_skip=skips, settings=settings)
+        request = RollbackRequest.new(step, branch=branch, iterations_to_skip=skips, settings=settings,
+                                      job=holder.key() if holder is not None else None)
         if not os.path.isdir(save_dir):
             raise RequestRefused(f"--save {save_dir} is not a directory: give the running job's --save")
         if not os.path.lexists(lock):

@@ -64,12 +64,18 @@ class RollbackRequest:
     """Iterations whose batches the new branch skips (``--iterations-to-skip``)."""
     settings: tuple[tuple[str, Any], ...] = ()
     """(flag, value) of :data:`LIVE_SETTINGS` for the new branch."""
+    job: str | None = None
+    """The job it was asked of: ``--save``'s lock holder then (``job_lock.LockHolder.key``). A job
+    that is not that one refuses it: a request that outlived its job (asked from another node,
+    never answered) must not roll back the next job launched on ``--save``. None: any job."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.step, int) or isinstance(self.step, bool) or self.step < 0:
             raise RequestRefused(f"the step must be an iteration >= 0, got {self.step!r}")
         if not isinstance(self.id, str) or not self.id or len(self.id) > 64:
             raise RequestRefused(f"the id must be a short string, got {self.id!r}")
+        if self.job is not None and (not isinstance(self.job, str) or not self.job or len(self.job) > 300):
+            raise RequestRefused(f"the job must be a short string, got {self.job!r:.80}")
         if self.branch is not None and (not isinstance(self.branch, str) or not self.branch
                                         or "/" in self.branch or self.branch.startswith(".")):
             raise RequestRefused(f"the branch must be a plain folder name, got {self.branch!r}")
