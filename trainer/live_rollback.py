@@ -25,12 +25,13 @@ import statistics
 import time
 from collections import deque
 
-from checkpointing.base import faults, gather_from_all, job_lock
+from checkpointing.base import faults, gather_from_all
 from checkpointing.recovery import (
     LiveRollbackRefused,
     RequestRefused,
     RollbackAnswer,
     RollbackRequest,
+    asked_of_another_job,
     held_steps,
     pending,
     roll_back_live,
@@ -121,10 +122,9 @@ class LiveRollbacks:
         """Rank 0: the request, checked as far as rank 0 alone can (None: refused and answered)."""
         try:
             request = take_request(self.save)
-            own = job_lock.own_record(job_lock.lock_path_for_save(self.save))
-            if request.job is not None and own is not None and request.job != own.key():
-                self._refuse(request.id, f"it was asked of another job on --save {self.save} ({request.job}), not this "
-                             f"one ({own.key()}): one that has ended; ask this job again", request.step)
+            elsewhere = asked_of_another_job(self.save, request)
+            if elsewhere is not None:
+                self._refuse(request.id, elsewhere, request.step)
                 return None
             if request.settings:  # an LR schedule the new branch could not use is refused now
                 dataclasses.replace(self.trainer.job.lr, **request.schedule_changes())

@@ -11,5 +11,6 @@ _EXPORTS = {
     "LiveRollbackRefused": "live_rollback", "held_steps": "live_rollback", "roll_back_live": "live_rollback",
     "RequestRefused": "rollback_request", "RollbackAnswer": "rollback_request", "RollbackRequest": "rollback_request",
     "pending": "rollback_request", "take_request": "rollback_request", "write_answer": "rollback_request",
+    "asked_of_another_job": "rollback_request",
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

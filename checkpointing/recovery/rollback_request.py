@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from checkpointing.base import private_files
+from checkpointing.base import job_lock, private_files
 
 REQUEST_NAME = "rollback-request.json"
 ANSWER_NAME = "rollback-answer.json"
@@ -219,6 +219,16 @@ def take_request(save_dir: str) -> RollbackRequest:
         raise RequestRefused(str(error), rid) from None
     os.unlink(path)
     return request
+
+
+def asked_of_another_job(save_dir: str, request: RollbackRequest) -> str | None:
+    """Why this process's job must refuse ``request`` as another's (None: it is this job's, or
+    any job's). Asked by the process that holds ``save_dir``'s lock (rank 0)."""
+    own = job_lock.own_record(job_lock.lock_path_for_save(save_dir))
+    if request.job is None or own is None or request.job == own.key():
+        return None
+    return (f"it was asked of another job on --save {save_dir} ({request.job}), not this one ({own.key()}): one that "
+            "has ended; ask this job again")
 
 
 def write_answer(save_dir: str, answer: RollbackAnswer) -> None:
