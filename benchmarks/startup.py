@@ -16,9 +16,9 @@ commit, which has no ``startup`` record) against this one, with and without ``--
 ~12 MB), one process, every version to disk: the flusher's CPU (its own process clock, start-up
 apart) over the bytes it wrote. The two tell its cost per piece from its cost per byte. Each row
 gives it twice: over the whole run (its first version's one-time work, the slot's file layout
-and the level's first ``.metadata`` built from scratch, and what follows the last flush, included), and in
-steady state, from the end of its first flush to the end of its last (each flush's record holds
-the flusher's CPU clock then).
+and the level's first ``.metadata`` built from scratch, and what follows the last flush,
+included), and in steady state, from the end of its first flush to the end of its last (each
+flush's record holds the flusher's CPU clock then).
 """
 
 from __future__ import annotations

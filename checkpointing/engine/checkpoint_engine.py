@@ -164,7 +164,7 @@ class CheckpointEngine(HeldVersions):
                 self.stats.skipped[job.level] += 1
             else:
                 nbytes, seconds, error = record.nbytes, record.seconds, record.error
-                cpu = max(0.0, record.cpu_seconds - self.stats.flusher_start_cpu_seconds)
+                cpu = self.stats.flusher_cpu_since_ready(record.cpu_seconds)
                 self.stats.flushes.append(FlushRecord(job.level, job.version, nbytes, seconds, error, cpu))
                 if error is None:
                     self._last_committed[job.level] = job.version

@@ -60,6 +60,10 @@ class EngineStats:
     """The flusher's unshared resident memory once started (its private pages: neither the pool's nor the
     trainer's it shares copy-on-write when forked from the template)."""
 
+    def flusher_cpu_since_ready(self, clock: float) -> float:
+        """The flusher's CPU since it was ready, from its process ``clock`` (seconds)."""
+        return max(0.0, clock - self.flusher_start_cpu_seconds)
+
     @property
     def training_thread_seconds(self) -> float:
         """Time the training thread spent in the engine's entry points (request and fence waits):

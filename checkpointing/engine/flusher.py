@@ -68,9 +68,6 @@ from checkpointing.storage.host_pool import description_blob, encode_pieces, map
 from checkpointing.storage.peer_replicas import ReplicaExchange
 
 HEARTBEAT_SECONDS = 0.5
-ALIVE_EVERY_NS = 10_000_000
-"""A flush marks itself alive (``FLUSH_ALIVE_NS``) when the writer reports progress, at most this
-often where no more shards are read (after a batch written)."""
 
 
 class _RecordingTracer:
@@ -273,21 +270,19 @@ class Flusher:
 
     def _progress(self, job: FlushJob):
         """The writer's ``progress(i)`` (pieces ``0..i`` written), after each of
-        :attr:`progress_points` and each batch written: the shards read so far go to the control
-        block when they grow (fences wait on them), and the flush's heartbeat at most every
-        :data:`ALIVE_EVERY_NS` between."""
+        :attr:`progress_points` and each batch written (a few calls a version): the flush marks
+        itself alive, and the shards read so far go to the control block when they grow (fences
+        wait on them)."""
         read_after, block, pacing = self.read_after, self.block, self.pacing
-        monotonic_ns = time.monotonic_ns
-        state = [0, 0]  # shards read, the last heartbeat
+        state = [0]  # shards read
 
         def progress(index: int) -> None:
-            read, now = read_after[index], monotonic_ns()
-            if read > state[0] or now - state[1] > ALIVE_EVERY_NS:
-                block[cb.FLUSH_ALIVE_NS] = state[1] = now
-                if read > state[0]:
-                    before, state[0] = state[0], read
-                    block.set_progress(job.id, read)
-                    pacing.after_read(job.id, job.slot, before, read)
+            read = read_after[index]
+            block[cb.FLUSH_ALIVE_NS] = time.monotonic_ns()
+            if read > state[0]:
+                before, state[0] = state[0], read
+                block.set_progress(job.id, read)
+                pacing.after_read(job.id, job.slot, before, read)
 
         return progress
 

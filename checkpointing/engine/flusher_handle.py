@@ -138,7 +138,7 @@ class FlusherHandle:
 
     def _cpu_since_ready(self) -> float:
         """Its CPU since it was ready (its start-up, mostly importing torch, apart)."""
-        return max(0.0, self.block[cb.CPU_NS] / 1e9 - self.stats.flusher_start_cpu_seconds)
+        return self.stats.flusher_cpu_since_ready(self.block[cb.CPU_NS] / 1e9)
 
     def poll(self) -> None:
         """Read every answer it has sent (no wait)."""
@@ -229,6 +229,6 @@ class FlusherHandle:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-        self.stats.flusher_cpu_seconds = (max(0.0, self.cpu_final - self.stats.flusher_start_cpu_seconds)
+        self.stats.flusher_cpu_seconds = (self.stats.flusher_cpu_since_ready(self.cpu_final)
                                           if self.cpu_final is not None else self._cpu_since_ready())
         self._conn.close()

@@ -378,9 +378,9 @@ def write_rank_file_version(
     pieces ``0..i`` are written (or passed over), so their bytes in ``arrays`` may change from
     then on (zero-copy snapshots overwrite a slot behind its flush); called after the pieces
     that ``progress_points`` marks (every piece when None) and at the end
-    (:meth:`RankFileLayout.write`). ``arrays`` are host (CPU) arrays. ``layouts``: the caller's cache of :class:`RankFileLayout` (a level's, kept
-    across versions: ``checkpointing.format.save_plan``); None: the layout is worked out for
-    this file alone. Returns what the file holds (:class:`RankFileWrite`); raises
+    (:meth:`RankFileLayout.write`). ``arrays`` are host (CPU) arrays. ``layouts``: the caller's
+    cache of :class:`RankFileLayout` (a level's, kept across versions:
+    ``checkpointing.format.save_plan``); None: the layout is worked out for this file alone. Returns what the file holds (:class:`RankFileWrite`); raises
     :class:`CheckpointWriteError` naming the file.
     """
     name = data_file_name(rank)

@@ -31,6 +31,9 @@ DESCRIPTION_MAGIC = b"GPTL0D1\n"
 DESCRIPTION_HEAD = struct.Struct("<8sQQ")
 """A description file: magic, xxh3-64 and length of the ``torch.save`` bytes that follow."""
 DESCRIPTION_BYTES_MAX = 1 << 30
+OBJECT_BLOBS = "object_blobs"
+"""A description's small state as byte items (``{name: torch.save bytes}``), where the flusher
+encoded it once for the description and the rank files; else it is under ``objects``."""
 
 
 class NeedsTorchError(Exception):
@@ -57,6 +60,20 @@ def verified_description_bytes(data: bytes, where: str) -> bytes:
         raise CheckpointError(f"L0 description {where} does not match its checksum (damaged); not recovered, "
                               "nothing in it was decoded")
     return blob
+
+
+def checked_slot_description(description, meta_path: str) -> dict:
+    """``description`` (decoded) if it is what a slot's description is: a dict with an integer
+    ``version``, a ``layout``, and the small state as ``objects`` or as byte items under
+    :data:`OBJECT_BLOBS`. Raises :class:`CheckpointError` otherwise (both readers' rule)."""
+    if (not isinstance(description, dict) or not {"version", "layout"} <= set(description)
+            or not isinstance(description["version"], int) or not {"objects", OBJECT_BLOBS} & set(description)):
+        raise CheckpointError(f"L0 description {meta_path} does not describe a slot")
+    if OBJECT_BLOBS in description:
+        blobs = description[OBJECT_BLOBS]
+        if not isinstance(blobs, dict) or not all(isinstance(b, bytes) for b in blobs.values()):
+            raise CheckpointError(f"L0 description {meta_path}: its small state is not a set of byte items")
+    return description
 
 
 def read_verified(meta_path: str) -> bytes | None:
@@ -107,7 +124,4 @@ def read_plain_description(meta_path: str) -> dict | None:
         raise
     except Exception as error:  # noqa: BLE001 - an unpickler's errors on bad bytes are many; none runs code here
         raise CheckpointError(f"L0 description {meta_path} cannot be read: {error}") from error
-    if not isinstance(description, dict) or not {"version", "layout"} <= set(description) \
-            or not isinstance(description["version"], int):
-        raise CheckpointError(f"L0 description {meta_path} does not describe a slot")
-    return description
+    return checked_slot_description(description, meta_path)

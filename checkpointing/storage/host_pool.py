@@ -31,15 +31,16 @@ from checkpointing.base.parallel_layout import ParallelLayout
 from checkpointing.base.safe_pickle import load_objects
 from checkpointing.format.items import TensorPiece
 from checkpointing.format.writer import EncodedItem
-from checkpointing.storage.description_file import framed_description, read_verified
+from checkpointing.storage.description_file import (  # noqa: F401 (OBJECT_BLOBS: host_pool's name too)
+    OBJECT_BLOBS,
+    checked_slot_description,
+    framed_description,
+    read_verified,
+)
 from checkpointing.storage.pool_files import PREFIX, SHM_DIR, job_tag, list_segments  # noqa: F401 (host_pool's names too)
 from cli.flags import add_flag
 
 ALIGN = 4096
-OBJECT_BLOBS = "object_blobs"
-"""A description's small state as byte items (``{name: torch.save bytes}``), where the flusher
-encoded it once for the description and the rank files; else it is under ``objects``."""
-
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -65,18 +66,10 @@ def read_description(meta_path: str, decode_objects: bool = True) -> dict | None
     blob = read_verified(meta_path)
     if blob is None:
         return None
-    description, _ = load_objects(blob, f"L0 description {meta_path}")
-    if (not isinstance(description, dict) or not {"version", "layout"} <= set(description)
-            or not {"objects", OBJECT_BLOBS} & set(description)):
-        raise CheckpointError(f"L0 description {meta_path} does not describe a slot")
-    if OBJECT_BLOBS in description:
-        blobs = description[OBJECT_BLOBS]
-        if not isinstance(blobs, dict) or not all(isinstance(b, bytes) for b in blobs.values()):
-            raise CheckpointError(f"L0 description {meta_path}: its small state is not a set of byte items")
-        if not decode_objects:
-            return description
+    description = checked_slot_description(load_objects(blob, f"L0 description {meta_path}")[0], meta_path)
+    if OBJECT_BLOBS in description and decode_objects:
         description["objects"] = {name: load_objects(b, f"{name} of L0 description {meta_path}")[0]
-                                  for name, b in blobs.items()}
+                                  for name, b in description[OBJECT_BLOBS].items()}
     return description
 
 
@@ -84,8 +77,8 @@ def description_blob(version: int, small_state: dict, layout: ParallelLayout | d
                      specs: dict[str, ArraySpec] | None = None, **extra) -> bytes:
     """A slot's description as bytes (``torch.save`` of builtins only, read back with
     ``weights_only``). A ``small_state`` of :class:`EncodedItem` values (a flusher's) is kept as
-    their bytes, under :data:`OBJECT_BLOBS`; :func:`read_description` decodes either kind. ``pieces`` and ``specs`` make the slot a self-describing checkpoint of
-    its rank: which rectangle of which global tensor lies where (a resume from memory into
+    their bytes, under :data:`OBJECT_BLOBS`; :func:`read_description` decodes either kind.
+    ``pieces`` and ``specs`` make the slot a self-describing checkpoint of its rank: which rectangle of which global tensor lies where (a resume from memory into
     another layout, ``checkpointing.recovery.memory_recovery``, reshards from them); ``extra``: a
     replica's source, holder and checksum (``checkpointing.storage.peer_replicas``). ``pieces``:
     the pieces, or :func:`encode_pieces` of them (a flusher describes the same pieces at every
